@@ -1,0 +1,26 @@
+"""The latency model of SPEC.md §3: ``t(d, s, k) = c_s / f_d + 32·|P_k| / r_d (+ input_bits / b_d)``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: A device sends back its partition's pooled outputs as float32 values.
+BITS_PER_VALUE = 32
+
+
+def device_latency_s(
+    flops: np.ndarray | float,
+    rate_bps: np.ndarray | float,
+    input_s: np.ndarray | float,
+    student_flops: np.ndarray | float,
+    partition_size: np.ndarray | int,
+) -> np.ndarray:
+    """Time for a device to receive the input, run the student and send ``|P_k|`` floats back.
+
+    All arguments broadcast against each other (numpy rules).
+    """
+    return (
+        np.asarray(student_flops, dtype=float) / np.asarray(flops, dtype=float)
+        + BITS_PER_VALUE * np.asarray(partition_size, dtype=float) / np.asarray(rate_bps, dtype=float)
+        + np.asarray(input_s, dtype=float)
+    )

@@ -1,0 +1,135 @@
+"""plan.json: the contract between the planner, distillation, the runtime and the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rocoin import __version__
+from rocoin.errors import RocoinError
+from rocoin.fileio import load_document, validate, write_text_atomic
+from rocoin.planning.latency import device_latency_s
+from rocoin.profiles.catalog import StudentSpec
+from rocoin.profiles.fleet import Fleet
+
+Scheme = Literal["rocoin", "rocoin-g", "nonn", "hetnonn", "optimal"]
+Objective = Literal["paper", "minmax"]
+SCHEMES: tuple[str, ...] = ("rocoin", "rocoin-g", "nonn", "hetnonn", "optimal")
+
+
+class GroupPlan(BaseModel):
+    """One device group: its replicas, the filters of its knowledge partition and its student."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    devices: list[str] = Field(min_length=1)
+    filters: list[int] = Field(min_length=1)
+    student: str = Field(min_length=1)
+    failure_prob: float = Field(ge=0.0, le=1.0, description="product of the members' outage")
+    latency_s: float = Field(gt=0, description="worst member's t(d, s, k)")
+
+
+class UnassignedDevice(BaseModel):
+    """A device the scheme could not use, with the reason (never dropped silently)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    reason: str
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheme: Scheme
+    objective: Objective = "paper"
+    epsilon: float = Field(gt=0.0, lt=1.0)
+    theta: float | None = Field(default=None, ge=0.0, description="grouping distance threshold used")
+    rho_min: float | None = Field(default=None, gt=0.0)
+    num_filters: int = Field(gt=0)
+    input_bits: int | None = Field(default=None, gt=0)
+    groups: list[GroupPlan] = Field(min_length=1)
+    latency_s: float = Field(gt=0, description="largest group latency (T)")
+    p_complete: float = Field(ge=0.0, le=1.0, description="P(every group answers) = prod(1 - failure_prob)")
+    catalog: dict[str, StudentSpec]
+    unassigned: list[UnassignedDevice] = Field(default_factory=list)
+    seed: int | None = None
+    rocoin_version: str = __version__
+
+    @model_validator(mode="after")
+    def _check_structure(self) -> Plan:
+        seen_devices: set[str] = set()
+        for group in self.groups:
+            for device in group.devices:
+                if device in seen_devices:
+                    raise ValueError(f"device {device!r} appears in more than one group")
+                seen_devices.add(device)
+            if group.student not in self.catalog:
+                raise ValueError(f"student {group.student!r} is not in the plan's catalog")
+        for item in self.unassigned:
+            if item.id in seen_devices:
+                raise ValueError(f"device {item.id!r} is both in a group and unassigned")
+        filters = sorted(f for g in self.groups for f in g.filters)
+        if filters != list(range(self.num_filters)):
+            raise ValueError(
+                f"the groups' filters must cover 0..{self.num_filters - 1} exactly once"
+                f" (got {len(filters)} entries, {len(set(filters))} distinct)"
+            )
+        return self
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def device_ids(self) -> list[str]:
+        return [d for g in self.groups for d in g.devices]
+
+    def check_fleet(self, fleet: Fleet) -> None:
+        """Raise when the plan names a device the fleet lacks, or misses one of the fleet's devices."""
+        fleet_ids = set(fleet.ids)
+        planned = set(self.device_ids) | {u.id for u in self.unassigned}
+        missing = sorted(planned - fleet_ids)
+        if missing:
+            raise RocoinError(f"plan: device {missing[0]!r} is not in the fleet ({len(missing)} unknown in all)")
+        extra = sorted(fleet_ids - planned)
+        if extra:
+            raise RocoinError(f"plan: fleet device {extra[0]!r} is in no group of the plan ({len(extra)} in all); re-plan for this fleet")
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    data = load_document(path)
+    if not isinstance(data, dict):
+        raise RocoinError(f"{path}: expected a plan object")
+    return validate(Plan, data, str(path))
+
+
+def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
+    write_text_atomic(path, plan.to_json())
+
+
+def member_latencies_s(plan: Plan, fleet: Fleet) -> list[np.ndarray]:
+    """``t(d, s_k, k)`` of every member of every group, in the plan's member order."""
+    plan.check_fleet(fleet)
+    arrays = fleet.arrays()
+    position = {device_id: i for i, device_id in enumerate(arrays.ids)}
+    out = []
+    for group in plan.groups:
+        index = np.array([position[d] for d in group.devices])
+        out.append(
+            device_latency_s(
+                arrays.flops[index],
+                arrays.rate_bps[index],
+                arrays.input_s[index],
+                plan.catalog[group.student].flops,
+                len(group.filters),
+            )
+        )
+    return out

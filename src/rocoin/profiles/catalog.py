@@ -1,0 +1,133 @@
+"""Student catalogs: name -> ``{flops, memory_bytes, params, out_dim}`` (SPEC.md §2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
+
+from rocoin.errors import RocoinError
+from rocoin.fileio import load_document, validate, write_text_atomic
+from rocoin.models.analytic import arch_stats
+
+#: Students of the built-in catalog: the paper's CIFAR-10/100 students and MobileNetV2 variants.
+DEFAULT_STUDENTS = (
+    "wrn-16-1",
+    "wrn-16-2",
+    "wrn-16-3",
+    "wrn-22-1",
+    "mobilenetv2-0.25",
+    "mobilenetv2-0.5",
+    "mobilenetv2-1.0",
+)
+
+
+class StudentSpec(BaseModel):
+    """Cost of one student architecture for one input shape."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flops: float = Field(gt=0, allow_inf_nan=False, description="FLOPs per inference")
+    memory_bytes: int = Field(gt=0, description="weights + peak activations")
+    params: int = Field(gt=0, description="number of parameters")
+    out_dim: int = Field(gt=0, description="channels of the final feature map")
+
+
+class Catalog(RootModel[dict[str, StudentSpec]]):
+    """A mapping of student name to its :class:`StudentSpec` (at least one student)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    @field_validator("root")
+    @classmethod
+    def _not_empty(cls, value: dict[str, StudentSpec]) -> dict[str, StudentSpec]:
+        if not value:
+            raise ValueError("the catalog lists no student (expected at least one)")
+        for name in value:
+            if not name.strip():
+                raise ValueError("student names must not be empty")
+        return value
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.root)
+
+    def __getitem__(self, name: str) -> StudentSpec:
+        return self.root[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.root
+
+    def __len__(self) -> int:
+        return len(self.root)
+
+    def items(self):
+        return self.root.items()
+
+    def subset(self, names: list[str]) -> Catalog:
+        return Catalog({n: self.root[n] for n in names})
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+    def arrays(self) -> CatalogArrays:
+        specs = list(self.root.values())
+        return CatalogArrays(
+            names=tuple(self.root),
+            flops=np.array([s.flops for s in specs], dtype=float),
+            memory_bytes=np.array([s.memory_bytes for s in specs], dtype=float),
+            params=np.array([s.params for s in specs], dtype=float),
+            out_dim=np.array([s.out_dim for s in specs], dtype=int),
+        )
+
+
+@dataclass(frozen=True)
+class CatalogArrays:
+    """Column view of a catalog (student ``j`` is ``names[j]``) for vectorised planning."""
+
+    names: tuple[str, ...]
+    flops: np.ndarray
+    memory_bytes: np.ndarray
+    params: np.ndarray
+    out_dim: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def parse_input_shape(text: str) -> tuple[int, int, int]:
+    """``"1x28x28"`` -> ``(1, 28, 28)`` (channels x height x width)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not match or min(int(g) for g in match.groups()) < 1:
+        raise RocoinError(f"input-shape = {text!r}: expected CxHxW with positive integers, e.g. 3x32x32")
+    return int(match[1]), int(match[2]), int(match[3])
+
+
+def default_catalog(input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10) -> Catalog:
+    """The built-in catalog, counted from the architectures' shapes (see ``rocoin.models.analytic``).
+
+    These are estimates until the model zoo measures the students; ``--catalog FILE`` replaces them.
+    """
+    entries = {}
+    for name in DEFAULT_STUDENTS:
+        stats = arch_stats(name, input_shape, num_classes)
+        entries[name] = StudentSpec(
+            flops=float(stats.flops), memory_bytes=stats.memory_bytes, params=stats.params, out_dim=stats.out_dim
+        )
+    return Catalog(entries)
+
+
+def load_catalog(path: str | os.PathLike[str]) -> Catalog:
+    data = load_document(path)
+    if not isinstance(data, dict):
+        raise RocoinError(f"{path}: expected a mapping of student name to {{flops, memory_bytes, params, out_dim}}")
+    return validate(Catalog, data, str(path))
+
+
+def save_catalog(catalog: Catalog, path: str | os.PathLike[str]) -> None:
+    write_text_atomic(path, catalog.to_json())

@@ -1,0 +1,225 @@
+"""Fleet files: the profile ``(f_d, m_d, r_d, p_d)`` of every edge device (SPEC.md §1)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rocoin.errors import RocoinError
+from rocoin.fileio import load_document, validate, write_text_atomic
+
+#: Table IV of the paper: width of the FLOP/s range (MFLOP/s) and of the rate range (kbit/s)
+#: for heterogeneity levels 0..5.
+HETEROGENEITY_FLOPS_RANGE_M = (0.0, 10.0, 15.0, 20.0, 25.0, 30.0)
+HETEROGENEITY_RATE_RANGE_KBPS = (0.0, 100.0, 200.0, 300.0, 400.0, 500.0)
+#: Centres of the generated ranges [decision: the paper's 10-30 MFLOP/s and 100-500 kbit/s].
+CENTER_FLOPS = 20e6
+CENTER_RATE_BPS = 300e3
+#: Memory [decision: the paper gives none]: log-uniform around 4 MiB, wider with heterogeneity.
+CENTER_MEMORY_BYTES = 4 * 1024 * 1024
+MEMORY_SPREAD_PER_LEVEL = 0.5
+
+
+def rayleigh_outage(rate_bps: float, bandwidth_hz: float, snr_db: float) -> float:
+    """``p = 1 - exp(-(2^(r/B) - 1) / gamma)`` with ``gamma`` the linear average SNR."""
+    gamma = 10.0 ** (snr_db / 10.0)
+    exponent = rate_bps / bandwidth_hz
+    if exponent > 1000:  # 2**exponent overflows; the outage is 1 for all purposes
+        return 1.0
+    return float(-math.expm1(-(2.0**exponent - 1.0) / gamma))
+
+
+class DeviceProfile(BaseModel):
+    """One edge device. Give ``outage`` or (``snr_db`` and ``bandwidth_hz``), not both."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, description="unique device id")
+    flops: float = Field(gt=0, allow_inf_nan=False, description="FLOP/s given to inference")
+    memory_bytes: int = Field(gt=0, description="memory for the student: weights + activations")
+    rate_bps: float = Field(gt=0, allow_inf_nan=False, description="uplink rate to the source")
+    outage: float | None = Field(
+        default=None, ge=0.0, lt=1.0, allow_inf_nan=False,
+        description="P(output does not reach the source in time)",
+    )
+    snr_db: float | None = Field(default=None, allow_inf_nan=False)
+    bandwidth_hz: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    downlink_bps: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    address: str | None = Field(default=None, description="host:port of the device worker")
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected host:port with a port in 1..65535")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _outage_from_channel(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        has_outage = data.get("outage") is not None
+        has_snr = data.get("snr_db") is not None
+        has_bw = data.get("bandwidth_hz") is not None
+        if has_outage and (has_snr or has_bw):
+            raise ValueError("give either outage or snr_db with bandwidth_hz, not both")
+        if not has_outage:
+            if not (has_snr and has_bw):
+                raise ValueError("outage is required (or give snr_db and bandwidth_hz)")
+            try:
+                rate, bw, snr = float(data["rate_bps"]), float(data["bandwidth_hz"]), float(data["snr_db"])
+            except (KeyError, TypeError, ValueError):
+                return data  # the field validators report the bad field
+            if rate > 0 and bw > 0 and math.isfinite(snr):
+                p = rayleigh_outage(rate, bw, snr)
+                if p >= 1.0:
+                    raise ValueError(
+                        f"snr_db={snr} and bandwidth_hz={bw} give outage {p:.6g} at rate_bps={rate}:"
+                        " the device never delivers (expected an outage below 1)"
+                    )
+                data = {**data, "outage": p}
+        return data
+
+
+class Fleet(BaseModel):
+    """The edge devices and, optionally, the size of one broadcast input."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    devices: list[DeviceProfile] = Field(min_length=1)
+    input_bits: int | None = Field(default=None, gt=0, description="size of one broadcast input")
+
+    @field_validator("devices")
+    @classmethod
+    def _unique_ids(cls, devices: list[DeviceProfile]) -> list[DeviceProfile]:
+        seen: set[str] = set()
+        for device in devices:
+            if device.id in seen:
+                raise ValueError(f"duplicate device id {device.id!r} (ids must be unique)")
+            seen.add(device.id)
+        return devices
+
+    @property
+    def ids(self) -> list[str]:
+        return [d.id for d in self.devices]
+
+    def arrays(self) -> FleetArrays:
+        return FleetArrays.from_fleet(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+@dataclass(frozen=True)
+class FleetArrays:
+    """Column view of a fleet for vectorised planning and simulation."""
+
+    ids: tuple[str, ...]
+    flops: np.ndarray
+    memory_bytes: np.ndarray
+    rate_bps: np.ndarray
+    outage: np.ndarray
+    #: seconds to receive the broadcast input (0 when no downlink rate or input size is given)
+    input_s: np.ndarray
+
+    @classmethod
+    def from_fleet(cls, fleet: Fleet) -> FleetArrays:
+        devices = fleet.devices
+        input_s = np.array(
+            [
+                fleet.input_bits / d.downlink_bps if (fleet.input_bits and d.downlink_bps) else 0.0
+                for d in devices
+            ]
+        )
+        return cls(
+            ids=tuple(d.id for d in devices),
+            flops=np.array([d.flops for d in devices], dtype=float),
+            memory_bytes=np.array([d.memory_bytes for d in devices], dtype=float),
+            rate_bps=np.array([d.rate_bps for d in devices], dtype=float),
+            outage=np.array([d.outage for d in devices], dtype=float),
+            input_s=input_s,
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: np.ndarray) -> FleetArrays:
+        index = np.asarray(index, dtype=int)
+        return FleetArrays(
+            ids=tuple(self.ids[i] for i in index),
+            flops=self.flops[index],
+            memory_bytes=self.memory_bytes[index],
+            rate_bps=self.rate_bps[index],
+            outage=self.outage[index],
+            input_s=self.input_s[index],
+        )
+
+
+def load_fleet(path: str | os.PathLike[str]) -> Fleet:
+    data = load_document(path)
+    if not isinstance(data, dict):
+        raise RocoinError(f"{path}: expected a mapping with a 'devices' list, got {type(data).__name__}")
+    return validate(Fleet, data, str(path))
+
+
+def save_fleet(fleet: Fleet, path: str | os.PathLike[str]) -> None:
+    write_text_atomic(path, fleet.to_yaml())
+
+
+def generate_fleet(
+    num_devices: int,
+    heterogeneity: int = 3,
+    success_prob: float = 0.8,
+    *,
+    success_spread: float = 0.1,
+    input_bits: int | None = None,
+    downlink_bps: float | None = None,
+    random_state: int | np.random.Generator | None = None,
+) -> Fleet:
+    """A fleet like the paper's simulations (Table IV), with the assumptions of SPEC.md §7.
+
+    - FLOP/s uniform in ``20 MFLOP/s ± W_f/2`` and rate uniform in ``300 kbit/s ± W_r/2``, with
+      ``(W_f, W_r)`` the Table IV widths of ``heterogeneity`` (0: identical devices; 5: widest).
+    - memory log-uniform in ``[4 MiB / g, 4 MiB · g]`` with ``g = 1 + 0.5 · heterogeneity``.
+    - success probability ``1 - outage`` uniform in ``success_prob ± success_spread``, clipped to
+      ``[0.01, 0.999]`` (the fleet's mean success probability is ``success_prob`` unless clipped).
+    """
+    if num_devices < 1:
+        raise RocoinError(f"devices = {num_devices}: expected at least 1")
+    if heterogeneity not in range(len(HETEROGENEITY_FLOPS_RANGE_M)):
+        raise RocoinError(f"heterogeneity = {heterogeneity}: expected an integer level 0..5 (Table IV)")
+    if not 0.0 < success_prob <= 1.0:
+        raise RocoinError(f"success-prob = {success_prob}: expected a probability in (0, 1]")
+    if not 0.0 <= success_spread < 1.0:
+        raise RocoinError(f"success-spread = {success_spread}: expected a value in [0, 1)")
+    rng = np.random.default_rng(random_state)
+    width_f = HETEROGENEITY_FLOPS_RANGE_M[heterogeneity] * 1e6
+    width_r = HETEROGENEITY_RATE_RANGE_KBPS[heterogeneity] * 1e3
+    flops = CENTER_FLOPS + rng.uniform(-0.5, 0.5, num_devices) * width_f
+    rate = CENTER_RATE_BPS + rng.uniform(-0.5, 0.5, num_devices) * width_r
+    spread = 1.0 + MEMORY_SPREAD_PER_LEVEL * heterogeneity
+    memory = CENTER_MEMORY_BYTES * np.exp(rng.uniform(-1.0, 1.0, num_devices) * math.log(spread))
+    success = np.clip(success_prob + rng.uniform(-1.0, 1.0, num_devices) * success_spread, 0.01, 0.999)
+    width = len(str(num_devices))
+    devices = [
+        DeviceProfile(
+            id=f"dev-{i + 1:0{width}d}",
+            flops=float(round(flops[i], 1)),
+            memory_bytes=int(memory[i]),
+            rate_bps=float(round(rate[i], 1)),
+            outage=float(round(1.0 - success[i], 6)),
+            downlink_bps=downlink_bps,
+        )
+        for i in range(num_devices)
+    ]
+    return Fleet(devices=devices, input_bits=input_bits)
