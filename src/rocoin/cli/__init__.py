@@ -1,0 +1,1 @@
+"""The ``rocoin`` command: parses arguments and calls the library."""

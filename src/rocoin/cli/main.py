@@ -1,0 +1,339 @@
+"""``rocoin``: the command line. Each command parses its options and calls the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rocoin import __version__
+from rocoin.errors import RocoinError
+
+app = typer.Typer(
+    help="rocoin: failure-resilient cooperative DNN inference over heterogeneous edge devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+fleet_app = typer.Typer(help="Make and check fleet files (device profiles).", no_args_is_help=True)
+app.add_typer(fleet_app, name="fleet")
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., object])
+#: Groups shown in a plan summary before the rest is elided.
+SUMMARY_MAX_GROUPS = 20
+
+
+def clean_errors(func: F) -> F:
+    """One ``error: ...`` line and exit code 2 for bad input; no traceback, nothing written."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except RocoinError as exc:
+            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v info, -vv debug)."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        out.print(f"rocoin {__version__}")
+        raise typer.Exit(0)
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="rocoin: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+
+
+# --- fleet -----------------------------------------------------------------------------------
+
+
+@fleet_app.command("generate")
+@clean_errors
+def fleet_generate(
+    devices: int = typer.Option(10, "--devices", "-n", help="Number of devices N."),
+    heterogeneity: int = typer.Option(
+        3,
+        "--heterogeneity",
+        help="Table IV level 0-5: FLOP/s uniform in 20M ± W/2 with W = 0,10,15,20,25,30 MFLOP/s; rate uniform in"
+        " 300 kbit/s ± W/2 with W = 0,100,...,500 kbit/s; memory log-uniform in 4 MiB ×/÷ (1 + 0.5·level).",
+    ),
+    success_prob: float = typer.Option(
+        0.8, "--success-prob", help="Mean success probability 1 - outage; each device draws P ± --success-spread."
+    ),
+    success_spread: float = typer.Option(0.1, "--success-spread", help="Half-width of the success-probability range."),
+    input_bits: Optional[int] = typer.Option(None, "--input-bits", help="Size of one broadcast input (e.g. 6272 for 28×28×8 bit)."),
+    downlink_bps: Optional[float] = typer.Option(None, "--downlink-bps", help="Downlink rate of every device for the input broadcast."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    output: Path = typer.Option(..., "--output", "-o", help="Fleet file to write (YAML; .json for JSON)."),
+) -> None:
+    """Generate a fleet like the paper's simulations (Table IV heterogeneity; SPEC.md §7 assumptions)."""
+    from rocoin.fileio import write_json_atomic
+    from rocoin.profiles.fleet import generate_fleet, save_fleet
+
+    fleet = generate_fleet(
+        devices,
+        heterogeneity,
+        success_prob,
+        success_spread=success_spread,
+        input_bits=input_bits,
+        downlink_bps=downlink_bps,
+        random_state=seed,
+    )
+    if output.suffix.lower() == ".json":
+        write_json_atomic(output, fleet.model_dump(mode="json", exclude_none=True))
+    else:
+        save_fleet(fleet, output)
+    err.print(f"wrote {output}: {devices} devices, heterogeneity {heterogeneity}, mean success ≈ {success_prob}")
+
+
+@fleet_app.command("show")
+@clean_errors
+def fleet_show(fleet_path: Path = typer.Argument(..., metavar="FLEET", help="Fleet file (YAML or JSON).")) -> None:
+    """Validate a fleet file and print its devices."""
+    from rocoin.profiles.fleet import load_fleet
+
+    fleet = load_fleet(fleet_path)
+    table = Table(title=f"{fleet_path} ({len(fleet.devices)} devices)")
+    for column in ("id", "MFLOP/s", "memory MiB", "rate kbit/s", "outage", "address"):
+        table.add_column(column)
+    for d in fleet.devices:
+        table.add_row(d.id, f"{d.flops / 1e6:.2f}", f"{d.memory_bytes / 2**20:.2f}", f"{d.rate_bps / 1e3:.1f}", f"{d.outage:.4f}", d.address or "")
+    out.print(table)
+
+
+# --- catalog ---------------------------------------------------------------------------------
+
+
+@app.command("catalog")
+@clean_errors
+def catalog_command(
+    input_shape: str = typer.Option("3x32x32", "--input-shape", help="CxHxW of one input (3x32x32 CIFAR, 1x28x28 Fashion-MNIST)."),
+    num_classes: int = typer.Option(10, "--num-classes", help="Classes of the task."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Catalog JSON to write (default: print)."),
+) -> None:
+    """The built-in student catalog for an input shape: FLOPs, memory, parameters, output size.
+
+    Counted from the architectures' shapes (FLOPs = 2 × multiply-accumulates; memory = fp32 weights +
+    peak activations); edit it or pass your own with --catalog.
+    """
+    from rocoin.profiles.catalog import default_catalog, parse_input_shape, save_catalog
+
+    if num_classes < 1:
+        raise RocoinError(f"num-classes = {num_classes}: expected at least 1")
+    catalog = default_catalog(parse_input_shape(input_shape), num_classes)
+    if output is None:
+        out.print_json(catalog.to_json())
+    else:
+        save_catalog(catalog, output)
+        err.print(f"wrote {output}: {len(catalog)} students")
+
+
+# --- activations -----------------------------------------------------------------------------
+
+
+@app.command("activations")
+@clean_errors
+def activations_command(
+    synthetic: bool = typer.Option(False, "--synthetic", help="Generate class-structured stand-in activity (no teacher needed)."),
+    images: int = typer.Option(500, "--images", help="Images (rows) of synthetic activity."),
+    filters: int = typer.Option(256, "--filters", help="Filters F of the teacher's final conv layer."),
+    num_classes: int = typer.Option(10, "--num-classes", help="Classes the synthetic filters prefer."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    output: Path = typer.Option(..., "--output", "-o", help="ACT.npy to write (images × F float32)."),
+) -> None:
+    """Write the planner's activation input (per-image average activity of the final conv filters)."""
+    import numpy as np
+
+    from rocoin.fileio import atomic_path
+    from rocoin.planning.partition import synthetic_activations
+
+    if not synthetic:
+        raise RocoinError("activations: give --synthetic (activity measured on a trained teacher needs the model zoo)")
+    if images < 1 or filters < 1 or num_classes < 1:
+        raise RocoinError(f"images = {images}, filters = {filters}, num-classes = {num_classes}: expected positive counts")
+    act = synthetic_activations(images, filters, num_classes, random_state=seed)
+    with atomic_path(output) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, act, allow_pickle=False)
+    err.print(f"wrote {output}: {images} images × {filters} filters")
+
+
+# --- plan ------------------------------------------------------------------------------------
+
+
+def _parse_theta(text: str) -> float | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise RocoinError(f"theta = {text!r}: expected a non-negative number or 'auto'") from None
+
+
+@app.command("plan")
+@clean_errors
+def plan_command(
+    fleet_path: Path = typer.Argument(..., metavar="FLEET", help="Fleet file (YAML or JSON)."),
+    activations: Path = typer.Option(..., "--activations", help="ACT.npy: images × F average filter activity of the teacher."),
+    scheme: str = typer.Option("rocoin", "--scheme", help="rocoin, rocoin-g, nonn, hetnonn, or optimal (exact, ≤ 10 devices)."),
+    epsilon: float = typer.Option(0.05, "--epsilon", help="Reliability target ε: every group fails with probability ≤ ε."),
+    theta: str = typer.Option("auto", "--theta", help="Grouping distance threshold θ, or 'auto' to search it."),
+    objective: str = typer.Option("paper", "--objective", help="paper (eq. 5 weights, Kuhn–Munkres) or minmax (exact bottleneck)."),
+    rho_min: Optional[float] = typer.Option(None, "--rho-min", help="Minimum student parameters per filter (accuracy constraint)."),
+    catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="Student catalog JSON (default: built-in, see --input-shape)."),
+    input_shape: str = typer.Option("3x32x32", "--input-shape", help="Input shape for the built-in catalog."),
+    include_rate: bool = typer.Option(False, "--include-rate", help="Group by (FLOP/s, memory, rate) instead of (FLOP/s, memory)."),
+    optimal_gap: bool = typer.Option(False, "--optimal-gap", help="Also solve exactly (≤ 10 devices) and report the gap."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (k-means of the normalised cut)."),
+    output: Path = typer.Option(..., "--output", "-o", help="plan.json to write."),
+) -> None:
+    """Plan groups, knowledge partition and students for a fleet (SPEC.md §3-5)."""
+    from rocoin.planning import filter_graph, make_plan, save_plan
+    from rocoin.planning.activations import load_activations
+    from rocoin.profiles.catalog import default_catalog, load_catalog, parse_input_shape
+    from rocoin.profiles.fleet import load_fleet
+
+    fleet = load_fleet(fleet_path)
+    catalog = load_catalog(catalog_path) if catalog_path else default_catalog(parse_input_shape(input_shape))
+    weights = filter_graph(load_activations(activations))
+    options = dict(epsilon=epsilon, theta=_parse_theta(theta), objective=objective, rho_min=rho_min, include_rate=include_rate, seed=seed)
+    plan = make_plan(fleet, weights, catalog, scheme=scheme, **options)
+    gap_line = None
+    if optimal_gap:
+        best = make_plan(fleet, weights, catalog, scheme="optimal", **options)
+        gap_line = f"exact optimum T* = {best.latency_s:.4g} s; this plan is {100 * (plan.latency_s / best.latency_s - 1):.2f} % above it"
+    save_plan(plan, output)
+    print_plan_summary(plan)
+    if gap_line:
+        out.print(gap_line)
+    err.print(f"wrote {output}")
+
+
+def print_plan_summary(plan) -> None:
+    table = Table(
+        title=f"{plan.scheme} plan: {plan.num_groups} groups, T = {plan.latency_s:.4g} s, "
+        f"P(all groups answer) = {plan.p_complete:.4f}" + (f", θ = {plan.theta:g}" if plan.theta is not None else "")
+    )
+    for column in ("group", "devices", "filters", "student", "failure prob", "latency s"):
+        table.add_column(column, overflow="fold")
+    for k, group in enumerate(plan.groups[:SUMMARY_MAX_GROUPS]):
+        shown = ", ".join(group.devices[:4]) + (f" +{len(group.devices) - 4}" if len(group.devices) > 4 else "")
+        table.add_row(str(k), shown, str(len(group.filters)), group.student, f"{group.failure_prob:.3g}", f"{group.latency_s:.4g}")
+    if plan.num_groups > SUMMARY_MAX_GROUPS:
+        table.add_row("…", f"{plan.num_groups - SUMMARY_MAX_GROUPS} more groups", "", "", "", "")
+    out.print(table)
+    if plan.unassigned:
+        err.print(f"[yellow]{len(plan.unassigned)} device(s) without a student[/yellow], e.g. {plan.unassigned[0].id}: {plan.unassigned[0].reason}")
+
+
+# --- simulate --------------------------------------------------------------------------------
+
+
+@app.command("simulate")
+@clean_errors
+def simulate_command(
+    plan_path: Path = typer.Argument(..., metavar="PLAN", help="plan.json"),
+    fleet_path: Path = typer.Argument(..., metavar="FLEET", help="Fleet file the plan was made for."),
+    trials: int = typer.Option(10000, "--trials", help="Monte-Carlo queries."),
+    timeout_s: float = typer.Option(..., "--timeout-s", help="Deadline: a group with no answer by then is missing."),
+    fail_devices: Optional[int] = typer.Option(None, "--fail-devices", help="Fail exactly J random devices per query instead of each device's outage."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Monte-Carlo of the plan under independent device failures (SPEC.md §1), with exact values beside it."""
+    from rocoin.planning import load_plan
+    from rocoin.profiles.fleet import load_fleet
+    from rocoin.simulation import analytic, simulate
+
+    plan = load_plan(plan_path)
+    fleet = load_fleet(fleet_path)
+    plan.check_fleet(fleet)
+    with _progress("simulating", trials) as progress:
+        result = simulate(plan, fleet, trials=trials, timeout_s=timeout_s, random_state=seed, fail_devices=fail_devices, progress=progress)
+    exact = analytic(plan, fleet, timeout_s=timeout_s) if fail_devices is None else None
+    if as_json:
+        data = result.to_dict()
+        if exact is not None:
+            data["exact"] = exact.to_dict()
+        typer.echo(json.dumps(data, indent=2))
+        return
+    table = Table(title=f"{plan.scheme} plan, {result.trials} queries, timeout {timeout_s:g} s")
+    table.add_column("")
+    table.add_column("Monte-Carlo")
+    table.add_column("exact")
+    ex = exact.to_dict() if exact is not None else {}
+    mc = result.to_dict()
+    table.add_row("mean latency s", f"{mc['latency_s']['mean']:.4g}", _fmt(ex.get("latency_s", {}).get("mean")))
+    table.add_row("p50 latency s", f"{mc['latency_s']['p50']:.4g}", _fmt(ex.get("latency_s", {}).get("p50")))
+    table.add_row("p99 latency s", f"{mc['latency_s']['p99']:.4g}", _fmt(ex.get("latency_s", {}).get("p99")))
+    table.add_row("P(every group answered)", f"{mc['p_complete']:.4f}", _fmt(ex.get("p_complete")))
+    table.add_row("mean missing groups", f"{mc['missing_groups_mean']:.4f}", _fmt(ex.get("missing_groups_mean")))
+    out.print(table)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+class _progress:
+    """A rich progress bar on stderr when it is a terminal; a no-op callback otherwise."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total = label, total
+        self._bar = None
+
+    def __enter__(self):
+        if not err.is_terminal:
+            return None
+        from rich.progress import Progress
+
+        self._bar = Progress(console=err, transient=True)
+        self._bar.start()
+        task = self._bar.add_task(self.label, total=self.total)
+        return lambda done, total: self._bar.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+@clean_errors
+def demo_command(
+    output: Path = typer.Option(Path("results/demo"), "--output", "-o", help="Folder for the fleet, plans and report."),
+    devices: int = typer.Option(10, "--devices", help="Devices in the generated fleet."),
+    heterogeneity: int = typer.Option(4, "--heterogeneity", help="Table IV level 0-5."),
+    success_prob: float = typer.Option(0.8, "--success-prob", help="Mean device success probability."),
+    epsilon: float = typer.Option(0.05, "--epsilon", help="Reliability target ε."),
+    trials: int = typer.Option(20000, "--trials", help="Monte-Carlo queries per scheme."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+) -> None:
+    """Plan a generated fleet with every scheme and compare their simulated behaviour under failures."""
+    from rocoin.experiments.planner_demo import run_planner_demo
+
+    report = run_planner_demo(
+        output, devices=devices, heterogeneity=heterogeneity, success_prob=success_prob, epsilon=epsilon, trials=trials, seed=seed
+    )
+    out.print(report.table())
+    err.print(f"wrote {output}/ (fleet, activations, one plan per scheme, report.md)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,1 @@
+"""Experiments and demos that run the real planner, simulator and (later) runtime."""
