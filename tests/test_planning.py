@@ -213,3 +213,22 @@ def test_same_seed_same_plan():
     weights = filter_graph(synthetic_activations(100, 64, random_state=5))
     catalog = small_catalog()
     assert make_plan(fleet, weights, catalog, seed=1) == make_plan(fleet, weights, catalog, seed=1)
+
+
+def test_plan_and_fleet_must_agree(two_tier_fleet, caplog):
+    from rocoin.planning.plan import Plan, plan_members
+
+    plan = make_plan(two_tier_fleet, block_graph([4, 4]), small_catalog(), epsilon=0.05)
+    members = plan_members(plan, two_tier_fleet)
+    assert len(members.latency_s) == 4 and members.starts.tolist() == [0, 2]
+    with pytest.raises(RocoinError, match="input_bits = None but the fleet has input_bits = 6272"):
+        plan_members(plan, two_tier_fleet.model_copy(update={"input_bits": 6272}))
+    # Profiles measured after planning (e.g. true outage instead of the assumed one): used, and logged.
+    changed = Fleet(devices=[d.model_copy(update={"outage": 0.3}) for d in two_tier_fleet.devices])
+    with caplog.at_level("WARNING"):
+        assert (plan_members(plan, changed).outage == 0.3).all()
+    assert "failure probabilities differ" in caplog.text
+    data = plan.model_dump()
+    data["unassigned"] = [{"id": "x", "reason": "r"}, {"id": "x", "reason": "r"}]
+    with pytest.raises(ValueError, match="listed twice"):
+        Plan.model_validate(data)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -15,6 +17,8 @@ from rocoin.fileio import load_document, validate, write_text_atomic
 from rocoin.planning.latency import device_latency_s
 from rocoin.profiles.catalog import StudentSpec
 from rocoin.profiles.fleet import Fleet
+
+logger = logging.getLogger(__name__)
 
 Scheme = Literal["rocoin", "rocoin-g", "nonn", "hetnonn", "optimal"]
 Objective = Literal["paper", "minmax"]
@@ -72,7 +76,8 @@ class Plan(BaseModel):
                 raise ValueError(f"student {group.student!r} is not in the plan's catalog")
         for item in self.unassigned:
             if item.id in seen_devices:
-                raise ValueError(f"device {item.id!r} is both in a group and unassigned")
+                raise ValueError(f"device {item.id!r} is listed twice (in a group or among the unassigned)")
+            seen_devices.add(item.id)
         filters = sorted(f for g in self.groups for f in g.filters)
         if filters != list(range(self.num_filters)):
             raise ValueError(
@@ -115,21 +120,50 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
     write_text_atomic(path, plan.to_json())
 
 
-def member_latencies_s(plan: Plan, fleet: Fleet) -> list[np.ndarray]:
-    """``t(d, s_k, k)`` of every member of every group, in the plan's member order."""
+@dataclass(frozen=True)
+class PlanMembers:
+    """Every grouped device of a plan on a fleet, group by group (group ``k`` is ``starts[k]:starts[k+1]``)."""
+
+    latency_s: np.ndarray  # t(d, s_k, k) on the fleet as it is now
+    outage: np.ndarray  # p_d on the fleet as it is now
+    starts: np.ndarray
+
+
+#: Relative difference above which a plan's stored figures count as stale for the fleet.
+STALE_TOLERANCE = 1e-6
+
+
+def plan_members(plan: Plan, fleet: Fleet) -> PlanMembers:
+    """Latency and outage of every member, computed from ``fleet`` (not from the plan's stored figures).
+
+    The plan may have been made with other profiles (e.g. assumed outage probabilities, paper
+    Fig. 6); stored figures that differ from the fleet's are logged, not rejected.
+    """
     plan.check_fleet(fleet)
+    if plan.input_bits != fleet.input_bits:
+        raise RocoinError(
+            f"plan: input_bits = {plan.input_bits} but the fleet has input_bits = {fleet.input_bits}; re-plan for this fleet"
+        )
     arrays = fleet.arrays()
     position = {device_id: i for i, device_id in enumerate(arrays.ids)}
-    out = []
-    for group in plan.groups:
-        index = np.array([position[d] for d in group.devices])
-        out.append(
-            device_latency_s(
-                arrays.flops[index],
-                arrays.rate_bps[index],
-                arrays.input_s[index],
-                plan.catalog[group.student].flops,
-                len(group.filters),
-            )
-        )
-    return out
+    index = np.array([position[d] for g in plan.groups for d in g.devices], dtype=np.intp)
+    sizes = np.array([len(g.devices) for g in plan.groups], dtype=np.intp)
+    group_of = np.repeat(np.arange(len(plan.groups)), sizes)
+    student_flops = np.array([plan.catalog[g.student].flops for g in plan.groups])[group_of]
+    partition = np.array([len(g.filters) for g in plan.groups])[group_of]
+    latency = device_latency_s(arrays.flops[index], arrays.rate_bps[index], arrays.input_s[index], student_flops, partition)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.intp)
+    members = PlanMembers(latency, arrays.outage[index], starts)
+    _warn_if_stale(plan, members)
+    return members
+
+
+def _warn_if_stale(plan: Plan, members: PlanMembers) -> None:
+    worst = np.maximum.reduceat(members.latency_s, members.starts)
+    q = np.exp(np.add.reduceat(np.log(np.maximum(members.outage, 1e-300)), members.starts))
+    stored_t = np.array([g.latency_s for g in plan.groups])
+    stored_q = np.array([g.failure_prob for g in plan.groups])
+    if not np.allclose(worst, stored_t, rtol=STALE_TOLERANCE, atol=0):
+        logger.warning("the plan's group latencies differ from the fleet's profiles; simulating with the fleet's")
+    if not np.allclose(q, stored_q, rtol=STALE_TOLERANCE, atol=1e-15):
+        logger.warning("the plan's failure probabilities differ from the fleet's outage; simulating with the fleet's")
