@@ -50,13 +50,12 @@ class DemoReport:
 
     def table(self) -> Table:
         table = Table(title=f"Planner demo: {self.trials} simulated queries per scheme, deadline {self.deadline_s:.3g} s")
-        for column in ("scheme", "groups", "students", "T (no failure) s", "mean latency s", "p99 s", "P(all groups)", "missing groups"):
+        for column in ("scheme", "groups", "T no failure s", "mean latency s", "p99 s", "P(all groups)", "missing groups"):
             table.add_column(column)
         for r in self.rows:
             table.add_row(
                 r.scheme,
                 str(r.groups),
-                r.students,
                 f"{r.latency_s:.3g}",
                 f"{r.sim['latency_s']['mean']:.3g}",
                 f"{r.sim['latency_s']['p99']:.3g}",

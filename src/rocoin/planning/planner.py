@@ -160,8 +160,10 @@ def _plan_rocoin(request: PlanRequest, *, greedy: bool = False, scheme: str = "r
             logger.debug("theta=%g: no feasible assignment", theta)
             continue
         latency = float(assignment.latency_s.max())
-        candidate = (latency, -len(groups), theta, groups, parts, assignment)
-        logger.debug("theta=%g: %d groups, latency %.4g s", theta, len(groups), latency)
+        p_complete = float(np.prod([1.0 - np.prod(arrays.outage[g]) for g in groups]))
+        # Lowest T first; among equal T, the more reliable plan, then the smaller θ.
+        candidate = (latency, -p_complete, theta, groups, parts, assignment)
+        logger.debug("theta=%g: %d groups, latency %.4g s, P(all groups) %.4f", theta, len(groups), latency, p_complete)
         if best is None or candidate[:3] < best[:3]:
             best = candidate
     if best is None:
