@@ -56,13 +56,21 @@ def check_plan(plan, fleet, catalog, epsilon, *, replicated: bool) -> None:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(instances(), st.sampled_from(["rocoin", "rocoin-g", "nonn", "hetnonn"]), st.sampled_from(["paper", "minmax"]))
-def test_every_plan_meets_its_constraints(instance, scheme, objective):
+@given(
+    instances(),
+    st.sampled_from(["rocoin", "rocoin-g", "nonn", "hetnonn"]),
+    st.sampled_from(["paper", "minmax"]),
+    st.sampled_from([None, 0.0, 0.3, 2.0]),
+    st.booleans(),
+)
+def test_every_plan_meets_its_constraints(instance, scheme, objective, theta, include_rate):
     fleet, weights, epsilon, seed = instance
     catalog = small_catalog()
     usable = [d for d in fleet.devices if d.memory_bytes >= min(s.memory_bytes for _, s in catalog.items())]
     try:
-        plan = make_plan(fleet, weights, catalog, scheme=scheme, epsilon=epsilon, objective=objective, seed=seed)
+        plan = make_plan(
+            fleet, weights, catalog, scheme=scheme, epsilon=epsilon, objective=objective, theta=theta, include_rate=include_rate, seed=seed
+        )
     except InfeasiblePlanError as exc:
         if not usable:
             assert "no device has memory" in str(exc)

@@ -78,6 +78,14 @@ def validate(model: type[BaseModel], data: Any, source: str) -> Any:
         raise RocoinError(format_validation_error(exc, source)) from None
 
 
+def load_validated(model: type[BaseModel], path: str | os.PathLike[str], expected: str) -> Any:
+    """Read a YAML/JSON mapping from ``path`` and validate it; ``expected`` describes the mapping."""
+    data = load_document(path)
+    if not isinstance(data, dict):
+        raise RocoinError(f"{path}: expected {expected}, got {type(data).__name__}")
+    return validate(model, data, str(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""

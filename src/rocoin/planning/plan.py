@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rocoin import __version__
 from rocoin.errors import RocoinError
-from rocoin.fileio import load_document, validate, write_text_atomic
+from rocoin.fileio import load_validated, write_text_atomic
 from rocoin.planning.latency import device_latency_s
 from rocoin.profiles.catalog import StudentSpec
 from rocoin.profiles.fleet import Fleet
@@ -110,10 +110,7 @@ class Plan(BaseModel):
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:
-    data = load_document(path)
-    if not isinstance(data, dict):
-        raise RocoinError(f"{path}: expected a plan object")
-    return validate(Plan, data, str(path))
+    return load_validated(Plan, path, "a plan object")
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:

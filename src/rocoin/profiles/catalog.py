@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
 
 from rocoin.errors import RocoinError
-from rocoin.fileio import load_document, validate, write_text_atomic
+from rocoin.fileio import load_validated, write_text_atomic
 from rocoin.models.analytic import arch_stats
 
 #: Students of the built-in catalog: the paper's CIFAR-10/100 students and MobileNetV2 variants.
@@ -123,10 +123,7 @@ def default_catalog(input_shape: tuple[int, int, int] = (3, 32, 32), num_classes
 
 
 def load_catalog(path: str | os.PathLike[str]) -> Catalog:
-    data = load_document(path)
-    if not isinstance(data, dict):
-        raise RocoinError(f"{path}: expected a mapping of student name to {{flops, memory_bytes, params, out_dim}}")
-    return validate(Catalog, data, str(path))
+    return load_validated(Catalog, path, "a mapping of student name to {flops, memory_bytes, params, out_dim}")
 
 
 def save_catalog(catalog: Catalog, path: str | os.PathLike[str]) -> None:

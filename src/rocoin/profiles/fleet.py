@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rocoin.errors import RocoinError
-from rocoin.fileio import load_document, validate, write_text_atomic
+from rocoin.fileio import load_validated, write_text_atomic
 
 #: Table IV of the paper: width of the FLOP/s range (MFLOP/s) and of the rate range (kbit/s)
 #: for heterogeneity levels 0..5.
@@ -166,10 +166,7 @@ class FleetArrays:
 
 
 def load_fleet(path: str | os.PathLike[str]) -> Fleet:
-    data = load_document(path)
-    if not isinstance(data, dict):
-        raise RocoinError(f"{path}: expected a mapping with a 'devices' list, got {type(data).__name__}")
-    return validate(Fleet, data, str(path))
+    return load_validated(Fleet, path, "a mapping with a 'devices' list")
 
 
 def save_fleet(fleet: Fleet, path: str | os.PathLike[str]) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from rocoin.errors import RocoinError
 from rocoin.planning.plan import Plan
 from rocoin.profiles.fleet import Fleet
-from rocoin.simulation.montecarlo import check_timeout, member_arrays
+from rocoin.simulation.montecarlo import check_timeout, member_arrays, summary_dict
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +54,7 @@ class AnalyticResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (plain Python numbers), shaped like ``SimulationResult.to_dict``."""
-        return {
-            "latency_s": {
-                "mean": float(self.latency_mean_s),
-                "p50": float(self.latency_p50_s),
-                "p99": float(self.latency_p99_s),
-            },
-            "p_complete": float(self.p_complete),
-            "missing_groups_mean": float(self.missing_groups_mean),
-            "missing_rate_per_group": [float(x) for x in self.missing_rate_per_group],
-        }
+        return summary_dict(self)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, AnalyticResult):

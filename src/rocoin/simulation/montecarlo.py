@@ -63,17 +63,7 @@ class SimulationResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (plain Python numbers)."""
-        return {
-            "trials": int(self.trials),
-            "latency_s": {
-                "mean": float(self.latency_mean_s),
-                "p50": float(self.latency_p50_s),
-                "p99": float(self.latency_p99_s),
-            },
-            "p_complete": float(self.p_complete),
-            "missing_groups_mean": float(self.missing_groups_mean),
-            "missing_rate_per_group": [float(x) for x in self.missing_rate_per_group],
-        }
+        return {"trials": int(self.trials), **summary_dict(self)}
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SimulationResult):
@@ -86,6 +76,20 @@ class SimulationResult:
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def summary_dict(result: Any) -> dict[str, Any]:
+    """The latency/completeness summary shared by the simulated and the exact results."""
+    return {
+        "latency_s": {
+            "mean": float(result.latency_mean_s),
+            "p50": float(result.latency_p50_s),
+            "p99": float(result.latency_p99_s),
+        },
+        "p_complete": float(result.p_complete),
+        "missing_groups_mean": float(result.missing_groups_mean),
+        "missing_rate_per_group": [float(x) for x in result.missing_rate_per_group],
+    }
 
 
 def check_timeout(timeout_s: float) -> float:
