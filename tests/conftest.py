@@ -45,3 +45,28 @@ def two_tier_fleet() -> Fleet:
             device("weak-b", 10, 1, 200, 0.2),
         ]
     )
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) in the IDX format of MNIST/Fashion-MNIST, gzipped."""
+    import gzip
+    import struct
+
+    magic = 2051 if array.ndim == 3 else 2049
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fashion_mnist(directory, n_train: int = 300, n_test: int = 100, seed: int = 0) -> None:
+    """Tiny Fashion-MNIST-format files whose 10 classes are learnable (a bright square per class)."""
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        images = rng.integers(0, 60, size=(n, 28, 28))
+        for i, label in enumerate(labels):
+            row, col = divmod(int(label), 5)
+            images[i, 4 + 10 * row : 12 + 10 * row, 1 + 5 * col : 6 + 5 * col] += 180
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)

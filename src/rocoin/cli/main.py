@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from rocoin import __version__
+from rocoin.cli import train
+from rocoin.cli.common import clean_errors, err, out
 from rocoin.errors import RocoinError
 
 app = typer.Typer(
@@ -24,26 +24,10 @@ app = typer.Typer(
 )
 fleet_app = typer.Typer(help="Make and check fleet files (device profiles).", no_args_is_help=True)
 app.add_typer(fleet_app, name="fleet")
+train.register(app)
 
-out = Console()
-err = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., object])
 #: Groups shown in a plan summary before the rest is elided.
 SUMMARY_MAX_GROUPS = 20
-
-
-def clean_errors(func: F) -> F:
-    """One ``error: ...`` line and exit code 2 for bad input; no traceback, nothing written."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except RocoinError as exc:
-            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @app.callback()
@@ -123,23 +107,46 @@ def fleet_show(fleet_path: Path = typer.Argument(..., metavar="FLEET", help="Fle
 def catalog_command(
     input_shape: str = typer.Option("3x32x32", "--input-shape", help="CxHxW of one input (3x32x32 CIFAR, 1x28x28 Fashion-MNIST)."),
     num_classes: int = typer.Option(10, "--num-classes", help="Classes of the task."),
+    students: Optional[str] = typer.Option(None, "--students", help="Comma-separated architectures (default: the built-in students)."),
+    method: str = typer.Option("auto", "--method", help="measured (torch: FLOP counter, profiled memory), analytic (shape arithmetic), or auto."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Catalog JSON to write (default: print)."),
 ) -> None:
-    """The built-in student catalog for an input shape: FLOPs, memory, parameters, output size.
+    """Student catalog for an input shape: FLOPs, memory (weights + peak activations), parameters, output size.
 
-    Counted from the architectures' shapes (FLOPs = 2 × multiply-accumulates; memory = fp32 weights +
-    peak activations); edit it or pass your own with --catalog.
+    measured: one batch-1 forward of each model with torch's FLOP counter (2 × multiply-accumulates)
+    and the profiler's allocation events (peak activation bytes); analytic: counted from the shapes.
     """
-    from rocoin.profiles.catalog import default_catalog, parse_input_shape, save_catalog
+    from rocoin.profiles.catalog import DEFAULT_STUDENTS, analytic_catalog, parse_input_shape, save_catalog
 
     if num_classes < 1:
         raise RocoinError(f"num-classes = {num_classes}: expected at least 1")
-    catalog = default_catalog(parse_input_shape(input_shape), num_classes)
+    if method not in ("auto", "measured", "analytic"):
+        raise RocoinError(f"method = {method!r}: expected measured, analytic or auto")
+    shape = parse_input_shape(input_shape)
+    names = [n.strip() for n in students.split(",") if n.strip()] if students else list(DEFAULT_STUDENTS)
+    if method == "auto":
+        method = "measured" if _has_torch() else "analytic"
+        if method == "analytic":
+            err.print("torch is not installed: counting from the shapes (install the train extra to measure)")
+    if method == "measured":
+        if not _has_torch():
+            raise RocoinError("method = measured needs torch: pip install -e '.[train]'")
+        from rocoin.models.measure import measure_catalog
+
+        catalog = measure_catalog(shape, num_classes, names)
+    else:
+        catalog = analytic_catalog(shape, num_classes, names)
     if output is None:
         out.print_json(catalog.to_json())
     else:
         save_catalog(catalog, output)
-        err.print(f"wrote {output}: {len(catalog)} students")
+        err.print(f"wrote {output}: {len(catalog)} students ({method})")
+
+
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
 
 
 # --- activations -----------------------------------------------------------------------------
@@ -148,21 +155,28 @@ def catalog_command(
 @app.command("activations")
 @clean_errors
 def activations_command(
-    synthetic: bool = typer.Option(False, "--synthetic", help="Generate class-structured stand-in activity (no teacher needed)."),
-    images: int = typer.Option(500, "--images", help="Images (rows) of synthetic activity."),
-    filters: int = typer.Option(256, "--filters", help="Filters F of the teacher's final conv layer."),
-    num_classes: int = typer.Option(10, "--num-classes", help="Classes the synthetic filters prefer."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="teacher.pt: measure its final conv filters' activity."),
+    split: str = typer.Option("val", "--split", help="With --teacher: val (the teacher's validation split), train or test."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="With --teacher: where the dataset is."),
+    download: bool = typer.Option(False, "--download", help="With --teacher: download the dataset if missing."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Instead: class-structured stand-in activity (no teacher needed)."),
+    images: int = typer.Option(500, "--images", help="With --synthetic: images (rows)."),
+    filters: int = typer.Option(256, "--filters", help="With --synthetic: filters F of the final conv layer."),
+    num_classes: int = typer.Option(10, "--num-classes", help="With --synthetic: classes the filters prefer."),
+    seed: int = typer.Option(0, "--seed", help="With --synthetic: random seed."),
     output: Path = typer.Option(..., "--output", "-o", help="ACT.npy to write (images × F float32)."),
 ) -> None:
-    """Write the planner's activation input (per-image average activity of the final conv filters)."""
+    """Write the planner's input: per-image average activity of the teacher's final conv filters."""
+    if (teacher is None) == (not synthetic):
+        raise RocoinError("activations: give --teacher teacher.pt, or --synthetic for a stand-in")
+    if teacher is not None:
+        train.activations_from_teacher(teacher, split, data_dir, download, output)
+        return
     import numpy as np
 
     from rocoin.fileio import atomic_path
     from rocoin.planning.partition import synthetic_activations
 
-    if not synthetic:
-        raise RocoinError("activations: give --synthetic (activity measured on a trained teacher needs the model zoo)")
     if images < 1 or filters < 1 or num_classes < 1:
         raise RocoinError(f"images = {images}, filters = {filters}, num-classes = {num_classes}: expected positive counts")
     act = synthetic_activations(images, filters, num_classes, random_state=seed)

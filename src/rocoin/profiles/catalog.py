@@ -108,18 +108,23 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
     return int(match[1]), int(match[2]), int(match[3])
 
 
-def default_catalog(input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10) -> Catalog:
-    """The built-in catalog, counted from the architectures' shapes (see ``rocoin.models.analytic``).
-
-    These are estimates until the model zoo measures the students; ``--catalog FILE`` replaces them.
-    """
+def analytic_catalog(input_shape: tuple[int, int, int], num_classes: int, names: list[str] | tuple[str, ...] = DEFAULT_STUDENTS) -> Catalog:
+    """A catalog counted from the architectures' shapes (see ``rocoin.models.analytic``)."""
     entries = {}
-    for name in DEFAULT_STUDENTS:
+    for name in names:
         stats = arch_stats(name, input_shape, num_classes)
         entries[name] = StudentSpec(
             flops=float(stats.flops), memory_bytes=stats.memory_bytes, params=stats.params, out_dim=stats.out_dim
         )
     return Catalog(entries)
+
+
+def default_catalog(input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10) -> Catalog:
+    """The built-in catalog: the default students counted from their shapes.
+
+    These are estimates; ``rocoin catalog`` measures the students and ``--catalog FILE`` uses that.
+    """
+    return analytic_catalog(input_shape, num_classes)
 
 
 def load_catalog(path: str | os.PathLike[str]) -> Catalog:

@@ -1,0 +1,29 @@
+"""What every command shares: the consoles and the one-line error handling."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+from rocoin.errors import RocoinError
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def clean_errors(func: F) -> F:
+    """One ``error: ...`` line and exit code 2 for bad input; no traceback, nothing written."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except RocoinError as exc:
+            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]

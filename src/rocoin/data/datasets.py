@@ -1,0 +1,709 @@
+"""Image classification data sets as uint8 arrays: CIFAR-10/100, Fashion-MNIST and sklearn's digits.
+
+Everything here is numpy only (no torch): :func:`load_dataset` returns the train and test splits
+as :class:`ArrayDataset` (``images`` uint8 ``(N, C, H, W)``, ``labels`` int64 ``(N,)``) with a
+:class:`DatasetInfo` that holds the class names and the normalisation constants. Turning images
+into normalised float tensors and augmenting them is :mod:`rocoin.data.loader`'s job.
+
+Sources, in the order they are looked for under ``data_dir``:
+
+* ``cifar10`` — ``cifar-10-batches-py/`` or ``cifar-10-python.tar.gz`` (the python pickles), then
+  ``cifar-10-batches-bin/`` or ``cifar-10-binary.tar.gz`` (the binary records);
+* ``cifar100`` — ``cifar-100-python/``, ``cifar-100-python.tar.gz``, ``cifar-100-binary/``,
+  ``cifar-100-binary.tar.gz`` (the 100 fine labels are used);
+* ``fashion-mnist`` — the four IDX files (``.gz`` or not) in ``data_dir``,
+  ``data_dir/fashion-mnist``, ``data_dir/FashionMNIST/raw`` and ``/usr/share/datasets/fashion-mnist``
+  (Debian's ``dataset-fashion-mnist``);
+* ``digits`` — scikit-learn's bundled 8×8 digits (1797 images; the last 20 % are the test split).
+
+The CIFAR python files are pickles. They are never given to :func:`pickle.load`: a restricted
+unpickler only lets through the few numpy functions that rebuild an array, so a crafted file
+cannot run code. Archives are read member by member in memory, nothing is extracted to disk.
+
+Every problem (missing data, a truncated or corrupted file, a failed download) raises a
+:class:`~rocoin.errors.RocoinError` with one line that names the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import gzip
+import hashlib
+import io
+import logging
+import os
+import pickle
+import posixpath
+import struct
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from rocoin.errors import RocoinError
+
+log = logging.getLogger(__name__)
+
+DATASET_NAMES = ("cifar10", "cifar100", "fashion-mnist", "digits")
+
+DATA_DIR_ENV = "ROCOIN_DATA_DIR"
+"""Environment variable naming the default data folder (else ``~/.cache/rocoin/datasets``)."""
+
+CIFAR_BASE_URL = "https://www.cs.toronto.edu/~kriz/"
+FASHION_MNIST_BASE_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_SYSTEM_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"),)
+"""Folders searched after ``data_dir`` (``apt-get install dataset-fashion-mnist`` fills the first)."""
+
+DOWNLOADS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "cifar10": (CIFAR_BASE_URL, (("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),)),
+    "cifar100": (CIFAR_BASE_URL, (("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),)),
+    "fashion-mnist": (
+        FASHION_MNIST_BASE_URL,
+        (
+            ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+            ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+            ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+        ),
+    ),
+}
+"""Per data set: the default base URL and the files (name, md5) that ``download=True`` fetches."""
+
+MAX_FILE_BYTES = 512 * 2**20
+"""Largest file or archive member read (CIFAR-100's train pickle, the largest, is about 155 MB)."""
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+DIGITS_TEST_FRACTION = 0.2
+
+
+# --------------------------------------------------------------------------------------------
+# Containers
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and the loader need to know about a data set."""
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]  # per channel, on the 0-1 scale
+    std: tuple[float, ...]
+    class_names: tuple[str, ...]
+    augmentation: str  # "crop-flip" (random 4-pixel-padded crop + horizontal flip) or "none"
+
+
+@dataclass(frozen=True, eq=False)
+class ArrayDataset:
+    """``images`` uint8 ``(N, C, H, W)`` and ``labels`` int64 ``(N,)``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        images, labels = self.images, self.labels
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+            raise RocoinError(f"ArrayDataset.images must be a uint8 array (N, C, H, W), got {_describe(images)}")
+        if not isinstance(labels, np.ndarray) or labels.dtype != np.int64 or labels.ndim != 1:
+            raise RocoinError(f"ArrayDataset.labels must be an int64 array (N,), got {_describe(labels)}")
+        if images.shape[0] != labels.shape[0]:
+            raise RocoinError(f"ArrayDataset: {images.shape[0]} images but {labels.shape[0]} labels")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: Any) -> ArrayDataset:
+        """The examples at ``index`` (integer indices, a boolean mask or a slice)."""
+        if not isinstance(index, slice):
+            index = np.asarray(index)
+            if index.dtype != bool:
+                index = index.astype(np.int64, copy=False)
+        return ArrayDataset(self.images[index], self.labels[index])
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    info: DatasetInfo
+    train: ArrayDataset
+    test: ArrayDataset
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} array of shape {value.shape}"
+    return type(value).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def canonical_name(name: str) -> str:
+    """``"CIFAR-10"``, ``"fashion_mnist"`` … → one of :data:`DATASET_NAMES`."""
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    table = {"cifar10": "cifar10", "cifar100": "cifar100", "fashionmnist": "fashion-mnist", "digits": "digits"}
+    if key not in table:
+        raise RocoinError(f"unknown data set {name!r}; expected one of {', '.join(DATASET_NAMES)}")
+    return table[key]
+
+
+def default_data_dir() -> Path:
+    """``$ROCOIN_DATA_DIR``, else ``$XDG_CACHE_HOME/rocoin/datasets`` (``~/.cache/rocoin/datasets``)."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "rocoin" / "datasets"
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = False,
+    base_url: str | None = None,
+) -> DatasetSplits:
+    """Load the train and test splits of ``name`` (see the module docstring for where it looks).
+
+    With ``download=True`` missing files are fetched into ``data_dir`` from ``base_url`` (default:
+    the official site, :data:`DOWNLOADS`) and checked against their md5 first.
+    """
+    key = canonical_name(name)
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if key in ("cifar10", "cifar100"):
+        splits = _load_cifar(_CIFAR[key], root, download, base_url)
+    elif key == "fashion-mnist":
+        splits = _load_fashion_mnist(root, download, base_url)
+    else:
+        splits = _load_digits()
+    for split_name in ("train", "test"):
+        _check_split(splits.info, getattr(splits, split_name), f"{key} {split_name} split")
+    log.info("%s: %d train and %d test images of shape %s", key, len(splits.train), len(splits.test), splits.info.input_shape)
+    return splits
+
+
+def split_validation(train: ArrayDataset, fraction: float = 0.1, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
+    """Split off a random ``fraction`` of ``train`` as a validation set: ``(train, val)``.
+
+    Deterministic for a seed; both parts keep the original order of the examples.
+    """
+    n = len(train)
+    if not 0.0 < fraction < 1.0:
+        raise RocoinError(f"validation fraction must be in (0, 1), got {fraction}")
+    n_val = max(1, int(round(fraction * n)))
+    if n_val >= n:
+        raise RocoinError(f"cannot split {n} examples into train and validation with fraction {fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    return train.subset(np.sort(order[n_val:])), train.subset(np.sort(order[:n_val]))
+
+
+def download_dataset(
+    name: str, data_dir: str | os.PathLike[str] | None = None, *, base_url: str | None = None
+) -> list[Path]:
+    """Fetch the files of ``name`` that ``data_dir`` lacks; returns the paths of all of them."""
+    key = canonical_name(name)
+    if key not in DOWNLOADS:
+        log.info("%s: nothing to download (the data ships with scikit-learn)", key)
+        return []
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    default_url, files = DOWNLOADS[key]
+    url = base_url or default_url
+    url = url if url.endswith("/") else url + "/"
+    paths = []
+    for filename, md5 in files:
+        dest = root / filename
+        if dest.is_file():
+            log.info("%s already exists, not downloading it", dest)
+        else:
+            download_file(url + filename, dest, md5)
+        paths.append(dest)
+    return paths
+
+
+def download_file(url: str, dest: str | os.PathLike[str], md5: str, *, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` through a temporary file, renamed only once its md5 matches."""
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RocoinError(f"cannot create the data folder {dest.parent} ({_brief(exc)})") from None
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    log.info("downloading %s to %s", url, dest)
+    try:
+        digest = hashlib.md5(usedforsecurity=False)
+        size = 0
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        if digest.hexdigest() != md5.lower():
+            raise RocoinError(
+                f"{url}: md5 {digest.hexdigest()} of the {size} bytes downloaded does not match the expected {md5}; "
+                f"nothing was saved; try again, or fetch the file by hand into {dest.parent}"
+            )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise RocoinError(f"cannot download {url} ({_brief(reason)}); check the connection, or fetch it by hand into {dest.parent}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    log.info("saved %s (%d bytes, md5 ok)", dest, size)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# Shared checks and helpers
+
+
+def _brief(exc: object, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise RocoinError(f"{where}: label {int(bad[0])} is out of range [0, {num_classes}) ({bad.size} such labels)")
+
+
+def _check_split(info: DatasetInfo, split: ArrayDataset, where: str) -> None:
+    if len(split) == 0:
+        raise RocoinError(f"{where}: the split is empty")
+    if split.images.shape[1:] != info.input_shape:
+        raise RocoinError(f"{where}: images have shape {split.images.shape[1:]}, expected {info.input_shape}")
+    _check_labels(split.labels, info.num_classes, where)
+
+
+def _writeable(array: np.ndarray) -> np.ndarray:
+    return array if array.flags.writeable and array.flags.c_contiguous else np.ascontiguousarray(array).copy()
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise RocoinError(f"{path}: {size} bytes is far larger than any file of this data set; it is not a genuine data file")
+        return path.read_bytes()
+    except OSError as exc:
+        raise RocoinError(f"{path}: cannot read ({_brief(exc)})") from None
+
+
+def _iter_dir(directory: Path, wanted: set[str]) -> Iterator[tuple[str, bytes, str]]:
+    for base in sorted(wanted):
+        path = directory / base
+        if path.is_file():
+            yield base, _read_file(path), str(path)
+
+
+def _iter_tar(archive: Path, wanted: set[str]) -> Iterator[tuple[str, bytes, str]]:
+    """Yield ``(basename, content, label)`` of the regular members named in ``wanted``, in archive order."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                base = posixpath.basename(member.name.rstrip("/"))
+                if base not in wanted or not member.isfile():
+                    continue
+                where = f"{archive}:{member.name}"
+                if member.size > MAX_FILE_BYTES:
+                    raise RocoinError(f"{where}: member size {member.size} bytes is absurd (limit {MAX_FILE_BYTES}); the archive is not genuine")
+                handle = tar.extractfile(member)
+                data = handle.read() if handle is not None else b""
+                if len(data) != member.size:
+                    raise RocoinError(f"{where}: truncated ({len(data)} of {member.size} bytes); delete the archive and download it again")
+                yield base, data, where
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise RocoinError(f"{archive}: not a readable tar archive or truncated ({_brief(exc)}); delete it and download it again") from None
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR
+
+
+def _safe_reconstruct_factory() -> Callable[..., np.ndarray]:
+    numpy_reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy(._)core.multiarray._reconstruct
+
+    def reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+        if subtype is not np.ndarray:
+            raise RocoinError(f"refusing to rebuild an array of type {subtype!r}")
+        return numpy_reconstruct(subtype, shape, dtype)
+
+    return reconstruct
+
+
+def _safe_frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    return np.frombuffer(buffer, dtype=_safe_dtype(dtype)).reshape(shape, order=order)
+
+
+def _safe_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    dtype = np.dtype(spec, bool(align), bool(copy))
+    if dtype.hasobject:
+        raise RocoinError("refusing to rebuild an array of Python objects")
+    return dtype
+
+
+def _latin1_encode(text: Any, encoding: Any = "latin1") -> bytes:
+    # How Python 3 pickles bytes at protocol 2: _codecs.encode(str, "latin1").
+    if not isinstance(text, str) or str(encoding).lower().replace("-", "") != "latin1":
+        raise RocoinError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return codecs.encode(text, "latin1")
+
+
+_PICKLE_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct_factory(),
+    ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct_factory(),
+    ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _safe_frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _safe_dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler for the CIFAR python files: only the globals that rebuild a numpy array pass."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _PICKLE_ALLOWED[(module, name)]
+        except KeyError:
+            raise RocoinError(
+                f"refusing to load {module}.{name} (a CIFAR pickle holds only numpy arrays, lists and strings); "
+                "the file is not a genuine CIFAR file"
+            ) from None
+
+
+def _unpickle(data: bytes, where: str) -> Any:
+    try:
+        return _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except RocoinError as exc:
+        raise RocoinError(f"{where}: {exc}") from None
+    except Exception as exc:  # a corrupt pickle can raise nearly anything
+        raise RocoinError(f"{where}: not a valid CIFAR python pickle ({type(exc).__name__}: {_brief(exc)})") from None
+
+
+def _get(mapping: Any, key: str, where: str) -> Any:
+    if not isinstance(mapping, dict):
+        raise RocoinError(f"{where}: expected a pickled dict, found {type(mapping).__name__}")
+    for candidate in (key.encode(), key):
+        if candidate in mapping:
+            return mapping[candidate]
+    keys = ", ".join(sorted(k.decode("latin1") if isinstance(k, bytes) else str(k) for k in mapping))
+    raise RocoinError(f"{where}: no {key!r} entry (found: {keys or 'nothing'})")
+
+
+def _names(values: Any, expected: int, where: str) -> tuple[str, ...]:
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, (bytes, str)) for v in values):
+        raise RocoinError(f"{where}: class names must be a list of strings, found {type(values).__name__}")
+    names = tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values)
+    if len(names) != expected:
+        raise RocoinError(f"{where}: {len(names)} class names, expected {expected}")
+    return names
+
+
+@dataclass(frozen=True)
+class _CifarSpec:
+    name: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    py_dir: str
+    py_archive: str
+    py_train: tuple[str, ...]
+    py_test: str
+    py_meta: str
+    py_labels_key: str
+    py_names_key: str
+    bin_dir: str
+    bin_archive: str
+    bin_train: tuple[str, ...]
+    bin_test: str
+    bin_names: str
+    bin_header: int  # label bytes before the 3072 pixels of a record
+    bin_label_index: int  # which of them is the label used
+
+
+_CIFAR = {
+    "cifar10": _CifarSpec(
+        "cifar10", 10, CIFAR10_MEAN, CIFAR10_STD,
+        "cifar-10-batches-py", "cifar-10-python.tar.gz", tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch", "batches.meta", "labels", "label_names",
+        "cifar-10-batches-bin", "cifar-10-binary.tar.gz", tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+        "test_batch.bin", "batches.meta.txt", 1, 0,
+    ),
+    "cifar100": _CifarSpec(
+        "cifar100", 100, CIFAR100_MEAN, CIFAR100_STD,
+        "cifar-100-python", "cifar-100-python.tar.gz", ("train",),
+        "test", "meta", "fine_labels", "fine_label_names",
+        "cifar-100-binary", "cifar-100-binary.tar.gz", ("train.bin",),
+        "test.bin", "fine_label_names.txt", 2, 1,
+    ),
+}  # fmt: skip
+
+_CIFAR_PIXELS = 3 * 32 * 32
+
+
+def _load_cifar(spec: _CifarSpec, root: Path, download: bool, base_url: str | None) -> DatasetSplits:
+    candidates = [
+        (root / spec.py_dir, "python", _iter_dir),
+        (root / spec.py_archive, "python", _iter_tar),
+        (root / spec.bin_dir, "binary", _iter_dir),
+        (root / spec.bin_archive, "binary", _iter_tar),
+    ]
+    if root.name in (spec.py_dir, spec.bin_dir):  # data_dir is the extracted folder itself
+        candidates.insert(0, (root, "python" if root.name == spec.py_dir else "binary", _iter_dir))
+
+    def exists(path: Path, reader: Callable[..., Any]) -> bool:
+        return path.is_dir() if reader is _iter_dir else path.is_file()
+
+    found = [c for c in candidates if exists(c[0], c[2])]
+    if not found and download:
+        download_dataset(spec.name, root, base_url=base_url)
+        found = [(root / spec.py_archive, "python", _iter_tar)]
+    if not found:
+        url = (base_url or DOWNLOADS[spec.name][0]).rstrip("/") + "/" + spec.py_archive
+        looked = ", ".join(str(c[0]) for c in candidates)
+        raise RocoinError(
+            f"{spec.name}: data not found; looked for {looked}; run with --download (load_dataset(..., download=True)) "
+            f"or fetch {url} into {root}"
+        )
+    path, fmt, reader = found[0]
+    log.info("%s: reading the %s format from %s", spec.name, fmt, path)
+    if fmt == "python":
+        return _read_cifar_python(spec, path, reader)
+    return _read_cifar_binary(spec, path, reader)
+
+
+def _cifar_python_batch(obj: Any, spec: _CifarSpec, where: str) -> tuple[np.ndarray, np.ndarray]:
+    data = _get(obj, "data", where)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _CIFAR_PIXELS:
+        raise RocoinError(f"{where}: 'data' must be a uint8 array (N, {_CIFAR_PIXELS}), found {_describe(data)}")
+    if data.shape[0] == 0:
+        raise RocoinError(f"{where}: the batch holds no images")
+    raw_labels = _get(obj, spec.py_labels_key, where)
+    try:
+        labels = np.asarray(raw_labels)
+        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
+            raise ValueError
+        labels = labels.astype(np.int64)
+    except (ValueError, TypeError):
+        raise RocoinError(f"{where}: {spec.py_labels_key!r} must be a list of integers") from None
+    if labels.shape[0] != data.shape[0]:
+        raise RocoinError(f"{where}: {data.shape[0]} images but {labels.shape[0]} labels")
+    _check_labels(labels, spec.num_classes, where)
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _read_cifar_python(spec: _CifarSpec, path: Path, reader: Callable[..., Iterator[tuple[str, bytes, str]]]) -> DatasetSplits:
+    wanted = {*spec.py_train, spec.py_test, spec.py_meta}
+    parsed: dict[str, Any] = {}
+    for base, data, where in reader(path, wanted):
+        obj = _unpickle(data, where)
+        del data
+        if base == spec.py_meta:
+            parsed[base] = _names(_get(obj, spec.py_names_key, where), spec.num_classes, where)
+        else:
+            parsed[base] = _cifar_python_batch(obj, spec, where)
+    train_found = [b for b in spec.py_train if b in parsed]
+    missing = [b for b in (spec.py_test, spec.py_meta) if b not in parsed]
+    if not train_found:
+        missing.insert(0, " or ".join(spec.py_train) if len(spec.py_train) < 3 else f"{spec.py_train[0]}..{spec.py_train[-1]}")
+    if missing:
+        raise RocoinError(f"{path}: incomplete {spec.name} data, missing {', '.join(missing)}; delete it and download it again")
+    log_fn = log.info if len(train_found) == len(spec.py_train) else log.warning
+    log_fn("%s: training batches found in %s: %s", spec.name, path, ", ".join(train_found))
+    return _assemble(spec, path, [parsed[b] for b in train_found], parsed[spec.py_test], parsed[spec.py_meta])
+
+
+def _cifar_binary_records(spec: _CifarSpec, data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    record = spec.bin_header + _CIFAR_PIXELS
+    if len(data) == 0 or len(data) % record:
+        raise RocoinError(f"{where}: size {len(data)} bytes is not a positive multiple of the {record}-byte {spec.name} record")
+    rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, record)
+    labels = rows[:, spec.bin_label_index].astype(np.int64)
+    _check_labels(labels, spec.num_classes, where)
+    return rows[:, spec.bin_header :].reshape(-1, 3, 32, 32), labels
+
+
+def _read_cifar_binary(spec: _CifarSpec, path: Path, reader: Callable[..., Iterator[tuple[str, bytes, str]]]) -> DatasetSplits:
+    wanted = {*spec.bin_train, spec.bin_test, spec.bin_names}
+    parsed: dict[str, Any] = {}
+    for base, data, where in reader(path, wanted):
+        if base == spec.bin_names:
+            lines = [line.strip() for line in data.decode("utf-8", "replace").splitlines()]
+            parsed[base] = _names([line for line in lines if line], spec.num_classes, where)
+        else:
+            parsed[base] = _cifar_binary_records(spec, data, where)
+    train_found = [b for b in spec.bin_train if b in parsed]
+    missing = [b for b in (spec.bin_test, spec.bin_names) if b not in parsed]
+    if not train_found:
+        missing.insert(0, " or ".join(spec.bin_train) if len(spec.bin_train) < 3 else f"{spec.bin_train[0]}..{spec.bin_train[-1]}")
+    if missing:
+        raise RocoinError(f"{path}: incomplete {spec.name} data, missing {', '.join(missing)}; delete it and download it again")
+    log_fn = log.info if len(train_found) == len(spec.bin_train) else log.warning
+    log_fn("%s: training batches found in %s: %s", spec.name, path, ", ".join(train_found))
+    return _assemble(spec, path, [parsed[b] for b in train_found], parsed[spec.bin_test], parsed[spec.bin_names])
+
+
+def _assemble(
+    spec: _CifarSpec,
+    path: Path,
+    train_parts: list[tuple[np.ndarray, np.ndarray]],
+    test: tuple[np.ndarray, np.ndarray],
+    class_names: tuple[str, ...],
+) -> DatasetSplits:
+    if len(train_parts) == 1:
+        train_images, train_labels = train_parts[0]
+    else:
+        train_images = np.concatenate([p[0] for p in train_parts])
+        train_labels = np.concatenate([p[1] for p in train_parts])
+    info = DatasetInfo(spec.name, spec.num_classes, (3, 32, 32), spec.mean, spec.std, class_names, "crop-flip")
+    return DatasetSplits(
+        info,
+        ArrayDataset(_writeable(train_images), train_labels),
+        ArrayDataset(_writeable(test[0]), test[1]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST (IDX files)
+
+_IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+_IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+
+
+def _find_idx(directory: Path) -> dict[str, Path]:
+    found = {}
+    for key, stem in _IDX_FILES.items():
+        for candidate in (directory / stem, directory / f"{stem}.gz"):
+            if candidate.is_file():
+                found[key] = candidate
+                break
+    return found
+
+
+def _load_fashion_mnist(root: Path, download: bool, base_url: str | None) -> DatasetSplits:
+    dirs: list[Path] = []
+    for d in (root, root / "fashion-mnist", root / "FashionMNIST" / "raw", *FASHION_MNIST_SYSTEM_DIRS):
+        if d not in dirs:
+            dirs.append(d)
+    files = None
+    partial = []
+    for d in dirs:
+        found = _find_idx(d)
+        if len(found) == len(_IDX_FILES):
+            files = found
+            break
+        if found:
+            missing = [_IDX_FILES[k] for k in _IDX_FILES if k not in found]
+            partial.append(f"{d} lacks {', '.join(missing)}")
+    if files is None and download:
+        download_dataset("fashion-mnist", root, base_url=base_url)
+        files = _find_idx(root)
+    if files is None:
+        url = base_url or DOWNLOADS["fashion-mnist"][0]
+        names = ", ".join(f"{stem}[.gz]" for stem in _IDX_FILES.values())
+        detail = f" ({'; '.join(partial)})" if partial else ""
+        raise RocoinError(
+            f"fashion-mnist: IDX files not found; looked for {names} in {', '.join(map(str, dirs))}{detail}; "
+            f"run with --download (load_dataset(..., download=True)), or `apt-get install dataset-fashion-mnist`, "
+            f"or fetch them from {url} into {root}"
+        )
+    log.info("fashion-mnist: reading %s", ", ".join(str(files[k]) for k in _IDX_FILES))
+    splits = {}
+    for split in ("train", "test"):
+        images_path, labels_path = files[f"{split}_images"], files[f"{split}_labels"]
+        images = _read_idx(images_path, _IDX_IMAGES_MAGIC, 3)
+        labels = _read_idx(labels_path, _IDX_LABELS_MAGIC, 1).astype(np.int64)
+        if images.shape[1:] != (28, 28):
+            raise RocoinError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, Fashion-MNIST's are 28x28")
+        if labels.shape[0] != images.shape[0]:
+            raise RocoinError(f"{labels_path}: {labels.shape[0]} labels but {images_path.name} holds {images.shape[0]} images")
+        _check_labels(labels, 10, str(labels_path))
+        splits[split] = ArrayDataset(images[:, None], labels)
+    info = DatasetInfo("fashion-mnist", 10, (1, 28, 28), FASHION_MNIST_MEAN, FASHION_MNIST_STD, FASHION_MNIST_CLASSES, "none")
+    return DatasetSplits(info, splits["train"], splits["test"])
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (gzip-compressed or not) as a writable uint8 array."""
+    try:
+        with open(path, "rb") as probe:
+            compressed = probe.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            header = f.read(4 + 4 * ndim)
+            if len(header) < 4:
+                raise RocoinError(f"{path}: empty or truncated IDX file ({len(header)} bytes)")
+            (found_magic,) = struct.unpack(">i", header[:4])
+            if found_magic != magic:
+                raise RocoinError(f"{path}: bad magic number {found_magic}, expected {magic} (IDX {'labels' if ndim == 1 else 'images'})")
+            if len(header) < 4 + 4 * ndim:
+                raise RocoinError(f"{path}: truncated IDX header")
+            dims = struct.unpack(f">{ndim}I", header[4:])
+            count = int(np.prod(dims, dtype=np.int64))
+            if count == 0:
+                raise RocoinError(f"{path}: empty IDX file (dimensions {dims})")
+            if count > MAX_FILE_BYTES:
+                raise RocoinError(f"{path}: dimensions {dims} announce {count} bytes, far more than Fashion-MNIST holds")
+            buffer = bytearray(count)
+            view = memoryview(buffer)
+            got = 0
+            while got < count:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            trailing = f.read(1)
+    except RocoinError:
+        raise
+    except (OSError, EOFError, zlib.error) as exc:
+        raise RocoinError(f"{path}: cannot read ({_brief(exc)}); delete it and download it again") from None
+    if got < count:
+        raise RocoinError(f"{path}: truncated: the header announces {'x'.join(map(str, dims))} = {count} bytes of data, found {got}")
+    if trailing:
+        raise RocoinError(f"{path}: trailing data after the {count} bytes that the header ({'x'.join(map(str, dims))}) announces")
+    return np.frombuffer(buffer, dtype=np.uint8).reshape(dims)
+
+
+# --------------------------------------------------------------------------------------------
+# scikit-learn's digits
+
+
+def _load_digits() -> DatasetSplits:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise RocoinError("digits: scikit-learn is not installed; `pip install scikit-learn` (it bundles the 8x8 digits)") from None
+    bunch = load_digits()
+    images = np.rint(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    n_train = len(labels) - int(round(DIGITS_TEST_FRACTION * len(labels)))
+    train = ArrayDataset(np.ascontiguousarray(images[:n_train]), labels[:n_train].copy())
+    test = ArrayDataset(np.ascontiguousarray(images[n_train:]), labels[n_train:].copy())
+    scaled = train.images.astype(np.float64) / 255.0
+    mean, std = (float(scaled.mean()),), (float(scaled.std()),)
+    info = DatasetInfo("digits", 10, (1, 8, 8), mean, std, tuple(str(d) for d in range(10)), "none")
+    return DatasetSplits(info, train, test)

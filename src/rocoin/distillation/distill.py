@@ -1,0 +1,195 @@
+"""Distilling the network of students for a plan (SPEC.md §6, paper eq. 6).
+
+One student per group with the architecture the plan chose, a 1×1 bridge per student mapped onto
+its partition's filters, one shared FC (initialised from the teacher's) over the pooled outputs
+placed in filter order. With ``failure_aware`` whole slots are dropped at random during training
+with the plan's group failure probabilities (or ``drop_prob``), so the FC learns to answer when
+groups are missing. Without augmentation the teacher runs once over the training set and its
+logits and per-partition attention maps are cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from rocoin.distillation.checkpoint import load_checkpoint, load_state, save_checkpoint
+from rocoin.distillation.losses import DistillationLoss, attention_map
+from rocoin.distillation.students import StudentNetwork, sample_slot_mask
+from rocoin.distillation.teacher import Teacher, info_from_json, info_to_json, load_teacher
+from rocoin.distillation.training import (
+    accuracy,
+    collect,
+    cosine_schedule,
+    inference_batches,
+    load_data,
+    make_optimizer,
+    train_batches,
+    use_all_cores,
+)
+from rocoin.errors import RocoinError
+from rocoin.planning.plan import Plan
+from rocoin.progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+STUDENTS_KIND = "students"
+#: The attention-transfer authors' β for a 32×32 map; other map sizes scale it by H·W / 1024
+#: (SPEC.md §6, "≈10³ scaled by map size"): 7×7 gives β ≈ 48.
+AT_REFERENCE_BETA = 1000.0
+AT_REFERENCE_POSITIONS = 32 * 32
+
+
+def attention_beta(config_beta: float | None, teacher_map_size: tuple[int, int]) -> float:
+    if config_beta is not None:
+        return config_beta
+    return AT_REFERENCE_BETA * teacher_map_size[0] * teacher_map_size[1] / AT_REFERENCE_POSITIONS
+
+
+class DistillConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    optimizer: str = "sgd"
+    lr: float = Field(default=0.05, gt=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    alpha: float = Field(default=0.9, ge=0, le=1)
+    temperature: float = Field(default=4.0, gt=0)
+    beta: float | None = Field(default=None, ge=0, description="AT weight; None: 1000 scaled by the teacher's map size")
+    failure_aware: bool = True
+    drop_prob: float | None = Field(default=None, ge=0, lt=1, description="slot drop probability; None: the plan's")
+    augment: bool = True
+    max_train_images: int | None = Field(default=None, gt=0)
+    seed: int = 0
+
+
+def check_plan_fits_teacher(plan: Plan, teacher: Teacher, source: str) -> None:
+    if plan.num_filters != teacher.num_filters:
+        raise RocoinError(
+            f"{source}: num_filters = {plan.num_filters} but the teacher {teacher.metadata['arch']} has"
+            f" {teacher.num_filters} filters in its final conv layer; plan with this teacher's activations"
+        )
+
+
+def drop_probabilities(plan: Plan, config: DistillConfig) -> torch.Tensor:
+    if not config.failure_aware:
+        return torch.zeros(plan.num_groups)
+    if config.drop_prob is not None:
+        return torch.full((plan.num_groups,), float(config.drop_prob))
+    return torch.tensor([g.failure_prob for g in plan.groups], dtype=torch.float32)
+
+
+def distill(teacher_path: Path, plan: Plan, config: DistillConfig, output: Path, *, plan_source: str = "plan", download: bool = False) -> dict[str, Any]:
+    """Train the students of ``plan`` from the teacher at ``teacher_path``; save them at ``output``."""
+    use_all_cores()
+    teacher = load_teacher(teacher_path)
+    check_plan_fits_teacher(plan, teacher, plan_source)
+    data_config = teacher.data_config.model_copy(update={"max_train_images": config.max_train_images or teacher.data_config.max_train_images})
+    data = load_data(data_config, download=download)
+    info = data.info
+    torch.manual_seed(config.seed)
+    network = StudentNetwork(plan, info.input_shape[0], info.num_classes)
+    with torch.no_grad():  # the concatenated slots have the teacher's pooled layout: start from its FC
+        network.fc.weight.copy_(teacher.model.fc.weight)
+        network.fc.bias.copy_(teacher.model.fc.bias)
+    with torch.inference_mode():
+        teacher_size = tuple(teacher.model.forward_features(torch.zeros((1, *info.input_shape))).shape[-2:])
+    beta = attention_beta(config.beta, teacher_size)
+    loss_fn = DistillationLoss(alpha=config.alpha, temperature=config.temperature, beta=beta)
+    logger.info("loss: %s", loss_fn.extra_repr())
+    drop = drop_probabilities(plan, config)
+    parts = [torch.tensor(g.filters) for g in plan.groups]
+    augment = config.augment and info.augmentation != "none"
+    cache = None if augment else _teacher_cache(teacher, data.train, info, parts)
+    optimizer = make_optimizer(network.parameters(), config.optimizer, config.lr, config.weight_decay)
+    steps_per_epoch = -(-len(data.train) // config.batch_size)
+    scheduler = cosine_schedule(optimizer, config.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(config.seed)
+    history, best_val, best_state = [], -1.0, None
+    for epoch in range(config.epochs):
+        network.train()
+        started, seen, totals = time.perf_counter(), 0, {"ce": 0.0, "kd": 0.0, "at": 0.0, "total": 0.0}
+        with progress_bar(f"distill epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
+            for x, y, index in train_batches(data.train, info, config.batch_size, augment=augment, generator=generator):
+                if cache is None:
+                    with torch.no_grad():
+                        teacher_map = teacher.model.forward_features(x)
+                        teacher_logits = teacher.model.forward_head(teacher_map)
+                        size = tuple(teacher_map.shape[-2:])
+                        teacher_att = [attention_map(teacher_map[:, p]) for p in parts]
+                else:
+                    teacher_logits, size = cache["logits"][index], cache["size"]
+                    teacher_att = [a[index] for a in cache["attention"]]
+                maps = network.maps(x)
+                mask = sample_slot_mask(len(y), drop, generator) if config.failure_aware else None
+                logits = network.fc(network.assemble(maps, mask))
+                loss, terms = loss_fn(logits, y, teacher_logits, maps, teacher_att, size)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                seen += len(y)
+                for key in totals:
+                    totals[key] += terms[key] * len(y)
+                advance(loss=terms["total"])
+        throughput = seen / (time.perf_counter() - started)
+        network.eval()
+        val_acc = accuracy(collect(network, data.val, info), data.val.labels)
+        record = {"epoch": epoch + 1, **{f"loss_{k}": v / seen for k, v in totals.items()}, "val_accuracy": val_acc, "images_per_s": throughput}
+        history.append(record)
+        logger.info("distill epoch %d: loss %.4f, val accuracy %.4f, %.0f images/s", epoch + 1, record["loss_total"], val_acc, throughput)
+        if val_acc > best_val:
+            best_val, best_state = val_acc, {k: v.detach().clone() for k, v in network.state_dict().items()}
+    network.load_state_dict(best_state)
+    network.eval()
+    test_acc = accuracy(collect(network, data.test, info), data.test.labels)
+    metadata = {
+        "plan": plan.model_dump(mode="json"),
+        "dataset": info_to_json(info),
+        "data": data_config.model_dump(mode="json"),
+        "teacher": {"arch": teacher.metadata["arch"], "test_accuracy": teacher.metadata.get("test_accuracy")},
+        "config": config.model_dump(mode="json"),
+        "beta": beta,
+        "val_accuracy": best_val,
+        "test_accuracy": test_acc,
+        "history": history,
+    }
+    save_checkpoint(output, STUDENTS_KIND, metadata, network.state_dict())
+    return {"val_accuracy": best_val, "test_accuracy": test_acc, "history": history, "teacher_cached": cache is not None}
+
+
+@torch.inference_mode()
+def _teacher_cache(teacher: Teacher, data, info, parts: list[torch.Tensor]) -> dict[str, Any]:
+    """Teacher logits and per-partition attention maps for every training image (no augmentation)."""
+    started = time.perf_counter()
+    logits, attention, size = [], [[] for _ in parts], None
+    for x, _ in inference_batches(data, info):
+        teacher_map = teacher.model.forward_features(x)
+        size = tuple(teacher_map.shape[-2:])
+        logits.append(teacher.model.forward_head(teacher_map))
+        for k, p in enumerate(parts):
+            attention[k].append(attention_map(teacher_map[:, p]))
+    logger.info("teacher outputs cached for %d images in %.1f s", len(data), time.perf_counter() - started)
+    return {"logits": torch.cat(logits), "attention": [torch.cat(a) for a in attention], "size": size}
+
+
+class Students:
+    """A loaded ``students.pt``: the network, its plan and the dataset description."""
+
+    def __init__(self, path: str | Path) -> None:
+        metadata, state_dict, _ = load_checkpoint(path, STUDENTS_KIND)
+        try:
+            self.plan = Plan.model_validate(metadata["plan"])
+            self.info = info_from_json(metadata["dataset"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RocoinError(f"{path}: students metadata is incomplete or invalid ({' '.join(str(exc).split())[:160]})") from None
+        self.metadata = metadata
+        self.network = StudentNetwork(self.plan, self.info.input_shape[0], self.info.num_classes)
+        load_state(self.network, state_dict, path, f"the students of its plan ({', '.join(g.student for g in self.plan.groups)})")
+        self.network.eval()

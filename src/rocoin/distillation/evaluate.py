@@ -1,0 +1,100 @@
+"""Accuracy of the aggregated students with every group present and with devices failed (Figs. 5–6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rocoin.distillation.distill import Students
+from rocoin.distillation.teacher import load_teacher
+from rocoin.distillation.training import DataConfig, accuracy, collect, load_data, use_all_cores
+from rocoin.errors import RocoinError
+from rocoin.planning.plan import Plan
+
+
+def missing_slots(plan: Plan, failed: np.ndarray) -> np.ndarray:
+    """(trials, K) booleans: a group is missing when every one of its replicas failed.
+
+    ``failed`` is (trials, N) booleans over ``plan.device_ids`` order.
+    """
+    sizes = [len(g.devices) for g in plan.groups]
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    return np.logical_and.reduceat(failed, starts, axis=1)
+
+
+def random_failures(num_devices: int, fail_devices: int, trials: int, rng: np.random.Generator) -> np.ndarray:
+    """(trials, N) booleans with exactly ``fail_devices`` devices failed per trial, drawn uniformly."""
+    keys = rng.random((trials, num_devices))
+    ranks = keys.argsort(axis=1).argsort(axis=1)
+    return ranks < fail_devices
+
+
+def evaluate_students(
+    students_path: str | Path,
+    *,
+    fail_devices: list[int] | None = None,
+    trials: int = 30,
+    seed: int = 0,
+    data_dir: str | None = None,
+    max_test_images: int | None = None,
+    download: bool = False,
+) -> dict[str, Any]:
+    """Test accuracy with all groups, and for each J in ``fail_devices`` the mean over ``trials``
+    random draws of J failed devices (missing groups zero-filled)."""
+    use_all_cores()
+    students = Students(students_path)
+    plan = students.plan
+    num_devices = len(plan.device_ids)
+    for j in fail_devices or []:
+        if not 0 <= j <= num_devices:
+            raise RocoinError(f"fail-devices = {j}: expected 0..{num_devices} (the plan's devices)")
+    if trials < 1:
+        raise RocoinError(f"trials = {trials}: expected at least 1")
+    data = load_data(_data_config(students.metadata, data_dir, max_test_images), download=download)
+    network = students.network
+    features = collect(network.features, data.test, data.info)
+    labels = torch.from_numpy(data.test.labels)
+    with torch.inference_mode():
+        result: dict[str, Any] = {
+            "students": str(students_path),
+            "scheme": plan.scheme,
+            "groups": plan.num_groups,
+            "devices": num_devices,
+            "test_images": len(labels),
+            "accuracy": accuracy(network.fc(features), labels),
+            "failures": [],
+        }
+        rng = np.random.default_rng(seed)
+        for j in fail_devices or []:
+            missing = missing_slots(plan, random_failures(num_devices, j, trials, rng))
+            accs = [accuracy(network.fc(network.mask_filters(features, torch.from_numpy(m).expand(len(labels), -1))), labels) for m in missing]
+            result["failures"].append(
+                {
+                    "fail_devices": j,
+                    "trials": trials,
+                    "accuracy_mean": float(np.mean(accs)),
+                    "accuracy_std": float(np.std(accs)),
+                    "missing_groups_mean": float(missing.sum(axis=1).mean()),
+                }
+            )
+    return result
+
+
+def evaluate_teacher(teacher_path: str | Path, *, data_dir: str | None = None, max_test_images: int | None = None, download: bool = False) -> dict[str, Any]:
+    use_all_cores()
+    teacher = load_teacher(teacher_path)
+    data = load_data(_data_config(teacher.metadata, data_dir, max_test_images), download=download)
+    return {"teacher": str(teacher_path), "arch": teacher.metadata["arch"], "accuracy": accuracy(collect(teacher.model, data.test, data.info), data.test.labels)}
+
+
+def _data_config(metadata: dict[str, Any], data_dir: str | None, max_test_images: int | None) -> DataConfig:
+    config = DataConfig.model_validate(metadata.get("data") or metadata["config"]["data"])
+    update: dict[str, Any] = {}
+    if data_dir is not None:
+        update["data_dir"] = data_dir
+    if max_test_images is not None:
+        update["max_test_images"] = max_test_images
+    return config.model_copy(update=update)
