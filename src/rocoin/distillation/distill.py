@@ -56,8 +56,8 @@ class DistillConfig(BaseModel):
 
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=1)
-    optimizer: str = "sgd"
-    lr: float = Field(default=0.05, gt=0)
+    optimizer: str = "adam"  # converges in fewer epochs than SGD on short CPU budgets (measured)
+    lr: float = Field(default=0.003, gt=0)
     weight_decay: float = Field(default=5e-4, ge=0)
     alpha: float = Field(default=0.9, ge=0, le=1)
     temperature: float = Field(default=4.0, gt=0)
