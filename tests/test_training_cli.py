@@ -69,3 +69,60 @@ def test_training_bad_inputs(pipeline, tmp_path):
     bad(run("train-teacher", "--dataset", "imagenet", "-o", out), "imagenet")
     bad(run("activations", "-o", out), "give --teacher")
     assert not out.exists()
+
+
+def test_distill_a_baseline_plan(pipeline):
+    assert run("plan", pipeline / "fleet.yaml", "--activations", pipeline / "act.npy", "--catalog", pipeline / "catalog.json", "--scheme", "nonn", "-o", pipeline / "nonn.json").exit_code == 0
+    result = run("distill", "--teacher", pipeline / "teacher.pt", "--plan", pipeline / "nonn.json", "--epochs", 1, "-o", pipeline / "nonn.pt")
+    assert result.exit_code == 0, result.output
+    assert "nonn students (6 groups)" in result.stdout
+    data = json.loads(run("evaluate", "--students", pipeline / "nonn.pt", "--fail-devices", 6, "--trials", 2, "--json").stdout)
+    assert data["failures"][0]["missing_groups_mean"] == 6
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(pipeline, tmp_path):
+    import torch
+
+    payload = torch.load(pipeline / "students.pt", weights_only=True)
+    metadata = json.loads(payload["metadata"])
+    for group in metadata["plan"]["groups"]:
+        group["student"] = "wrn-16-1"
+    metadata["plan"]["catalog"] = {"wrn-16-1": next(iter(metadata["plan"]["catalog"].values()))}
+    payload["metadata"] = json.dumps(metadata)
+    torch.save(payload, tmp_path / "lying.pt")
+    bad(run("evaluate", "--students", tmp_path / "lying.pt"), "the weights do not fit the students of its plan (wrn-16-1")
+
+
+def test_an_interrupted_teacher_run_resumes(tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    import rocoin.distillation.teacher as teacher_module
+    from rocoin.distillation.teacher import TeacherConfig, load_teacher, train_teacher
+    from rocoin.distillation.training import DataConfig
+
+    write_fashion_mnist(tmp_path, n_train=200, n_test=50)
+    config = TeacherConfig(arch="wrn-10-1", data=DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path)), epochs=3, batch_size=50)
+    real_bar = teacher_module.progress_bar
+
+    @contextmanager
+    def crash_in_epoch_two(label, total):
+        if label.startswith("teacher epoch 2/"):
+            raise KeyboardInterrupt
+        with real_bar(label, total) as advance:
+            yield advance
+
+    monkeypatch.setattr(teacher_module, "progress_bar", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(config, tmp_path / "teacher.pt")
+    assert (tmp_path / "teacher.pt.resume").exists() and load_teacher(tmp_path / "teacher.pt").metadata["epoch"] == 1
+    monkeypatch.setattr(teacher_module, "progress_bar", real_bar)
+    summary = train_teacher(config, tmp_path / "teacher.pt")
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]  # epoch 1 was not trained again
+    assert not (tmp_path / "teacher.pt.resume").exists()
+    # The state of a run with other settings is not silently mixed in.
+    from rocoin.distillation.checkpoint import save_checkpoint
+    from rocoin.errors import RocoinError
+
+    save_checkpoint(tmp_path / "teacher.pt.resume", "teacher-resume", {"config": {"arch": "x"}, "epoch": 1}, {})
+    with pytest.raises(RocoinError, match="other settings"):
+        train_teacher(config, tmp_path / "teacher.pt")

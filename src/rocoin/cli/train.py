@@ -101,6 +101,7 @@ def distill_command(
     ),
     drop_prob: Optional[float] = typer.Option(None, "--drop-prob", help="Slot drop probability (default: each group's failure_prob from the plan)."),
     max_train_images: Optional[int] = typer.Option(None, "--max-train-images", help="Distill on the first N training images only."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where the dataset is (default: where the teacher found it)."),
     download: bool = typer.Option(False, "--download"),
     seed: int = typer.Option(0, "--seed"),
     output: Path = typer.Option(..., "--output", "-o", help="students.pt to write."),
@@ -126,7 +127,7 @@ def distill_command(
         max_train_images=max_train_images,
         seed=seed,
     )
-    summary = distill(teacher, plan, config, output, plan_source=str(plan_path), download=download)
+    summary = distill(teacher, plan, config, output, plan_source=str(plan_path), data_dir=data_dir, download=download)
     last = summary["history"][-1]
     out.print(
         f"{plan.scheme} students ({plan.num_groups} groups): validation accuracy {summary['val_accuracy']:.4f},"

@@ -521,15 +521,7 @@ def _read_cifar_python(spec: _CifarSpec, path: Path, reader: Callable[..., Itera
             parsed[base] = _names(_get(obj, spec.py_names_key, where), spec.num_classes, where)
         else:
             parsed[base] = _cifar_python_batch(obj, spec, where)
-    train_found = [b for b in spec.py_train if b in parsed]
-    missing = [b for b in (spec.py_test, spec.py_meta) if b not in parsed]
-    if not train_found:
-        missing.insert(0, " or ".join(spec.py_train) if len(spec.py_train) < 3 else f"{spec.py_train[0]}..{spec.py_train[-1]}")
-    if missing:
-        raise RocoinError(f"{path}: incomplete {spec.name} data, missing {', '.join(missing)}; delete it and download it again")
-    log_fn = log.info if len(train_found) == len(spec.py_train) else log.warning
-    log_fn("%s: training batches found in %s: %s", spec.name, path, ", ".join(train_found))
-    return _assemble(spec, path, [parsed[b] for b in train_found], parsed[spec.py_test], parsed[spec.py_meta])
+    return _complete(spec, path, parsed, spec.py_train, spec.py_test, spec.py_meta)
 
 
 def _cifar_binary_records(spec: _CifarSpec, data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -551,15 +543,20 @@ def _read_cifar_binary(spec: _CifarSpec, path: Path, reader: Callable[..., Itera
             parsed[base] = _names([line for line in lines if line], spec.num_classes, where)
         else:
             parsed[base] = _cifar_binary_records(spec, data, where)
-    train_found = [b for b in spec.bin_train if b in parsed]
-    missing = [b for b in (spec.bin_test, spec.bin_names) if b not in parsed]
+    return _complete(spec, path, parsed, spec.bin_train, spec.bin_test, spec.bin_names)
+
+
+def _complete(spec: _CifarSpec, path: Path, parsed: dict[str, Any], train: tuple[str, ...], test: str, names: str) -> DatasetSplits:
+    """Check that the members read from ``path`` make a whole data set, then assemble it."""
+    train_found = [b for b in train if b in parsed]
+    missing = [b for b in (test, names) if b not in parsed]
     if not train_found:
-        missing.insert(0, " or ".join(spec.bin_train) if len(spec.bin_train) < 3 else f"{spec.bin_train[0]}..{spec.bin_train[-1]}")
+        missing.insert(0, " or ".join(train) if len(train) < 3 else f"{train[0]}..{train[-1]}")
     if missing:
         raise RocoinError(f"{path}: incomplete {spec.name} data, missing {', '.join(missing)}; delete it and download it again")
-    log_fn = log.info if len(train_found) == len(spec.bin_train) else log.warning
+    log_fn = log.info if len(train_found) == len(train) else log.warning
     log_fn("%s: training batches found in %s: %s", spec.name, path, ", ".join(train_found))
-    return _assemble(spec, path, [parsed[b] for b in train_found], parsed[spec.bin_test], parsed[spec.bin_names])
+    return _assemble(spec, path, [parsed[b] for b in train_found], parsed[test], parsed[names])
 
 
 def _assemble(

@@ -85,12 +85,24 @@ def drop_probabilities(plan: Plan, config: DistillConfig) -> torch.Tensor:
     return torch.tensor([g.failure_prob for g in plan.groups], dtype=torch.float32)
 
 
-def distill(teacher_path: Path, plan: Plan, config: DistillConfig, output: Path, *, plan_source: str = "plan", download: bool = False) -> dict[str, Any]:
+def distill(
+    teacher_path: Path,
+    plan: Plan,
+    config: DistillConfig,
+    output: Path,
+    *,
+    plan_source: str = "plan",
+    data_dir: str | None = None,
+    download: bool = False,
+) -> dict[str, Any]:
     """Train the students of ``plan`` from the teacher at ``teacher_path``; save them at ``output``."""
     use_all_cores()
     teacher = load_teacher(teacher_path)
     check_plan_fits_teacher(plan, teacher, plan_source)
-    data_config = teacher.data_config.model_copy(update={"max_train_images": config.max_train_images or teacher.data_config.max_train_images})
+    update: dict[str, Any] = {"max_train_images": config.max_train_images or teacher.data_config.max_train_images}
+    if data_dir is not None:
+        update["data_dir"] = data_dir
+    data_config = teacher.data_config.model_copy(update=update)
     data = load_data(data_config, download=download)
     info = data.info
     torch.manual_seed(config.seed)

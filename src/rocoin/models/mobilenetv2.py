@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rocoin.errors import RocoinError
+from rocoin.models.init import init_weights
 from rocoin.models.analytic import MOBILENETV2_SETTINGS
 from rocoin.models.analytic import _make_divisible as make_divisible
 
@@ -81,7 +82,7 @@ class MobileNetV2(nn.Module):
         layers.append(conv_bn(channels, self.num_features, 1))
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(self.num_features, num_classes)
-        _init_weights(self)
+        init_weights(self, fc_std=0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -94,19 +95,3 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _init_weights(model: nn.Module) -> None:
-    """As the reference: Kaiming-normal convolutions (fan-out), BN weight 1 / bias 0,
-    FC weight N(0, 0.01) and bias 0."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0.0, 0.01)
-            nn.init.zeros_(module.bias)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rocoin.errors import RocoinError
+from rocoin.models.init import init_weights
 
 STEM_CHANNELS = 16
 STAGE_WIDTHS = (16, 32, 64)
@@ -79,7 +80,7 @@ class WideResNet(nn.Module):
         self.bn = nn.BatchNorm2d(channels)
         self.num_features = channels
         self.fc = nn.Linear(channels, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.stages(self.stem(x))), inplace=True)
@@ -89,17 +90,3 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _init_weights(model: nn.Module) -> None:
-    """Kaiming-normal convolutions (fan-out), BN weight 1 / bias 0, FC bias 0."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.zeros_(module.bias)
