@@ -126,3 +126,26 @@ def test_an_interrupted_teacher_run_resumes(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "teacher.pt.resume", "teacher-resume", {"config": {"arch": "x"}, "epoch": 1}, {})
     with pytest.raises(RocoinError, match="other settings"):
         train_teacher(config, tmp_path / "teacher.pt")
+
+
+def test_cifar_with_augmentation_trains_without_the_teacher_cache(tmp_path):
+    from test_data import CIFAR10_NAMES, cifar_binary_records, random_images, write_files
+
+    rng = np.random.default_rng(0)
+    labels, test_labels = rng.integers(0, 10, 60), rng.integers(0, 10, 20)
+    files = {
+        "data_batch_1.bin": cifar_binary_records(random_images(rng, 60), labels),
+        "test_batch.bin": cifar_binary_records(random_images(rng, 20), test_labels),
+        "batches.meta.txt": ("\n".join(CIFAR10_NAMES) + "\n").encode(),
+    }
+    write_files(files, tmp_path, False, "cifar-10-batches-bin")
+    result = run("train-teacher", "--dataset", "cifar10", "--data-dir", tmp_path, "--arch", "wrn-10-1", "--epochs", 1, "--batch-size", 16, "-o", tmp_path / "teacher.pt")
+    assert result.exit_code == 0, result.output
+    assert run("activations", "--teacher", tmp_path / "teacher.pt", "-o", tmp_path / "act.npy").exit_code == 0
+    run("fleet", "generate", "--devices", 3, "-o", tmp_path / "fleet.yaml")
+    assert run("catalog", "--input-shape", "3x32x32", "--students", "wrn-10-1", "-o", tmp_path / "catalog.json").exit_code == 0
+    assert run("plan", tmp_path / "fleet.yaml", "--activations", tmp_path / "act.npy", "--catalog", tmp_path / "catalog.json", "--epsilon", 0.5, "-o", tmp_path / "plan.json").exit_code == 0
+    result = run("distill", "--teacher", tmp_path / "teacher.pt", "--plan", tmp_path / "plan.json", "--epochs", 1, "--batch-size", 16, "-o", tmp_path / "students.pt")
+    assert result.exit_code == 0, result.output
+    assert "teacher outputs cached" not in result.stdout  # crop+flip changes every epoch's inputs
+    assert json.loads(run("evaluate", "--students", tmp_path / "students.pt", "--json").stdout)["test_images"] == 20
