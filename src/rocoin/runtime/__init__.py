@@ -1,0 +1,1 @@
+"""The runtime: device workers and the source. Imports neither torch nor training code."""
