@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from rocoin import __version__
-from rocoin.cli import train
+from rocoin.cli import runtime, train
 from rocoin.cli.common import clean_errors, err, out
 from rocoin.errors import RocoinError
 
@@ -25,6 +25,7 @@ app = typer.Typer(
 fleet_app = typer.Typer(help="Make and check fleet files (device profiles).", no_args_is_help=True)
 app.add_typer(fleet_app, name="fleet")
 train.register(app)
+runtime.register(app)
 
 #: Groups shown in a plan summary before the rest is elided.
 SUMMARY_MAX_GROUPS = 20

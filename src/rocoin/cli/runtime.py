@@ -1,0 +1,167 @@
+"""Commands of the runtime: export a bundle, serve devices and the source, query, run a local cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from rocoin.cli.common import clean_errors, err, out
+from rocoin.errors import RocoinError
+
+device_app = typer.Typer(help="Run a device worker (onnxruntime + gRPC; no torch needed).", no_args_is_help=True)
+source_app = typer.Typer(help="Run the source: broadcasts queries, gathers groups, runs the head.", no_args_is_help=True)
+cluster_app = typer.Typer(help="A local cluster: every device and the source as processes on loopback.", no_args_is_help=True)
+DEFAULT_STATE_DIR = Path(".rocoin-cluster")
+
+
+@clean_errors
+def export_command(
+    students: Path = typer.Option(..., "--students", help="students.pt from rocoin distill."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="plan.json; must match the plan inside students.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Bundle folder to write."),
+) -> None:
+    """Export the students to ONNX: one model per group, the head, and manifest.json (with a parity check)."""
+    from rocoin.export import export_bundle
+
+    manifest = export_bundle(students, output, plan_path=plan, overwrite=overwrite)
+    out.print(f"bundle {output}: {len(manifest.groups)} group models + head, parity with PyTorch checked")
+
+
+@device_app.command("serve")
+@clean_errors
+def device_serve(
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle folder from rocoin export."),
+    device_id: str = typer.Option(..., "--device-id", help="This device's id in the plan."),
+    listen: str = typer.Option("127.0.0.1:50061", "--listen", help="host:port to serve on (port 0: any free port)."),
+    fleet: Optional[Path] = typer.Option(None, "--fleet", help="Fleet file with this device's profile (for --emulate)."),
+    emulate: bool = typer.Option(False, "--emulate", help="Behave like the fleet profile: compute and link delays, random drops."),
+    max_batch: int = typer.Option(64, "--max-batch", help="Largest image batch accepted."),
+    max_concurrency: int = typer.Option(4, "--max-concurrency", help="Requests run at once."),
+    threads: int = typer.Option(1, "--threads", help="onnxruntime intra-op threads."),
+    ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
+) -> None:
+    """Serve this device's student over gRPC until SIGTERM/SIGINT."""
+    from rocoin.runtime.device import Emulation, serve_device
+
+    emulation = None
+    if emulate:
+        if fleet is None:
+            raise RocoinError("--emulate needs --fleet (the device's profile)")
+        emulation = Emulation.from_fleet(fleet, device_id)
+    asyncio.run(
+        serve_device(
+            bundle,
+            device_id,
+            listen,
+            emulation=emulation,
+            max_batch=max_batch,
+            max_concurrency=max_concurrency,
+            intra_op_threads=threads,
+            ready_file=ready_file,
+        )
+    )
+
+
+@source_app.command("serve")
+@clean_errors
+def source_serve(
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle folder from rocoin export."),
+    fleet: Path = typer.Option(..., "--fleet", help="Fleet file whose devices carry their worker's address."),
+    listen: str = typer.Option("127.0.0.1:50051", "--listen", help="host:port for clients (port 0: any free port)."),
+    deadline_s: float = typer.Option(1.0, "--deadline-s", help="Per-query deadline; missing groups are zero-filled then."),
+    ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
+) -> None:
+    """Serve queries: broadcast to every device, first answer per group, head at completion or deadline."""
+    from rocoin.profiles.fleet import load_fleet
+    from rocoin.runtime.source import Source
+    from rocoin.runtime.source_server import serve_source
+
+    source = Source(bundle, load_fleet(fleet), deadline_s=deadline_s)
+    asyncio.run(serve_source(source, listen, ready_file=ready_file))
+
+
+@clean_errors
+def infer_command(
+    source: str = typer.Option(..., "--source", help="host:port of a running source."),
+    dataset: str = typer.Option("fashion-mnist", "--dataset", help="Dataset whose test split is sent."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir"),
+    count: int = typer.Option(100, "--count", help="Test images to send (one query each)."),
+    concurrency: int = typer.Option(1, "--concurrency", help="Queries in flight at once."),
+    deadline_s: float = typer.Option(0.0, "--deadline-s", help="Per-query deadline (0: the source's)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Send test images to a source; print accuracy, latency percentiles and missing groups."""
+    import json
+
+    from rocoin.data import load_dataset
+    from rocoin.runtime.client import run_queries
+
+    splits = load_dataset(dataset, Path(data_dir) if data_dir else None)
+    if count < 1:
+        raise RocoinError(f"count = {count}: expected at least 1")
+    report = asyncio.run(run_queries(source, splits.test.images[:count], splits.test.labels[:count], concurrency=concurrency, deadline_s=deadline_s))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"{report['queries']} queries to {source}, concurrency {concurrency}")
+    for column in ("accuracy", "p50 ms", "p99 ms", "queries/s", "with missing groups", "mean missing"):
+        table.add_column(column)
+    table.add_row(
+        f"{report['accuracy']:.4f}",
+        f"{1e3 * report['latency_s']['p50']:.1f}",
+        f"{1e3 * report['latency_s']['p99']:.1f}",
+        f"{report['queries_per_s']:.1f}",
+        str(report["queries_with_missing_groups"]),
+        f"{report['missing_groups_mean']:.3f}",
+    )
+    out.print(table)
+
+
+@cluster_app.command("up")
+@clean_errors
+def cluster_up(
+    bundle: Path = typer.Option(..., "--bundle"),
+    fleet: Path = typer.Option(..., "--fleet"),
+    emulate: bool = typer.Option(False, "--emulate", help="Each worker behaves like its fleet profile (delays, drops)."),
+    deadline_s: float = typer.Option(1.0, "--deadline-s"),
+    state_dir: Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir", help="Where the cluster keeps addresses, pids and logs."),
+) -> None:
+    """Start one worker per device and the source on loopback; wait until all are healthy."""
+    from rocoin.runtime.cluster import LocalCluster
+
+    cluster = LocalCluster(bundle, fleet, state_dir, emulate=emulate, deadline_s=deadline_s)
+    started = time.perf_counter()
+    state = cluster.start()
+    table = Table(title=f"local cluster up in {time.perf_counter() - started:.1f} s (state in {state_dir})")
+    for column in ("process", "address", "pid"):
+        table.add_column(column)
+    assert state.source is not None
+    table.add_row("source", state.source.address, str(state.source.pid))
+    for member in state.devices:
+        table.add_row(member.name, member.address, str(member.pid))
+    out.print(table)
+    out.print(f"query it: rocoin infer --source {state.source.address} --count 100; stop it: rocoin cluster down --state-dir {state_dir}")
+
+
+@cluster_app.command("down")
+@clean_errors
+def cluster_down_command(state_dir: Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir")) -> None:
+    """Stop the cluster started by ``rocoin cluster up``."""
+    from rocoin.runtime.cluster import cluster_down
+
+    state = cluster_down(state_dir)
+    out.print(f"stopped {len(state.devices)} devices and the source")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_command)
+    app.command("infer")(infer_command)
+    app.add_typer(device_app, name="device")
+    app.add_typer(source_app, name="source")
+    app.add_typer(cluster_app, name="cluster")

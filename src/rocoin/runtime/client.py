@@ -1,0 +1,67 @@
+"""A client of the source's ``rocoin.v1.Source`` API: send images, measure accuracy and latency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import grpc
+import numpy as np
+
+from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc
+from rocoin.runtime.serde import tensor_from_proto, tensor_to_proto
+
+#: Client-side limit on one call, beyond the source's own deadline.
+CALL_TIMEOUT_S = 30.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+async def run_queries(
+    address: str,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    concurrency: int = 1,
+    deadline_s: float = 0.0,
+) -> dict:
+    """Send each image as one query, ``concurrency`` at a time; summarise what came back."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency = {concurrency}: expected at least 1")
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    latencies = np.zeros(len(images))
+    predictions = np.zeros(len(images), dtype=np.int64)
+    missing = np.zeros(len(images), dtype=np.int64)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(images)):
+        queue.put_nowait(i)
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        stub = rocoin_pb2_grpc.SourceStub(channel)
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                request = rocoin_pb2.SourceInferRequest(query_id=uuid.uuid4().hex[:16], input=tensor_to_proto(images[i : i + 1]), deadline_s=deadline_s)
+                started = time.perf_counter()
+                reply = await stub.Infer(request, timeout=CALL_TIMEOUT_S)
+                latencies[i] = time.perf_counter() - started
+                predictions[i] = int(tensor_from_proto(reply.logits, max_bytes=MAX_MESSAGE_BYTES).argmax(axis=1)[0])
+                missing[i] = len(reply.missing_groups)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    report = {
+        "queries": len(images),
+        "latency_s": {
+            "mean": float(latencies.mean()),
+            "p50": float(np.percentile(latencies, 50)),
+            "p99": float(np.percentile(latencies, 99)),
+        },
+        "queries_per_s": len(images) / elapsed,
+        "queries_with_missing_groups": int((missing > 0).sum()),
+        "missing_groups_mean": float(missing.mean()),
+    }
+    if labels is not None:
+        report["accuracy"] = float((predictions == np.asarray(labels)).mean())
+    return report

@@ -1,0 +1,432 @@
+"""The device worker: serves its group's student over gRPC (``rocoin.v1.Device``).
+
+A worker loads a bundle (``manifest.json`` + ONNX files), finds the group of its device id,
+checks the group model's size and SHA-256 against the manifest (a tampered or truncated file
+stops it before it listens) and runs the model with onnxruntime on the CPU.
+
+``Infer`` accepts only what the manifest promises the model: a float32 ``(B, C, H, W)`` batch
+with the manifest's ``(C, H, W)``, ``1 <= B <= max_batch`` and finite values; anything else gets
+``INVALID_ARGUMENT`` naming the field, the value and what was expected, and the worker goes on
+serving. A request larger than the worker's message limit (``max_batch`` inputs plus
+:data:`MESSAGE_SLACK_BYTES`) gets ``RESOURCE_EXHAUSTED`` from gRPC before it is parsed.
+
+Concurrency: at most ``max_concurrency`` calls run the model (and their emulated delay) at a
+time; further calls wait their turn, in arrival order. A call whose deadline passes while it
+waits ends with gRPC's ``DEADLINE_EXCEEDED`` and never runs the model. Beyond
+``max_concurrency + MAX_QUEUED_CALLS`` calls in flight, gRPC answers ``RESOURCE_EXHAUSTED``.
+
+Emulation (:class:`Emulation`) makes a fast machine behave like a device of the fleet: after the
+real compute, the answer is held until ``t(d, s, k) = c_s/f_d + 32·|P_k|/r_d + input_s`` has
+passed since the call started running, then dropped (``UNAVAILABLE "emulated outage"``) with
+probability ``p_d``.
+
+Nothing here imports torch or training code: a device needs numpy, onnxruntime, grpcio,
+grpcio-health-checking and protobuf only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from rocoin.errors import RocoinError
+from rocoin.fileio import write_json_atomic
+from rocoin.planning.latency import BITS_PER_VALUE
+from rocoin.profiles.fleet import Fleet, load_fleet
+from rocoin.runtime.manifest import GroupModel, Manifest, load_manifest, verify_file
+from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc
+from rocoin.runtime.serde import DTYPES, TensorError, tensor_from_proto, tensor_to_proto
+
+logger = logging.getLogger(__name__)
+
+#: The gRPC service name (also the name the health service reports).
+DEVICE_SERVICE = "rocoin.v1.Device"
+#: Largest batch one ``Infer`` may carry unless the worker is told otherwise.
+DEFAULT_MAX_BATCH = 64
+#: Calls that run the model (and their emulated delay) at the same time.
+DEFAULT_MAX_CONCURRENCY = 4
+#: onnxruntime intra-op threads (a small device has few cores; one leaves room for gRPC).
+DEFAULT_INTRA_OP_THREADS = 1
+#: Calls that may wait for a free slot on top of ``max_concurrency``; more get RESOURCE_EXHAUSTED.
+MAX_QUEUED_CALLS = 256
+#: Room in the gRPC message limits for everything but the tensor bytes (ids, shape, tags).
+MESSAGE_SLACK_BYTES = 64 * 1024
+#: Longest accepted ``query_id``.
+MAX_QUERY_ID_CHARS = 256
+#: Seconds in-flight calls get to finish after SIGTERM/SIGINT or cancellation.
+SHUTDOWN_GRACE_S = 5.0
+#: The only execution provider a device uses.
+EXECUTION_PROVIDER = "CPUExecutionProvider"
+#: How often :func:`wait_ready_file` looks for the ready file, and how long it waits by default.
+READY_POLL_S = 0.05
+READY_TIMEOUT_S = 60.0
+
+_FLOAT32 = "float32"
+
+
+@dataclass(frozen=True)
+class Emulation:
+    """A fleet profile to emulate: answer after ``t(d, s, k)`` and drop answers at the outage rate."""
+
+    flops: float
+    rate_bps: float
+    outage: float
+    input_s: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.flops) and self.flops > 0):
+            raise RocoinError(f"emulation flops = {self.flops!r}: expected a positive FLOP/s rate")
+        if not (math.isfinite(self.rate_bps) and self.rate_bps > 0):
+            raise RocoinError(f"emulation rate_bps = {self.rate_bps!r}: expected a positive bit/s rate")
+        if not (0.0 <= self.outage < 1.0):
+            raise RocoinError(f"emulation outage = {self.outage!r}: expected a probability in [0, 1)")
+        if not (math.isfinite(self.input_s) and self.input_s >= 0):
+            raise RocoinError(f"emulation input_s = {self.input_s!r}: expected seconds >= 0")
+
+    @classmethod
+    def from_fleet(cls, fleet: Fleet | str | os.PathLike[str], device_id: str, *, seed: int | None = None) -> Emulation:
+        """The profile of ``device_id`` in ``fleet`` (a :class:`Fleet` or a fleet file).
+
+        ``input_s`` is ``input_bits / downlink_bps`` when the fleet gives both, else 0.
+        """
+        if not isinstance(fleet, Fleet):
+            fleet = load_fleet(fleet)
+        arrays = fleet.arrays()
+        if device_id not in arrays.ids:
+            raise RocoinError(f"device-id = {device_id!r}: not a device of the fleet")
+        i = arrays.ids.index(device_id)
+        return cls(
+            flops=float(arrays.flops[i]),
+            rate_bps=float(arrays.rate_bps[i]),
+            outage=float(arrays.outage[i]),
+            input_s=float(arrays.input_s[i]),
+            seed=seed,
+        )
+
+    def latency_s(self, student_flops: float, partition_size: int) -> float:
+        """``t(d, s, k) = c_s / f_d + 32·|P_k| / r_d + input_s`` (SPEC.md §3)."""
+        return student_flops / self.flops + BITS_PER_VALUE * partition_size / self.rate_bps + self.input_s
+
+
+class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
+    """The ``rocoin.v1.Device`` servicer of one device: its group's model, checked and loaded.
+
+    Raises :class:`RocoinError` (and does not start) when the bundle is unreadable, the device is
+    not in the plan, or the group's model file does not match the manifest.
+    """
+
+    def __init__(
+        self,
+        bundle: str | os.PathLike[str],
+        device_id: str,
+        *,
+        emulation: Emulation | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        intra_op_threads: int = DEFAULT_INTRA_OP_THREADS,
+    ) -> None:
+        for name, value in (("max_batch", max_batch), ("max_concurrency", max_concurrency), ("intra_op_threads", intra_op_threads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RocoinError(f"{name.replace('_', '-')} = {value!r}: expected an integer >= 1")
+        self.bundle = Path(bundle)
+        self.device_id = device_id
+        self.manifest: Manifest = load_manifest(self.bundle)
+        self.model: GroupModel = self.manifest.group_of(device_id)
+        self.group = self.model.group
+        self.max_batch = max_batch
+        self.max_concurrency = max_concurrency
+        self.emulation = emulation
+        self.input_shape = tuple(self.model.input.shape)  # (C, H, W)
+        self.output_size = len(self.model.filters)
+        itemsize = DTYPES[_FLOAT32].itemsize
+        self.max_input_bytes = math.prod(self.input_shape) * itemsize * max_batch
+        #: gRPC message limits: the largest valid request/response plus the envelope.
+        self.max_request_bytes = self.max_input_bytes + MESSAGE_SLACK_BYTES
+        self.max_response_bytes = self.output_size * itemsize * max_batch + MESSAGE_SLACK_BYTES
+        student_flops = self.manifest.plan.catalog[self.model.student].flops
+        self.target_s = emulation.latency_s(student_flops, self.output_size) if emulation else 0.0
+        self._rng = random.Random(emulation.seed if emulation else None)
+        path = verify_file(self.bundle, self.model)
+        self._session = _open_session(path, self.model, intra_op_threads)
+        self._input_name = self.model.input.name
+        self._output_name = self.model.output.name
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=f"rocoin-{device_id}")
+
+    def close(self) -> None:
+        """Release the model's threads (running calls finish on their own)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def run_model(self, batch: np.ndarray) -> np.ndarray:
+        """The group's features of a checked ``(B, C, H, W)`` float32 batch (blocking)."""
+        return self._session.run([self._output_name], {self._input_name: batch})[0]
+
+    def check_request(self, request: rocoin_pb2.DeviceInferRequest) -> tuple[np.ndarray | None, str]:
+        """``(batch, "")`` for a valid request, else ``(None, message)`` naming the field and the value."""
+        if len(request.query_id) > MAX_QUERY_ID_CHARS:
+            return None, f"query_id: {len(request.query_id)} characters: expected at most {MAX_QUERY_ID_CHARS}"
+        if not request.HasField("input"):
+            return None, f"input: missing: expected a float32 tensor of shape {self._expected_shape()}"
+        tensor = request.input
+        if tensor.dtype not in DTYPES:
+            return None, f"input.dtype: {tensor.dtype[:40]!r}: expected {_FLOAT32!r}"
+        if tensor.dtype != _FLOAT32:
+            return None, f"input.dtype: {tensor.dtype!r}: expected {_FLOAT32!r} (normalised images)"
+        shape = list(tensor.shape)
+        if len(shape) != 1 + len(self.input_shape) or tuple(shape[1:]) != self.input_shape:
+            shown = shape if len(shape) <= 8 else shape[:8] + ["..."]
+            return None, f"input.shape: {shown}: expected {self._expected_shape()}"
+        if not 1 <= shape[0] <= self.max_batch:
+            return None, f"input.shape[0]: {shape[0]}: expected a batch size in 1..{self.max_batch}"
+        try:
+            batch = tensor_from_proto(tensor, max_bytes=self.max_input_bytes)
+        except TensorError as exc:
+            return None, f"input.{exc}"
+        finite = np.isfinite(batch)
+        if not finite.all():
+            bad = batch[~finite]
+            nan = int(np.isnan(bad).sum())
+            return None, f"input.data: {nan} NaN and {bad.size - nan} infinite values: expected finite values"
+        return batch, ""
+
+    async def Infer(self, request: rocoin_pb2.DeviceInferRequest, context: grpc.aio.ServicerContext) -> rocoin_pb2.DeviceInferResponse:
+        batch, problem = self.check_request(request)
+        if batch is None:
+            logger.debug("device %s: rejected query %r: %s", self.device_id, request.query_id[:MAX_QUERY_ID_CHARS], problem)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await self._slots.acquire()  # a deadline passing here cancels this task: nothing to undo
+        started = time.perf_counter()
+        release = True
+        try:
+            loop = asyncio.get_running_loop()
+            work = loop.run_in_executor(self._executor, self.run_model, batch)
+            try:
+                features = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # keep the slot until the thread is really done, so at most max_concurrency run
+                work.add_done_callback(lambda _: self._slots.release())
+                release = False
+                raise
+            except Exception as exc:  # onnxruntime's own error types
+                logger.exception("device %s: the model failed on query %r", self.device_id, request.query_id)
+                await context.abort(grpc.StatusCode.INTERNAL, f"model run failed: {' '.join(str(exc).split())[:300]}")
+            expected = (batch.shape[0], self.output_size)
+            if features.shape != expected or features.dtype != np.float32:
+                logger.error("device %s: model gave %s %s, expected %s float32", self.device_id, features.shape, features.dtype, expected)
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, f"model output: shape {list(features.shape)} {features.dtype}: expected {list(expected)} float32"
+                )
+            if self.emulation is not None:
+                remaining = self.target_s - (time.perf_counter() - started)
+                if remaining > 0:
+                    await asyncio.sleep(remaining)
+                if self._rng.random() < self.emulation.outage:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "emulated outage")
+            compute_s = time.perf_counter() - started
+        finally:
+            if release:
+                self._slots.release()
+        return rocoin_pb2.DeviceInferResponse(
+            query_id=request.query_id,
+            device_id=self.device_id,
+            group=self.group,
+            features=tensor_to_proto(features),
+            compute_s=compute_s,
+        )
+
+    def _expected_shape(self) -> str:
+        return f"(B, {', '.join(str(n) for n in self.input_shape)}) with B in 1..{self.max_batch}"
+
+
+def _open_session(path: Path, model: GroupModel, intra_op_threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=[EXECUTION_PROVIDER])
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+        detail = " ".join(str(exc).split())[:300]
+        raise RocoinError(f"{path}: onnxruntime cannot load the model ({detail}); refusing to serve it") from None
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    for kind, spec, found in (("input", model.input, inputs), ("output", model.output, outputs)):
+        if spec.name not in found:
+            raise RocoinError(f"{path}: the model has no {kind} named {spec.name!r} (it has {sorted(found)}); the manifest does not match it")
+        dims = list(found[spec.name].shape)[1:]
+        if len(dims) != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(dims, spec.shape)):
+            raise RocoinError(f"{path}: {kind} {spec.name!r} has shape {found[spec.name].shape}, the manifest says (B, {', '.join(map(str, spec.shape))})")
+    return session
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) -> (host, port); port 0 asks for a free port."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise RocoinError(f"listen = {listen!r}: expected host:port with a port in 0..65535 (0 picks a free one)")
+    return host, int(port)
+
+
+@dataclass
+class DeviceServer:
+    """A started device worker: its gRPC server, servicer, health service and bound address."""
+
+    server: grpc.aio.Server
+    worker: DeviceWorker
+    health: health.aio.HealthServicer
+    address: str
+    port: int
+
+    async def stop(self, grace: float | None = SHUTDOWN_GRACE_S) -> None:
+        """Report NOT_SERVING, let in-flight calls finish for ``grace`` seconds, stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.worker.close()
+
+
+async def start_device(
+    bundle: str | os.PathLike[str],
+    device_id: str,
+    listen: str = "127.0.0.1:0",
+    *,
+    emulation: Emulation | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    intra_op_threads: int = DEFAULT_INTRA_OP_THREADS,
+) -> DeviceServer:
+    """Load and check the model, listen on ``listen`` (insecure) and start serving; stop it with ``.stop()``."""
+    host, _ = parse_listen(listen)
+    worker = DeviceWorker(
+        bundle, device_id, emulation=emulation, max_batch=max_batch, max_concurrency=max_concurrency, intra_op_threads=intra_op_threads
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", worker.max_request_bytes),
+            ("grpc.max_send_message_length", worker.max_response_bytes),
+            ("grpc.so_reuseport", 0),  # a second worker on a busy port fails instead of sharing it
+        ],
+        maximum_concurrent_rpcs=max_concurrency + MAX_QUEUED_CALLS,
+    )
+    rocoin_pb2_grpc.add_DeviceServicer_to_server(worker, server)
+    health_service = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:
+        worker.close()
+        raise RocoinError(f"listen = {listen!r}: cannot bind ({exc})") from None
+    if not port:
+        worker.close()
+        raise RocoinError(f"listen = {listen!r}: cannot bind (address in use or not local)")
+    await server.start()
+    for service in ("", DEVICE_SERVICE):
+        await health_service.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return DeviceServer(server, worker, health_service, f"{host}:{port}", port)
+
+
+async def serve_device(
+    bundle: str | os.PathLike[str],
+    device_id: str,
+    listen: str = "127.0.0.1:0",
+    *,
+    emulation: Emulation | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    intra_op_threads: int = DEFAULT_INTRA_OP_THREADS,
+    ready: Callable[[DeviceServer], Any] | None = None,
+    ready_file: str | os.PathLike[str] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT or cancellation, then shut down within :data:`SHUTDOWN_GRACE_S`.
+
+    Once serving: ``ready_file`` (if given) is written atomically with
+    ``{"address", "port", "pid", "device_id", "group"}`` (and removed at shutdown), one INFO log
+    line gives the bound address, and ``ready(server)`` is called. Raises :class:`RocoinError`
+    before listening when the bundle, the device id, the model file or ``listen`` is bad.
+    """
+    if ready_file is not None:
+        folder = Path(ready_file).parent
+        if not folder.is_dir():
+            raise RocoinError(f"ready-file = {str(ready_file)!r}: folder {folder} does not exist")
+    running = await start_device(
+        bundle,
+        device_id,
+        listen,
+        emulation=emulation,
+        max_batch=max_batch,
+        max_concurrency=max_concurrency,
+        intra_op_threads=intra_op_threads,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            pass
+    try:
+        if ready_file is not None:
+            write_json_atomic(
+                ready_file,
+                {"address": running.address, "port": running.port, "pid": os.getpid(), "device_id": device_id, "group": running.worker.group},
+            )
+        worker = running.worker
+        logger.info(
+            "device %s (group %d, student %s, %d filters%s) serving on %s",
+            device_id,
+            worker.group,
+            worker.model.student,
+            worker.output_size,
+            f", emulating t={worker.target_s:.4g} s outage={emulation.outage:g}" if emulation else "",
+            running.address,
+        )
+        if ready is not None:
+            ready(running)
+        await stop.wait()
+        logger.info("device %s: signal received, shutting down", device_id)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await running.stop(SHUTDOWN_GRACE_S)
+        if ready_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ready_file)
+        logger.info("device %s: stopped", device_id)
+
+
+def wait_ready_file(path: str | os.PathLike[str], *, timeout_s: float = READY_TIMEOUT_S, process: Any = None) -> dict[str, Any]:
+    """For a parent that spawned ``rocoin device serve --ready-file PATH``: the worker's ready record.
+
+    Polls until the file appears (it is written atomically), raising :class:`RocoinError` after
+    ``timeout_s`` or as soon as ``process`` (a ``subprocess.Popen``) has exited.
+    """
+    path = Path(path)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            pass
+        if process is not None and process.poll() is not None:
+            raise RocoinError(f"device worker exited with code {process.returncode} before it was ready ({path} never appeared)")
+        if time.monotonic() > deadline:
+            raise RocoinError(f"{path}: the device worker was not ready after {timeout_s:g} s")
+        time.sleep(READY_POLL_S)

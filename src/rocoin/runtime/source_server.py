@@ -1,0 +1,86 @@
+"""The source's gRPC service (``rocoin.v1.Source``) in front of a :class:`~rocoin.runtime.source.Source`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from rocoin.errors import RocoinError
+from rocoin.fileio import write_json_atomic
+from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc
+from rocoin.runtime.serde import tensor_from_proto, tensor_to_proto
+from rocoin.runtime.source import Source
+
+logger = logging.getLogger(__name__)
+
+#: Seconds given to in-flight queries when the server stops.
+SHUTDOWN_GRACE_S = 2.0
+#: Queries served at once; more wait in gRPC's queue.
+MAX_CONCURRENT_QUERIES = 64
+SERVICE_NAME = "rocoin.v1.Source"
+
+
+class SourceService(rocoin_pb2_grpc.SourceServicer):
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    async def Infer(self, request: rocoin_pb2.SourceInferRequest, context: grpc.aio.ServicerContext) -> rocoin_pb2.SourceInferResponse:
+        try:
+            images = tensor_from_proto(request.input, max_bytes=self.source.max_message_bytes)
+            deadline = request.deadline_s if request.deadline_s > 0 else None
+            result = await self.source.infer(images, deadline_s=deadline, query_id=request.query_id or None)
+        except (ValueError, RocoinError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return rocoin_pb2.SourceInferResponse(
+            query_id=result.query_id,
+            logits=tensor_to_proto(result.logits.astype("float32")),
+            missing_groups=result.missing_groups,
+            answered_by=result.answered_by,
+            latency_s=result.latency_s,
+        )
+
+
+async def serve_source(source: Source, listen: str = "127.0.0.1:0", *, ready_file: str | Path | None = None, stop: asyncio.Event | None = None) -> None:
+    """Serve ``source`` until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", source.max_message_bytes),
+            ("grpc.max_send_message_length", source.max_message_bytes),
+        ],
+        maximum_concurrent_rpcs=MAX_CONCURRENT_QUERIES,
+    )
+    rocoin_pb2_grpc.add_SourceServicer_to_server(SourceService(source), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    host, _, _ = listen.rpartition(":")
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RocoinError(f"listen = {listen!r}: cannot bind")
+    address = f"{host}:{port}"
+    await source.start()
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.warning("source serving on %s (%d groups, %d devices)", address, source.num_groups, len(source.devices))
+    if ready_file is not None:
+        write_json_atomic(ready_file, {"address": address, "pid": os.getpid()})
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await stop.wait()
+    finally:
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(SHUTDOWN_GRACE_S)
+        await source.close()

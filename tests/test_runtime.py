@@ -1,0 +1,218 @@
+"""The runtime on loopback: real worker processes killed with SIGKILL, restarted and stalled; the
+source (library and gRPC service) keeps answering by its deadline, and the CLI drives a cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("grpc_health")
+
+import grpc  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from conftest import device  # noqa: E402
+from rocoin.planning.plan import GroupPlan, Plan  # noqa: E402
+from rocoin.profiles.catalog import StudentSpec  # noqa: E402
+from rocoin.profiles.fleet import Fleet  # noqa: E402
+from rocoin.runtime.cluster import LocalCluster  # noqa: E402
+from rocoin.runtime.manifest import MANIFEST_NAME, GroupModel, Manifest, ModelFile, Normalization, TensorSpec, file_sha256  # noqa: E402
+from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
+from rocoin.runtime.source import PROBE_INTERVAL_S, Source  # noqa: E402
+from test_device import _save, head_model, student_model  # noqa: E402
+
+INPUT_CHW = (1, 8, 8)
+CLASSES = ["zero", "one", "two"]
+#: Three groups: two with two replicas, one with a single device.
+GROUPS = [(["a1", "a2"], [0, 3]), (["b1", "b2"], [1, 4, 5]), (["c1"], [2])]
+NUM_FILTERS = 6
+DEADLINE_S = 0.5
+#: Slack for scheduling on a loaded 2-core machine when checking "answered by the deadline".
+LATE_SLACK_S = 0.25
+#: How long a restarted device may take to be used again (probe interval + reconnect backoff).
+RECOVERY_LIMIT_S = 5.0
+
+
+def make_bundle(folder: Path, groups=GROUPS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for k, (_, filters) in enumerate(groups):
+        _save(student_model(rng.normal(size=(1, len(filters)))), folder / f"group{k}.onnx")
+    _save(head_model(rng.normal(size=(NUM_FILTERS, len(CLASSES)))), folder / "head.onnx")
+    plan = Plan(
+        scheme="rocoin",
+        epsilon=0.05,
+        num_filters=NUM_FILTERS,
+        groups=[GroupPlan(devices=d, filters=f, student="tiny", failure_prob=0.01, latency_s=0.01) for d, f in groups],
+        latency_s=0.01,
+        p_complete=0.97,
+        catalog={"tiny": StudentSpec(flops=1e4, memory_bytes=10_000, params=10, out_dim=4)},
+    )
+
+    def entry(name: str) -> dict:
+        return {"file": name, "sha256": file_sha256(folder / name), "size_bytes": (folder / name).stat().st_size}
+
+    manifest = Manifest(
+        plan=plan,
+        dataset="digits",
+        class_names=CLASSES,
+        normalization=Normalization(mean=[0.5], std=[0.25]),
+        groups=[
+            GroupModel(**entry(f"group{k}.onnx"), input=TensorSpec(name="image", shape=list(INPUT_CHW)), output=TensorSpec(name="features", shape=[len(f)]), group=k, student="tiny", devices=d, filters=f)
+            for k, (d, f) in enumerate(groups)
+        ],
+        head=ModelFile(**entry("head.onnx"), input=TensorSpec(name="pooled", shape=[NUM_FILTERS]), output=TensorSpec(name="logits", shape=[len(CLASSES)])),
+        rocoin_version="0.1.0",
+    )
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest.model_dump(mode="json")))
+    return folder
+
+
+def fleet_for(groups=GROUPS) -> Fleet:
+    return Fleet(devices=[device(d, 20, 4, 300, 0.1) for members, _ in groups for d in members])
+
+
+def expected_logits(bundle: Path, images: np.ndarray, missing: set[int] = frozenset()) -> np.ndarray:
+    """The pipeline run locally with onnxruntime: what the source must answer."""
+    x = ((images.astype(np.float32) / 255.0) - 0.5) / 0.25
+    features = np.zeros((len(x), NUM_FILTERS), dtype=np.float32)
+    for k, (_, filters) in enumerate(GROUPS):
+        if k not in missing:
+            features[:, filters] = ort.InferenceSession(str(bundle / f"group{k}.onnx")).run(None, {"image": x})[0]
+    return ort.InferenceSession(str(bundle / "head.onnx")).run(None, {"pooled": features})[0]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    bundle = make_bundle(tmp_path / "bundle")
+    with LocalCluster(bundle, fleet_for(), tmp_path / "state", with_source=False) as running:
+        yield running
+
+
+def images_batch(seed: int, batch: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(batch, *INPUT_CHW), dtype=np.uint8)
+
+
+def with_addresses(cluster: LocalCluster) -> Fleet:
+    from rocoin.profiles.fleet import load_fleet
+
+    return load_fleet(cluster.state.fleet)
+
+
+def test_queries_survive_replica_deaths_and_whole_groups_go_missing_by_the_deadline(cluster):
+    bundle = cluster.bundle
+
+    async def scenario():
+        async with Source(bundle, with_addresses(cluster), deadline_s=DEADLINE_S) as source:
+            results = []
+            for i in range(30):
+                if i == 10:
+                    cluster.kill_device("a1")  # SIGKILL: a replica of group 0
+                if i == 20:
+                    cluster.kill_device("b2")  # a replica of group 1
+                results.append(await source.infer(images_batch(i)))
+            # every group kept a live replica: every answer complete and exact
+            for i, result in enumerate(results):
+                assert result.missing_groups == [], (i, result)
+                np.testing.assert_allclose(result.logits, expected_logits(bundle, images_batch(i)), rtol=1e-5, atol=1e-6)
+            cluster.kill_device("c1")  # group 2's only device
+            for i in range(30, 45):
+                result = await source.infer(images_batch(i))
+                assert result.missing_groups == [2]
+                assert result.latency_s <= DEADLINE_S + LATE_SLACK_S
+                np.testing.assert_allclose(result.logits, expected_logits(bundle, images_batch(i), {2}), rtol=1e-5, atol=1e-6)
+            assert not next(d for d in source.devices if d.device_id == "c1").up  # marked down after repeated failures
+            cluster.restart_device("c1")
+            c1 = next(d for d in source.devices if d.device_id == "c1")
+            for _ in range(int(RECOVERY_LIMIT_S / PROBE_INTERVAL_S)):  # the health probe finds it again
+                if c1.up:
+                    break
+                await asyncio.sleep(PROBE_INTERVAL_S)
+            assert c1.up
+            result = await source.infer(images_batch(99))
+            assert result.missing_groups == [] and result.answered_by[2] == "c1"
+
+    asyncio.run(scenario())
+
+
+class StalledDevice(rocoin_pb2_grpc.DeviceServicer):
+    """Accepts every call and never answers."""
+
+    async def Infer(self, request, context):
+        await asyncio.Event().wait()
+
+
+def test_a_stalled_device_costs_at_most_the_deadline(tmp_path):
+    groups = [(["a1", "a2"], [0, 3]), (["b1", "b2"], [1, 4, 5]), (["stall"], [2])]
+    bundle = make_bundle(tmp_path / "bundle", groups)
+
+    async def scenario():
+        server = grpc.aio.server()
+        rocoin_pb2_grpc.add_DeviceServicer_to_server(StalledDevice(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            live = ["a1", "a2", "b1", "b2"]
+            with LocalCluster(bundle, fleet_for(groups), tmp_path / "state", with_source=False, devices=live) as running:
+                fleet = with_addresses(running)
+                fleet = Fleet(devices=[d if d.id != "stall" else d.model_copy(update={"address": f"127.0.0.1:{port}"}) for d in fleet.devices])
+                async with Source(bundle, fleet, deadline_s=DEADLINE_S) as source:
+                    for i in range(4):
+                        started = time.perf_counter()
+                        result = await source.infer(images_batch(i))
+                        assert result.missing_groups == [2]
+                        assert time.perf_counter() - started <= DEADLINE_S + LATE_SLACK_S
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_source_service_and_cli_on_a_cluster(tmp_path):
+    from test_cli import run
+
+    bundle = make_bundle(tmp_path / "bundle")
+    fleet_path = tmp_path / "fleet.yaml"
+    fleet_path.write_text(fleet_for().to_yaml())
+    state = tmp_path / "state"
+    result = run("cluster", "up", "--bundle", bundle, "--fleet", fleet_path, "--state-dir", state, "--deadline-s", DEADLINE_S)
+    assert result.exit_code == 0, result.output
+    try:
+        info = json.loads((state / "cluster.json").read_text())
+        address = info["source"]["address"]
+        assert len(info["devices"]) == 5
+        images = images_batch(7, batch=3)
+
+        async def ask():
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = rocoin_pb2_grpc.SourceStub(channel)
+                from rocoin.runtime.serde import tensor_from_proto, tensor_to_proto
+
+                reply = await stub.Infer(rocoin_pb2.SourceInferRequest(input=tensor_to_proto(images)))
+                np.testing.assert_allclose(tensor_from_proto(reply.logits, max_bytes=1 << 20), expected_logits(bundle, images), rtol=1e-5, atol=1e-6)
+                assert list(reply.missing_groups) == [] and len(reply.answered_by) == 3
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Infer(rocoin_pb2.SourceInferRequest(input=tensor_to_proto(np.zeros((1, 2, 8, 8), np.uint8))))
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expected (B, 1, 8, 8)" in info.value.details()
+
+        asyncio.run(ask())
+        pytest.importorskip("sklearn")
+        result = run("infer", "--source", address, "--dataset", "digits", "--count", 20, "--concurrency", 4, "--json")
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["queries"] == 20 and report["queries_with_missing_groups"] == 0
+    finally:
+        result = run("cluster", "down", "--state-dir", state)
+    assert result.exit_code == 0, result.output
+    assert not (state / "cluster.json").exists()
+    for member in info["devices"] + [info["source"]]:
+        with pytest.raises(ProcessLookupError):
+            import os
+
+            os.kill(member["pid"], 0)
