@@ -425,13 +425,16 @@ def test_emulated_latency_matches_the_profile(bundle):
         try:
             async with Client(device.address) as stub:
                 await stub.Infer(request(images(1)), timeout=10)  # warm the channel
-                return [(await _timed_calls(stub, 1))[0][0] for _ in range(3)]
+                return [(await _timed_calls(stub, 1))[0][0] for _ in range(5)]
         finally:
             await device.stop(0)
 
-    for reply, latency in run(main()):
-        assert expected <= reply.compute_s < expected + 0.05
-        assert expected <= latency < expected + 0.05
+    results = run(main())
+    compute = [reply.compute_s for reply, _ in results]
+    latency = [seconds for _, seconds in results]
+    assert min(compute) >= expected and min(latency) >= expected  # never early
+    # typically a few ms late; the median keeps one late call on a loaded machine from failing the test
+    assert np.median(compute) < expected + 0.05 and np.median(latency) < expected + 0.05
 
 
 def test_emulated_outage_drops_answers_at_the_rate(bundle):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,12 @@ device_app = typer.Typer(help="Run a device worker (onnxruntime + gRPC; no torch
 source_app = typer.Typer(help="Run the source: broadcasts queries, gathers groups, runs the head.", no_args_is_help=True)
 cluster_app = typer.Typer(help="A local cluster: every device and the source as processes on loopback.", no_args_is_help=True)
 DEFAULT_STATE_DIR = Path(".rocoin-cluster")
+
+
+def _server_logging() -> None:
+    """Servers log their events (address, devices marked down/up) at INFO unless asked otherwise."""
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
 
 
 @clean_errors
@@ -49,6 +56,7 @@ def device_serve(
     """Serve this device's student over gRPC until SIGTERM/SIGINT."""
     from rocoin.runtime.device import Emulation, serve_device
 
+    _server_logging()
     emulation = None
     if emulate:
         if fleet is None:
@@ -82,6 +90,7 @@ def source_serve(
     from rocoin.runtime.source import Source
     from rocoin.runtime.source_server import serve_source
 
+    _server_logging()
     source = Source(bundle, load_fleet(fleet), deadline_s=deadline_s)
     asyncio.run(serve_source(source, listen, ready_file=ready_file))
 

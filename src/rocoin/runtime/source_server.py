@@ -67,7 +67,7 @@ async def serve_source(source: Source, listen: str = "127.0.0.1:0", *, ready_fil
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    logger.warning("source serving on %s (%d groups, %d devices)", address, source.num_groups, len(source.devices))
+    logger.info("source serving on %s (%d groups, %d devices)", address, source.num_groups, len(source.devices))
     if ready_file is not None:
         write_json_atomic(ready_file, {"address": address, "pid": os.getpid()})
     stop = stop or asyncio.Event()

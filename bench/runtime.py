@@ -1,0 +1,140 @@
+"""Runtime benchmark on a loopback cluster: latency, overhead and throughput of the real source
+and device-worker processes, with and without failures, and emulation vs. the simulator.
+
+Run: ``.venv/bin/python bench/runtime.py --students results/bench-accuracy/students-rocoin.pt
+--fleet results/bench-accuracy/fleet.yaml`` (any students.pt and the fleet it was planned for).
+
+1. Exports the students to a bundle (once).
+2. Without emulation: p50/p99 query latency and queries/s at concurrency 1, 8, 32 through the
+   source's gRPC API; the p50 overhead over the slowest group model's own onnxruntime time
+   (batch 1, measured in-process); then the same with 3 devices killed (SIGKILL).
+3. With emulation (each worker delays its answer to its profile's t(d, s, k) and drops answers
+   with its outage probability; the fleet's FLOP/s and rates are scaled up by --speedup so a
+   query takes tens of milliseconds): the measured latency distribution against ``rocoin
+   simulate`` for the same plan, fleet and deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from rocoin.profiles.fleet import Fleet, load_fleet
+from rocoin.runtime.client import run_queries
+from rocoin.runtime.cluster import LocalCluster
+from rocoin.runtime.manifest import load_manifest
+from rocoin.simulation import simulate
+
+CONCURRENCY = (1, 8, 32)
+KILLED = 3
+
+
+def group_model_p50_s(bundle: Path, repeats: int = 200) -> list[float]:
+    """Batch-1 onnxruntime time of every group model, in-process (one thread, like a worker)."""
+    manifest = load_manifest(bundle)
+    x = np.random.default_rng(0).normal(size=(1, *manifest.input.shape)).astype(np.float32)
+    times = []
+    for model in manifest.groups:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(bundle / model.file), options, providers=["CPUExecutionProvider"])
+        for _ in range(10):
+            session.run(None, {model.input.name: x})
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            session.run(None, {model.input.name: x})
+            samples.append(time.perf_counter() - started)
+        times.append(float(np.median(samples)))
+    return times
+
+
+def measure(address: str, images: np.ndarray, labels: np.ndarray, queries: int) -> list[dict]:
+    rows = []
+    for concurrency in CONCURRENCY:
+        asyncio.run(run_queries(address, images[:concurrency], labels[:concurrency], concurrency=concurrency))  # warm-up
+        report = asyncio.run(run_queries(address, images[:queries], labels[:queries], concurrency=concurrency))
+        rows.append({"concurrency": concurrency, **report})
+    return rows
+
+
+def print_rows(title: str, rows: list[dict], slowest_model_s: float) -> None:
+    print(f"\n# {title}")
+    print(f"{'conc':>5} {'p50 ms':>8} {'p99 ms':>8} {'q/s':>8} {'p50 overhead ms':>16} {'missing':>8} {'accuracy':>9}")
+    for r in rows:
+        overhead = 1e3 * (r["latency_s"]["p50"] - slowest_model_s)
+        print(
+            f"{r['concurrency']:>5} {1e3 * r['latency_s']['p50']:>8.2f} {1e3 * r['latency_s']['p99']:>8.2f} {r['queries_per_s']:>8.1f}"
+            f" {overhead:>16.2f} {r['missing_groups_mean']:>8.3f} {r.get('accuracy', float('nan')):>9.4f}"
+        )
+
+
+def scaled(fleet: Fleet, speedup: float) -> Fleet:
+    return Fleet(
+        devices=[d.model_copy(update={"flops": d.flops * speedup, "rate_bps": d.rate_bps * speedup, "address": None}) for d in fleet.devices],
+        input_bits=fleet.input_bits,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--students", type=Path, default=Path("results/bench-accuracy/students-rocoin.pt"))
+    parser.add_argument("--fleet", type=Path, default=Path("results/bench-accuracy/fleet.yaml"))
+    parser.add_argument("--bundle", type=Path, default=Path("results/bench-runtime/bundle"))
+    parser.add_argument("--queries", type=int, default=400)
+    parser.add_argument("--deadline-s", type=float, default=0.5)
+    parser.add_argument("--speedup", type=float, default=100.0, help="FLOP/s and rate multiplier for the emulated run")
+    parser.add_argument("--emulated-queries", type=int, default=300)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if not (args.bundle / "manifest.json").exists():
+        from rocoin.export import export_bundle
+
+        args.bundle.parent.mkdir(parents=True, exist_ok=True)
+        export_bundle(args.students, args.bundle)
+    manifest = load_manifest(args.bundle)
+    fleet = load_fleet(args.fleet)
+    from rocoin.data import load_dataset
+
+    test = load_dataset(manifest.dataset).test
+    images, labels = test.images, test.labels
+    model_times = group_model_p50_s(args.bundle)
+    slowest = max(model_times)
+    print(f"# bundle {args.bundle}: {len(manifest.groups)} groups, {len(manifest.plan.device_ids)} devices, deadline {args.deadline_s} s")
+    print("# group models, batch-1 onnxruntime p50 (ms): " + ", ".join(f"{1e3 * t:.2f}" for t in model_times))
+
+    with tempfile.TemporaryDirectory() as state:
+        with LocalCluster(args.bundle, fleet, Path(state) / "plain", deadline_s=args.deadline_s) as cluster:
+            address = cluster.state.source.address
+            print_rows("no failures", measure(address, images, labels, args.queries), slowest)
+            doomed = [m.name for m in cluster.state.devices][:KILLED]
+            for name in doomed:
+                cluster.kill_device(name)
+            print_rows(f"{KILLED} devices killed ({', '.join(doomed)})", measure(address, images, labels, args.queries), slowest)
+
+        emulated_fleet = scaled(fleet, args.speedup)
+        plan = manifest.plan
+        with LocalCluster(args.bundle, emulated_fleet, Path(state) / "emulated", emulate=True, deadline_s=args.deadline_s) as cluster:
+            report = asyncio.run(
+                run_queries(cluster.state.source.address, images[: args.emulated_queries], labels[: args.emulated_queries], concurrency=8)
+            )
+        sim = simulate(plan, emulated_fleet, trials=100_000, timeout_s=args.deadline_s, random_state=0)
+        print(f"\n# emulation (FLOP/s and rates x{args.speedup:g}) vs rocoin simulate, deadline {args.deadline_s} s")
+        print(f"{'':>22} {'measured':>10} {'simulated':>10}")
+        print(f"{'mean latency ms':>22} {1e3 * report['latency_s']['mean']:>10.1f} {1e3 * sim.latency_mean_s:>10.1f}")
+        print(f"{'p50 latency ms':>22} {1e3 * report['latency_s']['p50']:>10.1f} {1e3 * sim.latency_p50_s:>10.1f}")
+        print(f"{'p99 latency ms':>22} {1e3 * report['latency_s']['p99']:>10.1f} {1e3 * sim.latency_p99_s:>10.1f}")
+        measured_complete = 1 - report["queries_with_missing_groups"] / report["queries"]
+        print(f"{'P(all groups)':>22} {measured_complete:>10.3f} {sim.p_complete:>10.3f}")
+        print(f"{'mean missing groups':>22} {report['missing_groups_mean']:>10.3f} {sim.missing_groups_mean:>10.3f}")
+
+
+if __name__ == "__main__":
+    main()
