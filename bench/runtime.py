@@ -83,6 +83,34 @@ def scaled(fleet: Fleet, speedup: float) -> Fleet:
     )
 
 
+def plain_benchmark(bundle: Path, fleet: Fleet, state: Path, images, labels, args, slowest: float) -> None:
+    with LocalCluster(bundle, fleet, state, deadline_s=args.deadline_s) as cluster:
+        address = cluster.state.source.address
+        print_rows("no failures", measure(address, images, labels, args.queries), slowest)
+        doomed = [m.name for m in cluster.state.devices][:KILLED]
+        for name in doomed:
+            cluster.kill_device(name)
+        print_rows(f"{KILLED} devices killed ({', '.join(doomed)})", measure(address, images, labels, args.queries), slowest)
+
+
+def emulation_benchmark(bundle: Path, fleet: Fleet, state: Path, images, labels, args) -> None:
+    emulated_fleet = scaled(fleet, args.speedup)
+    plan = load_manifest(bundle).plan
+    with LocalCluster(bundle, emulated_fleet, state, emulate=True, deadline_s=args.deadline_s) as cluster:
+        # one query at a time, as in the simulator's model (queued queries would add waiting time)
+        queries = args.emulated_queries
+        report = asyncio.run(run_queries(cluster.state.source.address, images[:queries], labels[:queries], concurrency=1))
+    sim = simulate(plan, emulated_fleet, trials=100_000, timeout_s=args.deadline_s, random_state=0)
+    print(f"\n# emulation (FLOP/s and rates x{args.speedup:g}), {report['queries']} queries, vs rocoin simulate, deadline {args.deadline_s} s")
+    print(f"{'':>22} {'measured':>10} {'simulated':>10}")
+    print(f"{'mean latency ms':>22} {1e3 * report['latency_s']['mean']:>10.1f} {1e3 * sim.latency_mean_s:>10.1f}")
+    print(f"{'p50 latency ms':>22} {1e3 * report['latency_s']['p50']:>10.1f} {1e3 * sim.latency_p50_s:>10.1f}")
+    print(f"{'p99 latency ms':>22} {1e3 * report['latency_s']['p99']:>10.1f} {1e3 * sim.latency_p99_s:>10.1f}")
+    measured_complete = 1 - report["queries_with_missing_groups"] / report["queries"]
+    print(f"{'P(all groups)':>22} {measured_complete:>10.3f} {sim.p_complete:>10.3f}")
+    print(f"{'mean missing groups':>22} {report['missing_groups_mean']:>10.3f} {sim.missing_groups_mean:>10.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--students", type=Path, default=Path("results/bench-accuracy/students-rocoin.pt"))
@@ -92,8 +120,9 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=0.5)
     parser.add_argument("--speedup", type=float, default=100.0, help="FLOP/s and rate multiplier for the emulated run")
     parser.add_argument("--emulated-queries", type=int, default=300)
+    parser.add_argument("--skip-plain", action="store_true", help="only the emulation comparison")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.ERROR)
     if not (args.bundle / "manifest.json").exists():
         from rocoin.export import export_bundle
 
@@ -104,36 +133,13 @@ def main() -> None:
     from rocoin.data import load_dataset
 
     test = load_dataset(manifest.dataset).test
-    images, labels = test.images, test.labels
     model_times = group_model_p50_s(args.bundle)
-    slowest = max(model_times)
     print(f"# bundle {args.bundle}: {len(manifest.groups)} groups, {len(manifest.plan.device_ids)} devices, deadline {args.deadline_s} s")
     print("# group models, batch-1 onnxruntime p50 (ms): " + ", ".join(f"{1e3 * t:.2f}" for t in model_times))
-
     with tempfile.TemporaryDirectory() as state:
-        with LocalCluster(args.bundle, fleet, Path(state) / "plain", deadline_s=args.deadline_s) as cluster:
-            address = cluster.state.source.address
-            print_rows("no failures", measure(address, images, labels, args.queries), slowest)
-            doomed = [m.name for m in cluster.state.devices][:KILLED]
-            for name in doomed:
-                cluster.kill_device(name)
-            print_rows(f"{KILLED} devices killed ({', '.join(doomed)})", measure(address, images, labels, args.queries), slowest)
-
-        emulated_fleet = scaled(fleet, args.speedup)
-        plan = manifest.plan
-        with LocalCluster(args.bundle, emulated_fleet, Path(state) / "emulated", emulate=True, deadline_s=args.deadline_s) as cluster:
-            report = asyncio.run(
-                run_queries(cluster.state.source.address, images[: args.emulated_queries], labels[: args.emulated_queries], concurrency=8)
-            )
-        sim = simulate(plan, emulated_fleet, trials=100_000, timeout_s=args.deadline_s, random_state=0)
-        print(f"\n# emulation (FLOP/s and rates x{args.speedup:g}) vs rocoin simulate, deadline {args.deadline_s} s")
-        print(f"{'':>22} {'measured':>10} {'simulated':>10}")
-        print(f"{'mean latency ms':>22} {1e3 * report['latency_s']['mean']:>10.1f} {1e3 * sim.latency_mean_s:>10.1f}")
-        print(f"{'p50 latency ms':>22} {1e3 * report['latency_s']['p50']:>10.1f} {1e3 * sim.latency_p50_s:>10.1f}")
-        print(f"{'p99 latency ms':>22} {1e3 * report['latency_s']['p99']:>10.1f} {1e3 * sim.latency_p99_s:>10.1f}")
-        measured_complete = 1 - report["queries_with_missing_groups"] / report["queries"]
-        print(f"{'P(all groups)':>22} {measured_complete:>10.3f} {sim.p_complete:>10.3f}")
-        print(f"{'mean missing groups':>22} {report['missing_groups_mean']:>10.3f} {sim.missing_groups_mean:>10.3f}")
+        if not args.skip_plain:
+            plain_benchmark(args.bundle, fleet, Path(state) / "plain", test.images, test.labels, args, max(model_times))
+        emulation_benchmark(args.bundle, fleet, Path(state) / "emulated", test.images, test.labels, args)
 
 
 if __name__ == "__main__":

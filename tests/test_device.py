@@ -438,7 +438,7 @@ def test_emulated_latency_matches_the_profile(bundle):
 
 
 def test_emulated_outage_drops_answers_at_the_rate(bundle):
-    emulation = Emulation(flops=1.0e12, rate_bps=1.0e12, outage=0.5, seed=3)
+    emulation = Emulation(flops=1.0e12, rate_bps=1.0e12, outage=0.5, seed=3, drop="error")
 
     async def main():
         device = await start_device(bundle, "a", emulation=emulation)
@@ -455,6 +455,27 @@ def test_emulated_outage_drops_answers_at_the_rate(bundle):
     assert abs(len(dropped) - 100) <= 25  # 200 draws at p = 0.5: sd ≈ 7
     answered = [r for r, _ in results if not isinstance(r, grpc.aio.AioRpcError)]
     assert all(r.device_id == "a" and r.features.shape == [1, 2] for r in answered)
+
+
+def test_a_silently_dropped_answer_never_arrives_before_the_deadline(bundle):
+    emulation = Emulation(flops=1.0e12, rate_bps=1.0e12, outage=0.99, seed=0)
+
+    async def main():
+        device = await start_device(bundle, "a", emulation=emulation, max_concurrency=1)
+        try:
+            async with Client(device.address) as stub:
+                started = time.perf_counter()
+                calls = [stub.Infer(request(images(1), f"q{i}"), timeout=0.3) for i in range(3)]
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+                return outcomes, time.perf_counter() - started
+        finally:
+            await device.stop(0)
+
+    outcomes, elapsed = run(main())
+    # all three are held to their deadline (the held calls free their slot, so they overlap)
+    codes = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
+    assert all(isinstance(o, grpc.aio.AioRpcError) and o.code() in codes for o in outcomes), outcomes
+    assert 0.28 <= elapsed < 0.6
 
 
 @pytest.mark.parametrize(("concurrency", "low", "high"), [(1, 3.0, 4.2), (3, 1.0, 1.9)])

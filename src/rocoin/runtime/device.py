@@ -17,8 +17,10 @@ waits ends with gRPC's ``DEADLINE_EXCEEDED`` and never runs the model. Beyond
 
 Emulation (:class:`Emulation`) makes a fast machine behave like a device of the fleet: after the
 real compute, the answer is held until ``t(d, s, k) = c_s/f_d + 32·|P_k|/r_d + input_s`` has
-passed since the call started running, then dropped (``UNAVAILABLE "emulated outage"``) with
-probability ``p_d``.
+passed since the call started running, then dropped with probability ``p_d``: by default the
+answer never arrives (the call is held, without its concurrency slot, until the caller's
+deadline, then ends ``UNAVAILABLE "emulated outage"``), as SPEC.md §1 models an outage;
+``drop="error"`` fails it at once instead.
 
 Nothing here imports torch or training code: a device needs numpy, onnxruntime, grpcio,
 grpcio-health-checking and protobuf only.
@@ -71,6 +73,8 @@ MESSAGE_SLACK_BYTES = 64 * 1024
 MAX_QUERY_ID_CHARS = 256
 #: Seconds in-flight calls get to finish after SIGTERM/SIGINT or cancellation.
 SHUTDOWN_GRACE_S = 5.0
+#: Longest time a silently dropped call is held when the caller set no deadline.
+SILENT_DROP_HOLD_S = 60.0
 #: The only execution provider a device uses.
 EXECUTION_PROVIDER = "CPUExecutionProvider"
 #: How often :func:`wait_ready_file` looks for the ready file, and how long it waits by default.
@@ -89,6 +93,9 @@ class Emulation:
     outage: float
     input_s: float = 0.0
     seed: int | None = None
+    #: "silent": a dropped answer never arrives (the caller waits until its deadline), as SPEC.md §1
+    #: models an outage; "error": the call fails at once with UNAVAILABLE.
+    drop: str = "silent"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.flops) and self.flops > 0):
@@ -97,6 +104,8 @@ class Emulation:
             raise RocoinError(f"emulation rate_bps = {self.rate_bps!r}: expected a positive bit/s rate")
         if not (0.0 <= self.outage < 1.0):
             raise RocoinError(f"emulation outage = {self.outage!r}: expected a probability in [0, 1)")
+        if self.drop not in ("silent", "error"):
+            raise RocoinError(f"emulation drop = {self.drop!r}: expected silent or error")
         if not (math.isfinite(self.input_s) and self.input_s >= 0):
             raise RocoinError(f"emulation input_s = {self.input_s!r}: expected seconds >= 0")
 
@@ -238,6 +247,11 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
                 if remaining > 0:
                     await asyncio.sleep(remaining)
                 if self._rng.random() < self.emulation.outage:
+                    if self.emulation.drop == "silent":  # the answer never arrives: hold the call, free the slot
+                        self._slots.release()
+                        release = False
+                        hold = context.time_remaining()
+                        await asyncio.sleep(min(hold, SILENT_DROP_HOLD_S) if hold is not None else SILENT_DROP_HOLD_S)
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "emulated outage")
             compute_s = time.perf_counter() - started
         finally:
