@@ -114,7 +114,7 @@ def test_one_distillation_step_lowers_the_loss():
     optimizer.zero_grad()
     before.backward()
     optimizer.step()
-    assert float(loss_value()) < float(before)
+    assert loss_value().item() < before.item()
 
 
 def test_checkpoints_hold_only_tensors_and_json(tmp_path):
