@@ -7,6 +7,7 @@ from typing import Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from rocoin.errors import RocoinError
 
@@ -23,7 +24,15 @@ def clean_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except RocoinError as exc:
-            err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def require(module: str, extra: str) -> None:
+    """One clear line when an optional dependency group is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise RocoinError(f"this command needs {module}: pip install -e '.[{extra}]'")

@@ -31,14 +31,17 @@ runtime.register(app)
 SUMMARY_MAX_GROUPS = 20
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"rocoin {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def main(
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v info, -vv debug)."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    if version:
-        out.print(f"rocoin {__version__}")
-        raise typer.Exit(0)
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="rocoin: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
 

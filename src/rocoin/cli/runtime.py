@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rocoin.cli.common import clean_errors, err, out
+from rocoin.cli.common import clean_errors, err, out, require
 from rocoin.errors import RocoinError
 
 device_app = typer.Typer(help="Run a device worker (onnxruntime + gRPC; no torch needed).", no_args_is_help=True)
@@ -34,6 +34,8 @@ def export_command(
     output: Path = typer.Option(..., "--output", "-o", help="Bundle folder to write."),
 ) -> None:
     """Export the students to ONNX: one model per group, the head, and manifest.json (with a parity check)."""
+    require("torch", "train")
+    require("onnx", "train")
     from rocoin.export import export_bundle
 
     manifest = export_bundle(students, output, plan_path=plan, overwrite=overwrite)
@@ -54,6 +56,8 @@ def device_serve(
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
 ) -> None:
     """Serve this device's student over gRPC until SIGTERM/SIGINT."""
+    require("onnxruntime", "device")
+    require("grpc", "device")
     from rocoin.runtime.device import Emulation, serve_device
 
     _server_logging()
@@ -86,6 +90,8 @@ def source_serve(
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
 ) -> None:
     """Serve queries: broadcast to every device, first answer per group, head at completion or deadline."""
+    require("onnxruntime", "device")
+    require("grpc", "device")
     from rocoin.profiles.fleet import load_fleet
     from rocoin.runtime.source import Source
     from rocoin.runtime.source_server import serve_source
@@ -106,6 +112,8 @@ def infer_command(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Send test images to a source; print accuracy, latency percentiles and missing groups."""
+    require("onnxruntime", "device")
+    require("grpc", "device")
     import json
 
     from rocoin.data import load_dataset
@@ -142,6 +150,8 @@ def cluster_up(
     state_dir: Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir", help="Where the cluster keeps addresses, pids and logs."),
 ) -> None:
     """Start one worker per device and the source on loopback; wait until all are healthy."""
+    require("onnxruntime", "device")
+    require("grpc", "device")
     from rocoin.runtime.cluster import LocalCluster
 
     cluster = LocalCluster(bundle, fleet, state_dir, emulate=emulate, deadline_s=deadline_s)

@@ -9,17 +9,14 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rocoin.cli.common import clean_errors, err, out
+from rocoin.cli.common import clean_errors, err, out, require
 from rocoin.errors import RocoinError
 
 DATASETS_HELP = "cifar10, cifar100, fashion-mnist or digits."
 
 
 def _require_torch() -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise RocoinError("this command needs torch: pip install -e '.[train]' (torch==2.13.0)") from None
+    require("torch", "train")
 
 
 def _parse_ints(text: str | None, option: str) -> list[int]:
