@@ -67,12 +67,12 @@ def measure(address: str, images: np.ndarray, labels: np.ndarray, queries: int) 
 
 def print_rows(title: str, rows: list[dict], slowest_model_s: float) -> None:
     print(f"\n# {title}")
-    print(f"{'conc':>5} {'p50 ms':>8} {'p99 ms':>8} {'q/s':>8} {'p50 overhead ms':>16} {'missing':>8} {'accuracy':>9}")
+    print(f"{'conc':>5} {'p50 ms':>8} {'p99 ms':>8} {'q/s':>8} {'p50 overhead ms':>16} {'in source p50':>14} {'missing':>8} {'accuracy':>9}")
     for r in rows:
         overhead = 1e3 * (r["latency_s"]["p50"] - slowest_model_s)
         print(
             f"{r['concurrency']:>5} {1e3 * r['latency_s']['p50']:>8.2f} {1e3 * r['latency_s']['p99']:>8.2f} {r['queries_per_s']:>8.1f}"
-            f" {overhead:>16.2f} {r['missing_groups_mean']:>8.3f} {r.get('accuracy', float('nan')):>9.4f}"
+            f" {overhead:>16.2f} {1e3 * r['source_latency_s']['p50']:>14.2f} {r['missing_groups_mean']:>8.3f} {r.get('accuracy', float('nan')):>9.4f}"
         )
 
 

@@ -30,6 +30,7 @@ async def run_queries(
         raise ValueError(f"concurrency = {concurrency}: expected at least 1")
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     latencies = np.zeros(len(images))
+    source_latencies = np.zeros(len(images))
     predictions = np.zeros(len(images), dtype=np.int64)
     missing = np.zeros(len(images), dtype=np.int64)
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -45,6 +46,7 @@ async def run_queries(
                 started = time.perf_counter()
                 reply = await stub.Infer(request, timeout=CALL_TIMEOUT_S)
                 latencies[i] = time.perf_counter() - started
+                source_latencies[i] = reply.latency_s
                 predictions[i] = int(tensor_from_proto(reply.logits, max_bytes=MAX_MESSAGE_BYTES).argmax(axis=1)[0])
                 missing[i] = len(reply.missing_groups)
 
@@ -58,6 +60,7 @@ async def run_queries(
             "p50": float(np.percentile(latencies, 50)),
             "p99": float(np.percentile(latencies, 99)),
         },
+        "source_latency_s": {"p50": float(np.percentile(source_latencies, 50)), "p99": float(np.percentile(source_latencies, 99))},
         "queries_per_s": len(images) / elapsed,
         "queries_with_missing_groups": int((missing > 0).sum()),
         "missing_groups_mean": float(missing.mean()),
