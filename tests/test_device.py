@@ -573,3 +573,52 @@ def test_math_of_the_message_limits(bundle):
         assert worker.max_request_bytes > worker.max_input_bytes
     finally:
         worker.close()
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+def test_a_device_with_a_token_refuses_calls_without_it(bundle):
+    from rocoin.runtime.auth import token_metadata
+
+    token = "s3cret-token-for-the-devices"
+
+    async def main():
+        device = await start_device(bundle, "a", token=token)
+        try:
+            async with Client(device.address) as stub:
+                outcomes = {}
+                for label, metadata in (("none", None), ("wrong", token_metadata("another-token-of-16ch")), ("garbage", (("authorization", "Basic xyz"),))):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await stub.Infer(request(images(1)), timeout=5, metadata=metadata)
+                    outcomes[label] = (info.value.code(), info.value.details())
+                reply = await stub.Infer(request(images(1)), timeout=5, metadata=token_metadata(token))
+                health_reply = await health_pb2_grpc.HealthStub(grpc.aio.insecure_channel(device.address)).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=5
+                )
+                return outcomes, reply, health_reply
+        finally:
+            await device.stop(0)
+
+    outcomes, reply, health_reply = run(main())
+    assert outcomes["none"] == (grpc.StatusCode.UNAUTHENTICATED, "missing token: this device requires the source's token")
+    assert outcomes["wrong"][0] == outcomes["garbage"][0] == grpc.StatusCode.UNAUTHENTICATED
+    assert "wrong token" in outcomes["wrong"][1]
+    assert reply.device_id == "a"  # the right token works, and the worker kept serving
+    assert health_reply.status == health_pb2.HealthCheckResponse.SERVING  # health needs no token
+
+
+def test_tokens_come_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    from rocoin.runtime.auth import TOKEN_ENV, load_token
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert load_token() is None
+    monkeypatch.setenv(TOKEN_ENV, "x" * 20)
+    assert load_token() == "x" * 20
+    (tmp_path / "token").write_text("y" * 32 + "\n")
+    assert load_token(tmp_path / "token") == "y" * 32
+    (tmp_path / "short").write_text("abc")
+    with pytest.raises(RocoinError, match="the token has 3 characters; expected at least 16"):
+        load_token(tmp_path / "short")
+    with pytest.raises(RocoinError, match="cannot read it"):
+        load_token(tmp_path / "missing")

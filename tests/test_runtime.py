@@ -109,7 +109,7 @@ def test_queries_survive_replica_deaths_and_whole_groups_go_missing_by_the_deadl
     bundle = cluster.bundle
 
     async def scenario():
-        async with Source(bundle, with_addresses(cluster), deadline_s=DEADLINE_S) as source:
+        async with Source(bundle, with_addresses(cluster), deadline_s=DEADLINE_S, token=cluster.token) as source:
             results = []
             for i in range(30):
                 if i == 10:
@@ -162,7 +162,7 @@ def test_a_stalled_device_costs_at_most_the_deadline(tmp_path):
             with LocalCluster(bundle, fleet_for(groups), tmp_path / "state", with_source=False, devices=live) as running:
                 fleet = with_addresses(running)
                 fleet = Fleet(devices=[d if d.id != "stall" else d.model_copy(update={"address": f"127.0.0.1:{port}"}) for d in fleet.devices])
-                async with Source(bundle, fleet, deadline_s=DEADLINE_S) as source:
+                async with Source(bundle, fleet, deadline_s=DEADLINE_S, token=running.token) as source:
                     for i in range(4):
                         started = time.perf_counter()
                         result = await source.infer(images_batch(i))
@@ -216,3 +216,17 @@ def test_source_service_and_cli_on_a_cluster(tmp_path):
             import os
 
             os.kill(member["pid"], 0)
+
+
+def test_devices_of_a_cluster_answer_only_the_source_with_the_token(cluster):
+    async def scenario():
+        async with Source(cluster.bundle, with_addresses(cluster), deadline_s=DEADLINE_S) as stranger:
+            refused = await stranger.infer(images_batch(0))
+        async with Source(cluster.bundle, with_addresses(cluster), deadline_s=DEADLINE_S, token=cluster.token) as source:
+            accepted = await source.infer(images_batch(0))
+        return refused, accepted
+
+    refused, accepted = asyncio.run(scenario())
+    assert refused.missing_groups == [0, 1, 2]  # every device said UNAUTHENTICATED
+    assert refused.latency_s < DEADLINE_S  # refusals are immediate, nobody waits for the deadline
+    assert accepted.missing_groups == []

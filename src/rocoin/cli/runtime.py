@@ -54,10 +54,12 @@ def device_serve(
     max_concurrency: int = typer.Option(4, "--max-concurrency", help="Requests run at once."),
     threads: int = typer.Option(1, "--threads", help="onnxruntime intra-op threads."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File with the shared token the source must send (default: $ROCOIN_DEVICE_TOKEN; none: no authentication)."),
 ) -> None:
     """Serve this device's student over gRPC until SIGTERM/SIGINT."""
     require("onnxruntime", "device")
     require("grpc", "device")
+    from rocoin.runtime.auth import load_token
     from rocoin.runtime.device import Emulation, serve_device
 
     _server_logging()
@@ -76,6 +78,7 @@ def device_serve(
             max_concurrency=max_concurrency,
             intra_op_threads=threads,
             ready_file=ready_file,
+            token=load_token(token_file),
         )
     )
 
@@ -88,16 +91,18 @@ def source_serve(
     listen: str = typer.Option("127.0.0.1:50051", "--listen", help="host:port for clients (port 0: any free port)."),
     deadline_s: float = typer.Option(1.0, "--deadline-s", help="Per-query deadline; missing groups are zero-filled then."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File with the token the devices expect (default: $ROCOIN_DEVICE_TOKEN)."),
 ) -> None:
     """Serve queries: broadcast to every device, first answer per group, head at completion or deadline."""
     require("onnxruntime", "device")
     require("grpc", "device")
     from rocoin.profiles.fleet import load_fleet
+    from rocoin.runtime.auth import load_token
     from rocoin.runtime.source import Source
     from rocoin.runtime.source_server import serve_source
 
     _server_logging()
-    source = Source(bundle, load_fleet(fleet), deadline_s=deadline_s)
+    source = Source(bundle, load_fleet(fleet), deadline_s=deadline_s, token=load_token(token_file))
     asyncio.run(serve_source(source, listen, ready_file=ready_file))
 
 

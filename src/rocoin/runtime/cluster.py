@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rocoin.errors import RocoinError
 from rocoin.fileio import write_json_atomic
 from rocoin.profiles.fleet import Fleet, load_fleet, save_fleet
+from rocoin.runtime.auth import TOKEN_ENV
 from rocoin.runtime.manifest import load_manifest
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class LocalCluster:
         deadline_s: float | None = None,
         with_source: bool = True,
         devices: list[str] | None = None,
+        token: str | None = None,
     ) -> None:
         """``devices``: the plan devices to start (default: all); the others keep the fleet's address."""
         self.bundle = Path(bundle).resolve()
@@ -91,6 +94,9 @@ class LocalCluster:
         if unknown:
             raise RocoinError(f"device {unknown[0]!r} is not in the bundle's plan")
         self.device_ids = list(devices) if devices is not None else plan_devices
+        #: the shared token between the source and the devices (a fresh random one by default); it
+        #: reaches the workers through their environment, never their command line.
+        self.token = token or secrets.token_urlsafe(32)
         self.processes: dict[str, subprocess.Popen] = {}
         self.state: ClusterState | None = None
 
@@ -141,6 +147,7 @@ class LocalCluster:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env={**os.environ, TOKEN_ENV: self.token},
             )
 
     def _spawn_device(self, device_id: str, listen: str, profiles: Path) -> None:

@@ -48,6 +48,7 @@ import onnxruntime as ort
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rocoin.errors import RocoinError
+from rocoin.runtime.auth import TokenInterceptor
 from rocoin.fileio import write_json_atomic
 from rocoin.planning.latency import BITS_PER_VALUE
 from rocoin.profiles.fleet import Fleet, load_fleet
@@ -324,8 +325,12 @@ async def start_device(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     intra_op_threads: int = DEFAULT_INTRA_OP_THREADS,
+    token: str | None = None,
 ) -> DeviceServer:
-    """Load and check the model, listen on ``listen`` (insecure) and start serving; stop it with ``.stop()``."""
+    """Load and check the model, listen on ``listen`` (insecure) and start serving; stop it with ``.stop()``.
+
+    With ``token``, every call but the health service's must carry it (see ``rocoin.runtime.auth``).
+    """
     host, _ = parse_listen(listen)
     worker = DeviceWorker(
         bundle, device_id, emulation=emulation, max_batch=max_batch, max_concurrency=max_concurrency, intra_op_threads=intra_op_threads
@@ -337,6 +342,7 @@ async def start_device(
             ("grpc.so_reuseport", 0),  # a second worker on a busy port fails instead of sharing it
         ],
         maximum_concurrent_rpcs=max_concurrency + MAX_QUEUED_CALLS,
+        interceptors=[TokenInterceptor(token)] if token else None,
     )
     rocoin_pb2_grpc.add_DeviceServicer_to_server(worker, server)
     health_service = health.aio.HealthServicer()
@@ -366,6 +372,7 @@ async def serve_device(
     intra_op_threads: int = DEFAULT_INTRA_OP_THREADS,
     ready: Callable[[DeviceServer], Any] | None = None,
     ready_file: str | os.PathLike[str] | None = None,
+    token: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT or cancellation, then shut down within :data:`SHUTDOWN_GRACE_S`.
 
@@ -386,6 +393,7 @@ async def serve_device(
         max_batch=max_batch,
         max_concurrency=max_concurrency,
         intra_op_threads=intra_op_threads,
+        token=token,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

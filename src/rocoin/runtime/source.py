@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rocoin.errors import RocoinError
 from rocoin.profiles.fleet import Fleet
+from rocoin.runtime.auth import token_metadata
 from rocoin.runtime.manifest import Manifest, load_manifest, verify_file
 from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc
 from rocoin.runtime.serde import tensor_from_proto, tensor_to_proto
@@ -84,12 +85,21 @@ class _Pending:
 class Source:
     """Serve a bundle's plan over the devices of ``fleet`` (each plan device needs an ``address``)."""
 
-    def __init__(self, bundle: str | Path, fleet: Fleet, *, deadline_s: float = DEFAULT_DEADLINE_S, intra_op_threads: int = 1) -> None:
+    def __init__(
+        self,
+        bundle: str | Path,
+        fleet: Fleet,
+        *,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        intra_op_threads: int = 1,
+        token: str | None = None,
+    ) -> None:
         if not deadline_s > 0:
             raise RocoinError(f"deadline-s = {deadline_s}: expected a positive number of seconds")
         bundle = Path(bundle)
         self.manifest: Manifest = load_manifest(bundle)
         self.deadline_s = deadline_s
+        self._metadata = token_metadata(token)
         plan = self.manifest.plan
         plan.check_fleet(fleet)
         by_id = {d.id: d for d in fleet.devices}
@@ -183,7 +193,7 @@ class Source:
         pending: dict[asyncio.Task, _Pending] = {}
         for device in self.devices:
             if device.up:
-                task = asyncio.ensure_future(device.stub.Infer(request, timeout=budget))
+                task = asyncio.ensure_future(device.stub.Infer(request, timeout=budget, metadata=self._metadata))
                 pending[task] = _Pending(device.group, device, task)
         open_calls = [0] * self.num_groups
         for item in pending.values():
