@@ -622,3 +622,120 @@ def test_tokens_come_from_a_file_or_the_environment(tmp_path, monkeypatch):
         load_token(tmp_path / "short")
     with pytest.raises(RocoinError, match="cannot read it"):
         load_token(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    root = tmp_path_factory.mktemp("certs")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_certs.sh"
+    for name in ("good", "other"):
+        subprocess.run(["bash", str(script), str(root / name)], check=True, capture_output=True)
+    return root
+
+
+def _tls_channel(address: str, ca: Path, cert: Path | None = None, key: Path | None = None):
+    from rocoin.runtime.tls import ClientTLS
+
+    return grpc.aio.secure_channel(address, ClientTLS(ca, cert, key).credentials())
+
+
+def test_tls_checks_the_certificate_authority(bundle, certs):
+    from rocoin.runtime.tls import ServerTLS
+
+    good, other = certs / "good", certs / "other"
+
+    async def main():
+        device = await start_device(bundle, "a", tls=ServerTLS(good / "device.pem", good / "device.key"))
+        outcomes = {}
+        try:
+            for label, channel in (
+                ("right CA", _tls_channel(device.address, good / "ca.pem")),
+                ("wrong CA", _tls_channel(device.address, other / "ca.pem")),
+                ("plaintext", grpc.aio.insecure_channel(device.address)),
+            ):
+                async with channel:
+                    try:
+                        reply = await rocoin_pb2_grpc.DeviceStub(channel).Infer(request(images(1)), timeout=3)
+                        outcomes[label] = reply.device_id
+                    except grpc.aio.AioRpcError as exc:
+                        outcomes[label] = exc.code()
+            async with _tls_channel(device.address, good / "ca.pem") as channel:  # still serving
+                outcomes["again"] = (await rocoin_pb2_grpc.DeviceStub(channel).Infer(request(images(1)), timeout=3)).device_id
+        finally:
+            await device.stop(0)
+        return outcomes
+
+    outcomes = run(main())
+    assert outcomes["right CA"] == "a" and outcomes["again"] == "a"
+    assert outcomes["wrong CA"] == grpc.StatusCode.UNAVAILABLE
+    assert outcomes["plaintext"] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(bundle, certs):
+    from rocoin.runtime.tls import ServerTLS
+
+    good, other = certs / "good", certs / "other"
+
+    async def main():
+        tls = ServerTLS(good / "device.pem", good / "device.key", client_ca=good / "ca.pem")
+        device = await start_device(bundle, "a", tls=tls)
+        outcomes = {}
+        try:
+            for label, channel in (
+                ("no client cert", _tls_channel(device.address, good / "ca.pem")),
+                ("foreign client cert", _tls_channel(device.address, good / "ca.pem", other / "source.pem", other / "source.key")),
+                ("client cert", _tls_channel(device.address, good / "ca.pem", good / "source.pem", good / "source.key")),
+            ):
+                async with channel:
+                    try:
+                        outcomes[label] = (await rocoin_pb2_grpc.DeviceStub(channel).Infer(request(images(1)), timeout=3)).device_id
+                    except grpc.aio.AioRpcError as exc:
+                        outcomes[label] = exc.code()
+        finally:
+            await device.stop(0)
+        return outcomes
+
+    outcomes = run(main())
+    assert outcomes["client cert"] == "a"
+    assert outcomes["no client cert"] == grpc.StatusCode.UNAVAILABLE
+    assert outcomes["foreign client cert"] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_source_talks_mtls_with_a_token_to_every_device(bundle, certs):
+    from conftest import device as profile
+    from rocoin.profiles.fleet import Fleet
+    from rocoin.runtime.source import Source
+    from rocoin.runtime.tls import ClientTLS, ServerTLS
+
+    good = certs / "good"
+    token = "a-token-shared-by-source-and-devices"
+
+    async def main():
+        tls = ServerTLS(good / "device.pem", good / "device.key", client_ca=good / "ca.pem")
+        devices = [await start_device(bundle, name, tls=tls, token=token) for name in ("a", "b", "c")]
+        try:
+            fleet = Fleet(devices=[profile(d.worker.device_id, 20, 4, 300, 0.1, address=d.address) for d in devices])
+            client_tls = ClientTLS(good / "ca.pem", good / "source.pem", good / "source.key")
+            async with Source(bundle, fleet, deadline_s=2.0, token=token, tls=client_tls) as source:
+                return await source.infer(np.zeros((1, 1, 8, 8), dtype=np.uint8))
+        finally:
+            for d in devices:
+                await d.stop(0)
+
+    result = run(main())
+    assert result.missing_groups == [] and set(result.answered_by) <= {"a", "b", "c"}
+
+
+def test_bad_certificate_files_get_one_line(tmp_path):
+    from rocoin.runtime.tls import ClientTLS, ServerTLS
+
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(RocoinError, match="tls-key = .*not a PEM file"):
+        ServerTLS(tmp_path / "junk.pem", tmp_path / "junk.pem").credentials()
+    with pytest.raises(RocoinError, match="tls-ca = .*cannot read it"):
+        ClientTLS(tmp_path / "missing.pem").credentials()

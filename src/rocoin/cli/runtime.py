@@ -55,6 +55,9 @@ def device_serve(
     threads: int = typer.Option(1, "--threads", help="onnxruntime intra-op threads."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="File with the shared token the source must send (default: $ROCOIN_DEVICE_TOKEN; none: no authentication)."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate: serve TLS (see scripts/make_certs.sh)."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
+    tls_client_ca: Optional[Path] = typer.Option(None, "--tls-client-ca", help="Require client certificates signed by this CA (mTLS)."),
 ) -> None:
     """Serve this device's student over gRPC until SIGTERM/SIGINT."""
     require("onnxruntime", "device")
@@ -79,8 +82,21 @@ def device_serve(
             intra_op_threads=threads,
             ready_file=ready_file,
             token=load_token(token_file),
+            tls=_server_tls(tls_cert, tls_key, tls_client_ca),
         )
     )
+
+
+def _server_tls(cert: Optional[Path], key: Optional[Path], client_ca: Optional[Path]):
+    from rocoin.runtime.tls import ServerTLS
+
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise RocoinError("tls-client-ca needs --tls-cert and --tls-key (mTLS runs over TLS)")
+        return None
+    if cert is None or key is None:
+        raise RocoinError("tls-cert and tls-key: give both")
+    return ServerTLS(cert, key, client_ca)
 
 
 @source_app.command("serve")
@@ -92,6 +108,9 @@ def source_serve(
     deadline_s: float = typer.Option(1.0, "--deadline-s", help="Per-query deadline; missing groups are zero-filled then."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="File with the token the devices expect (default: $ROCOIN_DEVICE_TOKEN)."),
+    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="Talk TLS to the devices, verifying them against this CA."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="The source's certificate for mTLS."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Private key of --tls-cert."),
 ) -> None:
     """Serve queries: broadcast to every device, first answer per group, head at completion or deadline."""
     require("onnxruntime", "device")
@@ -102,7 +121,12 @@ def source_serve(
     from rocoin.runtime.source_server import serve_source
 
     _server_logging()
-    source = Source(bundle, load_fleet(fleet), deadline_s=deadline_s, token=load_token(token_file))
+    from rocoin.runtime.tls import ClientTLS
+
+    if tls_ca is None and (tls_cert or tls_key):
+        raise RocoinError("tls-cert/tls-key need --tls-ca (the CA that signed the devices' certificates)")
+    tls = ClientTLS(tls_ca, tls_cert, tls_key) if tls_ca else None
+    source = Source(bundle, load_fleet(fleet), deadline_s=deadline_s, token=load_token(token_file), tls=tls)
     asyncio.run(serve_source(source, listen, ready_file=ready_file))
 
 

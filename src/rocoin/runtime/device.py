@@ -49,6 +49,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rocoin.errors import RocoinError
 from rocoin.runtime.auth import TokenInterceptor
+from rocoin.runtime.tls import ServerTLS
 from rocoin.fileio import write_json_atomic
 from rocoin.planning.latency import BITS_PER_VALUE
 from rocoin.profiles.fleet import Fleet, load_fleet
@@ -326,10 +327,12 @@ async def start_device(
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     intra_op_threads: int = DEFAULT_INTRA_OP_THREADS,
     token: str | None = None,
+    tls: ServerTLS | None = None,
 ) -> DeviceServer:
     """Load and check the model, listen on ``listen`` (insecure) and start serving; stop it with ``.stop()``.
 
-    With ``token``, every call but the health service's must carry it (see ``rocoin.runtime.auth``).
+    With ``token``, every call but the health service's must carry it (see ``rocoin.runtime.auth``);
+    with ``tls`` the port speaks TLS (mTLS when it names a client CA; see ``rocoin.runtime.tls``).
     """
     host, _ = parse_listen(listen)
     worker = DeviceWorker(
@@ -348,7 +351,10 @@ async def start_device(
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     try:
-        port = server.add_insecure_port(listen)
+        port = server.add_secure_port(listen, tls.credentials()) if tls is not None else server.add_insecure_port(listen)
+    except RocoinError:
+        worker.close()
+        raise
     except RuntimeError as exc:
         worker.close()
         raise RocoinError(f"listen = {listen!r}: cannot bind ({exc})") from None
@@ -373,6 +379,7 @@ async def serve_device(
     ready: Callable[[DeviceServer], Any] | None = None,
     ready_file: str | os.PathLike[str] | None = None,
     token: str | None = None,
+    tls: ServerTLS | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT or cancellation, then shut down within :data:`SHUTDOWN_GRACE_S`.
 
@@ -394,6 +401,7 @@ async def serve_device(
         max_concurrency=max_concurrency,
         intra_op_threads=intra_op_threads,
         token=token,
+        tls=tls,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

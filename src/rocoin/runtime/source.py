@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rocoin.errors import RocoinError
 from rocoin.profiles.fleet import Fleet
 from rocoin.runtime.auth import token_metadata
+from rocoin.runtime.tls import ClientTLS
 from rocoin.runtime.manifest import Manifest, load_manifest, verify_file
 from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc
 from rocoin.runtime.serde import tensor_from_proto, tensor_to_proto
@@ -93,6 +94,7 @@ class Source:
         deadline_s: float = DEFAULT_DEADLINE_S,
         intra_op_threads: int = 1,
         token: str | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
         if not deadline_s > 0:
             raise RocoinError(f"deadline-s = {deadline_s}: expected a positive number of seconds")
@@ -100,6 +102,7 @@ class Source:
         self.manifest: Manifest = load_manifest(bundle)
         self.deadline_s = deadline_s
         self._metadata = token_metadata(token)
+        self._credentials = tls.credentials() if tls is not None else None
         plan = self.manifest.plan
         plan.check_fleet(fleet)
         by_id = {d.id: d for d in fleet.devices}
@@ -140,7 +143,10 @@ class Source:
             ("grpc.max_receive_message_length", self.max_message_bytes),
         ]
         for device in self.devices:
-            device.channel = grpc.aio.insecure_channel(device.address, options=options)
+            if self._credentials is not None:
+                device.channel = grpc.aio.secure_channel(device.address, self._credentials, options=options)
+            else:
+                device.channel = grpc.aio.insecure_channel(device.address, options=options)
             device.stub = rocoin_pb2_grpc.DeviceStub(device.channel)
         self._started = True
 
