@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,train,device
+EXTRAS ?= dev,train,device,source
 
 .PHONY: demo test bench clean
 

@@ -105,6 +105,7 @@ def source_serve(
     bundle: Path = typer.Option(..., "--bundle", help="Bundle folder from rocoin export."),
     fleet: Path = typer.Option(..., "--fleet", help="Fleet file whose devices carry their worker's address."),
     listen: str = typer.Option("127.0.0.1:50051", "--listen", help="host:port for clients (port 0: any free port)."),
+    http_listen: Optional[str] = typer.Option(None, "--http-listen", help="host:port for the KServe v2 REST API (e.g. 127.0.0.1:8000)."),
     deadline_s: float = typer.Option(1.0, "--deadline-s", help="Per-query deadline; missing groups are zero-filled then."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="File with the token the devices expect (default: $ROCOIN_DEVICE_TOKEN)."),
@@ -127,7 +128,9 @@ def source_serve(
         raise RocoinError("tls-cert/tls-key need --tls-ca (the CA that signed the devices' certificates)")
     tls = ClientTLS(tls_ca, tls_cert, tls_key) if tls_ca else None
     source = Source(bundle, load_fleet(fleet), deadline_s=deadline_s, token=load_token(token_file), tls=tls)
-    asyncio.run(serve_source(source, listen, ready_file=ready_file))
+    if http_listen is not None:
+        require("aiohttp", "source")
+    asyncio.run(serve_source(source, listen, http_listen=http_listen, ready_file=ready_file))
 
 
 @clean_errors

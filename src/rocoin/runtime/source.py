@@ -128,6 +128,11 @@ class Source:
         self._started = False
 
     @property
+    def ready(self) -> bool:
+        """Started, and every group has at least one device that is not marked down."""
+        return self._started and all(any(d.up for d in self.devices if d.group == k) for k in range(self.num_groups))
+
+    @property
     def num_groups(self) -> int:
         return len(self._filters)
 

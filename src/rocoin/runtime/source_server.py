@@ -46,8 +46,16 @@ class SourceService(rocoin_pb2_grpc.SourceServicer):
         )
 
 
-async def serve_source(source: Source, listen: str = "127.0.0.1:0", *, ready_file: str | Path | None = None, stop: asyncio.Event | None = None) -> None:
-    """Serve ``source`` until ``stop`` is set or SIGTERM/SIGINT arrives."""
+async def serve_source(
+    source: Source,
+    listen: str = "127.0.0.1:0",
+    *,
+    http_listen: str | None = None,
+    ready_file: str | Path | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve ``source`` over gRPC (and the KServe v2 REST API on ``http_listen``) until ``stop``
+    is set or SIGTERM/SIGINT arrives."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", source.max_message_bytes),
@@ -65,11 +73,17 @@ async def serve_source(source: Source, listen: str = "127.0.0.1:0", *, ready_fil
     address = f"{host}:{port}"
     await source.start()
     await server.start()
+    http_runner, http_address = None, None
+    if http_listen is not None:
+        from rocoin.runtime.http_api import start_http
+
+        http_runner, http_address = await start_http(source, http_listen)
+        logger.info("source REST API (KServe v2) on http://%s/v2", http_address)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info("source serving on %s (%d groups, %d devices)", address, source.num_groups, len(source.devices))
     if ready_file is not None:
-        write_json_atomic(ready_file, {"address": address, "pid": os.getpid()})
+        write_json_atomic(ready_file, {"address": address, "http_address": http_address, "pid": os.getpid()})
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,5 +96,7 @@ async def serve_source(source: Source, listen: str = "127.0.0.1:0", *, ready_fil
     finally:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if http_runner is not None:
+            await http_runner.cleanup()
         await server.stop(SHUTDOWN_GRACE_S)
         await source.close()

@@ -1,0 +1,200 @@
+"""The source's HTTP/REST API: the Open Inference Protocol (KServe v2), so existing clients work.
+
+Endpoints: ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{model}``,
+``/v2/models/{model}/ready`` and ``POST /v2/models/{model}/infer`` with JSON tensors. The infer
+answer carries the logits and the number of missing groups (output ``missing_groups`` and the
+response ``parameters``). Triton's binary-tensor extension is refused with a 400 that tells the
+client to send JSON. Errors are a 4xx status with ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from rocoin import __version__
+from rocoin.errors import RocoinError
+from rocoin.runtime.source import MAX_BATCH, Source
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "rocoin"
+MODEL_VERSION = "1"
+INPUT_NAME = "input"
+#: KServe v2 datatypes the infer endpoint accepts for the image batch.
+DATATYPES = {"UINT8": np.uint8, "FP32": np.float32}
+#: JSON bodies above this many bytes get 413 (a JSON number takes a few bytes per value).
+JSON_BYTES_PER_VALUE = 24
+BINARY_HEADER = "Inference-Header-Content-Length"
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def create_app(source: Source) -> web.Application:
+    values_per_batch = MAX_BATCH * int(np.prod(source.input_shape))
+    max_body = values_per_batch * JSON_BYTES_PER_VALUE + 64 * 1024
+    app = web.Application(client_max_size=max_body, middlewares=[_errors_as_json])
+    api = _Api(source)
+    app.router.add_get("/v2/health/live", api.live)
+    app.router.add_get("/v2/health/ready", api.ready)
+    app.router.add_get("/v2", api.server_metadata)
+    app.router.add_get("/v2/models/{model}", api.model_metadata)
+    app.router.add_get("/v2/models/{model}/versions/{version}", api.model_metadata)
+    app.router.add_get("/v2/models/{model}/ready", api.model_ready)
+    app.router.add_post("/v2/models/{model}/infer", api.infer)
+    app.router.add_post("/v2/models/{model}/versions/{version}/infer", api.infer)
+    return app
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return _error(exc.status, str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"request body too large (at most {request.app._client_max_size} bytes)")
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return _error(exc.status, exc.reason)
+        raise
+
+
+class _Api:
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def _check_model(self, request: web.Request) -> None:
+        name = request.match_info["model"]
+        if name != MODEL_NAME:
+            raise RequestError(404, f"unknown model {name!r}; this server serves {MODEL_NAME!r}")
+        version = request.match_info.get("version")
+        if version is not None and version != MODEL_VERSION:
+            raise RequestError(404, f"unknown version {version!r} of {MODEL_NAME!r}; expected {MODEL_VERSION!r}")
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ready = self.source.ready
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response({"name": "rocoin", "version": __version__, "extensions": []})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        self._check_model(request)
+        shape = [-1, *self.source.input_shape]
+        return web.json_response(
+            {
+                "name": MODEL_NAME,
+                "versions": [MODEL_VERSION],
+                "platform": "rocoin",
+                "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": shape}],
+                "outputs": [
+                    {"name": "logits", "datatype": "FP32", "shape": [-1, len(self.source.manifest.class_names)]},
+                    {"name": "missing_groups", "datatype": "INT32", "shape": [-1]},
+                ],
+                "parameters": {"class_names": self.source.manifest.class_names, "groups": self.source.num_groups, "input_datatypes": sorted(DATATYPES)},
+            }
+        )
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        self._check_model(request)
+        ready = self.source.ready
+        return web.json_response({"name": MODEL_NAME, "ready": ready}, status=200 if ready else 503)
+
+    async def infer(self, request: web.Request) -> web.Response:
+        self._check_model(request)
+        if BINARY_HEADER in request.headers:
+            raise RequestError(400, "binary tensor data (Inference-Header-Content-Length) is not supported; send JSON tensors with 'data'")
+        try:
+            body = await request.json(loads=json.loads)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            raise RequestError(400, "request body is not valid JSON") from None
+        images, query_id = _parse_infer(body)
+        try:
+            result = await self.source.infer(images, query_id=query_id)
+        except RocoinError as exc:
+            raise RequestError(400, str(exc)) from None
+        missing = list(result.missing_groups)
+        return web.json_response(
+            {
+                "model_name": MODEL_NAME,
+                "model_version": MODEL_VERSION,
+                "id": result.query_id,
+                "parameters": {"missing_groups": len(missing), "latency_s": result.latency_s},
+                "outputs": [
+                    {"name": "logits", "datatype": "FP32", "shape": list(result.logits.shape), "data": result.logits.ravel().tolist()},
+                    {"name": "missing_groups", "datatype": "INT32", "shape": [len(missing)], "data": missing},
+                ],
+            }
+        )
+
+
+def _parse_infer(body: Any) -> tuple[np.ndarray, str | None]:
+    if not isinstance(body, dict):
+        raise RequestError(400, "request body: expected a JSON object with 'inputs'")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        raise RequestError(400, f"inputs: expected a list with one tensor named {INPUT_NAME!r}")
+    tensor = inputs[0]
+    if not isinstance(tensor, dict):
+        raise RequestError(400, "inputs[0]: expected an object {name, shape, datatype, data}")
+    if tensor.get("name") != INPUT_NAME:
+        raise RequestError(400, f"inputs[0].name = {tensor.get('name')!r}: expected {INPUT_NAME!r}")
+    datatype = tensor.get("datatype")
+    if datatype not in DATATYPES:
+        raise RequestError(400, f"inputs[0].datatype = {datatype!r}: expected one of {', '.join(sorted(DATATYPES))}")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise RequestError(400, f"inputs[0].shape = {shape!r}: expected a list of non-negative integers")
+    if "data" not in tensor:
+        raise RequestError(400, "inputs[0].data: missing (binary data is not supported; send the values as JSON)")
+    try:
+        values = np.asarray(tensor["data"], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RequestError(400, "inputs[0].data: expected numbers (flat or nested lists)") from None
+    if values.size != math.prod(shape):
+        raise RequestError(400, f"inputs[0].data: {values.size} values but shape {shape} needs {math.prod(shape)}")
+    if values.size == 0:
+        raise RequestError(400, "inputs[0].data: empty tensor")
+    if not np.isfinite(values).all():
+        raise RequestError(400, "inputs[0].data: contains NaN or Inf")
+    if datatype == "UINT8" and (values.min() < 0 or values.max() > 255 or not np.array_equal(values, np.round(values))):
+        raise RequestError(400, "inputs[0].data: UINT8 values must be integers in 0..255")
+    images = values.reshape(shape).astype(DATATYPES[datatype])
+    query_id = body.get("id")
+    if query_id is not None and not isinstance(query_id, str):
+        raise RequestError(400, f"id = {query_id!r}: expected a string")
+    return images, query_id
+
+
+async def start_http(source: Source, listen: str) -> tuple[web.AppRunner, str]:
+    """Serve the REST API on ``listen`` (host:port, port 0 for any); returns the runner and address."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise RocoinError(f"http-listen = {listen!r}: expected host:port")
+    runner = web.AppRunner(create_app(source), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, int(port))
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise RocoinError(f"http-listen = {listen!r}: cannot bind ({exc.strerror})") from None
+    bound = site._server.sockets[0].getsockname()[1]  # the port chosen for port 0
+    return runner, f"{host}:{bound}"

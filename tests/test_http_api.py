@@ -1,0 +1,129 @@
+"""The source's KServe v2 REST API over real HTTP on 127.0.0.1, in front of real device workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiohttp")
+pytest.importorskip("onnxruntime")
+
+import aiohttp  # noqa: E402
+
+from conftest import device as profile  # noqa: E402
+from rocoin.profiles.fleet import Fleet  # noqa: E402
+from rocoin.runtime.http_api import start_http  # noqa: E402
+from rocoin.runtime.source import Source  # noqa: E402
+from test_device import make_bundle, start_device  # noqa: E402
+
+
+def run_with_server(bundle, scenario):
+    """Start devices a, b, c and the source with its REST API; run ``scenario(session, base_url)``."""
+
+    async def main():
+        devices = [await start_device(bundle, name) for name in ("a", "b", "c")]
+        fleet = Fleet(devices=[profile(d.worker.device_id, 20, 4, 300, 0.1, address=d.address) for d in devices])
+        source = Source(bundle, fleet, deadline_s=2.0)
+        await source.start()
+        runner, address = await start_http(source, "127.0.0.1:0")
+        try:
+            async with aiohttp.ClientSession() as session:
+                return await scenario(session, f"http://{address}", devices)
+        finally:
+            await runner.cleanup()
+            await source.close()
+            for d in devices:
+                await d.stop(0)
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+def infer_body(images: np.ndarray, datatype: str = "UINT8") -> dict:
+    return {"id": "q1", "inputs": [{"name": "input", "shape": list(images.shape), "datatype": datatype, "data": images.ravel().tolist()}]}
+
+
+def test_health_metadata_and_infer(bundle):
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 1, 8, 8), dtype=np.uint8)
+
+    async def scenario(session, base, devices):
+        out = {}
+        for path in ("/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/rocoin", "/v2/models/rocoin/ready"):
+            async with session.get(base + path) as response:
+                out[path] = (response.status, await response.json())
+        async with session.post(base + "/v2/models/rocoin/infer", json=infer_body(images)) as response:
+            out["infer"] = (response.status, await response.json())
+        floats = (images / 255.0).astype(np.float32)
+        async with session.post(base + "/v2/models/rocoin/versions/1/infer", json=infer_body(floats, "FP32")) as response:
+            out["infer fp32"] = (response.status, await response.json())
+        await devices[0].stop(0)  # group 0's only device is gone
+        async with session.post(base + "/v2/models/rocoin/infer", json=infer_body(images)) as response:
+            out["degraded"] = (response.status, await response.json())
+        return out
+
+    out = run_with_server(bundle, scenario)
+    assert out["/v2/health/live"] == (200, {"live": True})
+    assert out["/v2/health/ready"] == (200, {"ready": True})
+    assert out["/v2"][1]["name"] == "rocoin"
+    status, meta = out["/v2/models/rocoin"]
+    assert status == 200 and meta["inputs"][0]["shape"] == [-1, 1, 8, 8] and meta["outputs"][0]["shape"] == [-1, 3]
+    assert out["/v2/models/rocoin/ready"] == (200, {"name": "rocoin", "ready": True})
+    status, answer = out["infer"]
+    assert status == 200 and answer["id"] == "q1" and answer["model_name"] == "rocoin"
+    logits = next(o for o in answer["outputs"] if o["name"] == "logits")
+    assert logits["shape"] == [2, 3] and len(logits["data"]) == 6
+    assert answer["parameters"]["missing_groups"] == 0
+    np.testing.assert_allclose(
+        next(o for o in out["infer fp32"][1]["outputs"] if o["name"] == "logits")["data"], logits["data"], rtol=1e-5, atol=1e-6
+    )
+    status, degraded = out["degraded"]
+    assert status == 200 and degraded["parameters"]["missing_groups"] == 1
+    assert next(o for o in degraded["outputs"] if o["name"] == "missing_groups")["data"] == [0]
+
+
+@pytest.mark.parametrize(
+    "path, body, headers, status, message",
+    [
+        ("/v2/models/other/infer", {}, {}, 404, "unknown model 'other'"),
+        ("/v2/models/rocoin/infer", b"{garbage", {"Content-Type": "application/json"}, 400, "not valid JSON"),
+        ("/v2/models/rocoin/infer", b"", {"Content-Type": "application/json"}, 400, "not valid JSON"),
+        ("/v2/models/rocoin/infer", {"inputs": []}, {}, 400, "inputs: expected a list with one tensor"),
+        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [1, 2, 8, 8], "datatype": "UINT8", "data": [0] * 128}]}, {}, 400, "expected (B, 1, 8, 8)"),
+        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT64", "data": [0] * 64}]}, {}, 400, "datatype = 'INT64'"),
+        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [float("nan")] + [0.0] * 63}]}, {}, 400, "NaN or Inf"),
+        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": [0] * 10}]}, {}, 400, "10 values but shape"),
+        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [0, 1, 8, 8], "datatype": "UINT8", "data": []}]}, {}, 400, "empty tensor"),
+        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": [300] * 64}]}, {}, 400, "0..255"),
+        ("/v2/models/rocoin/infer", b"\x00" * 16, {"Inference-Header-Content-Length": "8"}, 400, "send JSON tensors"),
+        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [100, 1, 8, 8], "datatype": "UINT8", "data": [0] * 6400}]}, {}, 400, "expected 1..64"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(bundle, path, body, headers, status, message):
+    good = infer_body(np.zeros((1, 1, 8, 8), dtype=np.uint8))
+
+    async def scenario(session, base, devices):
+        kwargs = {"data": body} if isinstance(body, bytes) else {"data": json.dumps(body)}
+        async with session.post(base + path, headers=headers or {"Content-Type": "application/json"}, **kwargs) as response:
+            bad = (response.status, await response.json())
+        async with session.post(base + "/v2/models/rocoin/infer", json=good) as response:
+            return bad, response.status
+
+    (bad_status, bad_body), after = run_with_server(bundle, scenario)
+    assert bad_status == status and message in bad_body["error"], bad_body
+    assert after == 200
+
+
+def test_an_oversized_body_is_refused(bundle):
+    async def scenario(session, base, devices):
+        async with session.post(base + "/v2/models/rocoin/infer", data=b"[" + b"0," * 2_000_000 + b"0]", headers={"Content-Type": "application/json"}) as response:
+            return response.status, await response.json()
+
+    status, body = run_with_server(bundle, scenario)
+    assert status == 413 and "too large" in body["error"]
