@@ -127,3 +127,52 @@ def test_an_oversized_body_is_refused(bundle):
 
     status, body = run_with_server(bundle, scenario)
     assert status == 413 and "too large" in body["error"]
+
+
+def test_prometheus_metrics_count_queries_missing_groups_and_device_health(bundle):
+    images = np.zeros((1, 1, 8, 8), dtype=np.uint8)
+
+    async def scenario(session, base, devices):
+        for _ in range(2):
+            async with session.post(base + "/v2/models/rocoin/infer", json=infer_body(images)) as response:
+                assert response.status == 200
+        await devices[0].stop(0)  # group 0 ("a") is gone: 3 failed calls mark it down
+        for _ in range(3):
+            async with session.post(base + "/v2/models/rocoin/infer", json=infer_body(images)) as response:
+                assert response.status == 200
+        async with session.get(base + "/metrics") as response:
+            return response.status, response.headers["Content-Type"], await response.text()
+
+    status, content_type, text = run_with_server(bundle, scenario)
+    assert status == 200 and content_type.startswith("text/plain")
+    lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    assert lines["rocoin_queries_total"] == 5
+    assert lines["rocoin_query_latency_seconds_count"] == 5
+    assert lines['rocoin_missing_groups_total{group="0"}'] == 3
+    assert lines['rocoin_device_failures_total{device="a"}'] == 3
+    assert lines['rocoin_device_up{device="a"}'] == 0 and lines['rocoin_device_up{device="b"}'] == 1
+    assert lines['rocoin_group_latency_seconds_count{group="1"}'] == 5
+
+
+def test_a_device_counts_its_requests_and_serves_metrics(bundle):
+    import urllib.request
+
+    from test_device import Client, request
+
+    async def main():
+        device = await start_device(bundle, "a")
+        try:
+            async with Client(device.address) as stub:
+                await stub.Infer(request(np.zeros((1, 1, 8, 8), dtype=np.float32)), timeout=5)
+                bad = np.zeros((1, 2, 8, 8), dtype=np.float32)
+                with pytest.raises(Exception):
+                    await stub.Infer(request(bad), timeout=5)
+            port = device.worker.metrics.serve("127.0.0.1:0")
+            return await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+        finally:
+            await device.stop(0)
+
+    text = asyncio.run(main())
+    assert 'rocoin_device_requests_total{code="OK"} 1.0' in text
+    assert 'rocoin_device_requests_total{code="INVALID_ARGUMENT"} 1.0' in text
+    assert "rocoin_device_run_seconds_count 1.0" in text

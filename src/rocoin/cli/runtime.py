@@ -58,6 +58,7 @@ def device_serve(
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate: serve TLS (see scripts/make_certs.sh)."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
     tls_client_ca: Optional[Path] = typer.Option(None, "--tls-client-ca", help="Require client certificates signed by this CA (mTLS)."),
+    metrics_listen: Optional[str] = typer.Option(None, "--metrics-listen", help="host:port for Prometheus /metrics (requests, run time)."),
 ) -> None:
     """Serve this device's student over gRPC until SIGTERM/SIGINT."""
     require("onnxruntime", "device")
@@ -83,6 +84,7 @@ def device_serve(
             ready_file=ready_file,
             token=load_token(token_file),
             tls=_server_tls(tls_cert, tls_key, tls_client_ca),
+            metrics_listen=metrics_listen,
         )
     )
 

@@ -49,6 +49,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rocoin.errors import RocoinError
 from rocoin.runtime.auth import TokenInterceptor
+from rocoin.runtime.metrics import DeviceMetrics
 from rocoin.runtime.tls import ServerTLS
 from rocoin.fileio import write_json_atomic
 from rocoin.planning.latency import BITS_PER_VALUE
@@ -158,6 +159,7 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
                 raise RocoinError(f"{name.replace('_', '-')} = {value!r}: expected an integer >= 1")
         self.bundle = Path(bundle)
         self.device_id = device_id
+        self.metrics = DeviceMetrics()
         self.manifest: Manifest = load_manifest(self.bundle)
         self.model: GroupModel = self.manifest.group_of(device_id)
         self.group = self.model.group
@@ -218,6 +220,21 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         return batch, ""
 
     async def Infer(self, request: rocoin_pb2.DeviceInferRequest, context: grpc.aio.ServicerContext) -> rocoin_pb2.DeviceInferResponse:
+        """Answer one request, counting its outcome and time in :attr:`metrics`."""
+        try:
+            reply = await self._infer(request, context)
+        except asyncio.CancelledError:
+            self.metrics.requests.labels("CANCELLED").inc()
+            raise
+        except BaseException:
+            code = context.code() if hasattr(context, "code") else None
+            self.metrics.requests.labels(getattr(code, "name", None) or "UNKNOWN").inc()
+            raise
+        self.metrics.requests.labels("OK").inc()
+        self.metrics.run_time.observe(reply.compute_s)
+        return reply
+
+    async def _infer(self, request: rocoin_pb2.DeviceInferRequest, context: grpc.aio.ServicerContext) -> rocoin_pb2.DeviceInferResponse:
         batch, problem = self.check_request(request)
         if batch is None:
             logger.debug("device %s: rejected query %r: %s", self.device_id, request.query_id[:MAX_QUERY_ID_CHARS], problem)
@@ -380,6 +397,7 @@ async def serve_device(
     ready_file: str | os.PathLike[str] | None = None,
     token: str | None = None,
     tls: ServerTLS | None = None,
+    metrics_listen: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT or cancellation, then shut down within :data:`SHUTDOWN_GRACE_S`.
 
@@ -403,6 +421,9 @@ async def serve_device(
         token=token,
         tls=tls,
     )
+    if metrics_listen is not None:
+        metrics_port = running.worker.metrics.serve(metrics_listen)
+        logger.info("device %s metrics on http://%s:%d/metrics", device_id, metrics_listen.rpartition(":")[0], metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed = []

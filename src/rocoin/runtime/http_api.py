@@ -56,6 +56,7 @@ def create_app(source: Source) -> web.Application:
     app.router.add_get("/v2/models/{model}/ready", api.model_ready)
     app.router.add_post("/v2/models/{model}/infer", api.infer)
     app.router.add_post("/v2/models/{model}/versions/{version}/infer", api.infer)
+    app.router.add_get("/metrics", api.metrics)
     return app
 
 
@@ -84,6 +85,11 @@ class _Api:
         version = request.match_info.get("version")
         if version is not None and version != MODEL_VERSION:
             raise RequestError(404, f"unknown version {version!r} of {MODEL_NAME!r}; expected {MODEL_VERSION!r}")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return web.Response(body=generate_latest(self.source.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"live": True})

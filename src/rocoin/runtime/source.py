@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rocoin.errors import RocoinError
 from rocoin.profiles.fleet import Fleet
 from rocoin.runtime.auth import token_metadata
+from rocoin.runtime.metrics import SourceMetrics
 from rocoin.runtime.tls import ClientTLS
 from rocoin.runtime.manifest import Manifest, load_manifest, verify_file
 from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc
@@ -102,6 +103,7 @@ class Source:
         self.manifest: Manifest = load_manifest(bundle)
         self.deadline_s = deadline_s
         self._metadata = token_metadata(token)
+        self.metrics = SourceMetrics()
         self._credentials = tls.credentials() if tls is not None else None
         plan = self.manifest.plan
         plan.check_fleet(fleet)
@@ -153,6 +155,7 @@ class Source:
             else:
                 device.channel = grpc.aio.insecure_channel(device.address, options=options)
             device.stub = rocoin_pb2_grpc.DeviceStub(device.channel)
+            self.metrics.device_up.labels(device.device_id).set(1 if device.up else 0)
         self._started = True
 
     async def close(self) -> None:
@@ -218,7 +221,8 @@ class Source:
             for task in done:
                 item = pending.pop(task)
                 open_calls[item.group] -= 1
-                self._settle(item, task, x.shape[0], slots, answered_by, query_id)
+                if self._settle(item, task, x.shape[0], slots, answered_by, query_id):
+                    self.metrics.group_latency.labels(str(item.group)).observe(time.perf_counter() - started)
             for task, item in list(pending.items()):  # cancel the replicas of groups that answered
                 if slots[item.group] is not None:
                     task.cancel()
@@ -231,11 +235,16 @@ class Source:
         missing = [k for k, s in enumerate(slots) if s is None]
         logits = self._head_run(x.shape[0], slots)
         latency = time.perf_counter() - started
+        self.metrics.queries.inc()
+        self.metrics.query_latency.observe(latency)
+        for k in missing:
+            self.metrics.missing_groups.labels(str(k)).inc()
         if missing:
             logger.info("query %s: groups %s missing after %.3f s", query_id, missing, latency)
         return InferResult(query_id, logits, missing, answered_by, latency)
 
-    def _settle(self, item: _Pending, task: asyncio.Task, batch: int, slots: list, answered_by: list, query_id: str) -> None:
+    def _settle(self, item: _Pending, task: asyncio.Task, batch: int, slots: list, answered_by: list, query_id: str) -> bool:
+        """Take a finished call's answer; True when it filled its group's slot."""
         device = item.device
         try:
             response = task.result()
@@ -244,25 +253,29 @@ class Source:
             if features.shape != expected or features.dtype != np.float32:
                 raise ValueError(f"features {features.dtype}{features.shape}: expected float32{expected}")
         except asyncio.CancelledError:
-            return
+            return False
         except grpc.aio.AioRpcError as exc:
             self._failed(device, f"{exc.code().name}: {exc.details()}", query_id)
-            return
+            return False
         except ValueError as exc:
             self._failed(device, str(exc), query_id)
-            return
+            return False
         device.consecutive_failures = 0
         device.answers += 1
         if slots[item.group] is None:
             slots[item.group] = features
             answered_by[item.group] = device.device_id
+            return True
+        return False
 
     def _failed(self, device: DeviceState, reason: str, query_id: str) -> None:
         device.failures += 1
         device.consecutive_failures += 1
+        self.metrics.device_failures.labels(device.device_id).inc()
         logger.debug("query %s: device %s failed: %s", query_id, device.device_id, reason)
         if device.up and device.consecutive_failures >= FAILURES_TO_MARK_DOWN:
             device.up = False
+            self.metrics.device_up.labels(device.device_id).set(0)
             logger.warning("device %s marked down after %d failed calls (%s)", device.device_id, device.consecutive_failures, reason)
             device.probe = asyncio.ensure_future(self._probe(device))
 
@@ -277,6 +290,7 @@ class Source:
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 device.consecutive_failures = 0
                 device.up = True
+                self.metrics.device_up.labels(device.device_id).set(1)
                 device.probe = None
                 logger.warning("device %s is healthy again", device.device_id)
                 return
