@@ -20,7 +20,7 @@ from rocoin.runtime.source import Source  # noqa: E402
 from test_device import make_bundle, start_device  # noqa: E402
 
 
-def run_with_server(bundle, scenario):
+def run_with_server(bundle, scenario, *, token=None):
     """Start devices a, b, c and the source with its REST API; run ``scenario(session, base_url)``."""
 
     async def main():
@@ -28,7 +28,7 @@ def run_with_server(bundle, scenario):
         fleet = Fleet(devices=[profile(d.worker.device_id, 20, 4, 300, 0.1, address=d.address) for d in devices])
         source = Source(bundle, fleet, deadline_s=2.0)
         await source.start()
-        runner, address = await start_http(source, "127.0.0.1:0")
+        runner, address = await start_http(source, "127.0.0.1:0", token=token)
         try:
             async with aiohttp.ClientSession() as session:
                 return await scenario(session, f"http://{address}", devices)
@@ -176,3 +176,40 @@ def test_a_device_counts_its_requests_and_serves_metrics(bundle):
     assert 'rocoin_device_requests_total{code="OK"} 1.0' in text
     assert 'rocoin_device_requests_total{code="INVALID_ARGUMENT"} 1.0' in text
     assert "rocoin_device_run_seconds_count 1.0" in text
+
+
+def test_the_api_token_guards_everything_but_health(bundle):
+    token = "client-api-token-0123456789"
+    body = infer_body(np.zeros((1, 1, 8, 8), dtype=np.uint8))
+
+    async def scenario(session, base, devices):
+        out = {}
+        async with session.get(base + "/v2/health/ready") as response:
+            out["health"] = response.status
+        for label, headers in (("none", {}), ("wrong", {"Authorization": "Bearer nope"}), ("right", {"Authorization": f"Bearer {token}"})):
+            async with session.post(base + "/v2/models/rocoin/infer", json=body, headers=headers) as response:
+                out[label] = (response.status, await response.json())
+        async with session.get(base + "/metrics") as response:
+            out["metrics"] = response.status
+        return out
+
+    out = run_with_server(bundle, scenario, token=token)
+    assert out["health"] == 200 and out["metrics"] == 401
+    assert out["none"][0] == 401 and "bearer token" in out["none"][1]["error"]
+    assert out["wrong"][0] == 401
+    assert out["right"][0] == 200
+
+
+def test_rocoin_infer_speaks_the_rest_api(bundle):
+    pytest.importorskip("sklearn")
+    from rocoin.data import load_dataset
+    from rocoin.runtime.client import run_queries_http
+
+    test = load_dataset("digits").test
+
+    async def scenario(session, base, devices):
+        return await run_queries_http(base, test.images[:12], test.labels[:12], concurrency=3, token="t" * 20)
+
+    report = run_with_server(bundle, scenario, token="t" * 20)
+    assert report["queries"] == 12 and report["queries_with_missing_groups"] == 0
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["latency_s"]["p50"] > 0

@@ -108,6 +108,7 @@ def source_serve(
     fleet: Path = typer.Option(..., "--fleet", help="Fleet file whose devices carry their worker's address."),
     listen: str = typer.Option("127.0.0.1:50051", "--listen", help="host:port for clients (port 0: any free port)."),
     http_listen: Optional[str] = typer.Option(None, "--http-listen", help="host:port for the KServe v2 REST API (e.g. 127.0.0.1:8000)."),
+    api_token_file: Optional[Path] = typer.Option(None, "--api-token-file", help="Bearer token clients must send to the REST API (default: $ROCOIN_API_TOKEN; none: open)."),
     deadline_s: float = typer.Option(1.0, "--deadline-s", help="Per-query deadline; missing groups are zero-filled then."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="File with the token the devices expect (default: $ROCOIN_DEVICE_TOKEN)."),
@@ -119,7 +120,7 @@ def source_serve(
     require("onnxruntime", "device")
     require("grpc", "device")
     from rocoin.profiles.fleet import load_fleet
-    from rocoin.runtime.auth import load_token
+    from rocoin.runtime.auth import API_TOKEN_ENV, load_token
     from rocoin.runtime.source import Source
     from rocoin.runtime.source_server import serve_source
 
@@ -132,35 +133,49 @@ def source_serve(
     source = Source(bundle, load_fleet(fleet), deadline_s=deadline_s, token=load_token(token_file), tls=tls)
     if http_listen is not None:
         require("aiohttp", "source")
-    asyncio.run(serve_source(source, listen, http_listen=http_listen, ready_file=ready_file))
+    api_token = load_token(api_token_file, env=API_TOKEN_ENV)
+    asyncio.run(serve_source(source, listen, http_listen=http_listen, api_token=api_token, ready_file=ready_file))
 
 
 @clean_errors
 def infer_command(
-    source: str = typer.Option(..., "--source", help="host:port of a running source."),
+    source: Optional[str] = typer.Option(None, "--source", help="host:port of a source's gRPC API."),
+    url: Optional[str] = typer.Option(None, "--url", help="http://host:port of a source's KServe v2 REST API (instead of --source)."),
     dataset: str = typer.Option("fashion-mnist", "--dataset", help="Dataset whose test split is sent."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir"),
     count: int = typer.Option(100, "--count", help="Test images to send (one query each)."),
     concurrency: int = typer.Option(1, "--concurrency", help="Queries in flight at once."),
     deadline_s: float = typer.Option(0.0, "--deadline-s", help="Per-query deadline (0: the source's)."),
+    api_token_file: Optional[Path] = typer.Option(None, "--api-token-file", help="With --url: bearer token file (default: $ROCOIN_API_TOKEN)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Send test images to a source; print accuracy, latency percentiles and missing groups."""
-    require("onnxruntime", "device")
-    require("grpc", "device")
     import json
 
     from rocoin.data import load_dataset
-    from rocoin.runtime.client import run_queries
 
-    splits = load_dataset(dataset, Path(data_dir) if data_dir else None)
+    if (source is None) == (url is None):
+        raise RocoinError("infer: give exactly one of --source (gRPC) or --url (KServe v2 REST)")
     if count < 1:
         raise RocoinError(f"count = {count}: expected at least 1")
-    report = asyncio.run(run_queries(source, splits.test.images[:count], splits.test.labels[:count], concurrency=concurrency, deadline_s=deadline_s))
+    splits = load_dataset(dataset, Path(data_dir) if data_dir else None)
+    images, labels = splits.test.images[:count], splits.test.labels[:count]
+    if url is not None:
+        require("aiohttp", "source")
+        from rocoin.runtime.auth import API_TOKEN_ENV, load_token
+        from rocoin.runtime.client import run_queries_http
+
+        token = load_token(api_token_file, env=API_TOKEN_ENV)
+        report = asyncio.run(run_queries_http(url, images, labels, concurrency=concurrency, token=token))
+    else:
+        require("grpc", "device")
+        from rocoin.runtime.client import run_queries
+
+        report = asyncio.run(run_queries(source, images, labels, concurrency=concurrency, deadline_s=deadline_s))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    table = Table(title=f"{report['queries']} queries to {source}, concurrency {concurrency}")
+    table = Table(title=f"{report['queries']} queries to {source or url}, concurrency {concurrency}")
     for column in ("accuracy", "p50 ms", "p99 ms", "queries/s", "with missing groups", "mean missing"):
         table.add_column(column)
     table.add_row(

@@ -17,6 +17,8 @@ import grpc
 from rocoin.errors import RocoinError
 
 TOKEN_ENV = "ROCOIN_DEVICE_TOKEN"
+#: The optional bearer token of the source's client API.
+API_TOKEN_ENV = "ROCOIN_API_TOKEN"
 #: Shortest token accepted: a guessable secret is worse than none, because it looks safe.
 MIN_TOKEN_CHARS = 16
 METADATA_KEY = "authorization"
@@ -24,8 +26,8 @@ METADATA_KEY = "authorization"
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
-def load_token(token_file: str | os.PathLike[str] | None = None) -> str | None:
-    """The token from ``token_file``, else from ``ROCOIN_DEVICE_TOKEN``, else None (no authentication)."""
+def load_token(token_file: str | os.PathLike[str] | None = None, env: str = TOKEN_ENV) -> str | None:
+    """The token from ``token_file``, else from the ``env`` variable, else None (no authentication)."""
     if token_file is not None:
         try:
             token = Path(token_file).read_text(encoding="utf-8").strip()
@@ -33,8 +35,8 @@ def load_token(token_file: str | os.PathLike[str] | None = None) -> str | None:
             raise RocoinError(f"token-file = {str(token_file)!r}: cannot read it ({exc.strerror})") from None
         source = f"token-file {token_file}"
     else:
-        token = os.environ.get(TOKEN_ENV, "").strip()
-        source = TOKEN_ENV
+        token = os.environ.get(env, "").strip()
+        source = env
         if not token:
             return None
     if len(token) < MIN_TOKEN_CHARS:
@@ -69,3 +71,8 @@ def _deny(reason: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[No
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: this device requires the source's token")
 
     return handler
+
+
+def bearer_matches(header: str | None, token: str) -> bool:
+    """Constant-time check of an ``Authorization: Bearer ...`` header."""
+    return header is not None and hmac.compare_digest(header.encode(), f"Bearer {token}".encode())

@@ -53,15 +53,68 @@ async def run_queries(
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+    return _summary(latencies, source_latencies, predictions, missing, labels, elapsed)
+
+
+async def run_queries_http(
+    url: str,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    concurrency: int = 1,
+    token: str | None = None,
+    model: str = "rocoin",
+) -> dict:
+    """The same as :func:`run_queries`, over the KServe v2 REST API at ``url`` (http://host:port)."""
+    import aiohttp
+
+    if concurrency < 1:
+        raise ValueError(f"concurrency = {concurrency}: expected at least 1")
+    endpoint = f"{url.rstrip('/')}/v2/models/{model}/infer"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    latencies = np.zeros(len(images))
+    source_latencies = np.zeros(len(images))
+    predictions = np.zeros(len(images), dtype=np.int64)
+    missing = np.zeros(len(images), dtype=np.int64)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(images)):
+        queue.put_nowait(i)
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                image = np.asarray(images[i : i + 1])
+                datatype = "UINT8" if image.dtype == np.uint8 else "FP32"
+                body = {"id": uuid.uuid4().hex[:16], "inputs": [{"name": "input", "shape": list(image.shape), "datatype": datatype, "data": image.ravel().tolist()}]}
+                started = time.perf_counter()
+                async with session.post(endpoint, json=body) as response:
+                    reply = await response.json()
+                    if response.status != 200:
+                        raise RuntimeError(f"{endpoint}: HTTP {response.status}: {reply.get('error', reply)}")
+                latencies[i] = time.perf_counter() - started
+                logits = next(o for o in reply["outputs"] if o["name"] == "logits")
+                predictions[i] = int(np.asarray(logits["data"]).reshape(logits["shape"]).argmax(axis=1)[0])
+                missing[i] = int(reply["parameters"]["missing_groups"])
+                source_latencies[i] = float(reply["parameters"]["latency_s"])
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return _summary(latencies, source_latencies, predictions, missing, labels, elapsed)
+
+
+def _summary(latencies, source_latencies, predictions, missing, labels, elapsed: float) -> dict:
     report = {
-        "queries": len(images),
+        "queries": len(latencies),
         "latency_s": {
             "mean": float(latencies.mean()),
             "p50": float(np.percentile(latencies, 50)),
             "p99": float(np.percentile(latencies, 99)),
         },
         "source_latency_s": {"p50": float(np.percentile(source_latencies, 50)), "p99": float(np.percentile(source_latencies, 99))},
-        "queries_per_s": len(images) / elapsed,
+        "queries_per_s": len(latencies) / elapsed,
         "queries_with_missing_groups": int((missing > 0).sum()),
         "missing_groups_mean": float(missing.mean()),
     }

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from rocoin import __version__
 from rocoin.errors import RocoinError
+from rocoin.runtime.auth import bearer_matches
 from rocoin.runtime.source import MAX_BATCH, Source
 
 logger = logging.getLogger(__name__)
@@ -43,10 +44,12 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def create_app(source: Source) -> web.Application:
+def create_app(source: Source, *, token: str | None = None) -> web.Application:
+    """The REST app; with ``token`` every endpoint but ``/v2/health/*`` needs ``Authorization: Bearer``."""
     values_per_batch = MAX_BATCH * int(np.prod(source.input_shape))
     max_body = values_per_batch * JSON_BYTES_PER_VALUE + 64 * 1024
-    app = web.Application(client_max_size=max_body, middlewares=[_errors_as_json])
+    middlewares = [_errors_as_json] + ([_bearer(token)] if token else [])
+    app = web.Application(client_max_size=max_body, middlewares=middlewares)
     api = _Api(source)
     app.router.add_get("/v2/health/live", api.live)
     app.router.add_get("/v2/health/ready", api.ready)
@@ -72,6 +75,16 @@ async def _errors_as_json(request: web.Request, handler) -> web.StreamResponse:
         if exc.status >= 400:
             return _error(exc.status, exc.reason)
         raise
+
+
+def _bearer(token: str):
+    @web.middleware
+    async def check(request: web.Request, handler) -> web.StreamResponse:
+        if not request.path.startswith("/v2/health/") and not bearer_matches(request.headers.get("Authorization"), token):
+            raise RequestError(401, "missing or wrong bearer token (send Authorization: Bearer <token>)")
+        return await handler(request)
+
+    return check
 
 
 class _Api:
@@ -189,12 +202,12 @@ def _parse_infer(body: Any) -> tuple[np.ndarray, str | None]:
     return images, query_id
 
 
-async def start_http(source: Source, listen: str) -> tuple[web.AppRunner, str]:
+async def start_http(source: Source, listen: str, *, token: str | None = None) -> tuple[web.AppRunner, str]:
     """Serve the REST API on ``listen`` (host:port, port 0 for any); returns the runner and address."""
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise RocoinError(f"http-listen = {listen!r}: expected host:port")
-    runner = web.AppRunner(create_app(source), access_log=None)
+    runner = web.AppRunner(create_app(source, token=token), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, int(port))
     try:

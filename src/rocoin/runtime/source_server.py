@@ -51,6 +51,7 @@ async def serve_source(
     listen: str = "127.0.0.1:0",
     *,
     http_listen: str | None = None,
+    api_token: str | None = None,
     ready_file: str | Path | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
@@ -77,7 +78,7 @@ async def serve_source(
     if http_listen is not None:
         from rocoin.runtime.http_api import start_http
 
-        http_runner, http_address = await start_http(source, http_listen)
+        http_runner, http_address = await start_http(source, http_listen, token=api_token)
         logger.info("source REST API (KServe v2) on http://%s/v2", http_address)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
