@@ -116,3 +116,18 @@ def test_demo_runs_the_planner_and_simulator(tmp_path):
     for scheme in ("rocoin", "rocoin-g", "hetnonn", "nonn", "optimal"):
         assert f"| {scheme} |" in report
         assert (tmp_path / "demo" / f"plan-{scheme}.json").exists()
+
+
+def test_json_logs_carry_the_query_id(capsys):
+    import logging
+
+    from rocoin.logs import configure
+
+    configure(logging.INFO, json_lines=True)
+    try:
+        logging.getLogger("rocoin.runtime.source").info("groups %s missing", [1], extra={"query_id": "q-42"})
+    finally:
+        configure(logging.WARNING)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    entry = json.loads(line)
+    assert entry["query_id"] == "q-42" and entry["msg"] == "groups [1] missing" and entry["level"] == "info"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -41,9 +40,12 @@ def _print_version(value: bool) -> None:
 def main(
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v info, -vv debug)."),
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    log_json: bool = typer.Option(False, "--log-json", help="Log one JSON object per line (with query_id where an event concerns a query)."),
 ) -> None:
+    from rocoin.logs import configure
+
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="rocoin: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    configure(level, json_lines=log_json)
 
 
 # --- fleet -----------------------------------------------------------------------------------

@@ -232,12 +232,13 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
             raise
         self.metrics.requests.labels("OK").inc()
         self.metrics.run_time.observe(reply.compute_s)
+        logger.debug("device %s answered in %.4f s", self.device_id, reply.compute_s, extra={"query_id": request.query_id[:MAX_QUERY_ID_CHARS]})
         return reply
 
     async def _infer(self, request: rocoin_pb2.DeviceInferRequest, context: grpc.aio.ServicerContext) -> rocoin_pb2.DeviceInferResponse:
         batch, problem = self.check_request(request)
         if batch is None:
-            logger.debug("device %s: rejected query %r: %s", self.device_id, request.query_id[:MAX_QUERY_ID_CHARS], problem)
+            logger.info("device %s rejected the query: %s", self.device_id, problem, extra={"query_id": request.query_id[:MAX_QUERY_ID_CHARS]})
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         await self._slots.acquire()  # a deadline passing here cancels this task: nothing to undo
         started = time.perf_counter()

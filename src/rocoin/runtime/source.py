@@ -240,7 +240,9 @@ class Source:
         for k in missing:
             self.metrics.missing_groups.labels(str(k)).inc()
         if missing:
-            logger.info("query %s: groups %s missing after %.3f s", query_id, missing, latency)
+            logger.info("groups %s missing after %.3f s", missing, latency, extra={"query_id": query_id})
+        else:
+            logger.debug("answered in %.4f s by %s", latency, ",".join(answered_by), extra={"query_id": query_id})
         return InferResult(query_id, logits, missing, answered_by, latency)
 
     def _settle(self, item: _Pending, task: asyncio.Task, batch: int, slots: list, answered_by: list, query_id: str) -> bool:
@@ -272,7 +274,7 @@ class Source:
         device.failures += 1
         device.consecutive_failures += 1
         self.metrics.device_failures.labels(device.device_id).inc()
-        logger.debug("query %s: device %s failed: %s", query_id, device.device_id, reason)
+        logger.info("device %s failed: %s", device.device_id, reason, extra={"query_id": query_id, "device": device.device_id})
         if device.up and device.consecutive_failures >= FAILURES_TO_MARK_DOWN:
             device.up = False
             self.metrics.device_up.labels(device.device_id).set(0)
