@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Regenerate rocoin's protobuf/gRPC Python modules from ``rocoin.proto`` (or check they are fresh).
+"""Regenerate rocoin's protobuf/gRPC Python modules from its .proto files (or check they are fresh).
 
-    python scripts/gen_proto.py           # rewrite rocoin_pb2.py, rocoin_pb2.pyi, rocoin_pb2_grpc.py
+    python scripts/gen_proto.py           # rewrite the *_pb2.py, *_pb2.pyi, *_pb2_grpc.py modules
     python scripts/gen_proto.py --check   # exit 1 when the committed modules differ from a fresh run
 
 The proto is compiled with ``-I src`` so the generated gRPC module imports
@@ -25,10 +25,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
-PROTO = Path("rocoin/runtime/protocol/rocoin.proto")  # relative to SRC, the include root
-OUT_DIR = PROTO.parent
-GENERATED = ("rocoin_pb2.py", "rocoin_pb2.pyi", "rocoin_pb2_grpc.py")
-EXPECTED_IMPORT = "from rocoin.runtime.protocol import rocoin_pb2"
+OUT_DIR = Path("rocoin/runtime/protocol")  # relative to SRC, the include root
+#: rocoin's own protocol, and the Open Inference Protocol (KServe v2) the source serves to clients.
+PROTOS = (OUT_DIR / "rocoin.proto", OUT_DIR / "inference.proto")
+PROTO = PROTOS[0]
+GENERATED = tuple(f"{p.stem}{suffix}" for p in PROTOS for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
+EXPECTED_IMPORTS = tuple(f"from rocoin.runtime.protocol import {p.stem}_pb2" for p in PROTOS)
 
 #: Lines that only record which generator release wrote the file.
 _VERSION_LINE = re.compile(
@@ -56,14 +58,15 @@ def generate(out_root: Path, src: Path = SRC) -> None:
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
-        str(src / PROTO),
+        *(str(src / proto) for proto in PROTOS),
     ]
     code = protoc.main(args)
     if code != 0:
-        sys.exit(f"error: protoc failed with exit code {code} on {src / PROTO}")
-    grpc_module = (out_root / OUT_DIR / "rocoin_pb2_grpc.py").read_text(encoding="utf-8")
-    if EXPECTED_IMPORT not in grpc_module:
-        sys.exit(f"error: the generated gRPC module does not contain {EXPECTED_IMPORT!r}; check the -I root")
+        sys.exit(f"error: protoc failed with exit code {code} on {', '.join(map(str, PROTOS))}")
+    for proto, expected in zip(PROTOS, EXPECTED_IMPORTS):
+        grpc_module = (out_root / OUT_DIR / f"{proto.stem}_pb2_grpc.py").read_text(encoding="utf-8")
+        if expected not in grpc_module:
+            sys.exit(f"error: the generated gRPC module of {proto} does not contain {expected!r}; check the -I root")
 
 
 def _normalised(text: str) -> list[str]:
@@ -92,7 +95,7 @@ def check(src: Path = SRC) -> int:
         for item in stale:
             print(f"  {item}", file=sys.stderr)
         return 1
-    print(f"generated protocol modules are up to date with {PROTO}")
+    print(f"generated protocol modules are up to date with {', '.join(map(str, PROTOS))}")
     return 0
 
 

@@ -11,33 +11,24 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Any
 
 import numpy as np
 from aiohttp import web
 
-from rocoin import __version__
 from rocoin.errors import RocoinError
 from rocoin.runtime.auth import bearer_matches
+from rocoin.runtime.oip import DATATYPES, INPUT_NAME, MODEL_NAME, MODEL_VERSION, ProtocolError, check_model, images_from, model_metadata, server_metadata
 from rocoin.runtime.source import MAX_BATCH, Source
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "rocoin"
-MODEL_VERSION = "1"
-INPUT_NAME = "input"
-#: KServe v2 datatypes the infer endpoint accepts for the image batch.
-DATATYPES = {"UINT8": np.uint8, "FP32": np.float32}
 #: JSON bodies above this many bytes get 413 (a JSON number takes a few bytes per value).
 JSON_BYTES_PER_VALUE = 24
 BINARY_HEADER = "Inference-Header-Content-Length"
 
 
-class RequestError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+RequestError = ProtocolError
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -92,12 +83,7 @@ class _Api:
         self.source = source
 
     def _check_model(self, request: web.Request) -> None:
-        name = request.match_info["model"]
-        if name != MODEL_NAME:
-            raise RequestError(404, f"unknown model {name!r}; this server serves {MODEL_NAME!r}")
-        version = request.match_info.get("version")
-        if version is not None and version != MODEL_VERSION:
-            raise RequestError(404, f"unknown version {version!r} of {MODEL_NAME!r}; expected {MODEL_VERSION!r}")
+        check_model(request.match_info["model"], request.match_info.get("version"))
 
     async def metrics(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -112,24 +98,13 @@ class _Api:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response({"name": "rocoin", "version": __version__, "extensions": []})
+        return web.json_response(server_metadata())
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         self._check_model(request)
-        shape = [-1, *self.source.input_shape]
-        return web.json_response(
-            {
-                "name": MODEL_NAME,
-                "versions": [MODEL_VERSION],
-                "platform": "rocoin",
-                "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": shape}],
-                "outputs": [
-                    {"name": "logits", "datatype": "FP32", "shape": [-1, len(self.source.manifest.class_names)]},
-                    {"name": "missing_groups", "datatype": "INT32", "shape": [-1]},
-                ],
-                "parameters": {"class_names": self.source.manifest.class_names, "groups": self.source.num_groups, "input_datatypes": sorted(DATATYPES)},
-            }
-        )
+        metadata = model_metadata(self.source.input_shape, len(self.source.manifest.class_names))
+        metadata["parameters"] = {"class_names": self.source.manifest.class_names, "groups": self.source.num_groups, "input_datatypes": sorted(DATATYPES)}
+        return web.json_response(metadata)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         self._check_model(request)
@@ -173,29 +148,13 @@ def _parse_infer(body: Any) -> tuple[np.ndarray, str | None]:
     tensor = inputs[0]
     if not isinstance(tensor, dict):
         raise RequestError(400, "inputs[0]: expected an object {name, shape, datatype, data}")
-    if tensor.get("name") != INPUT_NAME:
-        raise RequestError(400, f"inputs[0].name = {tensor.get('name')!r}: expected {INPUT_NAME!r}")
-    datatype = tensor.get("datatype")
-    if datatype not in DATATYPES:
-        raise RequestError(400, f"inputs[0].datatype = {datatype!r}: expected one of {', '.join(sorted(DATATYPES))}")
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise RequestError(400, f"inputs[0].shape = {shape!r}: expected a list of non-negative integers")
     if "data" not in tensor:
         raise RequestError(400, "inputs[0].data: missing (binary data is not supported; send the values as JSON)")
     try:
         values = np.asarray(tensor["data"], dtype=np.float64)
     except (TypeError, ValueError):
         raise RequestError(400, "inputs[0].data: expected numbers (flat or nested lists)") from None
-    if values.size != math.prod(shape):
-        raise RequestError(400, f"inputs[0].data: {values.size} values but shape {shape} needs {math.prod(shape)}")
-    if values.size == 0:
-        raise RequestError(400, "inputs[0].data: empty tensor")
-    if not np.isfinite(values).all():
-        raise RequestError(400, "inputs[0].data: contains NaN or Inf")
-    if datatype == "UINT8" and (values.min() < 0 or values.max() > 255 or not np.array_equal(values, np.round(values))):
-        raise RequestError(400, "inputs[0].data: UINT8 values must be integers in 0..255")
-    images = values.reshape(shape).astype(DATATYPES[datatype])
+    images = images_from(tensor.get("name"), tensor.get("datatype"), tensor.get("shape"), values.ravel())
     query_id = body.get("id")
     if query_id is not None and not isinstance(query_id, str):
         raise RequestError(400, f"id = {query_id!r}: expected a string")

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rocoin.errors import RocoinError
 from rocoin.fileio import write_json_atomic
+from rocoin.runtime import kserve_grpc
 from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc
 from rocoin.runtime.serde import tensor_from_proto, tensor_to_proto
 from rocoin.runtime.source import Source
@@ -65,6 +66,7 @@ async def serve_source(
         maximum_concurrent_rpcs=MAX_CONCURRENT_QUERIES,
     )
     rocoin_pb2_grpc.add_SourceServicer_to_server(SourceService(source), server)
+    kserve_grpc.add_to_server(source, server)  # inference.GRPCInferenceService on the same port
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host, _, _ = listen.rpartition(":")
