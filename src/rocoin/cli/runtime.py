@@ -196,6 +196,7 @@ def cluster_up(
     fleet: Path = typer.Option(..., "--fleet"),
     emulate: bool = typer.Option(False, "--emulate", help="Each worker behaves like its fleet profile (delays, drops)."),
     deadline_s: float = typer.Option(1.0, "--deadline-s"),
+    http: bool = typer.Option(False, "--http", help="Also serve the source's KServe v2 REST API (any free port)."),
     state_dir: Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir", help="Where the cluster keeps addresses, pids and logs."),
 ) -> None:
     """Start one worker per device and the source on loopback; wait until all are healthy."""
@@ -203,7 +204,7 @@ def cluster_up(
     require("grpc", "device")
     from rocoin.runtime.cluster import LocalCluster
 
-    cluster = LocalCluster(bundle, fleet, state_dir, emulate=emulate, deadline_s=deadline_s)
+    cluster = LocalCluster(bundle, fleet, state_dir, emulate=emulate, deadline_s=deadline_s, http=http)
     started = time.perf_counter()
     state = cluster.start()
     table = Table(title=f"local cluster up in {time.perf_counter() - started:.1f} s (state in {state_dir})")
@@ -211,6 +212,8 @@ def cluster_up(
         table.add_column(column)
     assert state.source is not None
     table.add_row("source", state.source.address, str(state.source.pid))
+    if state.source.http_address:
+        table.add_row("source REST", f"http://{state.source.http_address}/v2", str(state.source.pid))
     for member in state.devices:
         table.add_row(member.name, member.address, str(member.pid))
     out.print(table)

@@ -44,6 +44,7 @@ class Member:
     address: str
     pid: int
     log: str
+    http_address: str | None = None  # the source's REST API, when started with one
 
 
 @dataclass
@@ -79,6 +80,7 @@ class LocalCluster:
         with_source: bool = True,
         devices: list[str] | None = None,
         token: str | None = None,
+        http: bool = False,
     ) -> None:
         """``devices``: the plan devices to start (default: all); the others keep the fleet's address."""
         self.bundle = Path(bundle).resolve()
@@ -89,6 +91,7 @@ class LocalCluster:
         self.emulate = emulate
         self.deadline_s = deadline_s
         self.with_source = with_source
+        self.http = http
         plan_devices = self.manifest.plan.device_ids
         unknown = sorted(set(devices or []) - set(plan_devices))
         if unknown:
@@ -160,6 +163,8 @@ class LocalCluster:
         args = ["source", "serve", "--bundle", str(self.bundle), "--fleet", str(fleet_path), "--listen", "127.0.0.1:0"]
         if self.deadline_s:
             args += ["--deadline-s", str(self.deadline_s)]
+        if self.http:
+            args += ["--http-listen", "127.0.0.1:0"]
         self._spawn("source", args)
 
     def _await_ready(self, name: str, timeout_s: float) -> Member:
@@ -173,7 +178,7 @@ class LocalCluster:
                 raise RocoinError(f"{name} did not start within {timeout_s:g} s (see {self.state_dir / f'{name}.log'})")
             time.sleep(READY_POLL_S)
         info = json.loads(ready.read_text())
-        return Member(name=name, address=info["address"], pid=process.pid, log=str(self.state_dir / f"{name}.log"))
+        return Member(name=name, address=info["address"], pid=process.pid, log=str(self.state_dir / f"{name}.log"), http_address=info.get("http_address"))
 
     # --- failures ---------------------------------------------------------------------------
 
