@@ -739,3 +739,65 @@ def test_bad_certificate_files_get_one_line(tmp_path):
         ServerTLS(tmp_path / "junk.pem", tmp_path / "junk.pem").credentials()
     with pytest.raises(RocoinError, match="tls-ca = .*cannot read it"):
         ClientTLS(tmp_path / "missing.pem").credentials()
+
+
+def test_the_source_client_apis_with_token_and_tls(bundle, certs):
+    import ssl
+
+    import aiohttp
+
+    from conftest import device as profile
+    from rocoin.profiles.fleet import Fleet
+    from rocoin.runtime.auth import token_metadata
+    from rocoin.runtime.source import Source
+    from rocoin.runtime.source_server import serve_source
+    from rocoin.runtime.tls import ServerTLS
+
+    good = certs / "good"
+    api_token = "client-token-0123456789abc"
+    ready = Path(certs) / "source.ready.json"
+
+    async def main():
+        devices = [await start_device(bundle, name) for name in ("a", "b", "c")]
+        fleet = Fleet(devices=[profile(d.worker.device_id, 20, 4, 300, 0.1, address=d.address) for d in devices])
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(
+            serve_source(
+                Source(bundle, fleet, deadline_s=2.0),
+                "127.0.0.1:0",
+                http_listen="127.0.0.1:0",
+                api_token=api_token,
+                tls=ServerTLS(good / "device.pem", good / "device.key"),
+                ready_file=ready,
+                stop=stop,
+            )
+        )
+        try:
+            while not ready.exists():
+                await asyncio.sleep(0.02)
+            info = json.loads(ready.read_text())
+            images = np.zeros((1, 1, 8, 8), dtype=np.uint8)
+            req = rocoin_pb2.SourceInferRequest(input=tensor_to_proto(images))
+            async with _tls_channel(info["address"], good / "ca.pem") as channel:
+                stub = rocoin_pb2_grpc.SourceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Infer(req, timeout=5)
+                reply = await stub.Infer(req, timeout=5, metadata=token_metadata(api_token))
+            context = ssl.create_default_context(cafile=str(good / "ca.pem"))
+            async with aiohttp.ClientSession() as session:
+                url = f"https://{info['http_address']}/v2/models/rocoin/infer"
+                body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": [0] * 64}]}
+                async with session.post(url, json=body, ssl=context) as response:
+                    no_token = response.status
+                async with session.post(url, json=body, ssl=context, headers={"Authorization": f"Bearer {api_token}"}) as response:
+                    with_token = response.status
+            return refused.value.code(), list(reply.missing_groups), no_token, with_token
+        finally:
+            stop.set()
+            await task
+            for d in devices:
+                await d.stop(0)
+
+    refused, missing, no_token, with_token = run(main())
+    assert refused == grpc.StatusCode.UNAUTHENTICATED and missing == []
+    assert no_token == 401 and with_token == 200

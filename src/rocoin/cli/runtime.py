@@ -108,7 +108,9 @@ def source_serve(
     fleet: Path = typer.Option(..., "--fleet", help="Fleet file whose devices carry their worker's address."),
     listen: str = typer.Option("127.0.0.1:50051", "--listen", help="host:port for clients (port 0: any free port)."),
     http_listen: Optional[str] = typer.Option(None, "--http-listen", help="host:port for the KServe v2 REST API (e.g. 127.0.0.1:8000)."),
-    api_token_file: Optional[Path] = typer.Option(None, "--api-token-file", help="Bearer token clients must send to the REST API (default: $ROCOIN_API_TOKEN; none: open)."),
+    api_token_file: Optional[Path] = typer.Option(None, "--api-token-file", help="Bearer token clients must send to the client APIs (default: $ROCOIN_API_TOKEN; none: open)."),
+    api_tls_cert: Optional[Path] = typer.Option(None, "--api-tls-cert", help="Serve the client APIs (gRPC and REST) over TLS with this certificate."),
+    api_tls_key: Optional[Path] = typer.Option(None, "--api-tls-key", help="Private key of --api-tls-cert."),
     deadline_s: float = typer.Option(1.0, "--deadline-s", help="Per-query deadline; missing groups are zero-filled then."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="File with the token the devices expect (default: $ROCOIN_DEVICE_TOKEN)."),
@@ -134,7 +136,8 @@ def source_serve(
     if http_listen is not None:
         require("aiohttp", "source")
     api_token = load_token(api_token_file, env=API_TOKEN_ENV)
-    asyncio.run(serve_source(source, listen, http_listen=http_listen, api_token=api_token, ready_file=ready_file))
+    api_tls = _server_tls(api_tls_cert, api_tls_key, None)
+    asyncio.run(serve_source(source, listen, http_listen=http_listen, api_token=api_token, tls=api_tls, ready_file=ready_file))
 
 
 @clean_errors

@@ -51,8 +51,9 @@ def token_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
 class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call without ``authorization: Bearer <token>`` (UNAUTHENTICATED)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, *, what: str = "this device requires the source's token") -> None:
         self._expected = f"Bearer {token}".encode()
+        self._what = what
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
@@ -63,12 +64,12 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if given is not None and hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
             return await continuation(details)
         reason = "missing token" if given is None else "wrong token"
-        return grpc.unary_unary_rpc_method_handler(_deny(reason))
+        return grpc.unary_unary_rpc_method_handler(_deny(f"{reason}: {self._what}"))
 
 
-def _deny(reason: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
+def _deny(message: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: this device requires the source's token")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     return handler
 

@@ -161,14 +161,14 @@ def _parse_infer(body: Any) -> tuple[np.ndarray, str | None]:
     return images, query_id
 
 
-async def start_http(source: Source, listen: str, *, token: str | None = None) -> tuple[web.AppRunner, str]:
+async def start_http(source: Source, listen: str, *, token: str | None = None, ssl_context=None) -> tuple[web.AppRunner, str]:
     """Serve the REST API on ``listen`` (host:port, port 0 for any); returns the runner and address."""
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise RocoinError(f"http-listen = {listen!r}: expected host:port")
     runner = web.AppRunner(create_app(source, token=token), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, int(port))
+    site = web.TCPSite(runner, host, int(port), ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as exc:

@@ -14,6 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rocoin.errors import RocoinError
 from rocoin.fileio import write_json_atomic
 from rocoin.runtime import kserve_grpc
+from rocoin.runtime.auth import TokenInterceptor
+from rocoin.runtime.tls import ServerTLS
 from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc
 from rocoin.runtime.serde import tensor_from_proto, tensor_to_proto
 from rocoin.runtime.source import Source
@@ -53,24 +55,27 @@ async def serve_source(
     *,
     http_listen: str | None = None,
     api_token: str | None = None,
+    tls: ServerTLS | None = None,
     ready_file: str | Path | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve ``source`` over gRPC (and the KServe v2 REST API on ``http_listen``) until ``stop``
-    is set or SIGTERM/SIGINT arrives."""
+    is set or SIGTERM/SIGINT arrives. ``api_token`` guards both client APIs (health stays open);
+    ``tls`` serves both over TLS."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", source.max_message_bytes),
             ("grpc.max_send_message_length", source.max_message_bytes),
         ],
         maximum_concurrent_rpcs=MAX_CONCURRENT_QUERIES,
+        interceptors=[TokenInterceptor(api_token, what="this source requires its API token")] if api_token else None,
     )
     rocoin_pb2_grpc.add_SourceServicer_to_server(SourceService(source), server)
     kserve_grpc.add_to_server(source, server)  # inference.GRPCInferenceService on the same port
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host, _, _ = listen.rpartition(":")
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, tls.credentials()) if tls is not None else server.add_insecure_port(listen)
     if port == 0:
         raise RocoinError(f"listen = {listen!r}: cannot bind")
     address = f"{host}:{port}"
@@ -80,7 +85,7 @@ async def serve_source(
     if http_listen is not None:
         from rocoin.runtime.http_api import start_http
 
-        http_runner, http_address = await start_http(source, http_listen, token=api_token)
+        http_runner, http_address = await start_http(source, http_listen, token=api_token, ssl_context=tls.ssl_context() if tls else None)
         logger.info("source REST API (KServe v2) on http://%s/v2", http_address)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
