@@ -230,3 +230,27 @@ def test_devices_of_a_cluster_answer_only_the_source_with_the_token(cluster):
     assert refused.missing_groups == [0, 1, 2]  # every device said UNAUTHENTICATED
     assert refused.latency_s < DEADLINE_S  # refusals are immediate, nobody waits for the deadline
     assert accepted.missing_groups == []
+
+
+def test_device_profile_and_fleet_collect(tmp_path):
+    """A device measures itself against a running source; the entries make a valid fleet."""
+    from test_cli import run
+
+    bundle = make_bundle(tmp_path / "bundle")
+    with LocalCluster(bundle, fleet_for(), tmp_path / "state") as cluster:
+        source = cluster.state.source.address
+        for name in ("a1", "c1"):
+            result = run("device", "profile", "--bundle", bundle, "--device-id", name, "--source", source, "--address", "127.0.0.1:5999", "-o", tmp_path / f"{name}.yaml")
+            assert result.exit_code == 0, result.output
+            assert "MFLOP/s" in result.stdout
+    result = run("fleet", "collect", tmp_path / "a1.yaml", tmp_path / "c1.yaml", "-o", tmp_path / "fleet.yaml")
+    assert result.exit_code == 0, result.output
+    from rocoin.profiles.fleet import load_fleet
+
+    fleet = load_fleet(tmp_path / "fleet.yaml")
+    assert fleet.ids == ["a1", "c1"]
+    for d in fleet.devices:
+        assert d.flops > 1e5 and d.memory_bytes > 1e6 and d.rate_bps > 1e5 and 0 < d.outage < 0.1
+        assert d.address == "127.0.0.1:5999"
+    bad = run("device", "profile", "--bundle", bundle, "--device-id", "a1", "--source", "127.0.0.1:1", "-o", tmp_path / "x.yaml")
+    assert bad.exit_code == 2 and "no answer" in bad.stderr and not (tmp_path / "x.yaml").exists()

@@ -90,6 +90,28 @@ def fleet_generate(
     err.print(f"wrote {output}: {devices} devices, heterogeneity {heterogeneity}, mean success ≈ {success_prob}")
 
 
+@fleet_app.command("collect")
+@clean_errors
+def fleet_collect(
+    entries: list[Path] = typer.Argument(..., metavar="ENTRY...", help="Fleet entries written by `rocoin device profile`."),
+    input_bits: Optional[int] = typer.Option(None, "--input-bits", help="Size of one broadcast input."),
+    output: Path = typer.Option(..., "--output", "-o", help="Fleet file to write."),
+) -> None:
+    """Assemble a fleet file from the devices' measured entries."""
+    from rocoin.fileio import load_document, validate
+    from rocoin.profiles.fleet import Fleet, save_fleet
+
+    devices = []
+    for path in entries:
+        data = load_document(path)
+        if not isinstance(data, dict):
+            raise RocoinError(f"{path}: expected one device entry (a mapping)")
+        devices.append(data)
+    fleet = validate(Fleet, {"devices": devices, "input_bits": input_bits}, "fleet entries")
+    save_fleet(fleet, output)
+    err.print(f"wrote {output}: {len(fleet.devices)} devices")
+
+
 @fleet_app.command("show")
 @clean_errors
 def fleet_show(fleet_path: Path = typer.Argument(..., metavar="FLEET", help="Fleet file (YAML or JSON).")) -> None:

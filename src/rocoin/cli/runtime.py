@@ -101,6 +101,31 @@ def _server_tls(cert: Optional[Path], key: Optional[Path], client_ca: Optional[P
     return ServerTLS(cert, key, client_ca)
 
 
+@device_app.command("profile")
+@clean_errors
+def device_profile(
+    bundle: Path = typer.Option(..., "--bundle", help="Bundle whose student models are timed on this device."),
+    device_id: str = typer.Option(..., "--device-id", help="This device's id."),
+    source: str = typer.Option(..., "--source", help="host:port of the running source (link rate and loss are measured to it)."),
+    address: Optional[str] = typer.Option(None, "--address", help="host:port this device's worker will listen on (written into the entry)."),
+    threads: int = typer.Option(1, "--threads", help="onnxruntime intra-op threads, as the worker will use."),
+    output: Path = typer.Option(..., "--output", "-o", help="Fleet entry to write (YAML)."),
+) -> None:
+    """Measure this device's FLOP/s, free memory and link to the source; write its fleet entry."""
+    require("onnxruntime", "device")
+    import yaml
+
+    from rocoin.fileio import write_text_atomic
+    from rocoin.runtime.profiling import profile_device
+
+    entry = profile_device(device_id, bundle, source, address=address, threads=threads)
+    write_text_atomic(output, yaml.safe_dump(entry.model_dump(mode="json", exclude_none=True), sort_keys=False))
+    out.print(
+        f"{device_id}: {entry.flops / 1e6:.1f} MFLOP/s, {entry.memory_bytes / 2**20:.0f} MiB free,"
+        f" uplink {entry.rate_bps / 1e6:.1f} Mbit/s, outage {entry.outage:g}"
+    )
+
+
 @source_app.command("serve")
 @clean_errors
 def source_serve(
