@@ -213,3 +213,34 @@ def test_rocoin_infer_speaks_the_rest_api(bundle):
     report = run_with_server(bundle, scenario, token="t" * 20)
     assert report["queries"] == 12 and report["queries_with_missing_groups"] == 0
     assert 0.0 <= report["accuracy"] <= 1.0 and report["latency_s"]["p50"] > 0
+
+
+def test_an_independent_kserve_client_works_unchanged(bundle):
+    """Triton's own HTTP client library (tritonclient) drives the REST API."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    images = np.random.default_rng(5).integers(0, 256, size=(2, 1, 8, 8), dtype=np.uint8)
+
+    def use_client(address: str):
+        client = httpclient.InferenceServerClient(url=address)
+        try:
+            assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("rocoin")
+            metadata = client.get_model_metadata("rocoin")
+            tensor = httpclient.InferInput("input", list(images.shape), "UINT8")
+            tensor.set_data_from_numpy(images, binary_data=False)
+            outputs = [httpclient.InferRequestedOutput(name, binary_data=False) for name in ("logits", "missing_groups")]
+            result = client.infer("rocoin", [tensor], outputs=outputs, request_id="triton-1")
+            return metadata, result.as_numpy("logits"), result.as_numpy("missing_groups"), result.get_response()["id"]
+        finally:
+            client.close()
+
+    async def scenario(session, base, devices):
+        via_triton = await asyncio.to_thread(use_client, base.removeprefix("http://"))
+        async with session.post(base + "/v2/models/rocoin/infer", json=infer_body(images)) as response:
+            ours = await response.json()
+        return via_triton, ours
+
+    (metadata, logits, missing, request_id), ours = run_with_server(bundle, scenario)
+    assert metadata["name"] == "rocoin" and request_id == "triton-1"
+    assert logits.shape == (2, 3) and logits.dtype == np.float32 and missing.size == 0
+    expected = next(o for o in ours["outputs"] if o["name"] == "logits")["data"]
+    np.testing.assert_allclose(logits.ravel(), expected, rtol=1e-6)
