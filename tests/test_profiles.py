@@ -149,3 +149,13 @@ def test_input_shape_parsing():
     assert parse_input_shape("1x28x28") == (1, 28, 28)
     with pytest.raises(RocoinError, match="input-shape = '28x28'"):
         parse_input_shape("28x28")
+
+
+def test_int8_catalog_shrinks_the_weights_only():
+    from rocoin.profiles.catalog import int8_catalog
+
+    fp32 = default_catalog((1, 28, 28))
+    int8 = int8_catalog(fp32)
+    for name, spec in fp32.items():
+        assert int8[name].memory_bytes == spec.memory_bytes - 3 * spec.params
+        assert int8[name].flops == spec.flops and int8[name].params == spec.params

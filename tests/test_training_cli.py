@@ -149,3 +149,21 @@ def test_cifar_with_augmentation_trains_without_the_teacher_cache(tmp_path):
     assert result.exit_code == 0, result.output
     assert "teacher outputs cached" not in result.stdout  # crop+flip changes every epoch's inputs
     assert json.loads(run("evaluate", "--students", tmp_path / "students.pt", "--json").stdout)["test_images"] == 20
+
+
+def test_export_int8_reports_size_speed_and_accuracy(pipeline):
+    if not (pipeline / "students.pt").exists():  # when run alone
+        assert run("distill", "--teacher", pipeline / "teacher.pt", "--plan", pipeline / "plan.json", "--epochs", 5, "--batch-size", 32, "-o", pipeline / "students.pt").exit_code == 0
+    result = run("export", "--students", pipeline / "students.pt", "--int8", "--calibration-images", 64, "--eval-images", 100, "-o", pipeline / "bundle-int8")
+    assert result.exit_code == 0, result.output
+    assert "fp32 vs int8" in result.stdout
+    report = json.loads((pipeline / "bundle-int8" / "int8-report.json").read_text())
+    assert report["int8"]["size_bytes"] < 0.5 * report["fp32"]["size_bytes"]  # int8 weights
+    assert abs(report["int8"]["accuracy"] - report["fp32"]["accuracy"]) < 0.1
+    manifest = json.loads((pipeline / "bundle-int8" / "manifest.json").read_text())
+    assert manifest["quantization"] == "int8"
+    from rocoin.runtime.manifest import load_manifest, verify_file
+
+    loaded = load_manifest(pipeline / "bundle-int8")
+    for model in loaded.groups:
+        verify_file(pipeline / "bundle-int8", model)  # hashes of the quantised files

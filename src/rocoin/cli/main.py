@@ -137,6 +137,7 @@ def catalog_command(
     num_classes: int = typer.Option(10, "--num-classes", help="Classes of the task."),
     students: Optional[str] = typer.Option(None, "--students", help="Comma-separated architectures (default: the built-in students)."),
     method: str = typer.Option("auto", "--method", help="measured (torch: FLOP counter, profiled memory), analytic (shape arithmetic), or auto."),
+    int8: bool = typer.Option(False, "--int8", help="Memory of int8 students (rocoin export --int8): 1 byte per weight instead of 4."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Catalog JSON to write (default: print)."),
 ) -> None:
     """Student catalog for an input shape: FLOPs, memory (weights + peak activations), parameters, output size.
@@ -144,7 +145,7 @@ def catalog_command(
     measured: one batch-1 forward of each model with torch's FLOP counter (2 × multiply-accumulates)
     and the profiler's allocation events (peak activation bytes); analytic: counted from the shapes.
     """
-    from rocoin.profiles.catalog import DEFAULT_STUDENTS, analytic_catalog, parse_input_shape, save_catalog
+    from rocoin.profiles.catalog import DEFAULT_STUDENTS, analytic_catalog, int8_catalog, parse_input_shape, save_catalog
 
     if num_classes < 1:
         raise RocoinError(f"num-classes = {num_classes}: expected at least 1")
@@ -164,6 +165,8 @@ def catalog_command(
         catalog = measure_catalog(shape, num_classes, names)
     else:
         catalog = analytic_catalog(shape, num_classes, names)
+    if int8:
+        catalog = int8_catalog(catalog)
     if output is None:
         out.print_json(catalog.to_json())
     else:

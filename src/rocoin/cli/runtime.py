@@ -31,15 +31,56 @@ def export_command(
     students: Path = typer.Option(..., "--students", help="students.pt from rocoin distill."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="plan.json; must match the plan inside students.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle folder."),
+    int8: bool = typer.Option(False, "--int8", help="Quantise the group models to int8 (static, calibrated on training images)."),
+    calibration_images: int = typer.Option(256, "--calibration-images", help="With --int8: training images for calibration."),
+    eval_images: int = typer.Option(1000, "--eval-images", help="With --int8: test images for the fp32 vs int8 report."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="With --int8: where the students' dataset is."),
     output: Path = typer.Option(..., "--output", "-o", help="Bundle folder to write."),
 ) -> None:
     """Export the students to ONNX: one model per group, the head, and manifest.json (with a parity check)."""
     require("torch", "train")
     require("onnx", "train")
+    import json
+
     from rocoin.export import export_bundle
 
-    manifest = export_bundle(students, output, plan_path=plan, overwrite=overwrite)
-    out.print(f"bundle {output}: {len(manifest.groups)} group models + head, parity with PyTorch checked")
+    calibration, evaluation = (None, None)
+    if int8:
+        calibration, evaluation = _int8_data(students, data_dir, calibration_images, eval_images)
+    manifest = export_bundle(students, output, plan_path=plan, overwrite=overwrite, int8_calibration=calibration, int8_eval=evaluation)
+    out.print(f"bundle {output}: {len(manifest.groups)} group models + head, parity with PyTorch checked" + (", groups quantised to int8" if int8 else ""))
+    if int8:
+        report = json.loads((output / "int8-report.json").read_text())
+        table = Table(title=f"fp32 vs int8 on {report['images']} test images (agreement {report['agreement']:.4f})")
+        for column in ("", "group models kB", "slowest group ms", "accuracy"):
+            table.add_column(column)
+        for name in ("fp32", "int8"):
+            r = report[name]
+            table.add_row(name, f"{r['size_bytes'] / 1e3:.1f}", f"{1e3 * r['slowest_group_s']:.3f}", f"{r['accuracy']:.4f}")
+        out.print(table)
+
+
+def _int8_data(students_path: Path, data_dir: Optional[str], calibration_images: int, eval_images: int):
+    """Normalised calibration (training) and evaluation (test) images of the students' dataset."""
+    import numpy as np
+
+    from rocoin.data import load_dataset
+    from rocoin.distillation.checkpoint import load_checkpoint
+    from rocoin.distillation.teacher import info_from_json
+
+    if calibration_images < 1 or eval_images < 1:
+        raise RocoinError(f"calibration-images = {calibration_images}, eval-images = {eval_images}: expected at least 1 each")
+    metadata, _, _ = load_checkpoint(students_path, "students")
+    info = info_from_json(metadata["dataset"])
+    data_dir = data_dir or (metadata.get("data") or {}).get("data_dir")
+    splits = load_dataset(info.name, Path(data_dir) if data_dir else None)
+    mean = np.asarray(info.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(info.std, dtype=np.float32).reshape(1, -1, 1, 1)
+
+    def normalise(images):
+        return ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+    return normalise(splits.train.images[:calibration_images]), (normalise(splits.test.images[:eval_images]), splits.test.labels[:eval_images])
 
 
 @device_app.command("serve")

@@ -78,6 +78,9 @@ PARITY_BATCHES = (1, 4)
 EXAMPLE_BATCH = 2
 
 
+INT8_REPORT = "int8-report.json"
+
+
 def group_file(k: int) -> str:
     return f"group-{k}.onnx"
 
@@ -105,6 +108,8 @@ def export_bundle(
     opset: int = 17,
     parity_images: Any = None,
     overwrite: bool = False,
+    int8_calibration: np.ndarray | None = None,
+    int8_eval: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Manifest:
     """Export the students at ``students_path`` to an ONNX bundle at ``output_dir``; return its manifest.
 
@@ -113,6 +118,10 @@ def export_bundle(
     images of the parity check. An existing non-empty ``output_dir`` is refused unless
     ``overwrite`` is set and it is a bundle (holds a ``manifest.json``); it is then replaced only
     once the new bundle is complete and checked.
+
+    ``int8_calibration`` (normalised images) quantises the group models to int8 after the fp32
+    parity check; ``int8_eval`` (normalised images, labels) then writes ``int8-report.json``
+    comparing size, model time and pipeline accuracy with fp32.
     """
     started = time.perf_counter()
     _require_exporters()
@@ -137,6 +146,8 @@ def export_bundle(
     try:
         manifest = _write_models(tmp, students, opset)
         differences = check_parity(tmp, manifest, students.network, images)
+        if int8_calibration is not None:
+            manifest = _quantize(tmp, manifest, int8_calibration, int8_eval)
         write_json_atomic(tmp / MANIFEST_NAME, manifest.model_dump(mode="json"))
         shutil.copymode(tmp / HEAD_FILE, tmp / MANIFEST_NAME)  # the atomic write's temp file is 0600
         _check_written(tmp, manifest)
@@ -150,6 +161,28 @@ def export_bundle(
         output_dir, len(manifest.groups), total / 1e3, opset, max(differences.values()), time.perf_counter() - started,
     )
     return manifest
+
+
+def _quantize(folder: Path, manifest: Manifest, calibration: np.ndarray, evaluation: tuple[np.ndarray, np.ndarray] | None) -> Manifest:
+    from rocoin.export.quantize import compare_pipelines, quantize_model
+
+    originals = folder / ".fp32"
+    originals.mkdir()
+    for model in manifest.groups:
+        shutil.copyfile(folder / model.file, originals / model.file)
+        quantize_model(originals / model.file, folder / model.file, model.input.name, calibration)
+        logger.info("%s: int8, %.1f kB (fp32 %.1f kB)", model.file, (folder / model.file).stat().st_size / 1e3, model.size_bytes / 1e3)
+    groups = [m.model_copy(update=_file_fields(folder / m.file)) for m in manifest.groups]
+    quantized = manifest.model_copy(update={"groups": groups, "quantization": "int8"})
+    if evaluation is not None:
+        images, labels = evaluation
+        report = compare_pipelines(
+            [originals / m.file for m in groups], [folder / m.file for m in groups], folder / HEAD_FILE, quantized, images, labels
+        )
+        write_json_atomic(folder / INT8_REPORT, report)
+        logger.info("int8: accuracy %.4f (fp32 %.4f), %.0f %% of the fp32 size", report["int8"]["accuracy"], report["fp32"]["accuracy"], 100 * report["int8"]["size_bytes"] / report["fp32"]["size_bytes"])
+    shutil.rmtree(originals)
+    return quantized
 
 
 def _require_exporters() -> None:

@@ -127,6 +127,23 @@ def default_catalog(input_shape: tuple[int, int, int] = (3, 32, 32), num_classes
     return analytic_catalog(input_shape, num_classes)
 
 
+#: Bytes saved per parameter when fp32 weights become int8.
+INT8_SAVED_BYTES_PER_PARAM = 3
+
+
+def int8_catalog(catalog: Catalog) -> Catalog:
+    """The catalog for int8 students (``rocoin export --int8``): weights take 1 byte instead of 4.
+
+    Activations are kept at their fp32 size (onnxruntime's QDQ models dequantise between layers).
+    """
+    return Catalog(
+        {
+            name: spec.model_copy(update={"memory_bytes": max(1, spec.memory_bytes - INT8_SAVED_BYTES_PER_PARAM * spec.params)})
+            for name, spec in catalog.items()
+        }
+    )
+
+
 def load_catalog(path: str | os.PathLike[str]) -> Catalog:
     return load_validated(Catalog, path, "a mapping of student name to {flops, memory_bytes, params, out_dim}")
 

@@ -70,6 +70,8 @@ class Manifest(BaseModel):
     groups: list[GroupModel] = Field(min_length=1)
     head: ModelFile
     rocoin_version: str
+    #: "int8" when the group models were statically quantised (the head stays fp32)
+    quantization: Literal["none", "int8"] = "none"
 
     @model_validator(mode="after")
     def _check(self) -> Manifest:
