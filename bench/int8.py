@@ -13,8 +13,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from rocoin.cli.runtime import _int8_data
 from rocoin.export import export_bundle
+from rocoin.export.quantize import int8_data
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=10000)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    calibration, evaluation = _int8_data(args.students, None, args.calibration_images, args.eval_images)
+    calibration, evaluation = int8_data(args.students, None, args.calibration_images, args.eval_images)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "bundle"
         export_bundle(args.students, bundle, int8_calibration=calibration, int8_eval=evaluation)

@@ -46,7 +46,9 @@ def export_command(
 
     calibration, evaluation = (None, None)
     if int8:
-        calibration, evaluation = _int8_data(students, data_dir, calibration_images, eval_images)
+        from rocoin.export.quantize import int8_data
+
+        calibration, evaluation = int8_data(students, data_dir, calibration_images, eval_images)
     manifest = export_bundle(students, output, plan_path=plan, overwrite=overwrite, int8_calibration=calibration, int8_eval=evaluation)
     out.print(f"bundle {output}: {len(manifest.groups)} group models + head, parity with PyTorch checked" + (", groups quantised to int8" if int8 else ""))
     if int8:
@@ -59,28 +61,6 @@ def export_command(
             table.add_row(name, f"{r['size_bytes'] / 1e3:.1f}", f"{1e3 * r['slowest_group_s']:.3f}", f"{r['accuracy']:.4f}")
         out.print(table)
 
-
-def _int8_data(students_path: Path, data_dir: Optional[str], calibration_images: int, eval_images: int):
-    """Normalised calibration (training) and evaluation (test) images of the students' dataset."""
-    import numpy as np
-
-    from rocoin.data import load_dataset
-    from rocoin.distillation.checkpoint import load_checkpoint
-    from rocoin.distillation.teacher import info_from_json
-
-    if calibration_images < 1 or eval_images < 1:
-        raise RocoinError(f"calibration-images = {calibration_images}, eval-images = {eval_images}: expected at least 1 each")
-    metadata, _, _ = load_checkpoint(students_path, "students")
-    info = info_from_json(metadata["dataset"])
-    data_dir = data_dir or (metadata.get("data") or {}).get("data_dir")
-    splits = load_dataset(info.name, Path(data_dir) if data_dir else None)
-    mean = np.asarray(info.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(info.std, dtype=np.float32).reshape(1, -1, 1, 1)
-
-    def normalise(images):
-        return ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
-
-    return normalise(splits.train.images[:calibration_images]), (normalise(splits.test.images[:eval_images]), splits.test.labels[:eval_images])
 
 
 @device_app.command("serve")

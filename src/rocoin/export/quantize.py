@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from rocoin.errors import RocoinError
 from rocoin.runtime.manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -90,3 +91,24 @@ def compare_pipelines(
         (pipeline_logits(fp32, head, manifest, images).argmax(axis=1) == pipeline_logits(int8, head, manifest, images).argmax(axis=1)).mean()
     )
     return report
+
+
+def int8_data(students_path: Path, data_dir: str | None = None, calibration_images: int = 256, eval_images: int = 1000):
+    """Normalised calibration (training) and evaluation (test) images of the students' dataset."""
+    from rocoin.data import load_dataset
+    from rocoin.distillation.checkpoint import load_checkpoint
+    from rocoin.distillation.teacher import info_from_json
+
+    if calibration_images < 1 or eval_images < 1:
+        raise RocoinError(f"calibration-images = {calibration_images}, eval-images = {eval_images}: expected at least 1 each")
+    metadata, _, _ = load_checkpoint(students_path, "students")
+    info = info_from_json(metadata["dataset"])
+    data_dir = data_dir or (metadata.get("data") or {}).get("data_dir")
+    splits = load_dataset(info.name, Path(data_dir) if data_dir else None)
+    mean = np.asarray(info.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(info.std, dtype=np.float32).reshape(1, -1, 1, 1)
+
+    def normalise(images):
+        return ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+    return normalise(splits.train.images[:calibration_images]), (normalise(splits.test.images[:eval_images]), splits.test.labels[:eval_images])

@@ -25,14 +25,13 @@ from rocoin.errors import RocoinError
 from rocoin.fileio import write_json_atomic
 from rocoin.profiles.fleet import Fleet, load_fleet, save_fleet
 from rocoin.runtime.auth import TOKEN_ENV
+from rocoin.runtime.lifecycle import READY_POLL_S, wait_ready_file
 from rocoin.runtime.manifest import load_manifest
 
 logger = logging.getLogger(__name__)
 
 #: How long ``start`` waits for every worker to report its address and be SERVING.
 STARTUP_TIMEOUT_S = 60.0
-#: How often the ready files are looked for while starting.
-READY_POLL_S = 0.05
 #: How long ``stop`` waits after SIGTERM before SIGKILL.
 STOP_GRACE_S = 5.0
 STATE_FILE = "cluster.json"
@@ -168,17 +167,12 @@ class LocalCluster:
         self._spawn("source", args)
 
     def _await_ready(self, name: str, timeout_s: float) -> Member:
-        ready, process = self._ready_file(name), self.processes[name]
-        limit = time.monotonic() + timeout_s
-        while not ready.exists():
-            if process.poll() is not None:
-                tail = _tail(self.state_dir / f"{name}.log")
-                raise RocoinError(f"{name} exited with code {process.returncode} while starting: {tail}")
-            if time.monotonic() > limit:
-                raise RocoinError(f"{name} did not start within {timeout_s:g} s (see {self.state_dir / f'{name}.log'})")
-            time.sleep(READY_POLL_S)
-        info = json.loads(ready.read_text())
-        return Member(name=name, address=info["address"], pid=process.pid, log=str(self.state_dir / f"{name}.log"), http_address=info.get("http_address"))
+        log = self.state_dir / f"{name}.log"
+        try:
+            info = wait_ready_file(self._ready_file(name), timeout_s=timeout_s, process=self.processes[name])
+        except RocoinError as exc:
+            raise RocoinError(f"{name}: {exc}; its log ends: {_tail(log)}") from None
+        return Member(name=name, address=info["address"], pid=self.processes[name].pid, log=str(log), http_address=info.get("http_address"))
 
     # --- failures ---------------------------------------------------------------------------
 

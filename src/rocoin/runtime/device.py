@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import random
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rocoin.errors import RocoinError
 from rocoin.runtime.auth import TokenInterceptor
+from rocoin.runtime.lifecycle import stop_on_signals, wait_ready_file  # noqa: F401 - wait_ready_file is part of this module's API
 from rocoin.runtime.metrics import DeviceMetrics
 from rocoin.runtime.tls import ServerTLS
 from rocoin.fileio import write_json_atomic
@@ -80,9 +80,6 @@ SHUTDOWN_GRACE_S = 5.0
 SILENT_DROP_HOLD_S = 60.0
 #: The only execution provider a device uses.
 EXECUTION_PROVIDER = "CPUExecutionProvider"
-#: How often :func:`wait_ready_file` looks for the ready file, and how long it waits by default.
-READY_POLL_S = 0.05
-READY_TIMEOUT_S = 60.0
 
 _FLOAT32 = "float32"
 
@@ -426,14 +423,6 @@ async def serve_device(
         metrics_port = running.worker.metrics.serve(metrics_listen)
         logger.info("device %s metrics on http://%s:%d/metrics", device_id, metrics_listen.rpartition(":")[0], metrics_port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
-            pass
     try:
         if ready_file is not None:
             write_json_atomic(
@@ -452,33 +441,12 @@ async def serve_device(
         )
         if ready is not None:
             ready(running)
-        await stop.wait()
+        with stop_on_signals(stop):
+            await stop.wait()
         logger.info("device %s: signal received, shutting down", device_id)
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
         await running.stop(SHUTDOWN_GRACE_S)
         if ready_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(ready_file)
         logger.info("device %s: stopped", device_id)
-
-
-def wait_ready_file(path: str | os.PathLike[str], *, timeout_s: float = READY_TIMEOUT_S, process: Any = None) -> dict[str, Any]:
-    """For a parent that spawned ``rocoin device serve --ready-file PATH``: the worker's ready record.
-
-    Polls until the file appears (it is written atomically), raising :class:`RocoinError` after
-    ``timeout_s`` or as soon as ``process`` (a ``subprocess.Popen``) has exited.
-    """
-    path = Path(path)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            pass
-        if process is not None and process.poll() is not None:
-            raise RocoinError(f"device worker exited with code {process.returncode} before it was ready ({path} never appeared)")
-        if time.monotonic() > deadline:
-            raise RocoinError(f"{path}: the device worker was not ready after {timeout_s:g} s")
-        time.sleep(READY_POLL_S)

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -81,7 +81,6 @@ class InferResult:
 class _Pending:
     group: int
     device: DeviceState
-    task: asyncio.Task = field(repr=False)
 
 
 class Source:
@@ -208,7 +207,7 @@ class Source:
         for device in self.devices:
             if device.up:
                 task = asyncio.ensure_future(device.stub.Infer(request, timeout=budget, metadata=self._metadata))
-                pending[task] = _Pending(device.group, device, task)
+                pending[task] = _Pending(device.group, device)
         open_calls = [0] * self.num_groups
         for item in pending.values():
             open_calls[item.group] += 1

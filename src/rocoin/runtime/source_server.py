@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from pathlib import Path
 
 import grpc
@@ -15,6 +14,7 @@ from rocoin.errors import RocoinError
 from rocoin.fileio import write_json_atomic
 from rocoin.runtime import kserve_grpc
 from rocoin.runtime.auth import TokenInterceptor
+from rocoin.runtime.lifecycle import stop_on_signals
 from rocoin.runtime.tls import ServerTLS
 from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc
 from rocoin.runtime.serde import tensor_from_proto, tensor_to_proto
@@ -93,14 +93,9 @@ async def serve_source(
     if ready_file is not None:
         write_json_atomic(ready_file, {"address": address, "http_address": http_address, "pid": os.getpid()})
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
     try:
-        await stop.wait()
+        with stop_on_signals(stop):
+            await stop.wait()
     finally:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
