@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,train,device,source
+EXTRAS ?= dev,train,device,source,sim
 
 .PHONY: demo test bench clean
 
