@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from rocoin import __version__
-from rocoin.cli import runtime, train
+from rocoin.cli import experiment, runtime, train
 from rocoin.cli.common import clean_errors, err, out
 from rocoin.errors import RocoinError
 
@@ -25,6 +25,7 @@ fleet_app = typer.Typer(help="Make and check fleet files (device profiles).", no
 app.add_typer(fleet_app, name="fleet")
 train.register(app)
 runtime.register(app)
+experiment.register(app)
 
 #: Groups shown in a plan summary before the rest is elided.
 SUMMARY_MAX_GROUPS = 20

@@ -25,6 +25,7 @@ from rocoin.distillation.teacher import Teacher, info_from_json, info_to_json, l
 from rocoin.distillation.training import (
     accuracy,
     collect,
+    compute_device,
     cosine_schedule,
     inference_batches,
     load_data,
@@ -94,10 +95,17 @@ def distill(
     plan_source: str = "plan",
     data_dir: str | None = None,
     download: bool = False,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Train the students of ``plan`` from the teacher at ``teacher_path``; save them at ``output``."""
+    """Train the students of ``plan`` from the teacher at ``teacher_path``; save them at ``output``.
+
+    ``device`` picks where to train (see :func:`compute_device`). The history has, per epoch, the
+    loss terms, the validation and the test accuracy of the aggregated students (all present).
+    """
     use_all_cores()
+    on = compute_device(device)
     teacher = load_teacher(teacher_path)
+    teacher.model.to(on)
     check_plan_fits_teacher(plan, teacher, plan_source)
     update: dict[str, Any] = {"max_train_images": config.max_train_images or teacher.data_config.max_train_images}
     if data_dir is not None:
@@ -106,19 +114,19 @@ def distill(
     data = load_data(data_config, download=download)
     info = data.info
     torch.manual_seed(config.seed)
-    network = StudentNetwork(plan, info.input_shape[0], info.num_classes)
+    network = StudentNetwork(plan, info.input_shape[0], info.num_classes).to(on)
     with torch.no_grad():  # the concatenated slots have the teacher's pooled layout: start from its FC
         network.fc.weight.copy_(teacher.model.fc.weight)
         network.fc.bias.copy_(teacher.model.fc.bias)
     with torch.inference_mode():
-        teacher_size = tuple(teacher.model.forward_features(torch.zeros((1, *info.input_shape))).shape[-2:])
+        teacher_size = tuple(teacher.model.forward_features(torch.zeros((1, *info.input_shape), device=on)).shape[-2:])
     beta = attention_beta(config.beta, teacher_size)
     loss_fn = DistillationLoss(alpha=config.alpha, temperature=config.temperature, beta=beta)
     logger.info("loss: %s", loss_fn.extra_repr())
     drop = drop_probabilities(plan, config)
-    parts = [torch.tensor(g.filters) for g in plan.groups]
+    parts = [torch.tensor(g.filters, device=on) for g in plan.groups]
     augment = config.augment and info.augmentation != "none"
-    cache = None if augment else _teacher_cache(teacher, data.train, info, parts)
+    cache = None if augment else _teacher_cache(teacher, data.train, info, parts, on)
     optimizer = make_optimizer(network.parameters(), config.optimizer, config.lr, config.weight_decay)
     steps_per_epoch = -(-len(data.train) // config.batch_size)
     scheduler = cosine_schedule(optimizer, config.epochs * steps_per_epoch)
@@ -128,7 +136,7 @@ def distill(
         network.train()
         started, seen, totals = time.perf_counter(), 0, {"ce": 0.0, "kd": 0.0, "at": 0.0, "total": 0.0}
         with progress_bar(f"distill epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
-            for x, y, index in train_batches(data.train, info, config.batch_size, augment=augment, generator=generator):
+            for x, y, index in train_batches(data.train, info, config.batch_size, augment=augment, generator=generator, device=on):
                 if cache is None:
                     with torch.no_grad():
                         teacher_map = teacher.model.forward_features(x)
@@ -139,7 +147,7 @@ def distill(
                     teacher_logits, size = cache["logits"][index], cache["size"]
                     teacher_att = [a[index] for a in cache["attention"]]
                 maps = network.maps(x)
-                mask = sample_slot_mask(len(y), drop, generator) if config.failure_aware else None
+                mask = sample_slot_mask(len(y), drop, generator).to(on) if config.failure_aware else None
                 logits = network.fc(network.assemble(maps, mask))
                 loss, terms = loss_fn(logits, y, teacher_logits, maps, teacher_att, size)
                 optimizer.zero_grad(set_to_none=True)
@@ -152,15 +160,22 @@ def distill(
                 advance(loss=terms["total"])
         throughput = seen / (time.perf_counter() - started)
         network.eval()
-        val_acc = accuracy(collect(network, data.val, info), data.val.labels)
-        record = {"epoch": epoch + 1, **{f"loss_{k}": v / seen for k, v in totals.items()}, "val_accuracy": val_acc, "images_per_s": throughput}
+        val_acc = accuracy(collect(network, data.val, info, device=on), data.val.labels)
+        epoch_test_acc = accuracy(collect(network, data.test, info, device=on), data.test.labels)
+        record = {
+            "epoch": epoch + 1,
+            **{f"loss_{k}": v / seen for k, v in totals.items()},
+            "val_accuracy": val_acc,
+            "test_accuracy": epoch_test_acc,
+            "images_per_s": throughput,
+        }
         history.append(record)
         logger.info("distill epoch %d: loss %.4f, val accuracy %.4f, %.0f images/s", epoch + 1, record["loss_total"], val_acc, throughput)
         if val_acc > best_val:
             best_val, best_state = val_acc, {k: v.detach().clone() for k, v in network.state_dict().items()}
     network.load_state_dict(best_state)
     network.eval()
-    test_acc = accuracy(collect(network, data.test, info), data.test.labels)
+    test_acc = accuracy(collect(network, data.test, info, device=on), data.test.labels)
     metadata = {
         "plan": plan.model_dump(mode="json"),
         "dataset": info_to_json(info),
@@ -177,11 +192,11 @@ def distill(
 
 
 @torch.inference_mode()
-def _teacher_cache(teacher: Teacher, data, info, parts: list[torch.Tensor]) -> dict[str, Any]:
+def _teacher_cache(teacher: Teacher, data, info, parts: list[torch.Tensor], device: torch.device) -> dict[str, Any]:
     """Teacher logits and per-partition attention maps for every training image (no augmentation)."""
     started = time.perf_counter()
     logits, attention, size = [], [[] for _ in parts], None
-    for x, _ in inference_batches(data, info):
+    for x, _ in inference_batches(data, info, device=device):
         teacher_map = teacher.model.forward_features(x)
         size = tuple(teacher_map.shape[-2:])
         logits.append(teacher.model.forward_head(teacher_map))

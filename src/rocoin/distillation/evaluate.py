@@ -10,7 +10,7 @@ import torch
 
 from rocoin.distillation.distill import Students
 from rocoin.distillation.teacher import load_teacher
-from rocoin.distillation.training import DataConfig, accuracy, collect, load_data, use_all_cores
+from rocoin.distillation.training import DataConfig, accuracy, collect, compute_device, load_data, use_all_cores
 from rocoin.errors import RocoinError
 from rocoin.planning.plan import Plan
 
@@ -41,10 +41,12 @@ def evaluate_students(
     data_dir: str | None = None,
     max_test_images: int | None = None,
     download: bool = False,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Test accuracy with all groups, and for each J in ``fail_devices`` the mean over ``trials``
-    random draws of J failed devices (missing groups zero-filled)."""
+    random draws of J failed devices (missing groups zero-filled). ``device`` runs the students."""
     use_all_cores()
+    on = compute_device(device)
     students = Students(students_path)
     plan = students.plan
     num_devices = len(plan.device_ids)
@@ -54,8 +56,9 @@ def evaluate_students(
     if trials < 1:
         raise RocoinError(f"trials = {trials}: expected at least 1")
     data = load_data(_data_config(students.metadata, data_dir, max_test_images), download=download)
-    network = students.network
-    features = collect(network.features, data.test, data.info)
+    network = students.network.to(on)
+    features = collect(network.features, data.test, data.info, device=on)
+    network.cpu()
     labels = torch.from_numpy(data.test.labels)
     with torch.inference_mode():
         result: dict[str, Any] = {
@@ -83,11 +86,15 @@ def evaluate_students(
     return result
 
 
-def evaluate_teacher(teacher_path: str | Path, *, data_dir: str | None = None, max_test_images: int | None = None, download: bool = False) -> dict[str, Any]:
+def evaluate_teacher(
+    teacher_path: str | Path, *, data_dir: str | None = None, max_test_images: int | None = None, download: bool = False, device: str | None = None
+) -> dict[str, Any]:
     use_all_cores()
+    on = compute_device(device)
     teacher = load_teacher(teacher_path)
     data = load_data(_data_config(teacher.metadata, data_dir, max_test_images), download=download)
-    return {"teacher": str(teacher_path), "arch": teacher.metadata["arch"], "accuracy": accuracy(collect(teacher.model, data.test, data.info), data.test.labels)}
+    logits = collect(teacher.model.to(on), data.test, data.info, device=on)
+    return {"teacher": str(teacher_path), "arch": teacher.metadata["arch"], "accuracy": accuracy(logits, data.test.labels)}
 
 
 def _data_config(metadata: dict[str, Any], data_dir: str | None, max_test_images: int | None) -> DataConfig:

@@ -86,7 +86,7 @@ class DistillationLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         ce = self.ce(student_logits, labels)
         kd = self.kd(student_logits, teacher_logits)
-        at = sum((self.at(s, t, teacher_size) for s, t in zip(student_maps, teacher_attentions)), torch.zeros(()))
+        at = sum((self.at(s, t, teacher_size) for s, t in zip(student_maps, teacher_attentions)), torch.zeros((), device=labels.device))
         total = (1.0 - self.alpha) * ce + self.alpha * kd + self.beta * at
         values = {"ce": ce, "kd": kd, "at": at, "total": total}
         return total, {k: float(v.detach()) for k, v in values.items()}

@@ -18,6 +18,7 @@ from rocoin.distillation.training import (
     DataConfig,
     accuracy,
     collect,
+    compute_device,
     cosine_schedule,
     load_data,
     make_optimizer,
@@ -89,17 +90,21 @@ def info_from_json(data: dict[str, Any]) -> DatasetInfo:
     )
 
 
-def train_teacher(config: TeacherConfig, output: Path, *, resume: bool = True, download: bool = False) -> dict[str, Any]:
+def train_teacher(
+    config: TeacherConfig, output: Path, *, resume: bool = True, download: bool = False, device: str | None = None
+) -> dict[str, Any]:
     """Train ``config.arch`` and keep the checkpoint with the best validation accuracy at ``output``.
 
     After each epoch the full training state is saved beside it (``output`` + ``.resume``); a
     rerun with the same config continues from there. Returns a summary (accuracies, images/s).
+    ``device`` picks where to train (see :func:`compute_device`); checkpoints are the same.
     """
     use_all_cores()
+    on = compute_device(device)
     data = load_data(config.data, download=download)
     info = data.info
     torch.manual_seed(config.seed)
-    model = create_model(config.arch, in_channels=info.input_shape[0], num_classes=info.num_classes)
+    model = create_model(config.arch, in_channels=info.input_shape[0], num_classes=info.num_classes).to(on)
     optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr, config.weight_decay)
     steps_per_epoch = -(-len(data.train) // config.batch_size)
     scheduler = cosine_schedule(optimizer, config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch))
@@ -114,7 +119,7 @@ def train_teacher(config: TeacherConfig, output: Path, *, resume: bool = True, d
         model.train()
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
         with progress_bar(f"teacher epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
-            for x, y, _ in train_batches(data.train, info, config.batch_size, augment=True, generator=generator):
+            for x, y, _ in train_batches(data.train, info, config.batch_size, augment=True, generator=generator, device=on):
                 loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -125,7 +130,7 @@ def train_teacher(config: TeacherConfig, output: Path, *, resume: bool = True, d
                 advance(loss=loss.item())
         throughput = seen / (time.perf_counter() - started)
         model.eval()
-        val_acc = accuracy(collect(model, data.val, info), data.val.labels)
+        val_acc = accuracy(collect(model, data.val, info, device=on), data.val.labels)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "val_accuracy": val_acc, "images_per_s": throughput}
         state["history"].append(record)
         logger.info("teacher epoch %d: loss %.4f, val accuracy %.4f, %.0f images/s", epoch + 1, record["train_loss"], val_acc, throughput)
@@ -143,7 +148,7 @@ def train_teacher(config: TeacherConfig, output: Path, *, resume: bool = True, d
             generator=generator.get_state(),
         )
     teacher = load_teacher(output)
-    test_acc = accuracy(collect(teacher.model, data.test, info), data.test.labels)
+    test_acc = accuracy(collect(teacher.model.to(on), data.test, info, device=on), data.test.labels)
     resume_path.unlink(missing_ok=True)
     summary = {
         "arch": config.arch,

@@ -83,32 +83,63 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
 
 
 def train_batches(
-    data: ArrayDataset, info: DatasetInfo, batch_size: int, *, augment: bool, generator: torch.Generator
+    data: ArrayDataset,
+    info: DatasetInfo,
+    batch_size: int,
+    *,
+    augment: bool,
+    generator: torch.Generator,
+    device: torch.device | str | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Shuffled ``(x, y, index)`` batches; augmentation (when the dataset has one) if ``augment``."""
+    """Shuffled ``(x, y, index)`` batches on ``device``; augmentation (when the dataset has one) if ``augment``."""
     order = torch.randperm(len(data), generator=generator).numpy()
     if augment and info.augmentation != "none":
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         shuffled = data.subset(order)
         start = 0
-        for x, y in batches(shuffled, info, batch_size=batch_size, shuffle=False, augment=True, seed=seed):
-            yield x, y, torch.from_numpy(order[start : start + len(y)])
+        for x, y in batches(shuffled, info, batch_size=batch_size, shuffle=False, augment=True, seed=seed, device=device):
+            yield x, y, torch.from_numpy(order[start : start + len(y)]).to(device=device)
             start += len(y)
         return
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        yield to_tensor(data.images[index], info), torch.from_numpy(data.labels[index]), torch.from_numpy(index)
+        yield (
+            to_tensor(data.images[index], info, device=device),
+            torch.from_numpy(data.labels[index]).to(device=device),
+            torch.from_numpy(index).to(device=device),
+        )
 
 
-def inference_batches(data: ArrayDataset, info: DatasetInfo, batch_size: int = EVAL_BATCH_SIZE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def inference_batches(
+    data: ArrayDataset, info: DatasetInfo, batch_size: int = EVAL_BATCH_SIZE, *, device: torch.device | str | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, len(data), batch_size):
-        yield to_tensor(data.images[start : start + batch_size], info), torch.from_numpy(data.labels[start : start + batch_size])
+        yield to_tensor(data.images[start : start + batch_size], info, device=device), torch.from_numpy(data.labels[start : start + batch_size])
 
 
 @torch.inference_mode()
-def collect(function: Callable[[torch.Tensor], torch.Tensor], data: ArrayDataset, info: DatasetInfo) -> torch.Tensor:
-    """``function`` over the whole dataset in inference batches, concatenated."""
-    return torch.cat([function(x) for x, _ in inference_batches(data, info)])
+def collect(
+    function: Callable[[torch.Tensor], torch.Tensor], data: ArrayDataset, info: DatasetInfo, *, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``function`` over the whole dataset in inference batches (run on ``device``), concatenated on the CPU."""
+    return torch.cat([function(x).cpu() for x, _ in inference_batches(data, info, device=device)])
+
+
+def compute_device(name: str | None) -> torch.device:
+    """The torch device to train on: ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto`` (CUDA when present)."""
+    if name in (None, "", "cpu"):
+        return torch.device("cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RocoinError(f"device = {name!r}: expected cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RocoinError(f"device = {name!r}: this torch build sees no CUDA device; use cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise RocoinError(f"device = {name!r}: expected cpu, cuda, cuda:N or auto")
+    return device
 
 
 def accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:

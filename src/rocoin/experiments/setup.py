@@ -1,0 +1,101 @@
+"""The settings every paper experiment shares, and the sizes they run at.
+
+``quick`` is what the test suite runs (seconds, tiny data); ``default`` is sized for a 2-core CPU
+(about an hour for the experiments that train students); ``paper`` is the GPU budget used for the
+README's full-size results (a WRN-16-4 teacher like the paper's CIFAR-10 one). Any field can be
+overridden on the command line.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from rocoin.errors import RocoinError
+from rocoin.fileio import validate
+
+Size = Literal["quick", "default", "paper"]
+SIZES: tuple[str, ...] = ("quick", "default", "paper")
+
+
+class ExperimentSetup(BaseModel):
+    """What an experiment trains, plans and simulates. Units are in the field names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: Size = "default"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    teacher_arch: str = "wrn-16-2"
+    teacher_epochs: int = Field(default=4, ge=1)
+    teacher_batch_size: int = Field(default=128, ge=1)
+    student_epochs: int = Field(default=2, ge=1)
+    student_batch_size: int = Field(default=128, ge=1)
+    students: tuple[str, ...] = ("wrn-10-1", "wrn-16-1", "wrn-16-2")
+    max_train_images: int | None = Field(default=None, gt=0)
+    max_test_images: int | None = Field(default=None, gt=0)
+    devices: int = Field(default=10, ge=2)
+    heterogeneity: int = Field(default=4, ge=0, le=5)
+    success_prob: float = Field(default=0.8, gt=0.0, le=1.0)
+    epsilon: float = Field(default=0.05, gt=0.0, lt=1.0)
+    epsilons: tuple[float, ...] = (0.01, 0.05, 0.1, 0.2)
+    success_probs: tuple[float, ...] = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+    trials: int = Field(default=30, ge=1, description="random failure draws per number of failed devices")
+    fleets: int = Field(default=20, ge=1, description="generated fleets averaged per point of the planner-only figures")
+    scale_devices: tuple[int, ...] = (10, 100, 1000, 10000)
+    sim_queries: int = Field(default=20000, ge=1)
+    seed: int = 0
+
+    @field_validator("students")
+    @classmethod
+    def _students(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("expected at least one student architecture")
+        return value
+
+    @field_validator("epsilons")
+    @classmethod
+    def _epsilons(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(not 0.0 < e < 1.0 for e in value):
+            raise ValueError("expected probabilities in (0, 1)")
+        return tuple(sorted(value))
+
+    @property
+    def fail_counts(self) -> list[int]:
+        """Numbers of failed devices evaluated: 0 .. half of the fleet."""
+        return list(range(0, self.devices // 2 + 1))
+
+
+PRESETS: dict[str, dict] = {
+    "quick": {
+        "teacher_arch": "wrn-10-1",
+        "teacher_epochs": 1,
+        "student_epochs": 1,
+        "students": ("wrn-10-1",),
+        "max_train_images": 256,
+        "max_test_images": 200,
+        "devices": 6,
+        "epsilons": (0.05, 0.2),
+        "success_probs": (0.7, 0.9),
+        "trials": 3,
+        "fleets": 2,
+        "scale_devices": (10, 100),
+        "sim_queries": 500,
+    },
+    "default": {},
+    "paper": {
+        "teacher_arch": "wrn-16-4",
+        "teacher_epochs": 10,
+        "student_epochs": 6,
+        "student_batch_size": 256,
+    },
+}
+
+
+def make_setup(size: str = "default", **overrides) -> ExperimentSetup:
+    """The preset ``size`` with ``overrides`` (``None`` values are ignored) applied."""
+    if size not in PRESETS:
+        raise RocoinError(f"size = {size!r}: expected one of {', '.join(SIZES)}")
+    values = {"size": size, **PRESETS[size], **{k: v for k, v in overrides.items() if v is not None}}
+    return validate(ExperimentSetup, values, "experiment settings")
