@@ -105,9 +105,11 @@ def setup_caption(s: ExperimentSetup, *, trained: bool) -> str:
     fleet = f"N = {s.devices} generated devices, heterogeneity level {s.heterogeneity} (Table IV; FLOP/s 20 M ± half the range, rates in kbit/s), mean success probability {s.success_prob}"
     if not trained:
         return fleet
-    data = f"{s.dataset}" + (f" (first {s.max_train_images} training images)" if s.max_train_images else "")
+    teacher_images = f"first {s.max_train_images:,}" if s.max_train_images else "all"
+    student_images = f"first {s.student_max_train_images:,}" if s.student_max_train_images else teacher_images
     return (
-        f"{data}; teacher {s.teacher_arch} {s.teacher_epochs} epochs; students from {{{', '.join(s.students)}}} distilled {s.student_epochs} epochs; {fleet}; "
+        f"{s.dataset}; teacher {s.teacher_arch} {s.teacher_epochs} epochs on {teacher_images} training images; "
+        f"students from {{{', '.join(s.students)}}} distilled {s.student_epochs} epochs on {student_images}; {fleet}; "
         f"ε = {s.epsilon}; failed devices drawn at random, {s.trials} trials per count, their outputs zero-filled."
     )
 

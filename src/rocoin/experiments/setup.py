@@ -1,7 +1,8 @@
 """The settings every paper experiment shares, and the sizes they run at.
 
 ``quick`` is what the test suite runs (seconds, tiny data); ``default`` is sized for a 2-core CPU
-(about an hour for the experiments that train students); ``paper`` is the GPU budget used for the
+(about an hour for the experiments that train students: the students learn from the first
+20,000 training images); ``paper`` is the GPU budget used for the
 README's full-size results (a WRN-16-4 teacher like the paper's CIFAR-10 one). Any field can be
 overridden on the command line.
 """
@@ -32,8 +33,9 @@ class ExperimentSetup(BaseModel):
     teacher_batch_size: int = Field(default=128, ge=1)
     student_epochs: int = Field(default=2, ge=1)
     student_batch_size: int = Field(default=128, ge=1)
-    students: tuple[str, ...] = ("wrn-10-1", "wrn-16-1", "wrn-16-2")
-    max_train_images: int | None = Field(default=None, gt=0)
+    students: tuple[str, ...] = ("wrn-10-1", "wrn-16-1")
+    max_train_images: int | None = Field(default=None, gt=0, description="training images of the teacher (None: all)")
+    student_max_train_images: int | None = Field(default=20000, gt=0, description="training images of the students (None: the teacher's)")
     max_test_images: int | None = Field(default=None, gt=0)
     devices: int = Field(default=10, ge=2)
     heterogeneity: int = Field(default=4, ge=0, le=5)
@@ -74,6 +76,7 @@ PRESETS: dict[str, dict] = {
         "student_epochs": 1,
         "students": ("wrn-10-1",),
         "max_train_images": 256,
+        "student_max_train_images": None,
         "max_test_images": 200,
         "devices": 6,
         "epsilons": (0.05, 0.2),
@@ -89,6 +92,8 @@ PRESETS: dict[str, dict] = {
         "teacher_epochs": 10,
         "student_epochs": 6,
         "student_batch_size": 256,
+        "students": ("wrn-10-1", "wrn-16-1", "wrn-16-2"),
+        "student_max_train_images": None,
     },
 }
 

@@ -150,7 +150,9 @@ class Workspace:
 
         s = self.setup
         teacher = self.teacher()
-        config = DistillConfig(epochs=s.student_epochs, batch_size=s.student_batch_size, failure_aware=failure_aware, seed=s.seed)
+        config = DistillConfig(
+            epochs=s.student_epochs, batch_size=s.student_batch_size, failure_aware=failure_aware, max_train_images=s.student_max_train_images, seed=s.seed
+        )
         key = {"teacher": file_digest(teacher), "plan": plan_key(plan), "config": config.model_dump(mode="json"), "test": s.max_test_images}
         path = self.cache_dir / f"students-{plan.scheme}-{digest(key)}.pt"
         if not train:
