@@ -100,7 +100,7 @@ def distill(
     """Train the students of ``plan`` from the teacher at ``teacher_path``; save them at ``output``.
 
     ``device`` picks where to train (see :func:`compute_device`). The history has, per epoch, the
-    loss terms, the validation and the test accuracy of the aggregated students (all present).
+    loss terms and the validation accuracy of the aggregated students (all present).
     """
     use_all_cores()
     on = compute_device(device)
@@ -161,14 +161,7 @@ def distill(
         throughput = seen / (time.perf_counter() - started)
         network.eval()
         val_acc = accuracy(collect(network, data.val, info, device=on), data.val.labels)
-        epoch_test_acc = accuracy(collect(network, data.test, info, device=on), data.test.labels)
-        record = {
-            "epoch": epoch + 1,
-            **{f"loss_{k}": v / seen for k, v in totals.items()},
-            "val_accuracy": val_acc,
-            "test_accuracy": epoch_test_acc,
-            "images_per_s": throughput,
-        }
+        record = {"epoch": epoch + 1, **{f"loss_{k}": v / seen for k, v in totals.items()}, "val_accuracy": val_acc, "images_per_s": throughput}
         history.append(record)
         logger.info("distill epoch %d: loss %.4f, val accuracy %.4f, %.0f images/s", epoch + 1, record["loss_total"], val_acc, throughput)
         if val_acc > best_val:

@@ -496,21 +496,26 @@ class DemoReport:
     files: list[str] = field(default_factory=list)
 
     def table(self):
+        """The summary table and its legend, for a rich console."""
+        from rich import box
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
         r = self.results
-        table = Table(title=f"rocoin demo: {r['dataset']['name']}, {r['plan']['groups_count']} groups on {r['fleet']['devices']} devices", caption=_caption(r))
+        title = f"rocoin demo: {r['dataset']['name']}, {r['plan']['groups_count']} groups on {r['fleet']['devices']} devices"
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         for k, column in enumerate(COLUMNS):
-            table.add_column(column, justify="right" if k else "left")
+            table.add_column(column, justify="right" if k else "left", no_wrap=not k, min_width=7 if k else None)
         for row in _rows(r):
             table.add_row(*row)
-        return table
+        return Group(table, Text(_caption(r)))
 
     def markdown(self) -> str:
         return _markdown(self.results)
 
 
-COLUMNS = ("", "accuracy %", "p50 ms", "p99 ms", "queries", "with missing", "mean missing")
+COLUMNS = ("", "acc. %", "p50 ms", "p99 ms", "queries", "with missing", "missing per query")
 
 
 def _pct(value: float | None) -> str:
@@ -528,19 +533,24 @@ def _rows(r: dict[str, Any]) -> list[list[str]]:
         [f"teacher {t['arch']}", _pct(t["test_accuracy"]), "", "", "", "", ""],
         ["students, all groups", _pct(s["accuracy"]), "", "", "", "", "0"],
         [f"students, {failed['fail_devices']} random failed", _pct(failed["accuracy_mean"]), "", "", "", "", f"{failed['missing_groups_mean']:.3f}"],
-        phase("runtime, before the kill", rt["before"]),
-        phase("runtime, after the kill", rt["after"]),
+        phase("runtime, before kill", rt["before"]),
+        phase("runtime, after kill", rt["after"]),
     ]
+
+
+def _lost(groups: list[int]) -> str:
+    if not groups:
+        return "no group lost"
+    return ("group " if len(groups) == 1 else "groups ") + ", ".join(map(str, groups)) + " lost"
 
 
 def _caption(r: dict[str, Any]) -> str:
     s, rt = r["students"], r["runtime"]
-    lost = ", ".join(map(str, rt["lost_groups"])) or "none"
     return (
         f"teacher and students in-process on {s['test_images']} test images ({s['random_failures']['trials']} random draws of failed devices);"
         f" runtime: {rt['queries']} test images through the source's {rt['api']} API, {rt['concurrency']} in flight, deadline"
-        f" {1e3 * rt['deadline_s']:.0f} ms; SIGKILL {', '.join(rt['victims'])} after query {rt['kill_after_queries']} (groups lost: {lost})."
-        " 'with missing': queries answered with groups missing; 'mean missing': missing groups per query."
+        f" {1e3 * rt['deadline_s']:.0f} ms; SIGKILL {', '.join(rt['victims'])} after query {rt['kill_after_queries']} ({_lost(rt['lost_groups'])})."
+        " 'with missing': queries answered with some group missing (zero-filled)."
     )
 
 
@@ -846,12 +856,11 @@ def _run_cluster(out: Path, bundle: Path, fleet, plan, config: DemoConfig, image
                 advance()
             startup_s = time.perf_counter() - started
             url = f"http://{state.source.http_address}"
-            killed_at: dict[str, float] = {}
+            pids = {m.name: m.pid for m in [*state.devices, state.source]}
 
             def kill() -> None:
                 for device_id in victims.devices:
                     cluster.kill_device(device_id)
-                    killed_at[device_id] = time.time()
                 logger.info("killed %s", ", ".join(victims.devices))
 
             with progress_bar(f"queries (SIGKILL {len(victims.devices)} devices after {kill_index})", len(images)) as advance:
@@ -859,7 +868,7 @@ def _run_cluster(out: Path, bundle: Path, fleet, plan, config: DemoConfig, image
         finally:
             cluster.stop()
     say(f"cluster stopped; worker logs in {state_dir}")
-    return log, {"startup_s": startup_s, "runtime_s": time.perf_counter() - started, "cluster_logs": str(state_dir)}
+    return log, {"startup_s": startup_s, "runtime_s": time.perf_counter() - started, "cluster_logs": str(state_dir), "pids": pids}
 
 
 def _write_queries_csv(path: Path, log: QueryLog, labels: np.ndarray) -> None:
@@ -904,7 +913,7 @@ def _plots(out: Path, r: dict[str, Any], log: QueryLog) -> list[str]:
     ax.scatter(index[~complete], ms[~complete], s=3, color="tab:orange", label="groups missing (zero-filled)")
     ax.axvline(log.kill_index - 0.5, color="tab:red", linestyle="--", label=f"SIGKILL {', '.join(rt['victims'])}")
     ax.axhline(1e3 * rt["deadline_s"], color="grey", linestyle=":", label=f"deadline {1e3 * rt['deadline_s']:.0f} ms")
-    ax.set_yscale("log")
+    ax.set_ylim(0, 1.15 * max(float(ms.max()), 1e3 * rt["deadline_s"]))
     ax.set_xlabel("query (in the order sent)")
     ax.set_ylabel("latency at the client (ms)")
     ax.set_title(f"Per-query latency through the source's {rt['api']} API, {rt['concurrency']} in flight")
@@ -1006,8 +1015,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"- Queries: the first {rt['queries']} test images, one image per KServe v2 REST call (`POST /v2/models/rocoin/infer`),"
         f" {rt['concurrency']} in flight, after {rt['warmup_queries']} unmeasured warm-up calls; latency is measured at the client.",
         f"- Failures: after query {rt['kill_after_queries']} (every earlier query answered; {rt['kill_at_s']:.1f} s into the run)"
-        f" SIGKILL of {', '.join(rt['victims'])}: {rt['victims_reason']}. Groups left without a replica: "
-        f"{', '.join(map(str, rt['lost_groups'])) or 'none'}.",
+        f" SIGKILL of {', '.join(rt['victims'])}: {rt['victims_reason']} ({_lost(rt['lost_groups'])}).",
         f"- Throughput: {before_q:.0f} queries/s before and {after_q:.0f} after, every process on the same machine"
         f" (cluster start-up {rt['startup_s']:.1f} s).",
         "",

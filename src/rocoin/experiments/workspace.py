@@ -143,18 +143,25 @@ class Workspace:
             save_catalog(measure_catalog(shape, classes, list(self.setup.students)), path)
         return load_catalog(path)
 
-    def students(self, plan: Plan, *, failure_aware: bool, train: bool = True) -> Path | None:
-        """The distilled students of ``plan`` (failure-aware training with the plan's q_k or not);
-        with ``train=False`` only what is already cached (else ``None``)."""
-        from rocoin.distillation.distill import DistillConfig, distill
+    def students_path(self, plan: Plan, *, failure_aware: bool):
+        """Where the students of ``plan`` are cached, and the distillation settings that make them."""
+        from rocoin.distillation.distill import DistillConfig
 
         s = self.setup
-        teacher = self.teacher()
         config = DistillConfig(
             epochs=s.student_epochs, batch_size=s.student_batch_size, failure_aware=failure_aware, max_train_images=s.student_max_train_images, seed=s.seed
         )
-        key = {"teacher": file_digest(teacher), "plan": plan_key(plan), "config": config.model_dump(mode="json"), "test": s.max_test_images}
-        path = self.cache_dir / f"students-{plan.scheme}-{digest(key)}.pt"
+        key = {"teacher": file_digest(self.teacher()), "plan": plan_key(plan), "config": config.model_dump(mode="json"), "test": s.max_test_images}
+        return self.cache_dir / f"students-{plan.scheme}-{digest(key)}.pt", config
+
+    def students(self, plan: Plan, *, failure_aware: bool, train: bool = True) -> Path | None:
+        """The distilled students of ``plan`` (failure-aware training with the plan's q_k or not);
+        with ``train=False`` only what is already cached (else ``None``)."""
+        from rocoin.distillation.distill import distill
+
+        s = self.setup
+        teacher = self.teacher()
+        path, config = self.students_path(plan, failure_aware=failure_aware)
         if not train:
             return path if path.exists() else None
         if not self._reuse(path):

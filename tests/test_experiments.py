@@ -1,0 +1,182 @@
+"""`rocoin experiment`: every table and figure at its --quick size (the real planner, distillation
+and simulator on scikit-learn's digits), the files each one leaves, the shared cache, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rocoin.cli.main import app
+from rocoin.errors import RocoinError
+from rocoin.experiments.paper import EXPERIMENTS
+from rocoin.experiments.report import ExperimentResult, markdown_table, to_csv
+from rocoin.experiments.setup import make_setup
+from rocoin.experiments.workspace import Workspace, assumed_outage_fleet
+from rocoin.planning import make_plan
+
+pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+runner = CliRunner()
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def rows_of(folder: Path, name: str) -> list[dict[str, str]]:
+    with open(folder / name / f"{name}.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def experiments(tmp_path_factory) -> tuple[Path, float]:
+    out = tmp_path_factory.mktemp("experiments")
+    started = time.perf_counter()
+    result = runner.invoke(app, ["experiment", "all", "--quick", "--dataset", "digits", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, time.perf_counter() - started
+
+
+def test_every_experiment_writes_csv_json_png_and_markdown(experiments):
+    out, _ = experiments
+    report = (out / "report.md").read_text()
+    for name in EXPERIMENTS:
+        folder = out / name
+        assert (folder / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+        data = json.loads((folder / f"{name}.json").read_text())
+        assert data["rows"] and data["caption"] and data["setup"]["size"] == "quick"
+        assert len(rows_of(out, name)) == len(data["rows"])
+        assert f"({name}/{name}.png)" in report  # the index links each figure
+        assert "Compared with the paper" in (folder / f"{name}.md").read_text() or name == "fig2"
+
+
+def test_table2_lists_the_teacher_and_every_scheme_with_sane_accuracy(experiments):
+    out, _ = experiments
+    rows = rows_of(out, "table2")
+    assert [r["scheme"] for r in rows] == ["Teacher", "RoCoIn", "RoCoIn-G", "HetNoNN", "NoNN"]
+    for r in rows:
+        assert 0.0 <= float(r["accuracy_pct"]) <= 100.0
+        assert int(r["params_per_device"]) > 0
+    setup = make_setup("quick")
+    nonn = next(r for r in rows if r["scheme"] == "NoNN")
+    assert int(nonn["groups"]) == setup.devices  # NoNN: one partition per device, no replicas
+
+
+def test_failure_curves_cover_zero_to_half_the_fleet_for_every_scheme(experiments):
+    out, _ = experiments
+    setup = make_setup("quick")
+    for name in ("fig5", "fig6"):
+        rows = rows_of(out, name)
+        for scheme in ("RoCoIn", "RoCoIn-G", "HetNoNN", "NoNN"):
+            failed = [int(r["failed_devices"]) for r in rows if r["scheme"] == scheme]
+            assert failed == setup.fail_counts
+        # NoNN has no replicas: every failed device is a missing group
+        nonn = [(int(r["failed_devices"]), float(r["missing_groups_mean"])) for r in rows if r["scheme"] == "NoNN"]
+        assert all(missing == failed for failed, missing in nonn)
+
+
+def test_training_curves_have_one_point_per_epoch_and_scheme(experiments):
+    out, _ = experiments
+    rows = rows_of(out, "fig2")
+    setup = make_setup("quick")
+    assert len(rows) == 4 * setup.student_epochs
+    assert all(float(r["loss_total"]) > 0 for r in rows)
+
+
+def test_fig3_has_both_panels_and_fig7_every_heterogeneity_level(experiments):
+    out, _ = experiments
+    setup = make_setup("quick")
+    fig3 = rows_of(out, "fig3")
+    assert len([r for r in fig3 if r["panel"] == "a"]) == len(setup.epsilons) * len(setup.success_probs)
+    assert {float(r["epsilon"]) for r in fig3 if r["panel"] == "b"} <= set(setup.epsilons)
+    fig7 = rows_of(out, "fig7")
+    assert sorted({int(r["heterogeneity"]) for r in fig7}) == list(range(6))
+    fig4 = rows_of(out, "fig4")
+    for r in fig4:  # replicas: all deployed students cost at least the distinct ones
+        assert float(r["total_mflops"]) >= float(r["valid_mflops"]) > 0
+
+
+def test_scale_plans_every_fleet_size(experiments):
+    out, _ = experiments
+    rows = rows_of(out, "scale")
+    assert sorted({int(r["devices"]) for r in rows}) == list(make_setup("quick").scale_devices)
+    assert all(0.0 <= float(r["p_all_groups"]) <= 1.0 for r in rows)
+
+
+def test_a_rerun_reuses_the_trained_students(experiments):
+    out, first_s = experiments
+    cache = sorted((out / "cache").glob("students-*.pt"))
+    stamps = {p: p.stat().st_mtime_ns for p in cache}
+    started = time.perf_counter()
+    result = runner.invoke(app, ["experiment", "table2", "fig5", "--quick", "--dataset", "digits", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {p: p.stat().st_mtime_ns for p in cache} == stamps  # nothing retrained
+    assert sorted((out / "cache").glob("students-*.pt")) == cache
+    assert time.perf_counter() - started < first_s
+
+
+def test_the_cache_key_follows_what_changes_the_students(experiments):
+    out, _ = experiments
+    ws = Workspace(make_setup("quick", dataset="digits"), out / "cache")
+    more_epochs = Workspace(make_setup("quick", dataset="digits", student_epochs=2), out / "cache")
+    fleet = ws.fleet()
+    plan = make_plan(fleet, ws.filter_weights(), ws.catalog(), scheme="rocoin", epsilon=0.05)
+    path, _ = ws.students_path(plan, failure_aware=True)
+    assert path.exists()  # the experiments trained exactly this
+    assert ws.students_path(plan, failure_aware=True)[0] == path
+    assert ws.students_path(plan, failure_aware=False)[0] != path
+    assert more_epochs.students_path(plan, failure_aware=True)[0] != path
+    other = make_plan(fleet, ws.filter_weights(), ws.catalog(), scheme="rocoin", epsilon=0.2)
+    assert ws.students_path(other, failure_aware=True)[0] != path
+    unknown = assumed_outage_fleet(fleet, 0.2)  # Fig. 6: the planner sees one assumed outage
+    assert {d.outage for d in unknown.devices} == {0.2}
+    assert [d.flops for d in unknown.devices] == [d.flops for d in fleet.devices]
+
+
+def test_unknown_experiment_and_bad_settings_give_one_line_and_exit_2(tmp_path):
+    for args, needle in (
+        (["experiment", "fig9", "--quick"], "fig9"),
+        (["experiment", "fig4", "--size", "huge"], "huge"),
+        (["experiment", "fig4", "--quick", "--trials", "0"], "trials"),
+        (["experiment", "fig4", "--quick", "--device", "tpu"], "tpu"),
+    ):
+        result = runner.invoke(app, [*args, "--output", str(tmp_path / "x")])
+        assert result.exit_code == 2, (args, result.output)
+        assert needle in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x" / "report.md").exists()
+
+
+def test_compute_device_names(monkeypatch):
+    import torch
+
+    from rocoin.distillation.training import compute_device
+
+    assert compute_device(None).type == "cpu"
+    assert compute_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RocoinError, match="no CUDA"):
+            compute_device("cuda")
+    with pytest.raises(RocoinError, match="expected cpu"):
+        compute_device("tpu")
+
+
+def test_csv_and_markdown_keep_every_column_of_mixed_rows():
+    rows = [{"a": 1, "b": 2.5}, {"a": 2, "c": "x"}]
+    assert to_csv(rows).splitlines() == ["a,b,c", "1,2.5,", "2,,x"]
+    table = markdown_table(rows)
+    assert table[0] == "| a | b | c |" and table[3] == "| 2 |  | x |"
+
+
+def test_a_result_is_written_atomically_with_its_caption(tmp_path):
+    def plot(fig):
+        fig.subplots(1, 1).plot([0, 1], [1, 0])
+
+    result = ExperimentResult("demo", "A title", "The assumptions.", [{"x": 1}], plot, ["a finding"])
+    paths = result.write(tmp_path / "demo", {"size": "quick"}, 0.5)
+    assert set(paths) == {"csv", "json", "png", "md"}
+    md = paths["md"].read_text()
+    assert "*The assumptions.*" in md and "- a finding" in md
+    assert not list(tmp_path.rglob("*.tmp*"))
