@@ -363,22 +363,45 @@ class _progress:
 @app.command("demo")
 @clean_errors
 def demo_command(
-    output: Path = typer.Option(Path("results/demo"), "--output", "-o", help="Folder for the fleet, plans and report."),
+    output: Path = typer.Option(Path("results/demo"), "--output", "-o", help="Folder for every step's output and the report."),
+    fresh: bool = typer.Option(False, "--fresh", help="Redo every step instead of reusing the finished ones."),
+    dataset: str = typer.Option("fashion-mnist", "--dataset", help="fashion-mnist (installed, downloaded, or digits as a last resort) or digits."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where to look for (and download) Fashion-MNIST."),
+    install: bool = typer.Option(True, "--install/--no-install", help="Allow apt-get install dataset-fashion-mnist (as root on Debian)."),
+    download: bool = typer.Option(True, "--download/--no-download", help="Allow downloading Fashion-MNIST."),
+    teacher_arch: str = typer.Option("wrn-10-2", "--teacher-arch", help="Teacher architecture."),
+    teacher_epochs: int = typer.Option(2, "--teacher-epochs", help="Teacher training epochs."),
+    max_train_images: Optional[int] = typer.Option(30000, "--max-train-images", help="Training images for the teacher."),
+    students: str = typer.Option("wrn-10-1,wrn-16-1", "--students", help="Comma-separated student architectures (measured catalog)."),
+    distill_epochs: int = typer.Option(1, "--distill-epochs", help="Distillation epochs."),
+    distill_images: Optional[int] = typer.Option(30000, "--distill-images", help="Training images for the students."),
     devices: int = typer.Option(10, "--devices", help="Devices in the generated fleet."),
     heterogeneity: int = typer.Option(4, "--heterogeneity", help="Table IV level 0-5."),
     success_prob: float = typer.Option(0.8, "--success-prob", help="Mean device success probability."),
     epsilon: float = typer.Option(0.05, "--epsilon", help="Reliability target ε."),
-    trials: int = typer.Option(20000, "--trials", help="Monte-Carlo queries per scheme."),
+    queries: Optional[int] = typer.Option(None, "--queries", help="Test images sent through the source (default: the whole test split)."),
+    concurrency: int = typer.Option(8, "--concurrency", help="Queries in flight at once."),
+    kill: int = typer.Option(3, "--kill", help="Devices killed (SIGKILL) part-way; a whole group among them when the plan allows."),
+    kill_after: float = typer.Option(0.4, "--kill-after", help="Fraction of the queries answered before the kill."),
+    speedup: float = typer.Option(100.0, "--speedup", help="Emulated devices' FLOP/s and rates × this, so a query takes milliseconds."),
+    deadline_s: Optional[float] = typer.Option(None, "--deadline-s", help="The source's per-query deadline (default: 2 × the plan's T / speedup + 50 ms)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
 ) -> None:
-    """Plan a generated fleet with every scheme and compare their simulated behaviour under failures."""
-    from rocoin.experiments.planner_demo import run_planner_demo
+    """The whole pipeline: data, teacher, plan, students, bundle, an emulated cluster that loses
+    devices part-way, and a report (table, report.md, results.json, plots)."""
+    from rocoin.experiments.demo import demo_config, run_demo
 
-    report = run_planner_demo(
-        output, devices=devices, heterogeneity=heterogeneity, success_prob=success_prob, epsilon=epsilon, trials=trials, seed=seed
-    )
+    names = tuple(name.strip() for name in students.split(",") if name.strip())
+    config = demo_config(
+        output=output, fresh=fresh, dataset=dataset, data_dir=data_dir, install=install, download=download,
+        teacher_arch=teacher_arch, teacher_epochs=teacher_epochs, max_train_images=max_train_images, students=names,
+        distill_epochs=distill_epochs, distill_images=distill_images, devices=devices, heterogeneity=heterogeneity,
+        success_prob=success_prob, epsilon=epsilon, queries=queries, concurrency=concurrency, kill=kill,
+        kill_after=kill_after, speedup=speedup, deadline_s=deadline_s, seed=seed,
+    )  # fmt: skip
+    report = run_demo(config, say=lambda text: err.print(text, markup=False, highlight=False))
     out.print(report.table())
-    err.print(f"wrote {output}/ (fleet, activations, one plan per scheme, report.md)")
+    err.print(f"wrote {output}/: {', '.join(report.files)} (total {report.results['total_s']:.0f} s)", markup=False, highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,7 +2,7 @@
 
 ``quick`` is what the test suite runs (seconds, tiny data); ``default`` is sized for a 2-core CPU
 (about an hour for the experiments that train students: the students learn from the first
-10,000 training images); ``paper`` is the GPU budget used for the
+5,000 training images); ``paper`` is the GPU budget used for the
 README's full-size results (a WRN-16-4 teacher like the paper's CIFAR-10 one). Any field can be
 overridden on the command line.
 """
@@ -35,7 +35,7 @@ class ExperimentSetup(BaseModel):
     student_batch_size: int = Field(default=128, ge=1)
     students: tuple[str, ...] = ("wrn-10-1", "wrn-16-1")
     max_train_images: int | None = Field(default=None, gt=0, description="training images of the teacher (None: all)")
-    student_max_train_images: int | None = Field(default=10000, gt=0, description="training images of the students (None: the teacher's)")
+    student_max_train_images: int | None = Field(default=5000, gt=0, description="training images of the students (None: the teacher's)")
     max_test_images: int | None = Field(default=None, gt=0)
     devices: int = Field(default=10, ge=2)
     heterogeneity: int = Field(default=4, ge=0, le=5)
