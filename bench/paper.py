@@ -6,7 +6,13 @@ The teacher, its filter graph and the catalog are made first; then table2 (Fig. 
 fig6 and fig3 train in ``--jobs`` parallel processes sharing the cache (one training alone leaves
 a GPU mostly idle: ten small students per step are launch-bound); finally every trained experiment
 is written from the cache in this process. ``rocoin experiment`` gives the same results one at a
-time. The README's full-size results were made this way on one H200.
+time.
+
+Measured on one H200 (``--size paper``, Fashion-MNIST): the WRN-16-4 teacher trained 10 epochs
+in 30 s (about 17,000 images/s, 94.5 % validation accuracy); the networks of students trained at
+1,500-10,000 images/s per process with three processes at once; after 500 s, 11 of the 14
+distillations had started and the last (NoNN, ten students) were still training. Budget about
+15 minutes for the whole run.
 """
 
 from __future__ import annotations

@@ -109,15 +109,6 @@ def test_plan_warns_about_devices_without_a_student(tmp_path):
     assert [u.id for u in load_plan(tmp_path / "plan.json").unassigned] == ["tiny"]
 
 
-def test_demo_runs_the_planner_and_simulator(tmp_path):
-    result = run("demo", "--output", tmp_path / "demo", "--devices", 6, "--trials", 2000)
-    assert result.exit_code == 0, result.output
-    report = (tmp_path / "demo" / "report.md").read_text()
-    for scheme in ("rocoin", "rocoin-g", "hetnonn", "nonn", "optimal"):
-        assert f"| {scheme} |" in report
-        assert (tmp_path / "demo" / f"plan-{scheme}.json").exists()
-
-
 def test_json_logs_carry_the_query_id(capsys):
     import logging
 

@@ -1,10 +1,10 @@
 """The settings every paper experiment shares, and the sizes they run at.
 
 ``quick`` is what the test suite runs (seconds, tiny data); ``default`` is sized for a 2-core CPU
-(about an hour for the experiments that train students: the students learn from the first
-5,000 training images); ``paper`` is the GPU budget used for the
-README's full-size results (a WRN-16-4 teacher like the paper's CIFAR-10 one). Any field can be
-overridden on the command line.
+(about an hour for the experiments that train students, which learn from the first 5,000
+training images); ``paper`` is a GPU budget (a WRN-16-4 teacher like the paper's CIFAR-10 one,
+students from three architectures on every training image; see ``bench/paper.py``). Any field
+can be overridden on the command line.
 """
 
 from __future__ import annotations
