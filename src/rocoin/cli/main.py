@@ -374,7 +374,7 @@ def demo_command(
     max_train_images: Optional[int] = typer.Option(30000, "--max-train-images", help="Training images for the teacher."),
     students: str = typer.Option("wrn-10-1,wrn-16-1", "--students", help="Comma-separated student architectures (measured catalog)."),
     distill_epochs: int = typer.Option(1, "--distill-epochs", help="Distillation epochs."),
-    distill_images: Optional[int] = typer.Option(30000, "--distill-images", help="Training images for the students."),
+    distill_images: Optional[int] = typer.Option(20000, "--distill-images", help="Training images for the students."),
     devices: int = typer.Option(10, "--devices", help="Devices in the generated fleet."),
     heterogeneity: int = typer.Option(4, "--heterogeneity", help="Table IV level 0-5."),
     success_prob: float = typer.Option(0.8, "--success-prob", help="Mean device success probability."),

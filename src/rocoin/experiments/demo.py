@@ -85,7 +85,7 @@ class DemoConfig(BaseModel):
     max_train_images: int | None = Field(default=30_000, gt=0, description="training images for the teacher")
     students: tuple[str, ...] = ("wrn-10-1", "wrn-16-1")
     distill_epochs: int = Field(default=1, ge=1)
-    distill_images: int | None = Field(default=30_000, gt=0, description="training images for the students")
+    distill_images: int | None = Field(default=20_000, gt=0, description="training images for the students")
     devices: int = Field(default=10, ge=2)
     heterogeneity: int = Field(default=4, ge=0, le=5)
     success_prob: float = Field(default=0.8, gt=0.0, le=1.0)
@@ -764,6 +764,7 @@ def run_demo(config: DemoConfig, *, say: Say = logger.info) -> DemoReport:
             "latency_s": plan.latency_s,
             "p_complete": plan.p_complete,
             "groups": [g.model_dump(mode="json") for g in plan.groups],
+            "unassigned": [u.model_dump(mode="json") for u in plan.unassigned],
         },
         "students": {
             "epochs": config.distill_epochs,
@@ -917,7 +918,7 @@ def _plots(out: Path, r: dict[str, Any], log: QueryLog) -> list[str]:
     ax.set_xlabel("query (in the order sent)")
     ax.set_ylabel("latency at the client (ms)")
     ax.set_title(f"Per-query latency through the source's {rt['api']} API, {rt['concurrency']} in flight")
-    ax.legend(loc="upper left", fontsize="small", markerscale=3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4, fontsize="small", markerscale=3)
     files.append(_save_png(fig, out / "latency.png"))
 
     # accuracy and missing groups, before vs after
@@ -991,7 +992,8 @@ def _markdown(r: dict[str, Any]) -> str:
             for phase in ("before", "after")
         ]
         lines.append(f"| {k}{lost} | {members} | {len(g['filters'])} | {g['student']} | {g['failure_prob']:.3g} | {g['latency_s']:.3g} | {shares[0]} | {shares[1]} |")
-    lines += ["", f"T = {plan['latency_s']:.3g} s, P(every group answers) = {plan['p_complete']:.3f}, ε = {plan['epsilon']}.", ""]
+    lines += ["", f"T = {plan['latency_s']:.3g} s, P(every group answers) = {plan['p_complete']:.3f}, ε = {plan['epsilon']}."]
+    lines += [f"Device {u['id']} has no student: {u['reason']}." for u in plan["unassigned"]] + [""]
     before_q, after_q = rt["before"]["queries_per_s"], rt["after"]["queries_per_s"]
     lines += [
         "## Assumptions and settings",

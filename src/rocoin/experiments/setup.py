@@ -1,7 +1,7 @@
 """The settings every paper experiment shares, and the sizes they run at.
 
 ``quick`` is what the test suite runs (seconds, tiny data); ``default`` is sized for a 2-core CPU
-(about an hour for the experiments that train students, which learn from the first 5,000
+(about an hour for the experiments that train students, which learn from the first 20,000
 training images); ``paper`` is a GPU budget (a WRN-16-4 teacher like the paper's CIFAR-10 one,
 students from three architectures on every training image; see ``bench/paper.py``). Any field
 can be overridden on the command line.
@@ -35,7 +35,7 @@ class ExperimentSetup(BaseModel):
     student_batch_size: int = Field(default=128, ge=1)
     students: tuple[str, ...] = ("wrn-10-1", "wrn-16-1")
     max_train_images: int | None = Field(default=None, gt=0, description="training images of the teacher (None: all)")
-    student_max_train_images: int | None = Field(default=5000, gt=0, description="training images of the students (None: the teacher's)")
+    student_max_train_images: int | None = Field(default=20000, gt=0, description="training images of the students (None: the teacher's)")
     max_test_images: int | None = Field(default=None, gt=0)
     devices: int = Field(default=10, ge=2)
     heterogeneity: int = Field(default=4, ge=0, le=5)
