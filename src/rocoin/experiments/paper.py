@@ -9,6 +9,7 @@ shapes and use a synthetic filter activity, so they need no torch and no data.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -598,6 +599,8 @@ def run_experiments(names: list[str], setup: ExperimentSetup, output: Path, *, d
     for name in names:
         if name not in EXPERIMENTS:
             raise RocoinError(f"experiment = {name!r}: expected one of {', '.join(EXPERIMENTS)} or all")
+    if device is not None and not re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
+        raise RocoinError(f"device = {device!r}: expected cpu, cuda, cuda:N or auto")
     if any(name in TRAINED for name in names):
         import importlib.util
 
