@@ -557,6 +557,7 @@ def _caption(r: dict[str, Any]) -> str:
 def run_demo(config: DemoConfig, *, say: Say = logger.info) -> DemoReport:
     """Run every step (reusing finished ones), write the report, return it."""
     started = time.perf_counter()
+    load_at_start = _load_average()
     out = config.output
     out.mkdir(parents=True, exist_ok=True)
     ledger = StepLedger(out, fresh=config.fresh, say=say)
@@ -776,6 +777,7 @@ def run_demo(config: DemoConfig, *, say: Say = logger.info) -> DemoReport:
         "runtime": runtime,
         "steps": {**ledger.timings, "runtime": {"seconds": cluster_info["runtime_s"], "reused": False}},
         "config": config.model_dump(mode="json"),
+        "machine": {"cpus": os.cpu_count(), "load_average_1min": {"start": load_at_start, "end": _load_average()}},
     }
     _write_queries_csv(out / "queries.csv", log, labels)
     files = ["report.md", "results.json", "queries.csv"] + _plots(out, results, log)
@@ -784,6 +786,14 @@ def run_demo(config: DemoConfig, *, say: Say = logger.info) -> DemoReport:
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "report.md", report.markdown())
     return report
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average, to tell whether other work shared the CPU (None where unknown)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _expected_missing(plan, fleet, victims: Victims) -> dict[str, list[float]]:
@@ -999,13 +1009,13 @@ def _markdown(r: dict[str, Any]) -> str:
         "## Assumptions and settings",
         "",
         f"- Data: {data['name']}, {data['how']}; the teacher trains on {_count(data['train_images_teacher'])} images and the students on"
-        f" {_count(data['train_images_students'])} of the training split (10 % of it held out for validation); {data['test_images']} test images.",
+        f" {_count(data['train_images_students'])} of the training split (10 % of it held out for validation); {data['test_images']:,} test images.",
         f"- Teacher: {t['arch']}, {t['epochs']} epoch(s), AdamW (lr 0.003, cosine); its final conv layer has {t['filters']} filters"
         f" (the planner's knowledge); test accuracy {_pct(t['test_accuracy'])} %.",
         f"- Fleet: {r['fleet']['devices']} generated devices, heterogeneity level {r['fleet']['heterogeneity']} (Table IV),"
         f" mean success probability {r['fleet']['success_prob']}, seed {r['config']['seed']} (fleet.yaml).",
         f"- Students: catalog {', '.join(r['config']['students'])} measured with torch; RoCoIn plan with ε = {plan['epsilon']};"
-        f" distilled for {s['epochs']} epoch(s), failure-aware; in-process accuracy on {s['test_images']} test images.",
+        f" distilled for {s['epochs']} epoch(s), failure-aware; in-process accuracy on {s['test_images']:,} test images.",
         f"- Runtime: {plan['groups_count']} groups, one worker process per device and the source on loopback (127.0.0.1, ports"
         f" chosen by the OS); every worker emulates its profile — it answers after t(d, s, k) = c_s/f_d + 32·|P_k|/r_d"
         f" with f_d and r_d × {rt['speedup']:g}, and drops an answer with its outage probability (silently: the source waits"
@@ -1014,7 +1024,7 @@ def _markdown(r: dict[str, Any]) -> str:
         + f". The source marks a device down after {FAILURES_TO_MARK_DOWN} failed calls in a row (answers lost to an emulated outage count)"
         f" and probes it every {PROBE_INTERVAL_S:g} s, so a group whose last replica is flaky is missing more often than the model's"
         " outage product says.",
-        f"- Queries: the first {rt['queries']} test images, one image per KServe v2 REST call (`POST /v2/models/rocoin/infer`),"
+        f"- Queries: the first {rt['queries']:,} test images{' (the whole test split)' if rt['queries'] == data['test_images'] else ''}, one image per KServe v2 REST call (`POST /v2/models/rocoin/infer`),"
         f" {rt['concurrency']} in flight, after {rt['warmup_queries']} unmeasured warm-up calls; latency is measured at the client.",
         f"- Failures: after query {rt['kill_after_queries']} (every earlier query answered; {rt['kill_at_s']:.1f} s into the run)"
         f" SIGKILL of {', '.join(rt['victims'])}: {rt['victims_reason']} ({_lost(rt['lost_groups'])}).",
@@ -1028,7 +1038,15 @@ def _markdown(r: dict[str, Any]) -> str:
     ]
     for name, step in r["steps"].items():
         lines.append(f"| {name} | {step['seconds']:.1f} | {'reused' if step.get('reused') else ''} |")
-    lines += ["", f"Total: {r.get('total_s', 0.0):.1f} s. Per-query rows: queries.csv; everything above: results.json.", ""]
+    machine = r["machine"]
+    load = machine["load_average_1min"]
+    lines += [
+        "",
+        f"Total: {r.get('total_s', 0.0):.1f} s on {machine['cpus']} CPUs (1-minute load average {load['start']} at the start,"
+        f" {load['end']} at the end).",
+        "Per-query rows: queries.csv; everything above: results.json.",
+        "",
+    ]
     return "\n".join(lines)
 
 
