@@ -185,3 +185,20 @@ def test_evaluation_with_failures_is_hand_checkable(tmp_path):
     assert rows[1]["accuracy_mean"] == pytest.approx(float(np.mean(labels == 7)))
     with pytest.raises(RocoinError, match="fail-devices = 4: expected 0..3"):
         evaluate_students(tmp_path / "students.pt", fail_devices=[4])
+
+
+def test_torch_threads_follow_the_environment(monkeypatch):
+    import torch
+
+    from rocoin.distillation.training import THREADS_ENV, use_all_cores
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv(THREADS_ENV, "1")
+        use_all_cores()
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv(THREADS_ENV, "zero")
+        with pytest.raises(RocoinError, match=THREADS_ENV):
+            use_all_cores()
+    finally:
+        torch.set_num_threads(before)

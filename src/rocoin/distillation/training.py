@@ -58,7 +58,19 @@ def load_data(config: DataConfig, *, download: bool = False) -> Data:
     return Data(splits.info, train, val, test)
 
 
+#: Caps torch's threads (e.g. ``ROCOIN_TORCH_THREADS=1`` for each of two jobs sharing two cores:
+#: two jobs of two threads each on two cores run many times slower than one).
+THREADS_ENV = "ROCOIN_TORCH_THREADS"
+
+
 def use_all_cores() -> None:
+    """Train with every core, or with ``$ROCOIN_TORCH_THREADS`` threads when it is set."""
+    wanted = os.environ.get(THREADS_ENV, "").strip()
+    if wanted:
+        if not wanted.isdigit() or int(wanted) < 1:
+            raise RocoinError(f"{THREADS_ENV} = {wanted!r}: expected a positive number of threads")
+        torch.set_num_threads(int(wanted))
+        return
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
