@@ -1,1 +1,2 @@
-"""Experiments and demos that run the real planner, simulator and (later) runtime."""
+"""The end-to-end demo (``demo``) and the paper's evaluation (``paper``), on the real planner,
+distillation, runtime and simulator."""
