@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Awaitable, Callable
 
 import grpc
 import numpy as np
@@ -17,6 +18,34 @@ CALL_TIMEOUT_S = 30.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+#: ``ask(image) -> (prediction, missing groups, source latency s)`` for one (1, C, H, W) image.
+Ask = Callable[[np.ndarray], Awaitable[tuple[int, int, float]]]
+
+
+async def _drive(ask: Ask, images: np.ndarray, labels: np.ndarray | None, concurrency: int) -> dict:
+    """Send each image through ``ask``, ``concurrency`` at a time; summarise what came back."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency = {concurrency}: expected at least 1")
+    latencies = np.zeros(len(images))
+    source_latencies = np.zeros(len(images))
+    predictions = np.zeros(len(images), dtype=np.int64)
+    missing = np.zeros(len(images), dtype=np.int64)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(images)):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            started = time.perf_counter()
+            predictions[i], missing[i], source_latencies[i] = await ask(np.asarray(images[i : i + 1]))
+            latencies[i] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return _summary(latencies, source_latencies, predictions, missing, labels, time.perf_counter() - started)
+
+
 async def run_queries(
     address: str,
     images: np.ndarray,
@@ -26,34 +55,17 @@ async def run_queries(
     deadline_s: float = 0.0,
 ) -> dict:
     """Send each image as one query, ``concurrency`` at a time; summarise what came back."""
-    if concurrency < 1:
-        raise ValueError(f"concurrency = {concurrency}: expected at least 1")
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    latencies = np.zeros(len(images))
-    source_latencies = np.zeros(len(images))
-    predictions = np.zeros(len(images), dtype=np.int64)
-    missing = np.zeros(len(images), dtype=np.int64)
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(len(images)):
-        queue.put_nowait(i)
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = rocoin_pb2_grpc.SourceStub(channel)
 
-        async def worker() -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                request = rocoin_pb2.SourceInferRequest(query_id=uuid.uuid4().hex[:16], input=tensor_to_proto(images[i : i + 1]), deadline_s=deadline_s)
-                started = time.perf_counter()
-                reply = await stub.Infer(request, timeout=CALL_TIMEOUT_S)
-                latencies[i] = time.perf_counter() - started
-                source_latencies[i] = reply.latency_s
-                predictions[i] = int(tensor_from_proto(reply.logits, max_bytes=MAX_MESSAGE_BYTES).argmax(axis=1)[0])
-                missing[i] = len(reply.missing_groups)
+        async def ask(image: np.ndarray) -> tuple[int, int, float]:
+            request = rocoin_pb2.SourceInferRequest(query_id=uuid.uuid4().hex[:16], input=tensor_to_proto(image), deadline_s=deadline_s)
+            reply = await stub.Infer(request, timeout=CALL_TIMEOUT_S)
+            prediction = int(tensor_from_proto(reply.logits, max_bytes=MAX_MESSAGE_BYTES).argmax(axis=1)[0])
+            return prediction, len(reply.missing_groups), reply.latency_s
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return _summary(latencies, source_latencies, predictions, missing, labels, elapsed)
+        return await _drive(ask, images, labels, concurrency)
 
 
 async def run_queries_http(
@@ -68,41 +80,23 @@ async def run_queries_http(
     """The same as :func:`run_queries`, over the KServe v2 REST API at ``url`` (http://host:port)."""
     import aiohttp
 
-    if concurrency < 1:
-        raise ValueError(f"concurrency = {concurrency}: expected at least 1")
     endpoint = f"{url.rstrip('/')}/v2/models/{model}/infer"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    latencies = np.zeros(len(images))
-    source_latencies = np.zeros(len(images))
-    predictions = np.zeros(len(images), dtype=np.int64)
-    missing = np.zeros(len(images), dtype=np.int64)
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(len(images)):
-        queue.put_nowait(i)
     timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
 
-        async def worker() -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                image = np.asarray(images[i : i + 1])
-                datatype = "UINT8" if image.dtype == np.uint8 else "FP32"
-                body = {"id": uuid.uuid4().hex[:16], "inputs": [{"name": "input", "shape": list(image.shape), "datatype": datatype, "data": image.ravel().tolist()}]}
-                started = time.perf_counter()
-                async with session.post(endpoint, json=body) as response:
-                    reply = await response.json()
-                    if response.status != 200:
-                        raise RuntimeError(f"{endpoint}: HTTP {response.status}: {reply.get('error', reply)}")
-                latencies[i] = time.perf_counter() - started
-                logits = next(o for o in reply["outputs"] if o["name"] == "logits")
-                predictions[i] = int(np.asarray(logits["data"]).reshape(logits["shape"]).argmax(axis=1)[0])
-                missing[i] = int(reply["parameters"]["missing_groups"])
-                source_latencies[i] = float(reply["parameters"]["latency_s"])
+        async def ask(image: np.ndarray) -> tuple[int, int, float]:
+            datatype = "UINT8" if image.dtype == np.uint8 else "FP32"
+            body = {"id": uuid.uuid4().hex[:16], "inputs": [{"name": "input", "shape": list(image.shape), "datatype": datatype, "data": image.ravel().tolist()}]}
+            async with session.post(endpoint, json=body) as response:
+                reply = await response.json()
+                if response.status != 200:
+                    raise RuntimeError(f"{endpoint}: HTTP {response.status}: {reply.get('error', reply)}")
+            logits = next(o for o in reply["outputs"] if o["name"] == "logits")
+            prediction = int(np.asarray(logits["data"]).reshape(logits["shape"]).argmax(axis=1)[0])
+            return prediction, int(reply["parameters"]["missing_groups"]), float(reply["parameters"]["latency_s"])
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return _summary(latencies, source_latencies, predictions, missing, labels, elapsed)
+        return await _drive(ask, images, labels, concurrency)
 
 
 def _summary(latencies, source_latencies, predictions, missing, labels, elapsed: float) -> dict:
