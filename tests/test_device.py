@@ -322,6 +322,96 @@ def test_health_reports_serving_then_not_serving(bundle):
     assert after == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+# --------------------------------------------------------------------------- the source's stream
+
+
+async def _stream_exchange(stub, messages, expected_answers: int, timeout_s: float = 10.0):
+    """Send ``messages`` on one InferStream, read ``expected_answers`` answers (in arrival order), close."""
+    call = stub.InferStream()
+    for message in messages:
+        await call.write(message)
+    answers = []
+
+    async def read_all():
+        while len(answers) < expected_answers:
+            reply = await call.read()
+            assert reply is not grpc.aio.EOF, answers
+            answers.append(reply)
+
+    await asyncio.wait_for(read_all(), timeout_s)
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF  # nothing else: no answer for cancelled requests
+    return answers, await call.code()
+
+
+def test_the_stream_answers_every_request_by_id_and_refuses_bad_ones_without_ending(bundle):
+    cases = [case for case in _bad_requests() if case[0] != "oversized message"]
+    x = images(2)
+    expected = ort.InferenceSession(str(bundle / "group0.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    messages = []
+    for i, (_, bad, _, _) in enumerate(cases):
+        bad = rocoin_pb2.DeviceInferRequest.FromString(bad.SerializeToString())
+        if len(bad.query_id) <= 256:
+            bad.query_id = f"bad-{i}"
+        messages += [bad, request(x, f"good-{i}")]
+    messages.append(rocoin_pb2.DeviceInferRequest(query_id="bad-timeout", input=tensor_to_proto(x), timeout_s=-1.0))
+
+    async def main():
+        device = await start_device(bundle, "a", max_batch=4)
+        try:
+            async with Client(device.address) as stub:
+                answers, code = await _stream_exchange(stub, messages, len(messages))
+                return {reply.query_id: reply for reply in answers}, code
+        finally:
+            await device.stop(0)
+
+    answers, code = run(main())
+    assert code == grpc.StatusCode.OK  # the stream outlived every bad request
+    for i, (name, _, status, message) in enumerate(cases):
+        good = answers[f"good-{i}"]
+        assert good.error_code == 0 and good.device_id == "a" and good.group == 0
+        np.testing.assert_allclose(tensor_from_proto(good.features, max_bytes=1 << 20), expected, rtol=1e-6, atol=1e-6)
+        bad = answers[f"bad-{i}" if name != "long query id" else "x" * 256]
+        assert bad.error_code == status.value[0] and message in bad.error, (name, bad)
+        assert not bad.HasField("features")
+    assert answers["bad-timeout"].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "timeout_s: -1.0: expected seconds >= 0" in answers["bad-timeout"].error
+
+
+def test_the_stream_cancels_queued_requests_and_refuses_those_past_their_timeout(bundle):
+    emulation = Emulation(flops=STUDENT_FLOPS / 0.2, rate_bps=1.0e12, outage=0.0)  # 0.2 s per request
+    x = tensor_to_proto(images(1))
+    messages = [
+        rocoin_pb2.DeviceInferRequest(query_id="first", input=x),
+        rocoin_pb2.DeviceInferRequest(query_id="cancelled", input=x),
+        rocoin_pb2.DeviceInferRequest(query_id="late", input=x, timeout_s=0.05),  # waits 0.2 s for the slot
+        rocoin_pb2.DeviceInferRequest(cancel=["cancelled", "unknown-id"]),  # only cancellations
+        rocoin_pb2.DeviceInferRequest(query_id="first", input=x),  # a duplicate of one in flight
+    ]
+
+    async def main():
+        device = await start_device(bundle, "b", emulation=emulation, max_concurrency=1)
+        try:
+            async with Client(device.address) as stub:
+                started = time.perf_counter()
+                answers, code = await _stream_exchange(stub, messages, 3)
+                elapsed = time.perf_counter() - started
+            return answers, code, elapsed, device.worker.metrics.registry
+        finally:
+            await device.stop(0)
+
+    answers, code, elapsed, registry = run(main())
+    assert code == grpc.StatusCode.OK
+    duplicate, first, late = answers  # in the order they were ready
+    assert duplicate.query_id == "first" and "query_id: 'first': already in flight" in duplicate.error
+    assert first.query_id == "first" and first.error_code == 0 and first.compute_s >= 0.2
+    assert late.query_id == "late" and late.error_code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    # the cancelled request never ran: the late one's refusal came when the first one ended
+    assert 0.2 <= elapsed < 0.35
+    count = {code: registry.get_sample_value("rocoin_device_requests_total", {"code": code}) for code in ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT")}
+    assert count == {"OK": 1, "CANCELLED": 1, "DEADLINE_EXCEEDED": 1, "INVALID_ARGUMENT": 1}
+
+
 # --------------------------------------------------------------------------- refusing to start
 
 
@@ -592,6 +682,11 @@ def test_a_device_with_a_token_refuses_calls_without_it(bundle):
                     with pytest.raises(grpc.aio.AioRpcError) as info:
                         await stub.Infer(request(images(1)), timeout=5, metadata=metadata)
                     outcomes[label] = (info.value.code(), info.value.details())
+                stream = stub.InferStream()  # the source's stream is guarded the same way
+                await stream.write(request(images(1)))
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stream.read()
+                outcomes["stream"] = (info.value.code(), info.value.details())
                 reply = await stub.Infer(request(images(1)), timeout=5, metadata=token_metadata(token))
                 health_reply = await health_pb2_grpc.HealthStub(grpc.aio.insecure_channel(device.address)).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=5
@@ -602,6 +697,7 @@ def test_a_device_with_a_token_refuses_calls_without_it(bundle):
 
     outcomes, reply, health_reply = run(main())
     assert outcomes["none"] == (grpc.StatusCode.UNAUTHENTICATED, "missing token: this device requires the source's token")
+    assert outcomes["stream"] == outcomes["none"]
     assert outcomes["wrong"][0] == outcomes["garbage"][0] == grpc.StatusCode.UNAUTHENTICATED
     assert "wrong token" in outcomes["wrong"][1]
     assert reply.device_id == "a"  # the right token works, and the worker kept serving

@@ -35,7 +35,7 @@ def test_the_check_notices_a_changed_proto(tmp_path, capsys):
     shutil.copytree(PROTOCOL, copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert gen_proto.check(tmp_path / "src") == 0
     proto = copy / "rocoin.proto"
-    proto.write_text(proto.read_text().replace("double compute_s = 5;", "double compute_s = 5;\n  string note = 6;"))
+    proto.write_text(proto.read_text().replace("double compute_s = 5;", "double compute_s = 5;\n  string note = 99;"))
     assert gen_proto.check(tmp_path / "src") == 1
     assert "stale" in capsys.readouterr().err
 

@@ -24,7 +24,8 @@ from rocoin.profiles.fleet import Fleet  # noqa: E402
 from rocoin.runtime.cluster import LocalCluster  # noqa: E402
 from rocoin.runtime.manifest import MANIFEST_NAME, GroupModel, Manifest, ModelFile, Normalization, TensorSpec, file_sha256  # noqa: E402
 from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
-from rocoin.runtime.source import PROBE_INTERVAL_S, Source  # noqa: E402
+from rocoin.runtime.device import Emulation, start_device  # noqa: E402
+from rocoin.runtime.source import CANCEL_FLUSH_S, FAILURES_TO_MARK_DOWN, PROBE_INTERVAL_S, Source  # noqa: E402
 from test_device import _save, head_model, student_model  # noqa: E402
 
 INPUT_CHW = (1, 8, 8)
@@ -142,10 +143,14 @@ def test_queries_survive_replica_deaths_and_whole_groups_go_missing_by_the_deadl
 
 
 class StalledDevice(rocoin_pb2_grpc.DeviceServicer):
-    """Accepts every call and never answers."""
+    """Accepts every call and every stream message, and never answers."""
 
     async def Infer(self, request, context):
         await asyncio.Event().wait()
+
+    async def InferStream(self, request_iterator, context):
+        async for _ in request_iterator:
+            pass
 
 
 def test_a_stalled_device_costs_at_most_the_deadline(tmp_path):
@@ -163,15 +168,48 @@ def test_a_stalled_device_costs_at_most_the_deadline(tmp_path):
                 fleet = with_addresses(running)
                 fleet = Fleet(devices=[d if d.id != "stall" else d.model_copy(update={"address": f"127.0.0.1:{port}"}) for d in fleet.devices])
                 async with Source(bundle, fleet, deadline_s=DEADLINE_S, token=running.token) as source:
+                    stalled = next(d for d in source.devices if d.device_id == "stall")
                     for i in range(4):
                         started = time.perf_counter()
                         result = await source.infer(images_batch(i))
                         assert result.missing_groups == [2]
                         assert time.perf_counter() - started <= DEADLINE_S + LATE_SLACK_S
+                        assert stalled.up == (i + 1 < FAILURES_TO_MARK_DOWN)  # three silent deadlines: marked down
+                    assert stalled.failures == FAILURES_TO_MARK_DOWN
         finally:
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_the_source_takes_the_first_replica_and_cancels_the_slower_one(tmp_path):
+    bundle = make_bundle(tmp_path / "bundle")
+    slow_s = 0.3
+
+    async def scenario():
+        devices = {}
+        for name in ("a1", "a2", "b1", "b2", "c1"):
+            emulation = Emulation(flops=1e4 / slow_s, rate_bps=1e12, outage=0.0) if name == "a2" else None
+            devices[name] = await start_device(bundle, name, emulation=emulation, max_concurrency=1)
+        try:
+            fleet = Fleet(devices=[d.model_copy(update={"address": devices[d.id].address}) for d in fleet_for().devices])
+            registry = devices["a2"].worker.metrics.registry
+            async with Source(bundle, fleet, deadline_s=2.0) as source:
+                first = await source.infer(images_batch(0))
+                second = await source.infer(images_batch(1))  # a2's cancellation of the first rides on it
+                await asyncio.sleep(CANCEL_FLUSH_S + 0.05)  # the second's goes out on its own
+                counts = {code: registry.get_sample_value("rocoin_device_requests_total", {"code": code}) for code in ("OK", "CANCELLED")}
+            return first, second, counts
+        finally:
+            for running in devices.values():
+                await running.stop(0)
+
+    first, second, counts = asyncio.run(scenario())
+    for result in (first, second):
+        assert result.missing_groups == [] and result.answered_by[0] == "a1"
+        assert result.latency_s < slow_s / 2  # nobody waited for the slow replica
+    # a2 dropped both queries before its answers were due: the source does not wait for them
+    assert counts == {"OK": None, "CANCELLED": 2}
 
 
 def test_source_service_and_cli_on_a_cluster(tmp_path):

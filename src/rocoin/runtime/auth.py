@@ -64,7 +64,11 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if given is not None and hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
             return await continuation(details)
         reason = "missing token" if given is None else "wrong token"
-        return grpc.unary_unary_rpc_method_handler(_deny(f"{reason}: {self._what}"))
+        deny = _deny(f"{reason}: {self._what}")
+        handler = await continuation(details)  # only to answer with the method's own kind of handler
+        if handler is not None and handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
 
 
 def _deny(message: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:

@@ -10,10 +10,19 @@ with the manifest's ``(C, H, W)``, ``1 <= B <= max_batch`` and finite values; an
 serving. A request larger than the worker's message limit (``max_batch`` inputs plus
 :data:`MESSAGE_SLACK_BYTES`) gets ``RESOURCE_EXHAUSTED`` from gRPC before it is parsed.
 
-Concurrency: at most ``max_concurrency`` calls run the model (and their emulated delay) at a
-time; further calls wait their turn, in arrival order. A call whose deadline passes while it
-waits ends with gRPC's ``DEADLINE_EXCEEDED`` and never runs the model. Beyond
-``max_concurrency + MAX_QUEUED_CALLS`` calls in flight, gRPC answers ``RESOURCE_EXHAUSTED``.
+``InferStream`` is the source's transport: one long-lived stream per source, each message a
+request as above (plus ``timeout_s`` and ``cancel``), each answer written when it is ready and
+matched by ``query_id``. A bad request on the stream gets an answer with ``error_code`` and
+``error`` (the same codes and messages as ``Infer``) and the stream goes on. A stream message
+costs about half a unary call in grpcio, which is most of the source's overhead on small models.
+
+Concurrency: at most ``max_concurrency`` requests run the model (and their emulated delay) at a
+time; further ones wait their turn, in arrival order. A unary call whose deadline passes while it
+waits ends with gRPC's ``DEADLINE_EXCEEDED`` and never runs the model (a stream request past its
+``timeout_s`` is answered ``DEADLINE_EXCEEDED`` when its turn comes). Beyond
+``max_concurrency + MAX_QUEUED_CALLS`` calls in flight, gRPC answers ``RESOURCE_EXHAUSTED`` (a
+stream: per stream). A model run expected to take at most :data:`INLINE_RUN_S` runs on the event
+loop; longer ones run in a thread pool so health checks and other calls go on meanwhile.
 
 Emulation (:class:`Emulation`) makes a fast machine behave like a device of the fleet: after the
 real compute, the answer is held until ``t(d, s, k) = c_s/f_d + 32·|P_k|/r_d + input_s`` has
@@ -78,10 +87,24 @@ MAX_QUERY_ID_CHARS = 256
 SHUTDOWN_GRACE_S = 5.0
 #: Longest time a silently dropped call is held when the caller set no deadline.
 SILENT_DROP_HOLD_S = 60.0
+#: Requests whose model run is expected to take at most this long run on the event loop: a hop to
+#: the thread pool and back costs more than the run itself (a small student at batch 1).
+INLINE_RUN_S = 0.001
+#: Model runs at start that warm onnxruntime up and time one image.
+WARMUP_RUNS = 5
 #: The only execution provider a device uses.
 EXECUTION_PROVIDER = "CPUExecutionProvider"
 
 _FLOAT32 = "float32"
+
+
+class _Refused(Exception):
+    """A request the worker will not answer with features: a gRPC status code and why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -179,6 +202,20 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         self._output_name = self.model.output.name
         self._slots = asyncio.Semaphore(max_concurrency)
         self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=f"rocoin-{device_id}")
+        #: requests one InferStream may have queued or running
+        self.max_inflight = max_concurrency + MAX_QUEUED_CALLS
+        #: the model's batch-1 time here (a warm-up run at start): decides whether a request runs
+        #: on the event loop (short) or in the thread pool (long enough to stall other calls)
+        self.run_s_per_image = self._time_one_image()
+
+    def _time_one_image(self, runs: int = WARMUP_RUNS) -> float:
+        x = np.zeros((1, *self.input_shape), dtype=np.float32)
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            self.run_model(x)
+            times.append(time.perf_counter() - started)
+        return sorted(times)[len(times) // 2]
 
     def close(self) -> None:
         """Release the model's threads (running calls finish on their own)."""
@@ -217,70 +254,155 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         return batch, ""
 
     async def Infer(self, request: rocoin_pb2.DeviceInferRequest, context: grpc.aio.ServicerContext) -> rocoin_pb2.DeviceInferResponse:
-        """Answer one request, counting its outcome and time in :attr:`metrics`."""
+        """Answer one request (gRPC's deadline and cancellation apply), counting its outcome in :attr:`metrics`."""
         try:
-            reply = await self._infer(request, context)
+            batch = self._checked(request)
+            reply = await self._answer(request.query_id, batch)
+            if reply is None:  # silently dropped: hold the call, without its slot, until the caller gives up
+                hold = context.time_remaining()
+                await asyncio.sleep(min(hold, SILENT_DROP_HOLD_S) if hold is not None else SILENT_DROP_HOLD_S)
+                raise _Refused(grpc.StatusCode.UNAVAILABLE, "emulated outage")
+        except _Refused as refused:
+            self.metrics.requests.labels(refused.code.name).inc()
+            await context.abort(refused.code, refused.message)
         except asyncio.CancelledError:
             self.metrics.requests.labels("CANCELLED").inc()
             raise
-        except BaseException:
-            code = context.code() if hasattr(context, "code") else None
-            self.metrics.requests.labels(getattr(code, "name", None) or "UNKNOWN").inc()
-            raise
-        self.metrics.requests.labels("OK").inc()
-        self.metrics.run_time.observe(reply.compute_s)
-        logger.debug("device %s answered in %.4f s", self.device_id, reply.compute_s, extra={"query_id": request.query_id[:MAX_QUERY_ID_CHARS]})
         return reply
 
-    async def _infer(self, request: rocoin_pb2.DeviceInferRequest, context: grpc.aio.ServicerContext) -> rocoin_pb2.DeviceInferResponse:
+    async def InferStream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        """The source's long-lived stream: every request runs as :meth:`Infer` would, concurrently,
+        and its answer (or an answer carrying ``error``) is written as soon as it is ready.
+
+        A request's ``timeout_s`` bounds its wait for a free slot; ``cancel`` drops queued or running
+        requests of this stream (no answer is sent for them). When the source closes its side, the
+        requests still running are answered before the stream ends; when it cancels the stream,
+        they are dropped.
+        """
+        inflight: dict[str, asyncio.Task] = {}
+        writing = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+
+        async def send(reply: rocoin_pb2.DeviceInferResponse) -> None:
+            async with writing:
+                await context.write(reply)
+
+        async def serve_one(query_id: str, batch: np.ndarray, expires: float | None) -> None:
+            try:
+                reply = await self._answer(query_id, batch, expires)
+            except _Refused as refused:
+                self.metrics.requests.labels(refused.code.name).inc()
+                reply = self._error_reply(query_id, refused)
+            except asyncio.CancelledError:
+                self.metrics.requests.labels("CANCELLED").inc()
+                return
+            finally:
+                inflight.pop(query_id, None)
+            if reply is None:  # emulation dropped it silently: the source never hears back
+                self.metrics.requests.labels("DROPPED").inc()
+            else:
+                with contextlib.suppress(Exception):  # the stream ended meanwhile: nobody to tell
+                    await send(reply)
+
+        try:
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    break
+                try:
+                    if len(request.cancel) > self.max_inflight:
+                        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"cancel: {len(request.cancel)} query ids: expected at most {self.max_inflight}")
+                    for query_id in request.cancel:
+                        task = inflight.get(query_id)
+                        if task is not None:
+                            task.cancel()
+                    if not request.query_id and not request.HasField("input"):
+                        continue  # only cancellations
+                    if request.query_id in inflight:
+                        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"query_id: {request.query_id[:40]!r}: already in flight on this stream")
+                    if len(inflight) >= self.max_inflight:
+                        raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(inflight)} requests in flight on this stream: expected at most {self.max_inflight}")
+                    if not (math.isfinite(request.timeout_s) and request.timeout_s >= 0):
+                        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"timeout_s: {request.timeout_s!r}: expected seconds >= 0 (0: no limit)")
+                    batch = self._checked(request)
+                except _Refused as refused:
+                    self.metrics.requests.labels(refused.code.name).inc()
+                    await send(self._error_reply(request.query_id, refused))
+                    continue
+                expires = loop.time() + request.timeout_s if request.timeout_s > 0 else None
+                inflight[request.query_id] = asyncio.ensure_future(serve_one(request.query_id, batch, expires))
+            if inflight:  # the source closed its side: finish what it asked for
+                await asyncio.gather(*inflight.values(), return_exceptions=True)
+        finally:
+            for task in list(inflight.values()):
+                task.cancel()
+
+    def _checked(self, request: rocoin_pb2.DeviceInferRequest) -> np.ndarray:
+        """The request's batch, or :class:`_Refused` (INVALID_ARGUMENT) naming the field and value."""
         batch, problem = self.check_request(request)
         if batch is None:
             logger.info("device %s rejected the query: %s", self.device_id, problem, extra={"query_id": request.query_id[:MAX_QUERY_ID_CHARS]})
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        await self._slots.acquire()  # a deadline passing here cancels this task: nothing to undo
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return batch
+
+    def _error_reply(self, query_id: str, refused: _Refused) -> rocoin_pb2.DeviceInferResponse:
+        return rocoin_pb2.DeviceInferResponse(
+            query_id=query_id[:MAX_QUERY_ID_CHARS], device_id=self.device_id, group=self.group, error_code=refused.code.value[0], error=refused.message
+        )
+
+    async def _answer(self, query_id: str, batch: np.ndarray, expires: float | None = None) -> rocoin_pb2.DeviceInferResponse | None:
+        """Run the model on a checked batch within the concurrency limit (and emulate the profile).
+
+        Returns the answer, or None when emulation drops it silently; raises :class:`_Refused`.
+        ``expires`` (event-loop time) refuses the request if no slot was free before then.
+        """
+        await self._slots.acquire()  # a cancellation here (deadline, source) has nothing to undo
         started = time.perf_counter()
         release = True
         try:
-            loop = asyncio.get_running_loop()
-            work = loop.run_in_executor(self._executor, self.run_model, batch)
-            try:
-                features = await asyncio.shield(work)
-            except asyncio.CancelledError:
-                # keep the slot until the thread is really done, so at most max_concurrency run
-                work.add_done_callback(lambda _: self._slots.release())
-                release = False
-                raise
-            except Exception as exc:  # onnxruntime's own error types
-                logger.exception("device %s: the model failed on query %r", self.device_id, request.query_id)
-                await context.abort(grpc.StatusCode.INTERNAL, f"model run failed: {' '.join(str(exc).split())[:300]}")
-            expected = (batch.shape[0], self.output_size)
-            if features.shape != expected or features.dtype != np.float32:
-                logger.error("device %s: model gave %s %s, expected %s float32", self.device_id, features.shape, features.dtype, expected)
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, f"model output: shape {list(features.shape)} {features.dtype}: expected {list(expected)} float32"
-                )
+            if expires is not None and asyncio.get_running_loop().time() > expires:
+                raise _Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's timeout passed while it waited for a free slot")
+            if batch.shape[0] * self.run_s_per_image <= INLINE_RUN_S:
+                features = self._run_checked(query_id, batch)  # shorter than a hop to the thread pool
+            else:
+                work = asyncio.get_running_loop().run_in_executor(self._executor, self._run_checked, query_id, batch)
+                try:
+                    features = await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    # keep the slot until the thread is really done, so at most max_concurrency run
+                    work.add_done_callback(lambda _: self._slots.release())
+                    release = False
+                    raise
             if self.emulation is not None:
                 remaining = self.target_s - (time.perf_counter() - started)
                 if remaining > 0:
                     await asyncio.sleep(remaining)
                 if self._rng.random() < self.emulation.outage:
-                    if self.emulation.drop == "silent":  # the answer never arrives: hold the call, free the slot
-                        self._slots.release()
-                        release = False
-                        hold = context.time_remaining()
-                        await asyncio.sleep(min(hold, SILENT_DROP_HOLD_S) if hold is not None else SILENT_DROP_HOLD_S)
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "emulated outage")
+                    if self.emulation.drop == "silent":
+                        return None
+                    raise _Refused(grpc.StatusCode.UNAVAILABLE, "emulated outage")
             compute_s = time.perf_counter() - started
         finally:
             if release:
                 self._slots.release()
+        self.metrics.requests.labels("OK").inc()
+        self.metrics.run_time.observe(compute_s)
         return rocoin_pb2.DeviceInferResponse(
-            query_id=request.query_id,
-            device_id=self.device_id,
-            group=self.group,
-            features=tensor_to_proto(features),
-            compute_s=compute_s,
+            query_id=query_id, device_id=self.device_id, group=self.group, features=tensor_to_proto(features), compute_s=compute_s
         )
+
+    def _run_checked(self, query_id: str, batch: np.ndarray) -> np.ndarray:
+        """:meth:`run_model` with its failures and a wrong output turned into INTERNAL refusals."""
+        try:
+            features = self.run_model(batch)
+        except Exception as exc:  # onnxruntime's own error types
+            logger.exception("device %s: the model failed on query %r", self.device_id, query_id[:MAX_QUERY_ID_CHARS])
+            raise _Refused(grpc.StatusCode.INTERNAL, f"model run failed: {' '.join(str(exc).split())[:300]}") from None
+        expected = (batch.shape[0], self.output_size)
+        if features.shape != expected or features.dtype != np.float32:
+            logger.error("device %s: model gave %s %s, expected %s float32", self.device_id, features.shape, features.dtype, expected)
+            raise _Refused(grpc.StatusCode.INTERNAL, f"model output: shape {list(features.shape)} {features.dtype}: expected {list(expected)} float32")
+        return features
 
     def _expected_shape(self) -> str:
         return f"(B, {', '.join(str(n) for n in self.input_shape)}) with B in 1..{self.max_batch}"

@@ -3,19 +3,28 @@ runs the head — as soon as every group has answered, or at the deadline with t
 zero-filled (SPEC.md §1). Usable as a library (:class:`Source`) and served over gRPC
 (:func:`serve_source`).
 
-Channels are long-lived (one per device, with keepalive). Every device call gets the time left
-until the query's deadline. A device whose calls fail ``FAILURES_TO_MARK_DOWN`` times in a row is
-marked down: queries skip it and a probe asks its gRPC health service every
-``PROBE_INTERVAL_S`` until it is SERVING again, then it is used again.
+Transport: one long-lived channel per device (keepalive) carrying one ``InferStream`` stream.
+A query is one message to each device (serialised once), carrying the time left until the
+query's deadline as its ``timeout_s``; answers are matched to their query by id as they arrive.
+The replicas of a group that answered are told to drop the query with a ``cancel`` entry riding
+on their next message (or, when no query follows within :data:`CANCEL_FLUSH_S`, a message of
+its own). A stream message costs about half a unary gRPC call, which is most of the overhead on
+small students.
+
+A device whose stream breaks (the process died, the connection was lost) is marked down at once;
+one whose answers fail or miss the deadline ``FAILURES_TO_MARK_DOWN`` times in a row is marked
+down too. Queries skip a down device, and a probe asks its gRPC health service every
+``PROBE_INTERVAL_S`` until it is SERVING again; then a fresh stream is opened and it is used again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -29,7 +38,7 @@ from rocoin.runtime.auth import token_metadata
 from rocoin.runtime.metrics import SourceMetrics
 from rocoin.runtime.tls import ClientTLS
 from rocoin.runtime.manifest import Manifest, load_manifest, verify_file
-from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc
+from rocoin.runtime.protocol import rocoin_pb2
 from rocoin.runtime.serde import tensor_from_proto, tensor_to_proto
 
 logger = logging.getLogger(__name__)
@@ -52,6 +61,15 @@ MAX_RECONNECT_BACKOFF_MS = 1_000
 MAX_BATCH = 64
 #: Slack over the tensor payload for protobuf framing.
 MESSAGE_SLACK_BYTES = 64 * 1024
+#: Longest a cancellation waits to ride on the next query's message before it is sent on its own.
+CANCEL_FLUSH_S = 0.005
+#: Messages waiting to be written to one device's stream; beyond, the device fails the query
+#: (a device that stopped reading must not make the source buffer without bound).
+MAX_OUTBOX = 256
+#: Longest client query id kept in the ids sent to devices (they add a per-query counter).
+MAX_CLIENT_ID_CHARS = 200
+
+_STREAM_METHOD = "/rocoin.v1.Device/InferStream"
 
 
 @dataclass
@@ -59,13 +77,20 @@ class DeviceState:
     device_id: str
     address: str
     group: int
-    stub: rocoin_pb2_grpc.DeviceStub | None = None
     channel: grpc.aio.Channel | None = None
     up: bool = True
     consecutive_failures: int = 0
     probe: asyncio.Task | None = None
     failures: int = 0
     answers: int = 0
+    #: the open stream, the queue of serialised messages for it, and its writer and reader tasks
+    stream: grpc.aio.StreamStreamCall | None = None
+    outbox: asyncio.Queue | None = None
+    tasks: tuple[asyncio.Task, ...] = ()
+    #: queries sent on the stream and not answered yet, by wire id
+    waiting: dict[str, _Query] = field(default_factory=dict)
+    #: wire ids whose answers are no longer wanted, to send with the next message
+    cancels: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -77,10 +102,41 @@ class InferResult:
     latency_s: float
 
 
-@dataclass
-class _Pending:
-    group: int
-    device: DeviceState
+class _Query:
+    """One query in flight: the groups' slots, and the calls each group still has open."""
+
+    __slots__ = ("wire_id", "query_id", "batch", "started", "slots", "answered_by", "open_calls", "undecided", "done")
+
+    def __init__(self, wire_id: str, query_id: str, batch: int, num_groups: int, started: float, done: asyncio.Future) -> None:
+        self.wire_id = wire_id
+        self.query_id = query_id
+        self.batch = batch
+        self.started = started
+        self.slots: list[np.ndarray | None] = [None] * num_groups
+        self.answered_by = [""] * num_groups
+        self.open_calls = [0] * num_groups
+        self.undecided = 0  # groups with no answer yet and at least one open call
+        self.done = done
+
+    def answered(self, group: int, features: np.ndarray, device_id: str) -> bool:
+        """Take a replica's answer; True when it filled the group's slot."""
+        self.open_calls[group] -= 1
+        if self.slots[group] is not None:
+            return False
+        self.slots[group] = features
+        self.answered_by[group] = device_id
+        self._decided()
+        return True
+
+    def call_failed(self, group: int) -> None:
+        self.open_calls[group] -= 1
+        if self.slots[group] is None and self.open_calls[group] == 0:
+            self._decided()  # no replica left to answer: stop waiting for this group
+
+    def _decided(self) -> None:
+        self.undecided -= 1
+        if self.undecided == 0 and not self.done.done():
+            self.done.set_result(None)
 
 
 class Source:
@@ -127,6 +183,8 @@ class Source:
         payload = MAX_BATCH * int(np.prod(input_shape)) * 4
         self.max_message_bytes = payload + MESSAGE_SLACK_BYTES
         self._started = False
+        self._sent = 0  # queries sent: makes every id on the wire unique
+        self._flush: asyncio.TimerHandle | None = None
 
     @property
     def ready(self) -> bool:
@@ -153,14 +211,18 @@ class Source:
                 device.channel = grpc.aio.secure_channel(device.address, self._credentials, options=options)
             else:
                 device.channel = grpc.aio.insecure_channel(device.address, options=options)
-            device.stub = rocoin_pb2_grpc.DeviceStub(device.channel)
+            self._open_stream(device)
             self.metrics.device_up.labels(device.device_id).set(1 if device.up else 0)
         self._started = True
 
     async def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         for device in self.devices:
             if device.probe is not None:
                 device.probe.cancel()
+            self._close_stream(device)
             if device.channel is not None:
                 await device.channel.close()
         self._started = False
@@ -200,39 +262,24 @@ class Source:
         query_id = query_id or uuid.uuid4().hex[:16]
         budget = self.deadline_s if not deadline_s else deadline_s
         x = self.normalise(images)
-        request = rocoin_pb2.DeviceInferRequest(query_id=query_id, input=tensor_to_proto(x))
-        slots: list[np.ndarray | None] = [None] * self.num_groups
-        answered_by = [""] * self.num_groups
-        pending: dict[asyncio.Task, _Pending] = {}
+        self._sent += 1
+        wire_id = f"{query_id[:MAX_CLIENT_ID_CHARS]}#{self._sent:x}"
+        loop = asyncio.get_running_loop()
+        query = _Query(wire_id, query_id, x.shape[0], self.num_groups, started, loop.create_future())
+        message = rocoin_pb2.DeviceInferRequest(query_id=wire_id, input=tensor_to_proto(x), timeout_s=budget).SerializeToString()
         for device in self.devices:
-            if device.up:
-                task = asyncio.ensure_future(device.stub.Infer(request, timeout=budget, metadata=self._metadata))
-                pending[task] = _Pending(device.group, device)
-        open_calls = [0] * self.num_groups
-        for item in pending.values():
-            open_calls[item.group] += 1
-        end = started + budget
-        while pending and any(s is None and open_calls[k] > 0 for k, s in enumerate(slots)):
-            remaining = end - time.perf_counter()
-            if remaining <= 0:
-                break
-            done, _ = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                item = pending.pop(task)
-                open_calls[item.group] -= 1
-                if self._settle(item, task, x.shape[0], slots, answered_by, query_id):
-                    self.metrics.group_latency.labels(str(item.group)).observe(time.perf_counter() - started)
-            for task, item in list(pending.items()):  # cancel the replicas of groups that answered
-                if slots[item.group] is not None:
-                    task.cancel()
-                    pending.pop(task)
-                    open_calls[item.group] -= 1
-        for task, item in pending.items():  # past the deadline: stop waiting
-            task.cancel()
-            if slots[item.group] is None:
-                self._failed(item.device, "no answer by the deadline", query_id)
-        missing = [k for k, s in enumerate(slots) if s is None]
-        logits = self._head_run(x.shape[0], slots)
+            if device.up and device.outbox is not None:
+                self._send(device, query, message)
+        query.undecided = sum(1 for calls in query.open_calls if calls)
+        if query.undecided:
+            expire = loop.call_later(budget - (time.perf_counter() - started), _set_done, query.done)
+            try:
+                await query.done
+            finally:
+                expire.cancel()
+                self._settle(query)
+        missing = [k for k, s in enumerate(query.slots) if s is None]
+        logits = self._head_run(x.shape[0], query.slots)
         latency = time.perf_counter() - started
         self.metrics.queries.inc()
         self.metrics.query_latency.observe(latency)
@@ -241,33 +288,113 @@ class Source:
         if missing:
             logger.info("groups %s missing after %.3f s", missing, latency, extra={"query_id": query_id})
         else:
-            logger.debug("answered in %.4f s by %s", latency, ",".join(answered_by), extra={"query_id": query_id})
-        return InferResult(query_id, logits, missing, answered_by, latency)
+            logger.debug("answered in %.4f s by %s", latency, ",".join(query.answered_by), extra={"query_id": query_id})
+        return InferResult(query_id, logits, missing, query.answered_by, latency)
 
-    def _settle(self, item: _Pending, task: asyncio.Task, batch: int, slots: list, answered_by: list, query_id: str) -> bool:
-        """Take a finished call's answer; True when it filled its group's slot."""
-        device = item.device
+    def _send(self, device: DeviceState, query: _Query, message: bytes) -> None:
+        if device.cancels:  # protobuf merges concatenated messages: the cancellations ride along
+            message += rocoin_pb2.DeviceInferRequest(cancel=device.cancels).SerializeToString()
+            device.cancels = []
         try:
-            response = task.result()
-            features = tensor_from_proto(response.features, max_bytes=self.max_message_bytes)
-            expected = (batch, self._slot_sizes[item.group])
+            device.outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self._failed(device, f"{MAX_OUTBOX} messages waiting to be written: the device is not reading", query.query_id)
+            return
+        device.waiting[query.wire_id] = query
+        query.open_calls[device.group] += 1
+
+    def _settle(self, query: _Query) -> None:
+        """After a query: replicas still working on it are told to drop it; silent ones failed it."""
+        cancelled = False
+        for device in self.devices:
+            if device.waiting.pop(query.wire_id, None) is None:
+                continue
+            if query.slots[device.group] is None:
+                self._failed(device, "no answer by the deadline", query.query_id)
+            elif device.outbox is not None:
+                device.cancels.append(query.wire_id)
+                cancelled = True
+        if cancelled and self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(CANCEL_FLUSH_S, self._flush_cancels)
+
+    def _flush_cancels(self) -> None:
+        self._flush = None
+        for device in self.devices:
+            if device.cancels and device.outbox is not None:
+                with contextlib.suppress(asyncio.QueueFull):
+                    device.outbox.put_nowait(rocoin_pb2.DeviceInferRequest(cancel=device.cancels).SerializeToString())
+            device.cancels = []
+
+    def _answer(self, device: DeviceState, reply: rocoin_pb2.DeviceInferResponse) -> None:
+        query = device.waiting.pop(reply.query_id, None)
+        if query is None:
+            return  # an answer after its query ended
+        try:
+            if reply.error_code:
+                raise ValueError(f"{_code_name(reply.error_code)}: {reply.error[:300]}")
+            features = tensor_from_proto(reply.features, max_bytes=self.max_message_bytes)
+            expected = (query.batch, self._slot_sizes[device.group])
             if features.shape != expected or features.dtype != np.float32:
                 raise ValueError(f"features {features.dtype}{features.shape}: expected float32{expected}")
-        except asyncio.CancelledError:
-            return False
-        except grpc.aio.AioRpcError as exc:
-            self._failed(device, f"{exc.code().name}: {exc.details()}", query_id)
-            return False
         except ValueError as exc:
-            self._failed(device, str(exc), query_id)
-            return False
+            self._failed(device, str(exc), query.query_id)
+            query.call_failed(device.group)
+            return
         device.consecutive_failures = 0
         device.answers += 1
-        if slots[item.group] is None:
-            slots[item.group] = features
-            answered_by[item.group] = device.device_id
-            return True
-        return False
+        if query.answered(device.group, features, device.device_id):
+            self.metrics.group_latency.labels(str(device.group)).observe(time.perf_counter() - query.started)
+
+    # --- the device streams --------------------------------------------------------------
+
+    def _open_stream(self, device: DeviceState) -> None:
+        call = device.channel.stream_stream(_STREAM_METHOD, request_serializer=_as_is, response_deserializer=rocoin_pb2.DeviceInferResponse.FromString)(
+            metadata=self._metadata
+        )
+        device.stream = call
+        device.outbox = asyncio.Queue(MAX_OUTBOX)
+        device.tasks = (asyncio.ensure_future(self._write(device, call, device.outbox)), asyncio.ensure_future(self._read(device, call)))
+
+    def _close_stream(self, device: DeviceState) -> None:
+        if device.stream is not None:
+            device.stream.cancel()
+        for task in device.tasks:
+            task.cancel()
+        device.stream, device.outbox, device.tasks = None, None, ()
+        device.cancels = []
+        waiting, device.waiting = device.waiting, {}
+        for query in waiting.values():
+            query.call_failed(device.group)
+
+    async def _write(self, device: DeviceState, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue) -> None:
+        try:
+            while True:
+                await call.write(await outbox.get())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream ended under us (AioRpcError, or a write after the end)
+            self._stream_broken(device, call, _reason(exc))
+
+    async def _read(self, device: DeviceState, call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            while True:
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    code = await call.code()
+                    raise ConnectionError(f"the device ended the stream ({code.name}: {await call.details()})")
+                self._answer(device, reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._stream_broken(device, call, _reason(exc))
+
+    def _stream_broken(self, device: DeviceState, call: grpc.aio.StreamStreamCall, reason: str) -> None:
+        if device.stream is not call:
+            return  # already handled (the reader and the writer both saw it)
+        device.failures += 1
+        self.metrics.device_failures.labels(device.device_id).inc()
+        logger.warning("device %s: stream lost (%s)", device.device_id, reason)
+        self._mark_down(device)
 
     def _failed(self, device: DeviceState, reason: str, query_id: str) -> None:
         device.failures += 1
@@ -275,9 +402,16 @@ class Source:
         self.metrics.device_failures.labels(device.device_id).inc()
         logger.info("device %s failed: %s", device.device_id, reason, extra={"query_id": query_id, "device": device.device_id})
         if device.up and device.consecutive_failures >= FAILURES_TO_MARK_DOWN:
+            logger.warning("device %s marked down after %d failed calls (%s)", device.device_id, device.consecutive_failures, reason)
+            self._mark_down(device)
+
+    def _mark_down(self, device: DeviceState) -> None:
+        """Stop using the device: close its stream (its open calls fail) and probe its health."""
+        self._close_stream(device)
+        if device.up:
             device.up = False
             self.metrics.device_up.labels(device.device_id).set(0)
-            logger.warning("device %s marked down after %d failed calls (%s)", device.device_id, device.consecutive_failures, reason)
+        if device.probe is None and self._started:
             device.probe = asyncio.ensure_future(self._probe(device))
 
     async def _probe(self, device: DeviceState) -> None:
@@ -290,9 +424,10 @@ class Source:
                 continue
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 device.consecutive_failures = 0
+                device.probe = None
+                self._open_stream(device)
                 device.up = True
                 self.metrics.device_up.labels(device.device_id).set(1)
-                device.probe = None
                 logger.warning("device %s is healthy again", device.device_id)
                 return
 
@@ -308,3 +443,22 @@ class Source:
             {"device": d.device_id, "group": d.group, "address": d.address, "up": d.up, "answers": d.answers, "failures": d.failures}
             for d in self.devices
         ]
+
+
+def _as_is(message: bytes) -> bytes:
+    return message
+
+
+def _set_done(done: asyncio.Future) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _code_name(value: int) -> str:
+    return next((code.name for code in grpc.StatusCode if code.value[0] == value), f"status {value}")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__

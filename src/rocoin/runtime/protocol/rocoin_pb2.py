@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$rocoin/runtime/protocol/rocoin.proto\x12\trocoin.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"H\n\x12\x44\x65viceInferRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12 \n\x05input\x18\x02 \x01(\x0b\x32\x11.rocoin.v1.Tensor\"\x81\x01\n\x13\x44\x65viceInferResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\x05\x12#\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\"\\\n\x12SourceInferRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12 \n\x05input\x18\x02 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x12\n\ndeadline_s\x18\x03 \x01(\x01\"\x8a\x01\n\x13SourceInferResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12!\n\x06logits\x18\x02 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x16\n\x0emissing_groups\x18\x03 \x03(\x05\x12\x13\n\x0b\x61nswered_by\x18\x04 \x03(\t\x12\x11\n\tlatency_s\x18\x05 \x01(\x01\x32P\n\x06\x44\x65vice\x12\x46\n\x05Infer\x12\x1d.rocoin.v1.DeviceInferRequest\x1a\x1e.rocoin.v1.DeviceInferResponse2P\n\x06Source\x12\x46\n\x05Infer\x12\x1d.rocoin.v1.SourceInferRequest\x1a\x1e.rocoin.v1.SourceInferResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$rocoin/runtime/protocol/rocoin.proto\x12\trocoin.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"k\n\x12\x44\x65viceInferRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12 \n\x05input\x18\x02 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x63\x61ncel\x18\x04 \x03(\t\"\xa4\x01\n\x13\x44\x65viceInferResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\x05\x12#\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\\\n\x12SourceInferRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12 \n\x05input\x18\x02 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x12\n\ndeadline_s\x18\x03 \x01(\x01\"\x8a\x01\n\x13SourceInferResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12!\n\x06logits\x18\x02 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x16\n\x0emissing_groups\x18\x03 \x03(\x05\x12\x13\n\x0b\x61nswered_by\x18\x04 \x03(\t\x12\x11\n\tlatency_s\x18\x05 \x01(\x01\x32\xa2\x01\n\x06\x44\x65vice\x12\x46\n\x05Infer\x12\x1d.rocoin.v1.DeviceInferRequest\x1a\x1e.rocoin.v1.DeviceInferResponse\x12P\n\x0bInferStream\x12\x1d.rocoin.v1.DeviceInferRequest\x1a\x1e.rocoin.v1.DeviceInferResponse(\x01\x30\x01\x32P\n\x06Source\x12\x46\n\x05Infer\x12\x1d.rocoin.v1.SourceInferRequest\x1a\x1e.rocoin.v1.SourceInferResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=51
   _globals['_TENSOR']._serialized_end=103
   _globals['_DEVICEINFERREQUEST']._serialized_start=105
-  _globals['_DEVICEINFERREQUEST']._serialized_end=177
-  _globals['_DEVICEINFERRESPONSE']._serialized_start=180
-  _globals['_DEVICEINFERRESPONSE']._serialized_end=309
-  _globals['_SOURCEINFERREQUEST']._serialized_start=311
-  _globals['_SOURCEINFERREQUEST']._serialized_end=403
-  _globals['_SOURCEINFERRESPONSE']._serialized_start=406
-  _globals['_SOURCEINFERRESPONSE']._serialized_end=544
-  _globals['_DEVICE']._serialized_start=546
-  _globals['_DEVICE']._serialized_end=626
-  _globals['_SOURCE']._serialized_start=628
-  _globals['_SOURCE']._serialized_end=708
+  _globals['_DEVICEINFERREQUEST']._serialized_end=212
+  _globals['_DEVICEINFERRESPONSE']._serialized_start=215
+  _globals['_DEVICEINFERRESPONSE']._serialized_end=379
+  _globals['_SOURCEINFERREQUEST']._serialized_start=381
+  _globals['_SOURCEINFERREQUEST']._serialized_end=473
+  _globals['_SOURCEINFERRESPONSE']._serialized_start=476
+  _globals['_SOURCEINFERRESPONSE']._serialized_end=614
+  _globals['_DEVICE']._serialized_start=617
+  _globals['_DEVICE']._serialized_end=779
+  _globals['_SOURCE']._serialized_start=781
+  _globals['_SOURCE']._serialized_end=861
 # @@protoc_insertion_point(module_scope)

@@ -17,26 +17,34 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class DeviceInferRequest(_message.Message):
-    __slots__ = ("query_id", "input")
+    __slots__ = ("query_id", "input", "timeout_s", "cancel")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     input: Tensor
-    def __init__(self, query_id: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    timeout_s: float
+    cancel: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, query_id: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., timeout_s: _Optional[float] = ..., cancel: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeviceInferResponse(_message.Message):
-    __slots__ = ("query_id", "device_id", "group", "features", "compute_s")
+    __slots__ = ("query_id", "device_id", "group", "features", "compute_s", "error_code", "error")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     device_id: str
     group: int
     features: Tensor
     compute_s: float
-    def __init__(self, query_id: _Optional[str] = ..., device_id: _Optional[str] = ..., group: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ...) -> None: ...
+    error_code: int
+    error: str
+    def __init__(self, query_id: _Optional[str] = ..., device_id: _Optional[str] = ..., group: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SourceInferRequest(_message.Message):
     __slots__ = ("query_id", "input", "deadline_s")

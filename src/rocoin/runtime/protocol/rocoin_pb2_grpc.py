@@ -39,6 +39,11 @@ class DeviceStub:
                 request_serializer=rocoin_dot_runtime_dot_protocol_dot_rocoin__pb2.DeviceInferRequest.SerializeToString,
                 response_deserializer=rocoin_dot_runtime_dot_protocol_dot_rocoin__pb2.DeviceInferResponse.FromString,
                 _registered_method=True)
+        self.InferStream = channel.stream_stream(
+                '/rocoin.v1.Device/InferStream',
+                request_serializer=rocoin_dot_runtime_dot_protocol_dot_rocoin__pb2.DeviceInferRequest.SerializeToString,
+                response_deserializer=rocoin_dot_runtime_dot_protocol_dot_rocoin__pb2.DeviceInferResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceServicer:
@@ -50,11 +55,24 @@ class DeviceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InferStream(self, request_iterator, context):
+        """The source's long-lived stream: answers come back as they are ready, in any order, matched
+        by query_id; a bad request gets an answer with `error` and the stream goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
+                    request_deserializer=rocoin_dot_runtime_dot_protocol_dot_rocoin__pb2.DeviceInferRequest.FromString,
+                    response_serializer=rocoin_dot_runtime_dot_protocol_dot_rocoin__pb2.DeviceInferResponse.SerializeToString,
+            ),
+            'InferStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.InferStream,
                     request_deserializer=rocoin_dot_runtime_dot_protocol_dot_rocoin__pb2.DeviceInferRequest.FromString,
                     response_serializer=rocoin_dot_runtime_dot_protocol_dot_rocoin__pb2.DeviceInferResponse.SerializeToString,
             ),
@@ -84,6 +102,33 @@ class Device:
             request,
             target,
             '/rocoin.v1.Device/Infer',
+            rocoin_dot_runtime_dot_protocol_dot_rocoin__pb2.DeviceInferRequest.SerializeToString,
+            rocoin_dot_runtime_dot_protocol_dot_rocoin__pb2.DeviceInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rocoin.v1.Device/InferStream',
             rocoin_dot_runtime_dot_protocol_dot_rocoin__pb2.DeviceInferRequest.SerializeToString,
             rocoin_dot_runtime_dot_protocol_dot_rocoin__pb2.DeviceInferResponse.FromString,
             options,
