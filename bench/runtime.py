@@ -7,7 +7,9 @@ Run: ``.venv/bin/python bench/runtime.py --students results/bench-accuracy/stude
 1. Exports the students to a bundle (once).
 2. Without emulation: p50/p99 query latency and queries/s at concurrency 1, 8, 32 through the
    source's gRPC API; the p50 overhead over the slowest group model's own onnxruntime time
-   (batch 1, measured in-process); then the same with 3 devices killed (SIGKILL).
+   (batch 1, measured in-process); the CPU time per query of the client, the source and the
+   device workers together (from /proc: on a machine with fewer cores than processes, their sum
+   divided by the cores bounds the latency); then the same with 3 devices killed (SIGKILL).
 3. With emulation (each worker delays its answer to its profile's t(d, s, k) and drops answers
    with its outage probability; the fleet's FLOP/s and rates are scaled up by --speedup so a
    query takes tens of milliseconds): the measured latency distribution against ``rocoin
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +37,8 @@ from rocoin.simulation import simulate
 
 CONCURRENCY = (1, 8, 32)
 KILLED = 3
+#: CPU cores this benchmark may use: every process of the cluster shares them.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def group_model_p50_s(bundle: Path, repeats: int = 200) -> list[float]:
@@ -56,23 +61,43 @@ def group_model_p50_s(bundle: Path, repeats: int = 200) -> list[float]:
     return times
 
 
-def measure(address: str, images: np.ndarray, labels: np.ndarray, queries: int) -> list[dict]:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc), 0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(cluster: LocalCluster, images: np.ndarray, labels: np.ndarray, queries: int) -> list[dict]:
+    """Each concurrency: the client's report, plus the CPU time per query of the client, the source and the devices."""
+    address = cluster.state.source.address
     rows = []
     for concurrency in CONCURRENCY:
         asyncio.run(run_queries(address, images[:concurrency], labels[:concurrency], concurrency=concurrency))  # warm-up
+        devices = [m.pid for m in cluster.state.devices]
+        before = (sum(os.times()[:2]), cpu_s(cluster.state.source.pid), sum(cpu_s(pid) for pid in devices))
         report = asyncio.run(run_queries(address, images[:queries], labels[:queries], concurrency=concurrency))
-        rows.append({"concurrency": concurrency, **report})
+        after = (sum(os.times()[:2]), cpu_s(cluster.state.source.pid), sum(cpu_s(pid) for pid in devices))
+        cpu_ms = [1e3 * (a - b) / queries for a, b in zip(after, before)]
+        rows.append({"concurrency": concurrency, **report, "cpu_ms_per_query": dict(zip(("client", "source", "devices"), cpu_ms))})
     return rows
 
 
 def print_rows(title: str, rows: list[dict], slowest_model_s: float) -> None:
     print(f"\n# {title}")
-    print(f"{'conc':>5} {'p50 ms':>8} {'p99 ms':>8} {'q/s':>8} {'p50 overhead ms':>16} {'in source p50':>14} {'missing':>8} {'accuracy':>9}")
+    print(
+        f"{'conc':>5} {'p50 ms':>8} {'p99 ms':>8} {'q/s':>8} {'p50 overhead ms':>16} {'in source p50':>14} {'missing':>8} {'accuracy':>9}"
+        f" | CPU ms/query: {'client':>7} {'source':>7} {'devices':>8} {'/ cores':>8}"
+    )
     for r in rows:
         overhead = 1e3 * (r["latency_s"]["p50"] - slowest_model_s)
+        cpu = r["cpu_ms_per_query"]
         print(
             f"{r['concurrency']:>5} {1e3 * r['latency_s']['p50']:>8.2f} {1e3 * r['latency_s']['p99']:>8.2f} {r['queries_per_s']:>8.1f}"
             f" {overhead:>16.2f} {1e3 * r['source_latency_s']['p50']:>14.2f} {r['missing_groups_mean']:>8.3f} {r.get('accuracy', float('nan')):>9.4f}"
+            f" | {'':>13} {cpu['client']:>7.2f} {cpu['source']:>7.2f} {cpu['devices']:>8.2f} {sum(cpu.values()) / CORES:>8.2f}"
         )
 
 
@@ -85,12 +110,11 @@ def scaled(fleet: Fleet, speedup: float) -> Fleet:
 
 def plain_benchmark(bundle: Path, fleet: Fleet, state: Path, images, labels, args, slowest: float) -> None:
     with LocalCluster(bundle, fleet, state, deadline_s=args.deadline_s) as cluster:
-        address = cluster.state.source.address
-        print_rows("no failures", measure(address, images, labels, args.queries), slowest)
+        print_rows("no failures", measure(cluster, images, labels, args.queries), slowest)
         doomed = [m.name for m in cluster.state.devices][:KILLED]
         for name in doomed:
             cluster.kill_device(name)
-        print_rows(f"{KILLED} devices killed ({', '.join(doomed)})", measure(address, images, labels, args.queries), slowest)
+        print_rows(f"{KILLED} devices killed ({', '.join(doomed)})", measure(cluster, images, labels, args.queries), slowest)
 
 
 def emulation_benchmark(bundle: Path, fleet: Fleet, state: Path, images, labels, args) -> None:
@@ -134,7 +158,7 @@ def main() -> None:
 
     test = load_dataset(manifest.dataset).test
     model_times = group_model_p50_s(args.bundle)
-    print(f"# bundle {args.bundle}: {len(manifest.groups)} groups, {len(manifest.plan.device_ids)} devices, deadline {args.deadline_s} s")
+    print(f"# bundle {args.bundle}: {len(manifest.groups)} groups, {len(manifest.plan.device_ids)} devices, deadline {args.deadline_s} s, {CORES} CPU cores")
     print("# group models, batch-1 onnxruntime p50 (ms): " + ", ".join(f"{1e3 * t:.2f}" for t in model_times))
     with tempfile.TemporaryDirectory() as state:
         if not args.skip_plain:

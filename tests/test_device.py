@@ -225,7 +225,17 @@ def test_serde_refuses_to_send_other_dtypes():
 # --------------------------------------------------------------------------- serving
 
 
-def test_infer_matches_onnxruntime_and_reports_the_group(bundle):
+@pytest.fixture(params=["event loop", "thread pool"])
+def model_runs_in(request, monkeypatch):
+    """Both places a worker may run the model: inline for a fast model, else its thread pool."""
+    import rocoin.runtime.device as device_module
+
+    if request.param == "thread pool":
+        monkeypatch.setattr(device_module, "INLINE_RUN_S", 0.0)
+    return request.param
+
+
+def test_infer_matches_onnxruntime_and_reports_the_group(bundle, model_runs_in):
     x = images(5)
     session = ort.InferenceSession(str(bundle / "group1.onnx"), providers=["CPUExecutionProvider"])
     expected = session.run(None, {"image": x})[0]
@@ -378,7 +388,7 @@ def test_the_stream_answers_every_request_by_id_and_refuses_bad_ones_without_end
     assert "timeout_s: -1.0: expected seconds >= 0" in answers["bad-timeout"].error
 
 
-def test_the_stream_cancels_queued_requests_and_refuses_those_past_their_timeout(bundle):
+def test_the_stream_cancels_queued_requests_and_refuses_those_past_their_timeout(bundle, model_runs_in):
     emulation = Emulation(flops=STUDENT_FLOPS / 0.2, rate_bps=1.0e12, outage=0.0)  # 0.2 s per request
     x = tensor_to_proto(images(1))
     messages = [
@@ -569,7 +579,7 @@ def test_a_silently_dropped_answer_never_arrives_before_the_deadline(bundle):
 
 
 @pytest.mark.parametrize(("concurrency", "low", "high"), [(1, 3.0, 4.2), (3, 1.0, 1.9)])
-def test_the_concurrency_limit_is_honoured(bundle, concurrency, low, high):
+def test_the_concurrency_limit_is_honoured(bundle, concurrency, low, high, model_runs_in):
     emulation = Emulation(flops=1.0e7, rate_bps=1.0e12, outage=0.0)  # 0.1 s per call
 
     async def main():
