@@ -212,6 +212,36 @@ def test_the_source_takes_the_first_replica_and_cancels_the_slower_one(tmp_path)
     assert counts == {"OK": None, "CANCELLED": 2}
 
 
+def test_queries_the_caller_gives_up_on_are_cancelled_on_the_devices_and_fail_nobody(tmp_path):
+    bundle = make_bundle(tmp_path / "bundle")
+    slow_s = 0.3
+
+    async def scenario():
+        devices = {}
+        for name in ("a1", "a2", "b1", "b2", "c1"):
+            emulation = Emulation(flops=1e4 / slow_s, rate_bps=1e12, outage=0.0) if name.startswith("a") else None
+            devices[name] = await start_device(bundle, name, emulation=emulation)
+        try:
+            fleet = Fleet(devices=[d.model_copy(update={"address": devices[d.id].address}) for d in fleet_for().devices])
+            async with Source(bundle, fleet, deadline_s=2.0) as source:
+                for i in range(FAILURES_TO_MARK_DOWN + 1):  # e.g. HTTP clients that hang up
+                    with pytest.raises(asyncio.TimeoutError):
+                        await asyncio.wait_for(source.infer(images_batch(i)), 0.05)
+                await asyncio.sleep(CANCEL_FLUSH_S + 0.05)
+                status = {d["device"]: (d["up"], d["failures"]) for d in source.status()}
+                complete = await source.infer(images_batch(9))
+            cancelled = {name: devices[name].worker.metrics.registry.get_sample_value("rocoin_device_requests_total", {"code": "CANCELLED"}) for name in ("a1", "a2")}
+            return status, complete, cancelled
+        finally:
+            for running in devices.values():
+                await running.stop(0)
+
+    status, complete, cancelled = asyncio.run(scenario())
+    assert status["a1"] == status["a2"] == (True, 0)  # a query nobody waits for is not a device's failure
+    assert cancelled == {"a1": FAILURES_TO_MARK_DOWN + 1, "a2": FAILURES_TO_MARK_DOWN + 1}  # and its work was dropped
+    assert complete.missing_groups == [] and slow_s <= complete.latency_s < 2.0
+
+
 def test_source_service_and_cli_on_a_cluster(tmp_path):
     from test_cli import run
 

@@ -105,7 +105,7 @@ class InferResult:
 class _Query:
     """One query in flight: the groups' slots, and the calls each group still has open."""
 
-    __slots__ = ("wire_id", "query_id", "batch", "started", "slots", "answered_by", "open_calls", "undecided", "done")
+    __slots__ = ("wire_id", "query_id", "batch", "started", "slots", "answered_by", "open_calls", "undecided", "done", "expired")
 
     def __init__(self, wire_id: str, query_id: str, batch: int, num_groups: int, started: float, done: asyncio.Future) -> None:
         self.wire_id = wire_id
@@ -117,6 +117,12 @@ class _Query:
         self.open_calls = [0] * num_groups
         self.undecided = 0  # groups with no answer yet and at least one open call
         self.done = done
+        self.expired = False  # the deadline came before every group was decided
+
+    def expire(self) -> None:
+        if not self.done.done():
+            self.expired = True
+            self.done.set_result(None)
 
     def answered(self, group: int, features: np.ndarray, device_id: str) -> bool:
         """Take a replica's answer; True when it filled the group's slot."""
@@ -272,10 +278,10 @@ class Source:
                 self._send(device, query, message)
         query.undecided = sum(1 for calls in query.open_calls if calls)
         if query.undecided:
-            expire = loop.call_later(budget - (time.perf_counter() - started), _set_done, query.done)
+            expire = loop.call_later(budget - (time.perf_counter() - started), query.expire)
             try:
                 await query.done
-            finally:
+            finally:  # also when the caller gave up on the query (cancelled): nobody failed then
                 expire.cancel()
                 self._settle(query)
         missing = [k for k, s in enumerate(query.slots) if s is None]
@@ -304,16 +310,17 @@ class Source:
         query.open_calls[device.group] += 1
 
     def _settle(self, query: _Query) -> None:
-        """After a query: replicas still working on it are told to drop it; silent ones failed it."""
+        """After a query: devices still working on it are told to drop it; those whose group
+        went unanswered until the deadline failed it."""
         cancelled = False
         for device in self.devices:
             if device.waiting.pop(query.wire_id, None) is None:
                 continue
-            if query.slots[device.group] is None:
-                self._failed(device, "no answer by the deadline", query.query_id)
-            elif device.outbox is not None:
+            if device.outbox is not None:
                 device.cancels.append(query.wire_id)
                 cancelled = True
+            if query.expired and query.slots[device.group] is None:
+                self._failed(device, "no answer by the deadline", query.query_id)  # may close its stream
         if cancelled and self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(CANCEL_FLUSH_S, self._flush_cancels)
 
@@ -447,11 +454,6 @@ class Source:
 
 def _as_is(message: bytes) -> bytes:
     return message
-
-
-def _set_done(done: asyncio.Future) -> None:
-    if not done.done():
-        done.set_result(None)
 
 
 def _code_name(value: int) -> str:
