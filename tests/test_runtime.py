@@ -24,6 +24,7 @@ from rocoin.profiles.fleet import Fleet  # noqa: E402
 from rocoin.runtime.cluster import LocalCluster  # noqa: E402
 from rocoin.runtime.manifest import MANIFEST_NAME, GroupModel, Manifest, ModelFile, Normalization, TensorSpec, file_sha256  # noqa: E402
 from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
+from rocoin.runtime.serde import tensor_to_proto  # noqa: E402
 from rocoin.runtime.device import Emulation, start_device  # noqa: E402
 from rocoin.runtime.source import CANCEL_FLUSH_S, FAILURES_TO_MARK_DOWN, PROBE_INTERVAL_S, Source  # noqa: E402
 from test_device import _save, head_model, student_model  # noqa: E402
@@ -169,17 +170,73 @@ def test_a_stalled_device_costs_at_most_the_deadline(tmp_path):
                 fleet = Fleet(devices=[d if d.id != "stall" else d.model_copy(update={"address": f"127.0.0.1:{port}"}) for d in fleet.devices])
                 async with Source(bundle, fleet, deadline_s=DEADLINE_S, token=running.token) as source:
                     stalled = next(d for d in source.devices if d.device_id == "stall")
-                    for i in range(4):
+                    for i in range(5):
                         started = time.perf_counter()
                         result = await source.infer(images_batch(i))
+                        elapsed = time.perf_counter() - started
                         assert result.missing_groups == [2]
-                        assert time.perf_counter() - started <= DEADLINE_S + LATE_SLACK_S
+                        assert elapsed <= DEADLINE_S + LATE_SLACK_S
+                        if i >= FAILURES_TO_MARK_DOWN:  # marked down: nobody waits for it any more
+                            assert elapsed < DEADLINE_S / 2
                         assert stalled.up == (i + 1 < FAILURES_TO_MARK_DOWN)  # three silent deadlines: marked down
                     assert stalled.failures == FAILURES_TO_MARK_DOWN
         finally:
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+class FlakyDevice(rocoin_pb2_grpc.DeviceServicer):
+    """Ignores its first ``silent`` requests, then answers every one (zeros); no health service."""
+
+    def __init__(self, silent: int, width: int):
+        self.silent = silent
+        self.width = width
+
+    async def InferStream(self, request_iterator, context):
+        seen = 0
+        async for request in request_iterator:
+            if not request.query_id:
+                continue  # only cancellations
+            seen += 1
+            if seen > self.silent:
+                features = tensor_to_proto(np.zeros((request.input.shape[0], self.width), np.float32))
+                await context.write(rocoin_pb2.DeviceInferResponse(query_id=request.query_id, device_id="flaky", group=2, features=features))
+
+
+def test_a_device_marked_down_is_used_again_as_soon_as_it_answers(tmp_path):
+    groups = [(["a1", "a2"], [0, 3]), (["b1", "b2"], [1, 4, 5]), (["flaky"], [2])]
+    bundle = make_bundle(tmp_path / "bundle", groups)
+
+    async def scenario():
+        server = grpc.aio.server()
+        rocoin_pb2_grpc.add_DeviceServicer_to_server(FlakyDevice(silent=FAILURES_TO_MARK_DOWN, width=1), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        devices = {name: await start_device(bundle, name) for name in ("a1", "a2", "b1", "b2")}
+        try:
+            fleet = Fleet(
+                devices=[d.model_copy(update={"address": devices[d.id].address if d.id in devices else f"127.0.0.1:{port}"}) for d in fleet_for(groups).devices]
+            )
+            async with Source(bundle, fleet, deadline_s=0.2) as source:
+                flaky = next(d for d in source.devices if d.device_id == "flaky")
+                silent = [await source.infer(images_batch(i)) for i in range(FAILURES_TO_MARK_DOWN)]
+                assert not flaky.up
+                started = time.perf_counter()
+                on_trial = await source.infer(images_batch(10))  # not waited for; its answer revives it
+                await asyncio.sleep(0.05)
+                back = await source.infer(images_batch(11))
+                return silent, on_trial, back, flaky.up, time.perf_counter() - started
+        finally:
+            for running in devices.values():
+                await running.stop(0)
+            await server.stop(0)
+
+    silent, on_trial, back, up, elapsed = asyncio.run(scenario())
+    assert all(r.missing_groups == [2] for r in silent)
+    assert on_trial.latency_s < 0.1  # a down device's group is not waited for
+    assert back.missing_groups == [] and back.answered_by[2] == "flaky"
+    assert up and elapsed < PROBE_INTERVAL_S  # back before any health probe (it has no health service)
 
 
 def test_the_source_takes_the_first_replica_and_cancels_the_slower_one(tmp_path):

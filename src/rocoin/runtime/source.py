@@ -13,8 +13,12 @@ small students.
 
 A device whose stream breaks (the process died, the connection was lost) is marked down at once;
 one whose answers fail or miss the deadline ``FAILURES_TO_MARK_DOWN`` times in a row is marked
-down too. Queries skip a down device, and a probe asks its gRPC health service every
-``PROBE_INTERVAL_S`` until it is SERVING again; then a fresh stream is opened and it is used again.
+down too. No query waits for a down device, and a probe asks its gRPC health service every
+``PROBE_INTERVAL_S``; it is used again once SERVING (with a fresh stream if its stream broke).
+A device marked down for failures keeps its stream and still gets every query, on trial: an
+answer that comes before the head runs is used, and any answer brings it back at once — so a
+device that drops a few answers in a row (a flaky link) is not left out for a whole probe
+interval.
 """
 
 from __future__ import annotations
@@ -87,8 +91,9 @@ class DeviceState:
     stream: grpc.aio.StreamStreamCall | None = None
     outbox: asyncio.Queue | None = None
     tasks: tuple[asyncio.Task, ...] = ()
-    #: queries sent on the stream and not answered yet, by wire id
-    waiting: dict[str, _Query] = field(default_factory=dict)
+    #: queries sent on the stream and not answered yet, by wire id, and whether they wait for it
+    #: (False while the device is down: it still gets queries, on trial, and nobody waits)
+    waiting: dict[str, tuple[_Query, bool]] = field(default_factory=dict)
     #: wire ids whose answers are no longer wanted, to send with the next message
     cancels: list[str] = field(default_factory=list)
 
@@ -103,9 +108,13 @@ class InferResult:
 
 
 class _Query:
-    """One query in flight: the groups' slots, and the calls each group still has open."""
+    """One query in flight: the groups' slots, and the calls it waits for in each group.
 
-    __slots__ = ("wire_id", "query_id", "batch", "started", "slots", "answered_by", "open_calls", "undecided", "done", "expired")
+    A call is *counted* when the query waits for it (its device is up); a down device's call is
+    not, but its answer still fills an empty slot if it comes before the head runs.
+    """
+
+    __slots__ = ("wire_id", "query_id", "batch", "started", "slots", "answered_by", "open_calls", "pending", "undecided", "done", "expired")
 
     def __init__(self, wire_id: str, query_id: str, batch: int, num_groups: int, started: float, done: asyncio.Future) -> None:
         self.wire_id = wire_id
@@ -114,8 +123,9 @@ class _Query:
         self.started = started
         self.slots: list[np.ndarray | None] = [None] * num_groups
         self.answered_by = [""] * num_groups
-        self.open_calls = [0] * num_groups
-        self.undecided = 0  # groups with no answer yet and at least one open call
+        self.open_calls = [0] * num_groups  # counted calls not answered yet
+        self.pending = [False] * num_groups  # groups the query still waits for
+        self.undecided = 0  # how many of them
         self.done = done
         self.expired = False  # the deadline came before every group was decided
 
@@ -124,22 +134,32 @@ class _Query:
             self.expired = True
             self.done.set_result(None)
 
-    def answered(self, group: int, features: np.ndarray, device_id: str) -> bool:
+    def start_waiting(self) -> None:
+        """After the query went out: wait for every group with a counted call."""
+        self.pending = [calls > 0 for calls in self.open_calls]
+        self.undecided = sum(self.pending)
+
+    def answered(self, group: int, features: np.ndarray, device_id: str, counted: bool) -> bool:
         """Take a replica's answer; True when it filled the group's slot."""
-        self.open_calls[group] -= 1
+        if counted:
+            self.open_calls[group] -= 1
         if self.slots[group] is not None:
             return False
         self.slots[group] = features
         self.answered_by[group] = device_id
-        self._decided()
+        self._decided(group)
         return True
 
-    def call_failed(self, group: int) -> None:
-        self.open_calls[group] -= 1
-        if self.slots[group] is None and self.open_calls[group] == 0:
-            self._decided()  # no replica left to answer: stop waiting for this group
+    def call_failed(self, group: int, counted: bool) -> None:
+        if counted:
+            self.open_calls[group] -= 1
+            if self.open_calls[group] == 0:
+                self._decided(group)  # no replica left to answer: stop waiting for this group
 
-    def _decided(self) -> None:
+    def _decided(self, group: int) -> None:
+        if not self.pending[group]:
+            return
+        self.pending[group] = False
         self.undecided -= 1
         if self.undecided == 0 and not self.done.done():
             self.done.set_result(None)
@@ -274,9 +294,9 @@ class Source:
         query = _Query(wire_id, query_id, x.shape[0], self.num_groups, started, loop.create_future())
         message = rocoin_pb2.DeviceInferRequest(query_id=wire_id, input=tensor_to_proto(x), timeout_s=budget).SerializeToString()
         for device in self.devices:
-            if device.up and device.outbox is not None:
+            if device.outbox is not None:  # up, or down with its stream open: on trial
                 self._send(device, query, message)
-        query.undecided = sum(1 for calls in query.open_calls if calls)
+        query.start_waiting()
         if query.undecided:
             expire = loop.call_later(budget - (time.perf_counter() - started), query.expire)
             try:
@@ -306,8 +326,9 @@ class Source:
         except asyncio.QueueFull:
             self._failed(device, f"{MAX_OUTBOX} messages waiting to be written: the device is not reading", query.query_id)
             return
-        device.waiting[query.wire_id] = query
-        query.open_calls[device.group] += 1
+        device.waiting[query.wire_id] = (query, device.up)
+        if device.up:
+            query.open_calls[device.group] += 1
 
     def _settle(self, query: _Query) -> None:
         """After a query: devices still working on it are told to drop it; those whose group
@@ -333,9 +354,12 @@ class Source:
             device.cancels = []
 
     def _answer(self, device: DeviceState, reply: rocoin_pb2.DeviceInferResponse) -> None:
-        query = device.waiting.pop(reply.query_id, None)
-        if query is None:
-            return  # an answer after its query ended
+        entry = device.waiting.pop(reply.query_id, None)
+        if entry is None:  # an answer after its query ended
+            if not device.up and not reply.error_code:
+                self._revive(device, "answers again")
+            return
+        query, counted = entry
         try:
             if reply.error_code:
                 raise ValueError(f"{_code_name(reply.error_code)}: {reply.error[:300]}")
@@ -345,11 +369,13 @@ class Source:
                 raise ValueError(f"features {features.dtype}{features.shape}: expected float32{expected}")
         except ValueError as exc:
             self._failed(device, str(exc), query.query_id)
-            query.call_failed(device.group)
+            query.call_failed(device.group, counted)
             return
         device.consecutive_failures = 0
         device.answers += 1
-        if query.answered(device.group, features, device.device_id):
+        if not device.up:
+            self._revive(device, "answers again")
+        if query.answered(device.group, features, device.device_id, counted):
             self.metrics.group_latency.labels(str(device.group)).observe(time.perf_counter() - query.started)
 
     # --- the device streams --------------------------------------------------------------
@@ -370,8 +396,8 @@ class Source:
         device.stream, device.outbox, device.tasks = None, None, ()
         device.cancels = []
         waiting, device.waiting = device.waiting, {}
-        for query in waiting.values():
-            query.call_failed(device.group)
+        for query, counted in waiting.values():
+            query.call_failed(device.group, counted)
 
     async def _write(self, device: DeviceState, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue) -> None:
         try:
@@ -401,6 +427,7 @@ class Source:
         device.failures += 1
         self.metrics.device_failures.labels(device.device_id).inc()
         logger.warning("device %s: stream lost (%s)", device.device_id, reason)
+        self._close_stream(device)
         self._mark_down(device)
 
     def _failed(self, device: DeviceState, reason: str, query_id: str) -> None:
@@ -413,13 +440,28 @@ class Source:
             self._mark_down(device)
 
     def _mark_down(self, device: DeviceState) -> None:
-        """Stop using the device: close its stream (its open calls fail) and probe its health."""
-        self._close_stream(device)
+        """Stop waiting for the device and probe its health. While its stream stays open it still
+        gets every query, on trial: its first answer brings it back."""
         if device.up:
             device.up = False
             self.metrics.device_up.labels(device.device_id).set(0)
+            for query, counted in list(device.waiting.values()):  # nobody waits for it any more
+                if counted:
+                    device.waiting[query.wire_id] = (query, False)
+                    query.call_failed(device.group, True)
         if device.probe is None and self._started:
             device.probe = asyncio.ensure_future(self._probe(device))
+
+    def _revive(self, device: DeviceState, why: str) -> None:
+        if device.probe is not None:
+            device.probe.cancel()
+            device.probe = None
+        if device.stream is None:
+            self._open_stream(device)
+        device.consecutive_failures = 0
+        device.up = True
+        self.metrics.device_up.labels(device.device_id).set(1)
+        logger.warning("device %s %s: used again", device.device_id, why)
 
     async def _probe(self, device: DeviceState) -> None:
         stub = health_pb2_grpc.HealthStub(device.channel)
@@ -430,12 +472,8 @@ class Source:
             except grpc.aio.AioRpcError:
                 continue
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                device.consecutive_failures = 0
                 device.probe = None
-                self._open_stream(device)
-                device.up = True
-                self.metrics.device_up.labels(device.device_id).set(1)
-                logger.warning("device %s is healthy again", device.device_id)
+                self._revive(device, "is healthy again")
                 return
 
     def _head_run(self, batch: int, slots: list[np.ndarray | None]) -> np.ndarray:
