@@ -1021,9 +1021,9 @@ def _markdown(r: dict[str, Any]) -> str:
         f" with f_d and r_d × {rt['speedup']:g}, and drops an answer with its outage probability (silently: the source waits"
         f" for the deadline); the source's deadline is {1e3 * rt['deadline_s']:.1f} ms"
         + (f" ({DEADLINE_FACTOR:g} × T / {rt['speedup']:g} + {1e3 * DEADLINE_SLACK_S:.0f} ms)" if r["config"]["deadline_s"] is None else "")
-        + f". The source marks a device down after {FAILURES_TO_MARK_DOWN} failed calls in a row (answers lost to an emulated outage count)"
-        f" and probes it every {PROBE_INTERVAL_S:g} s, so a group whose last replica is flaky is missing more often than the model's"
-        " outage product says.",
+        + f". The source stops waiting for a device after {FAILURES_TO_MARK_DOWN} failed calls in a row (answers lost to an emulated"
+        " outage count) but keeps sending it queries on trial and counts on it again from its first answer (or when its health"
+        f" service, probed every {PROBE_INTERVAL_S:g} s, says SERVING); only queries sent in that window do not wait for it.",
         f"- Queries: the first {rt['queries']:,} test images{' (the whole test split)' if rt['queries'] == data['test_images'] else ''}, one image per KServe v2 REST call (`POST /v2/models/rocoin/infer`),"
         f" {rt['concurrency']} in flight, after {rt['warmup_queries']} unmeasured warm-up calls; latency is measured at the client.",
         f"- Failures: after query {rt['kill_after_queries']} (every earlier query answered; {rt['kill_at_s']:.1f} s into the run)"

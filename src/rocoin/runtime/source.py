@@ -440,15 +440,12 @@ class Source:
             self._mark_down(device)
 
     def _mark_down(self, device: DeviceState) -> None:
-        """Stop waiting for the device and probe its health. While its stream stays open it still
-        gets every query, on trial: its first answer brings it back."""
+        """New queries stop waiting for the device (those in flight still do); probe its health.
+        While its stream stays open it still gets every query, on trial: its first answer brings
+        it back."""
         if device.up:
             device.up = False
             self.metrics.device_up.labels(device.device_id).set(0)
-            for query, counted in list(device.waiting.values()):  # nobody waits for it any more
-                if counted:
-                    device.waiting[query.wire_id] = (query, False)
-                    query.call_failed(device.group, True)
         if device.probe is None and self._started:
             device.probe = asyncio.ensure_future(self._probe(device))
 
