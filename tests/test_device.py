@@ -388,6 +388,27 @@ def test_the_stream_answers_every_request_by_id_and_refuses_bad_ones_without_end
     assert "timeout_s: -1.0: expected seconds >= 0" in answers["bad-timeout"].error
 
 
+def test_an_oversized_stream_message_ends_only_that_stream(bundle):
+    oversized = rocoin_pb2.DeviceInferRequest(query_id="big", input=rocoin_pb2.Tensor(shape=[1, 1, 8, 8], dtype="float32", data=b"\0" * 200_000))
+
+    async def main():
+        device = await start_device(bundle, "a", max_batch=4)
+        try:
+            async with Client(device.address) as stub:
+                call = stub.InferStream()
+                await call.write(oversized)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call.read()
+                answers, code = await _stream_exchange(stub, [request(images(1), "next")], 1)  # a new stream is served
+                return info.value.code(), answers, code
+        finally:
+            await device.stop(0)
+
+    refused, answers, code = run(main())
+    assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code == grpc.StatusCode.OK and answers[0].query_id == "next" and answers[0].error_code == 0
+
+
 def test_the_stream_cancels_queued_requests_and_refuses_those_past_their_timeout(bundle, model_runs_in):
     emulation = Emulation(flops=STUDENT_FLOPS / 0.2, rate_bps=1.0e12, outage=0.0)  # 0.2 s per request
     x = tensor_to_proto(images(1))
