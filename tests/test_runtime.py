@@ -4,6 +4,7 @@ source (library and gRPC service) keeps answering by its deadline, and the CLI d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -239,27 +240,37 @@ def test_a_device_marked_down_is_used_again_as_soon_as_it_answers(tmp_path):
     assert up and elapsed < PROBE_INTERVAL_S  # back before any health probe (it has no health service)
 
 
+@contextlib.asynccontextmanager
+async def in_process_devices(bundle: Path, slow: set[str], slow_s: float, **options):
+    """Every device of GROUPS started in this process (those in ``slow`` emulate ``slow_s`` per
+    query); yields the workers by name and the fleet with their addresses."""
+    devices = {}
+    try:
+        for name in (d.id for d in fleet_for().devices):
+            emulation = Emulation(flops=1e4 / slow_s, rate_bps=1e12, outage=0.0) if name in slow else None  # the bundle's student: 1e4 FLOPs
+            devices[name] = await start_device(bundle, name, emulation=emulation, **options)
+        yield devices, Fleet(devices=[d.model_copy(update={"address": devices[d.id].address}) for d in fleet_for().devices])
+    finally:
+        for running in devices.values():
+            await running.stop(0)
+
+
+def cancelled_requests(device) -> float | None:
+    return device.worker.metrics.registry.get_sample_value("rocoin_device_requests_total", {"code": "CANCELLED"})
+
+
 def test_the_source_takes_the_first_replica_and_cancels_the_slower_one(tmp_path):
     bundle = make_bundle(tmp_path / "bundle")
     slow_s = 0.3
 
     async def scenario():
-        devices = {}
-        for name in ("a1", "a2", "b1", "b2", "c1"):
-            emulation = Emulation(flops=1e4 / slow_s, rate_bps=1e12, outage=0.0) if name == "a2" else None
-            devices[name] = await start_device(bundle, name, emulation=emulation, max_concurrency=1)
-        try:
-            fleet = Fleet(devices=[d.model_copy(update={"address": devices[d.id].address}) for d in fleet_for().devices])
-            registry = devices["a2"].worker.metrics.registry
+        async with in_process_devices(bundle, {"a2"}, slow_s, max_concurrency=1) as (devices, fleet):
             async with Source(bundle, fleet, deadline_s=2.0) as source:
                 first = await source.infer(images_batch(0))
                 second = await source.infer(images_batch(1))  # a2's cancellation of the first rides on it
                 await asyncio.sleep(CANCEL_FLUSH_S + 0.05)  # the second's goes out on its own
-                counts = {code: registry.get_sample_value("rocoin_device_requests_total", {"code": code}) for code in ("OK", "CANCELLED")}
-            return first, second, counts
-        finally:
-            for running in devices.values():
-                await running.stop(0)
+                ok = devices["a2"].worker.metrics.registry.get_sample_value("rocoin_device_requests_total", {"code": "OK"})
+                return first, second, {"OK": ok, "CANCELLED": cancelled_requests(devices["a2"])}
 
     first, second, counts = asyncio.run(scenario())
     for result in (first, second):
@@ -274,12 +285,7 @@ def test_queries_the_caller_gives_up_on_are_cancelled_on_the_devices_and_fail_no
     slow_s = 0.3
 
     async def scenario():
-        devices = {}
-        for name in ("a1", "a2", "b1", "b2", "c1"):
-            emulation = Emulation(flops=1e4 / slow_s, rate_bps=1e12, outage=0.0) if name.startswith("a") else None
-            devices[name] = await start_device(bundle, name, emulation=emulation)
-        try:
-            fleet = Fleet(devices=[d.model_copy(update={"address": devices[d.id].address}) for d in fleet_for().devices])
+        async with in_process_devices(bundle, {"a1", "a2"}, slow_s) as (devices, fleet):
             async with Source(bundle, fleet, deadline_s=2.0) as source:
                 for i in range(FAILURES_TO_MARK_DOWN + 1):  # e.g. HTTP clients that hang up
                     with pytest.raises(asyncio.TimeoutError):
@@ -287,11 +293,7 @@ def test_queries_the_caller_gives_up_on_are_cancelled_on_the_devices_and_fail_no
                 await asyncio.sleep(CANCEL_FLUSH_S + 0.05)
                 status = {d["device"]: (d["up"], d["failures"]) for d in source.status()}
                 complete = await source.infer(images_batch(9))
-            cancelled = {name: devices[name].worker.metrics.registry.get_sample_value("rocoin_device_requests_total", {"code": "CANCELLED"}) for name in ("a1", "a2")}
-            return status, complete, cancelled
-        finally:
-            for running in devices.values():
-                await running.stop(0)
+            return status, complete, {name: cancelled_requests(devices[name]) for name in ("a1", "a2")}
 
     status, complete, cancelled = asyncio.run(scenario())
     assert status["a1"] == status["a2"] == (True, 0)  # a query nobody waits for is not a device's failure
