@@ -204,6 +204,10 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=f"rocoin-{device_id}")
         #: requests one InferStream may have queued or running
         self.max_inflight = max_concurrency + MAX_QUEUED_CALLS
+        self._active = 0  # requests being answered, on every call and stream
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
         #: the model's batch-1 time here (a warm-up run at start): decides whether a request runs
         #: on the event loop (short) or in the thread pool (long enough to stall other calls)
         self.run_s_per_image = self._time_one_image()
@@ -216,6 +220,23 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
             self.run_model(x)
             times.append(time.perf_counter() - started)
         return sorted(times)[len(times) // 2]
+
+    def _begin(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    async def drain(self, grace: float | None) -> None:
+        """Refuse new requests (UNAVAILABLE) and wait up to ``grace`` seconds (None: no limit)
+        for those in progress to be answered."""
+        self._closing = True
+        if self._active:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
 
     def close(self) -> None:
         """Release the model's threads (running calls finish on their own)."""
@@ -255,6 +276,7 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
 
     async def Infer(self, request: rocoin_pb2.DeviceInferRequest, context: grpc.aio.ServicerContext) -> rocoin_pb2.DeviceInferResponse:
         """Answer one request (gRPC's deadline and cancellation apply), counting its outcome in :attr:`metrics`."""
+        self._begin()
         try:
             batch = self._checked(request)
             reply = await self._answer(request.query_id, batch)
@@ -268,6 +290,8 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         except asyncio.CancelledError:
             self.metrics.requests.labels("CANCELLED").inc()
             raise
+        finally:
+            self._end()
         return reply
 
     async def InferStream(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
@@ -288,21 +312,25 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
                 await context.write(reply)
 
         async def serve_one(query_id: str, batch: np.ndarray, expires: float | None) -> None:
+            self._begin()  # until the answer is written: a shutdown waits for it
             try:
-                reply = await self._answer(query_id, batch, expires)
-            except _Refused as refused:
-                self.metrics.requests.labels(refused.code.name).inc()
-                reply = self._error_reply(query_id, refused)
-            except asyncio.CancelledError:
-                self.metrics.requests.labels("CANCELLED").inc()
-                return
+                try:
+                    reply = await self._answer(query_id, batch, expires)
+                except _Refused as refused:
+                    self.metrics.requests.labels(refused.code.name).inc()
+                    reply = self._error_reply(query_id, refused)
+                except asyncio.CancelledError:
+                    self.metrics.requests.labels("CANCELLED").inc()
+                    return
+                finally:
+                    inflight.pop(query_id, None)
+                if reply is None:  # emulation dropped it silently: the source never hears back
+                    self.metrics.requests.labels("DROPPED").inc()
+                else:
+                    with contextlib.suppress(Exception):  # the stream ended meanwhile: nobody to tell
+                        await send(reply)
             finally:
-                inflight.pop(query_id, None)
-            if reply is None:  # emulation dropped it silently: the source never hears back
-                self.metrics.requests.labels("DROPPED").inc()
-            else:
-                with contextlib.suppress(Exception):  # the stream ended meanwhile: nobody to tell
-                    await send(reply)
+                self._end()
 
         try:
             while True:
@@ -356,6 +384,8 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         Returns the answer, or None when emulation drops it silently; raises :class:`_Refused`.
         ``expires`` (event-loop time) refuses the request if no slot was free before then.
         """
+        if self._closing:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, "the device is shutting down")
         await self._slots.acquire()  # a cancellation here (deadline, source) has nothing to undo
         started = time.perf_counter()
         release = True
@@ -448,9 +478,12 @@ class DeviceServer:
     port: int
 
     async def stop(self, grace: float | None = SHUTDOWN_GRACE_S) -> None:
-        """Report NOT_SERVING, let in-flight calls finish for ``grace`` seconds, stop."""
+        """Report NOT_SERVING, let the requests in progress be answered for up to ``grace``
+        seconds, then end every call and stream (the source's stream stays open while idle, so
+        waiting for it to end would always cost the whole grace)."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await self.worker.drain(grace)
+        await self.server.stop(0)
         self.worker.close()
 
 
