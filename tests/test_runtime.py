@@ -144,6 +144,37 @@ def test_queries_survive_replica_deaths_and_whole_groups_go_missing_by_the_deadl
     asyncio.run(scenario())
 
 
+def test_a_replica_killed_with_queries_in_flight_loses_none_of_them(cluster):
+    bundle = cluster.bundle
+
+    async def scenario():
+        async with Source(bundle, with_addresses(cluster), deadline_s=DEADLINE_S, token=cluster.token) as source:
+            answered = 0
+            in_flight = asyncio.Semaphore(8)
+
+            async def one(i: int):
+                nonlocal answered
+                async with in_flight:
+                    result = await source.infer(images_batch(i))
+                answered += 1
+                return result
+
+            async def killer():
+                while answered < 10:
+                    await asyncio.sleep(0.001)
+                cluster.kill_device("b1")  # SIGKILL while queries are on its stream
+
+            killing = asyncio.ensure_future(killer())
+            results = await asyncio.gather(*(one(i) for i in range(60)))
+            await killing
+            return results, next(d for d in source.devices if d.device_id == "b1").up
+
+    results, b1_up = asyncio.run(scenario())
+    assert all(r.missing_groups == [] for r in results)  # b2 answered whatever b1 could not
+    assert max(r.latency_s for r in results) <= DEADLINE_S + LATE_SLACK_S
+    assert not b1_up and {r.answered_by[1] for r in results[-10:]} == {"b2"}
+
+
 class StalledDevice(rocoin_pb2_grpc.DeviceServicer):
     """Accepts every call and every stream message, and never answers."""
 
