@@ -10,6 +10,7 @@ Run: ``.venv/bin/python bench/runtime.py --students results/bench-accuracy/stude
    (batch 1, measured in-process); the CPU time per query of the client, the source and the
    device workers together (from /proc: on a machine with fewer cores than processes, their sum
    divided by the cores bounds the latency); then the same with 3 devices killed (SIGKILL).
+   ``--cpus N`` runs it all on N cores, to see how the latency depends on them.
 3. With emulation (each worker delays its answer to its profile's t(d, s, k) and drops answers
    with its outage probability; the fleet's FLOP/s and rates are scaled up by --speedup so a
    query takes tens of milliseconds): the measured latency distribution against ``rocoin
@@ -37,8 +38,11 @@ from rocoin.simulation import simulate
 
 CONCURRENCY = (1, 8, 32)
 KILLED = 3
-#: CPU cores this benchmark may use: every process of the cluster shares them.
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cores() -> int:
+    """CPU cores this process (and the cluster it starts) may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def group_model_p50_s(bundle: Path, repeats: int = 200) -> list[float]:
@@ -97,7 +101,7 @@ def print_rows(title: str, rows: list[dict], slowest_model_s: float) -> None:
         print(
             f"{r['concurrency']:>5} {1e3 * r['latency_s']['p50']:>8.2f} {1e3 * r['latency_s']['p99']:>8.2f} {r['queries_per_s']:>8.1f}"
             f" {overhead:>16.2f} {1e3 * r['source_latency_s']['p50']:>14.2f} {r['missing_groups_mean']:>8.3f} {r.get('accuracy', float('nan')):>9.4f}"
-            f" | {'':>13} {cpu['client']:>7.2f} {cpu['source']:>7.2f} {cpu['devices']:>8.2f} {sum(cpu.values()) / CORES:>8.2f}"
+            f" | {'':>13} {cpu['client']:>7.2f} {cpu['source']:>7.2f} {cpu['devices']:>8.2f} {sum(cpu.values()) / cores():>8.2f}"
         )
 
 
@@ -145,7 +149,10 @@ def main() -> None:
     parser.add_argument("--speedup", type=float, default=100.0, help="FLOP/s and rate multiplier for the emulated run")
     parser.add_argument("--emulated-queries", type=int, default=300)
     parser.add_argument("--skip-plain", action="store_true", help="only the emulation comparison")
+    parser.add_argument("--cpus", type=int, default=None, help="run everything on the first N CPU cores (Linux): latency against cores")
     args = parser.parse_args()
+    if args.cpus is not None:  # the cluster's processes inherit it
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpus])
     logging.basicConfig(level=logging.ERROR)
     if not (args.bundle / "manifest.json").exists():
         from rocoin.export import export_bundle
@@ -158,7 +165,7 @@ def main() -> None:
 
     test = load_dataset(manifest.dataset).test
     model_times = group_model_p50_s(args.bundle)
-    print(f"# bundle {args.bundle}: {len(manifest.groups)} groups, {len(manifest.plan.device_ids)} devices, deadline {args.deadline_s} s, {CORES} CPU cores")
+    print(f"# bundle {args.bundle}: {len(manifest.groups)} groups, {len(manifest.plan.device_ids)} devices, deadline {args.deadline_s} s, {cores()} CPU cores")
     print("# group models, batch-1 onnxruntime p50 (ms): " + ", ".join(f"{1e3 * t:.2f}" for t in model_times))
     with tempfile.TemporaryDirectory() as state:
         if not args.skip_plain:
