@@ -303,7 +303,8 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         requests still running are answered before the stream ends; when it cancels the stream,
         they are dropped.
         """
-        inflight: dict[str, asyncio.Task] = {}
+        inflight: dict[str, asyncio.Task] = {}  # by query id, until the answer is ready (cancellable)
+        running: set[asyncio.Task] = set()  # until the answer is written
         writing = asyncio.Lock()
         loop = asyncio.get_running_loop()
 
@@ -358,11 +359,13 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
                     await send(self._error_reply(request.query_id, refused))
                     continue
                 expires = loop.time() + request.timeout_s if request.timeout_s > 0 else None
-                inflight[request.query_id] = asyncio.ensure_future(serve_one(request.query_id, batch, expires))
-            if inflight:  # the source closed its side: finish what it asked for
-                await asyncio.gather(*inflight.values(), return_exceptions=True)
+                task = inflight[request.query_id] = asyncio.ensure_future(serve_one(request.query_id, batch, expires))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if running:  # the source closed its side: finish what it asked for
+                await asyncio.gather(*running, return_exceptions=True)
         finally:
-            for task in list(inflight.values()):
+            for task in list(running):
                 task.cancel()
 
     def _checked(self, request: rocoin_pb2.DeviceInferRequest) -> np.ndarray:
