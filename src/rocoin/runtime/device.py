@@ -420,6 +420,7 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
                 self._slots.release()
         self.metrics.requests.labels("OK").inc()
         self.metrics.run_time.observe(compute_s)
+        logger.debug("device %s answered in %.4f s", self.device_id, compute_s, extra={"query_id": query_id[:MAX_QUERY_ID_CHARS]})
         return rocoin_pb2.DeviceInferResponse(
             query_id=query_id, device_id=self.device_id, group=self.group, features=tensor_to_proto(features), compute_s=compute_s
         )
