@@ -10,7 +10,6 @@ on the 10,000 test images; 1..5 of 10 devices failed, 30 random draws each.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path

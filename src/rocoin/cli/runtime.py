@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rocoin.cli.common import clean_errors, err, out, require
+from rocoin.cli.common import clean_errors, out, require
 from rocoin.errors import RocoinError
 
 device_app = typer.Typer(help="Run a device worker (onnxruntime + gRPC; no torch needed).", no_args_is_help=True)

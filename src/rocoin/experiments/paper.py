@@ -25,7 +25,6 @@ from rocoin.fileio import write_text_atomic
 from rocoin.planning import filter_graph, make_plan, synthetic_activations
 from rocoin.planning.plan import Plan
 from rocoin.profiles.catalog import Catalog, analytic_catalog
-from rocoin.profiles.fleet import Fleet
 from rocoin.progress import progress_bar
 
 logger = logging.getLogger(__name__)
