@@ -241,7 +241,7 @@ def test_infer_matches_onnxruntime_and_reports_the_group(bundle, model_runs_in):
     expected = session.run(None, {"image": x})[0]
 
     async def main():
-        device = await start_device(bundle, "c")
+        device = await start_device(bundle, "c", insecure=True)
         try:
             async with Client(device.address) as stub:
                 reply = await stub.Infer(request(x, "query-7"), timeout=10)
@@ -290,7 +290,7 @@ def test_malformed_requests_are_rejected_and_the_worker_keeps_serving(bundle):
     cases = _bad_requests()
 
     async def main():
-        device = await start_device(bundle, "a", max_batch=4)
+        device = await start_device(bundle, "a", max_batch=4, insecure=True)
         outcomes = []
         try:
             async with Client(device.address) as stub:
@@ -314,7 +314,7 @@ def test_malformed_requests_are_rejected_and_the_worker_keeps_serving(bundle):
 
 def test_health_reports_serving_then_not_serving(bundle):
     async def main():
-        device = await start_device(bundle, "b")
+        device = await start_device(bundle, "b", insecure=True)
         try:
             async with grpc.aio.insecure_channel(device.address) as channel:
                 health = health_pb2_grpc.HealthStub(channel)
@@ -367,7 +367,7 @@ def test_the_stream_answers_every_request_by_id_and_refuses_bad_ones_without_end
     messages.append(rocoin_pb2.DeviceInferRequest(query_id="bad-timeout", input=tensor_to_proto(x), timeout_s=-1.0))
 
     async def main():
-        device = await start_device(bundle, "a", max_batch=4)
+        device = await start_device(bundle, "a", max_batch=4, insecure=True)
         try:
             async with Client(device.address) as stub:
                 answers, code = await _stream_exchange(stub, messages, len(messages))
@@ -392,7 +392,7 @@ def test_stopping_answers_the_requests_in_progress_then_ends_the_streams_without
     emulation = Emulation(flops=STUDENT_FLOPS / 0.3, rate_bps=1.0e12, outage=0.0)  # 0.3 s per request
 
     async def main():
-        device = await start_device(bundle, "b", emulation=emulation)
+        device = await start_device(bundle, "b", emulation=emulation, insecure=True)
         async with Client(device.address) as stub:
             idle = stub.InferStream()  # a source's stream with nothing in flight
             await idle.write(rocoin_pb2.DeviceInferRequest(cancel=["nothing"]))
@@ -426,7 +426,7 @@ def test_an_oversized_stream_message_ends_only_that_stream(bundle):
     oversized = rocoin_pb2.DeviceInferRequest(query_id="big", input=rocoin_pb2.Tensor(shape=[1, 1, 8, 8], dtype="float32", data=b"\0" * 200_000))
 
     async def main():
-        device = await start_device(bundle, "a", max_batch=4)
+        device = await start_device(bundle, "a", max_batch=4, insecure=True)
         try:
             async with Client(device.address) as stub:
                 call = stub.InferStream()
@@ -455,7 +455,7 @@ def test_the_stream_cancels_queued_requests_and_refuses_those_past_their_timeout
     ]
 
     async def main():
-        device = await start_device(bundle, "b", emulation=emulation, max_concurrency=1)
+        device = await start_device(bundle, "b", emulation=emulation, max_concurrency=1, insecure=True)
         try:
             async with Client(device.address) as stub:
                 started = time.perf_counter()
@@ -495,7 +495,7 @@ def test_a_tampered_model_is_refused(bundle, tmp_path):
     with pytest.raises(RocoinError, match=r"group0\.onnx: SHA-256 does not match"):
         DeviceWorker(copy, "a")
     with pytest.raises(RocoinError, match="group0.onnx"):
-        run(start_device(copy, "a"))
+        run(start_device(copy, "a", insecure=True))
     DeviceWorker(copy, "b").close()  # the other group's file is intact
 
 
@@ -523,7 +523,7 @@ def test_unknown_device_and_bad_options_are_refused(bundle, tmp_path):
     with pytest.raises(RocoinError, match="bundle folder not found"):
         DeviceWorker(tmp_path / "nowhere", "a")
     with pytest.raises(RocoinError, match="listen = '127.0.0.1'"):
-        run(start_device(bundle, "a", "127.0.0.1"))
+        run(start_device(bundle, "a", "127.0.0.1", insecure=True))
     with pytest.raises(RocoinError, match="outage = 1.0"):
         Emulation(flops=1e9, rate_bps=1e6, outage=1.0)
 
@@ -542,10 +542,10 @@ def test_emulation_from_a_fleet_file(tmp_path):
 
 def test_a_busy_port_is_refused(bundle):
     async def main():
-        first = await start_device(bundle, "a")
+        first = await start_device(bundle, "a", insecure=True)
         try:
             with pytest.raises(RocoinError, match="cannot bind"):
-                await start_device(bundle, "b", first.address)
+                await start_device(bundle, "b", first.address, insecure=True)
         finally:
             await first.stop(0)
 
@@ -576,7 +576,7 @@ def test_emulated_latency_matches_the_profile(bundle):
     assert emulation.latency_s(STUDENT_FLOPS, 3) == pytest.approx(expected)
 
     async def main():
-        device = await start_device(bundle, "b", emulation=emulation)
+        device = await start_device(bundle, "b", emulation=emulation, insecure=True)
         try:
             async with Client(device.address) as stub:
                 await stub.Infer(request(images(1)), timeout=10)  # warm the channel
@@ -596,7 +596,7 @@ def test_emulated_outage_drops_answers_at_the_rate(bundle):
     emulation = Emulation(flops=1.0e12, rate_bps=1.0e12, outage=0.5, seed=3, drop="error")
 
     async def main():
-        device = await start_device(bundle, "a", emulation=emulation)
+        device = await start_device(bundle, "a", emulation=emulation, insecure=True)
         try:
             async with Client(device.address) as stub:
                 results, _ = await _timed_calls(stub, 200)
@@ -616,7 +616,7 @@ def test_a_silently_dropped_answer_never_arrives_before_the_deadline(bundle):
     emulation = Emulation(flops=1.0e12, rate_bps=1.0e12, outage=0.99, seed=0)
 
     async def main():
-        device = await start_device(bundle, "a", emulation=emulation, max_concurrency=1)
+        device = await start_device(bundle, "a", emulation=emulation, max_concurrency=1, insecure=True)
         try:
             async with Client(device.address) as stub:
                 started = time.perf_counter()
@@ -638,7 +638,7 @@ def test_the_concurrency_limit_is_honoured(bundle, concurrency, low, high, model
     emulation = Emulation(flops=1.0e7, rate_bps=1.0e12, outage=0.0)  # 0.1 s per call
 
     async def main():
-        device = await start_device(bundle, "a", emulation=emulation, max_concurrency=concurrency)
+        device = await start_device(bundle, "a", emulation=emulation, max_concurrency=concurrency, insecure=True)
         try:
             async with Client(device.address) as stub:
                 await stub.Infer(request(images(1)), timeout=10)
@@ -655,7 +655,7 @@ def test_a_call_whose_deadline_passes_while_waiting_does_not_hold_a_slot(bundle)
     emulation = Emulation(flops=1.0e7 / 3, rate_bps=1.0e12, outage=0.0)  # 0.3 s per call
 
     async def main():
-        device = await start_device(bundle, "a", emulation=emulation, max_concurrency=1)
+        device = await start_device(bundle, "a", emulation=emulation, max_concurrency=1, insecure=True)
         try:
             async with Client(device.address) as stub:
                 first = asyncio.ensure_future(stub.Infer(request(images(1)), timeout=10))
@@ -683,7 +683,7 @@ def test_a_worker_process_writes_its_ready_file_and_stops_on_sigterm(bundle, tmp
         "import asyncio, logging, sys\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "from rocoin.runtime.device import serve_device\n"
-        f"asyncio.run(serve_device({str(bundle)!r}, 'b', '127.0.0.1:0', ready_file={str(ready)!r}))\n"
+        f"asyncio.run(serve_device({str(bundle)!r}, 'b', '127.0.0.1:0', ready_file={str(ready)!r}, insecure=True))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -811,7 +811,7 @@ def test_tls_checks_the_certificate_authority(bundle, certs):
     good, other = certs / "good", certs / "other"
 
     async def main():
-        device = await start_device(bundle, "a", tls=ServerTLS(good / "device.pem", good / "device.key"))
+        device = await start_device(bundle, "a", tls=ServerTLS(good / "device.pem", good / "device.key"), insecure=True)
         outcomes = {}
         try:
             for label, channel in (
@@ -919,12 +919,12 @@ def test_the_source_client_apis_with_token_and_tls(bundle, certs):
     ready = Path(certs) / "source.ready.json"
 
     async def main():
-        devices = [await start_device(bundle, name) for name in ("a", "b", "c")]
+        devices = [await start_device(bundle, name, insecure=True) for name in ("a", "b", "c")]
         fleet = Fleet(devices=[profile(d.worker.device_id, 20, 4, 300, 0.1, address=d.address) for d in devices])
         stop = asyncio.Event()
         task = asyncio.ensure_future(
             serve_source(
-                Source(bundle, fleet, deadline_s=2.0),
+                Source(bundle, fleet, deadline_s=2.0, insecure=True),
                 "127.0.0.1:0",
                 http_listen="127.0.0.1:0",
                 api_token=api_token,

@@ -24,16 +24,16 @@ def run_with_server(bundle, scenario, *, token=None):
     """Start devices a, b, c and the source with its REST API; run ``scenario(session, base_url)``."""
 
     async def main():
-        devices = [await start_device(bundle, name) for name in ("a", "b", "c")]
+        devices = [await start_device(bundle, name, insecure=True) for name in ("a", "b", "c")]
         fleet = Fleet(devices=[profile(d.worker.device_id, 20, 4, 300, 0.1, address=d.address) for d in devices])
-        source = Source(bundle, fleet, deadline_s=2.0)
+        source = Source(bundle, fleet, deadline_s=2.0, insecure=True)
         await source.start()
-        runner, address = await start_http(source, "127.0.0.1:0", token=token)
+        http = await start_http(source, "127.0.0.1:0", token=token)
         try:
             async with aiohttp.ClientSession() as session:
-                return await scenario(session, f"http://{address}", devices)
+                return await scenario(session, f"http://{http.address}", devices)
         finally:
-            await runner.cleanup()
+            await http.close()
             await source.close()
             for d in devices:
                 await d.stop(0)
@@ -160,7 +160,7 @@ def test_a_device_counts_its_requests_and_serves_metrics(bundle):
     from test_device import Client, request
 
     async def main():
-        device = await start_device(bundle, "a")
+        device = await start_device(bundle, "a", insecure=True)
         try:
             async with Client(device.address) as stub:
                 await stub.Infer(request(np.zeros((1, 1, 8, 8), dtype=np.float32)), timeout=5)

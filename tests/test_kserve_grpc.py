@@ -26,9 +26,9 @@ def bundle(tmp_path_factory):
 
 def with_service(bundle, scenario):
     async def main():
-        devices = [await start_device(bundle, name) for name in ("a", "b", "c")]
+        devices = [await start_device(bundle, name, insecure=True) for name in ("a", "b", "c")]
         fleet = Fleet(devices=[profile(d.worker.device_id, 20, 4, 300, 0.1, address=d.address) for d in devices])
-        source = Source(bundle, fleet, deadline_s=2.0)
+        source = Source(bundle, fleet, deadline_s=2.0, insecure=True)
         await source.start()
         server = grpc.aio.server()
         kserve_grpc.add_to_server(source, server)

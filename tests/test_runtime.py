@@ -245,12 +245,12 @@ def test_a_device_marked_down_is_used_again_as_soon_as_it_answers(tmp_path):
         rocoin_pb2_grpc.add_DeviceServicer_to_server(FlakyDevice(silent=FAILURES_TO_MARK_DOWN, width=1), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        devices = {name: await start_device(bundle, name) for name in ("a1", "a2", "b1", "b2")}
+        devices = {name: await start_device(bundle, name, insecure=True) for name in ("a1", "a2", "b1", "b2")}
         try:
             fleet = Fleet(
                 devices=[d.model_copy(update={"address": devices[d.id].address if d.id in devices else f"127.0.0.1:{port}"}) for d in fleet_for(groups).devices]
             )
-            async with Source(bundle, fleet, deadline_s=0.2) as source:
+            async with Source(bundle, fleet, deadline_s=0.2, insecure=True) as source:
                 flaky = next(d for d in source.devices if d.device_id == "flaky")
                 silent = [await source.infer(images_batch(i)) for i in range(FAILURES_TO_MARK_DOWN)]
                 assert not flaky.up
@@ -279,7 +279,7 @@ async def in_process_devices(bundle: Path, slow: set[str], slow_s: float, **opti
     try:
         for name in (d.id for d in fleet_for().devices):
             emulation = Emulation(flops=1e4 / slow_s, rate_bps=1e12, outage=0.0) if name in slow else None  # the bundle's student: 1e4 FLOPs
-            devices[name] = await start_device(bundle, name, emulation=emulation, **options)
+            devices[name] = await start_device(bundle, name, emulation=emulation, **options, insecure=True)
         yield devices, Fleet(devices=[d.model_copy(update={"address": devices[d.id].address}) for d in fleet_for().devices])
     finally:
         for running in devices.values():
@@ -296,7 +296,7 @@ def test_the_source_takes_the_first_replica_and_cancels_the_slower_one(tmp_path)
 
     async def scenario():
         async with in_process_devices(bundle, {"a2"}, slow_s, max_concurrency=1) as (devices, fleet):
-            async with Source(bundle, fleet, deadline_s=2.0) as source:
+            async with Source(bundle, fleet, deadline_s=2.0, insecure=True) as source:
                 first = await source.infer(images_batch(0))
                 second = await source.infer(images_batch(1))  # a2's cancellation of the first rides on it
                 await asyncio.sleep(CANCEL_FLUSH_S + 0.05)  # the second's goes out on its own
@@ -317,7 +317,7 @@ def test_queries_the_caller_gives_up_on_are_cancelled_on_the_devices_and_fail_no
 
     async def scenario():
         async with in_process_devices(bundle, {"a1", "a2"}, slow_s) as (devices, fleet):
-            async with Source(bundle, fleet, deadline_s=2.0) as source:
+            async with Source(bundle, fleet, deadline_s=2.0, insecure=True) as source:
                 for i in range(FAILURES_TO_MARK_DOWN + 1):  # e.g. HTTP clients that hang up
                     with pytest.raises(asyncio.TimeoutError):
                         await asyncio.wait_for(source.infer(images_batch(i)), 0.05)
@@ -378,7 +378,7 @@ def test_source_service_and_cli_on_a_cluster(tmp_path):
 
 def test_devices_of_a_cluster_answer_only_the_source_with_the_token(cluster):
     async def scenario():
-        async with Source(cluster.bundle, with_addresses(cluster), deadline_s=DEADLINE_S) as stranger:
+        async with Source(cluster.bundle, with_addresses(cluster), deadline_s=DEADLINE_S, insecure=True) as stranger:
             refused = await stranger.infer(images_batch(0))
         async with Source(cluster.bundle, with_addresses(cluster), deadline_s=DEADLINE_S, token=cluster.token) as source:
             accepted = await source.infer(images_batch(0))

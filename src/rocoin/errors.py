@@ -13,3 +13,8 @@ class RocoinError(ValueError):
 
 class InfeasiblePlanError(RocoinError):
     """The constraints of the knowledge-assignment problem cannot be met."""
+
+
+class ServingError(RuntimeError):
+    """A valid request the server could not answer: a fault on the serving side, not the caller's
+    (HTTP 500 / ``INTERNAL`` with this one-line message)."""

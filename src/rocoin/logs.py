@@ -2,17 +2,53 @@
 
 Events that concern a query pass ``extra={"query_id": ...}`` so a query can be followed from the
 source through every device (``grep`` the id, or filter the JSON field).
+
+Log lines carry strings that clients chose (query ids, refused values). In text logs every
+control character of a message or an extra field is escaped (``\\n``, ``\\x1b``, ...) and an extra
+value with spaces or quotes is quoted, so a client cannot end a line and forge the next one, nor
+pass for another field; only a traceback spans several lines. JSON logs are safe by
+construction (``json.dumps`` escapes them).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 #: Attributes of a LogRecord that are not user-supplied ``extra`` fields.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+#: Characters escaped in text logs: C0 and C1 controls, DEL, and the Unicode line and paragraph
+#: separators (some viewers break lines there), and lone surrogates (not encodable as UTF-8).
+_UNSAFE = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029\\ud800-\\udfff]")
+#: Extra values shown as they are; anything else is quoted.
+_PLAIN_VALUE = re.compile(r"""[^\s"'=]*""")
+
+
+def escape(text: str) -> str:
+    """``text`` with every control character (and lone surrogate) written as an escape."""
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), text)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line: whitespace runs collapsed, control characters escaped, at most ``limit`` characters."""
+    text = escape(" ".join(str(text).split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a client's value may be megabytes long)."""
+    text = repr(value) if not isinstance(value, (list, dict)) or len(value) <= 64 else f"<{type(value).__name__} of {len(value)} items>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _field(value: object) -> str:
+    text = escape(str(value))
+    return text if _PLAIN_VALUE.fullmatch(text) else '"' + text.replace('"', '\\"') + '"'
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,10 +67,10 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        text = f"rocoin: {record.levelname}: {record.getMessage()}"
+        text = f"rocoin: {record.levelname}: {escape(record.getMessage())}"
         extras = {k: v for k, v in vars(record).items() if k not in _STANDARD}
         if extras:
-            text += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+            text += " " + " ".join(f"{k}={_field(v)}" for k, v in extras.items())
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from rocoin.cli.common import clean_errors, out, require
 from rocoin.errors import RocoinError
+from rocoin.runtime import http_limits as limits
 
 device_app = typer.Typer(help="Run a device worker (onnxruntime + gRPC; no torch needed).", no_args_is_help=True)
 source_app = typer.Typer(help="Run the source: broadcasts queries, gathers groups, runs the head.", no_args_is_help=True)
@@ -75,10 +76,11 @@ def device_serve(
     max_concurrency: int = typer.Option(4, "--max-concurrency", help="Requests run at once."),
     threads: int = typer.Option(1, "--threads", help="onnxruntime intra-op threads."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
-    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File with the shared token the source must send (default: $ROCOIN_DEVICE_TOKEN; none: no authentication)."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File with the shared token the source must send (default: $ROCOIN_DEVICE_TOKEN)."),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate: serve TLS (see scripts/make_certs.sh)."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
     tls_client_ca: Optional[Path] = typer.Option(None, "--tls-client-ca", help="Require client certificates signed by this CA (mTLS)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Serve without a token or mTLS (refused otherwise): anyone who reaches the port can use the device."),
     metrics_listen: Optional[str] = typer.Option(None, "--metrics-listen", help="host:port for Prometheus /metrics (requests, run time)."),
 ) -> None:
     """Serve this device's student over gRPC until SIGTERM/SIGINT."""
@@ -105,6 +107,7 @@ def device_serve(
             ready_file=ready_file,
             token=load_token(token_file),
             tls=_server_tls(tls_cert, tls_key, tls_client_ca),
+            insecure=insecure,
             metrics_listen=metrics_listen,
         )
     )
@@ -163,6 +166,11 @@ def source_serve(
     tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="Talk TLS to the devices, verifying them against this CA."),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="The source's certificate for mTLS."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Private key of --tls-cert."),
+    insecure: bool = typer.Option(False, "--insecure", help="Call the devices without a token or mTLS (refused otherwise)."),
+    http_header_timeout_s: float = typer.Option(limits.DEFAULT_HEADER_TIMEOUT_S, "--http-header-timeout-s", help="REST: seconds from a request's first byte to the end of its headers (else 408)."),
+    http_body_timeout_s: float = typer.Option(limits.DEFAULT_BODY_TIMEOUT_S, "--http-body-timeout-s", help="REST: seconds from the end of the headers to the end of the body (else closed)."),
+    http_idle_timeout_s: float = typer.Option(limits.DEFAULT_IDLE_TIMEOUT_S, "--http-idle-timeout-s", help="REST: seconds an idle connection stays open."),
+    http_max_connections: int = typer.Option(limits.DEFAULT_MAX_CONNECTIONS, "--http-max-connections", help="REST: open connections; one more gets 503."),
 ) -> None:
     """Serve queries: broadcast to every device, first answer per group, head at completion or deadline."""
     require("onnxruntime", "device")
@@ -178,12 +186,19 @@ def source_serve(
     if tls_ca is None and (tls_cert or tls_key):
         raise RocoinError("tls-cert/tls-key need --tls-ca (the CA that signed the devices' certificates)")
     tls = ClientTLS(tls_ca, tls_cert, tls_key) if tls_ca else None
-    source = Source(bundle, load_fleet(fleet), deadline_s=deadline_s, token=load_token(token_file), tls=tls)
+    source = Source(bundle, load_fleet(fleet), deadline_s=deadline_s, token=load_token(token_file), tls=tls, insecure=insecure)
+    http_limits = None
     if http_listen is not None:
         require("aiohttp", "source")
+        http_limits = limits.HttpLimits(
+            header_timeout_s=http_header_timeout_s,
+            body_timeout_s=http_body_timeout_s,
+            idle_timeout_s=http_idle_timeout_s,
+            max_connections=http_max_connections,
+        )
     api_token = load_token(api_token_file, env=API_TOKEN_ENV)
     api_tls = _server_tls(api_tls_cert, api_tls_key, None)
-    asyncio.run(serve_source(source, listen, http_listen=http_listen, api_token=api_token, tls=api_tls, ready_file=ready_file))
+    asyncio.run(serve_source(source, listen, http_listen=http_listen, api_token=api_token, tls=api_tls, ready_file=ready_file, http_limits=http_limits))
 
 
 @clean_errors

@@ -3,6 +3,11 @@
 ``LocalCluster`` is what ``rocoin cluster up`` runs, and what the tests and benchmarks use to
 kill and restart real processes. Its state (addresses, process ids, logs) lives in a folder, so
 ``rocoin cluster down`` can stop a cluster started by another command.
+
+The devices authenticate the source with a shared token, kept in the state folder as
+:data:`TOKEN_FILE` (mode 0600) while the cluster runs: every worker and the source read it with
+``--token-file``, and an operator restarting a worker by hand passes the same file
+(``rocoin device serve ... --token-file STATE/device-token``). It is removed when the cluster stops.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +30,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rocoin.errors import RocoinError
 from rocoin.fileio import write_json_atomic
 from rocoin.profiles.fleet import Fleet, load_fleet, save_fleet
-from rocoin.runtime.auth import TOKEN_ENV
 from rocoin.runtime.lifecycle import READY_POLL_S, wait_ready_file
 from rocoin.runtime.manifest import load_manifest
 
@@ -35,6 +40,8 @@ STARTUP_TIMEOUT_S = 60.0
 #: How long ``stop`` waits after SIGTERM before SIGKILL.
 STOP_GRACE_S = 5.0
 STATE_FILE = "cluster.json"
+#: The shared device token, readable by the owner only.
+TOKEN_FILE = "device-token"
 
 
 @dataclass
@@ -97,8 +104,9 @@ class LocalCluster:
             raise RocoinError(f"device {unknown[0]!r} is not in the bundle's plan")
         self.device_ids = list(devices) if devices is not None else plan_devices
         #: the shared token between the source and the devices (a fresh random one by default); it
-        #: reaches the workers through their environment, never their command line.
+        #: reaches the workers through a 0600 file in the state folder, never their command line.
         self.token = token or secrets.token_urlsafe(32)
+        self.token_file = self.state_dir / TOKEN_FILE
         self.processes: dict[str, subprocess.Popen] = {}
         self.state: ClusterState | None = None
 
@@ -111,6 +119,7 @@ class LocalCluster:
         plan_devices = self.device_ids
         original = self.state_dir / "fleet-profiles.yaml"
         save_fleet(self.fleet, original)
+        write_secret(self.token_file, self.token)
         try:
             for device_id in plan_devices:
                 self._spawn_device(device_id, "127.0.0.1:0", original)
@@ -149,17 +158,16 @@ class LocalCluster:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                env={**os.environ, TOKEN_ENV: self.token},
             )
 
     def _spawn_device(self, device_id: str, listen: str, profiles: Path) -> None:
-        args = ["device", "serve", "--bundle", str(self.bundle), "--device-id", device_id, "--listen", listen]
+        args = ["device", "serve", "--bundle", str(self.bundle), "--device-id", device_id, "--listen", listen, "--token-file", str(self.token_file)]
         if self.emulate:
             args += ["--fleet", str(profiles), "--emulate"]
         self._spawn(device_id, args)
 
     def _spawn_source(self, fleet_path: Path) -> None:
-        args = ["source", "serve", "--bundle", str(self.bundle), "--fleet", str(fleet_path), "--listen", "127.0.0.1:0"]
+        args = ["source", "serve", "--bundle", str(self.bundle), "--fleet", str(fleet_path), "--listen", "127.0.0.1:0", "--token-file", str(self.token_file)]
         if self.deadline_s:
             args += ["--deadline-s", str(self.deadline_s)]
         if self.http:
@@ -210,6 +218,7 @@ class LocalCluster:
                 pass
         self.processes.clear()
         (self.state_dir / STATE_FILE).unlink(missing_ok=True)
+        self.token_file.unlink(missing_ok=True)
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -242,7 +251,20 @@ def cluster_down(state_dir: str | Path) -> ClusterState:
     members = state.devices + ([state.source] if state.source else [])
     stop_processes([m.pid for m in members])
     path.unlink(missing_ok=True)
+    (Path(state_dir) / TOKEN_FILE).unlink(missing_ok=True)
     return state
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by the owner only (0600 from creation, then moved into place)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def wait_serving(address: str, timeout_s: float) -> None:

@@ -55,7 +55,9 @@ import onnxruntime as ort
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rocoin.errors import RocoinError
-from rocoin.runtime.auth import TokenInterceptor
+from rocoin.runtime.auth import check_authentication
+from rocoin.runtime.grpc_server import Malformed, create_server
+from rocoin.runtime.keepalive import KEEPALIVE, Keepalive
 from rocoin.runtime.lifecycle import stop_on_signals, wait_ready_file  # noqa: F401 - wait_ready_file is part of this module's API
 from rocoin.runtime.metrics import DeviceMetrics
 from rocoin.runtime.tls import ServerTLS
@@ -337,6 +339,11 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
                 request = await context.read()
                 if request is grpc.aio.EOF:
                     break
+                if isinstance(request, Malformed):  # answered by id "": the stream goes on
+                    self.metrics.requests.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+                    logger.info("device %s: %s", self.device_id, request.message("DeviceInferRequest"))
+                    await send(self._error_reply("", _Refused(grpc.StatusCode.INVALID_ARGUMENT, request.message("DeviceInferRequest"))))
+                    continue
                 try:
                     if len(request.cancel) > self.max_inflight:
                         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"cancel: {len(request.cancel)} query ids: expected at most {self.max_inflight}")
@@ -501,24 +508,34 @@ async def start_device(
     intra_op_threads: int = DEFAULT_INTRA_OP_THREADS,
     token: str | None = None,
     tls: ServerTLS | None = None,
+    insecure: bool = False,
+    keepalive: Keepalive = KEEPALIVE,
 ) -> DeviceServer:
-    """Load and check the model, listen on ``listen`` (insecure) and start serving; stop it with ``.stop()``.
+    """Load and check the model, listen on ``listen`` and start serving; stop it with ``.stop()``.
 
     With ``token``, every call but the health service's must carry it (see ``rocoin.runtime.auth``);
     with ``tls`` the port speaks TLS (mTLS when it names a client CA; see ``rocoin.runtime.tls``).
+    Without a token or mTLS the worker refuses to start unless ``insecure`` is True.
+    ``keepalive`` must permit the source's pings (both sides use :data:`KEEPALIVE` by default).
     """
     host, _ = parse_listen(listen)
+    check_authentication(
+        f"device {device_id}",
+        token=token,
+        tls_client_auth=tls is not None and tls.client_ca is not None,
+        insecure=insecure,
+        risk="anyone who reaches its port can run queries on it",
+    )
     worker = DeviceWorker(
         bundle, device_id, emulation=emulation, max_batch=max_batch, max_concurrency=max_concurrency, intra_op_threads=intra_op_threads
     )
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", worker.max_request_bytes),
-            ("grpc.max_send_message_length", worker.max_response_bytes),
-            ("grpc.so_reuseport", 0),  # a second worker on a busy port fails instead of sharing it
-        ],
-        maximum_concurrent_rpcs=max_concurrency + MAX_QUEUED_CALLS,
-        interceptors=[TokenInterceptor(token)] if token else None,
+    server = create_server(
+        max_receive_bytes=worker.max_request_bytes,
+        max_send_bytes=worker.max_response_bytes,
+        max_concurrent_rpcs=max_concurrency + MAX_QUEUED_CALLS,
+        token=token,
+        keepalive=keepalive,
+        options=[("grpc.so_reuseport", 0)],  # a second worker on a busy port fails instead of sharing it
     )
     rocoin_pb2_grpc.add_DeviceServicer_to_server(worker, server)
     health_service = health.aio.HealthServicer()
@@ -553,6 +570,7 @@ async def serve_device(
     ready_file: str | os.PathLike[str] | None = None,
     token: str | None = None,
     tls: ServerTLS | None = None,
+    insecure: bool = False,
     metrics_listen: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT or cancellation, then shut down within :data:`SHUTDOWN_GRACE_S`.
@@ -576,6 +594,7 @@ async def serve_device(
         intra_op_threads=intra_op_threads,
         token=token,
         tls=tls,
+        insecure=insecure,
     )
     if metrics_listen is not None:
         metrics_port = running.worker.metrics.serve(metrics_listen)

@@ -3,20 +3,37 @@
 ModelInfer takes the image batch as ``raw_input_contents`` (little-endian, row-major) or as
 typed ``contents``; the answer carries ``logits`` (FP32) and ``missing_groups`` (INT32) as raw
 output contents, plus the number of missing groups and the latency in ``parameters``.
+
+A malformed request gets ``INVALID_ARGUMENT`` (unknown model: ``NOT_FOUND``) with one line, and
+one log line without a traceback; only a bug on our side is ``INTERNAL`` with a traceback.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import grpc
 
-from rocoin.errors import RocoinError
-from rocoin.runtime.oip import MODEL_NAME, MODEL_VERSION, ProtocolError, check_model, images_from, model_metadata, server_metadata
+from rocoin.errors import RocoinError, ServingError
+from rocoin.logs import one_line
+from rocoin.runtime.oip import MAX_INPUT_VALUES, MODEL_NAME, MODEL_VERSION, ProtocolError, check_model, check_shape, images_from, model_metadata, server_metadata
 from rocoin.runtime.protocol import inference_pb2 as pb
 from rocoin.runtime.protocol import inference_pb2_grpc
 from rocoin.runtime.source import Source
 
+logger = logging.getLogger(__name__)
+
 _STATUS_TO_CODE = {404: grpc.StatusCode.NOT_FOUND, 401: grpc.StatusCode.UNAUTHENTICATED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}
+#: The KServe probes, open without the API token like the REST API's /v2/health/*.
+HEALTH_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
+
+
+async def refuse(context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, message: str) -> None:
+    """End the call with ``code`` and a one-line ``message``, logged as one line."""
+    message = one_line(message)
+    logger.info("gRPC %s refused (%s): %s", method, code.name, message)
+    await context.abort(code, message)
 _LITTLE_ENDIAN = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
 
 
@@ -51,9 +68,11 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             images = _images(request)
             result = await self.source.infer(images, query_id=request.id or None)
         except ProtocolError as exc:
-            await context.abort(_STATUS_TO_CODE.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+            await refuse(context, "ModelInfer", _STATUS_TO_CODE.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
         except RocoinError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await refuse(context, "ModelInfer", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ServingError as exc:
+            await refuse(context, "ModelInfer", grpc.StatusCode.INTERNAL, str(exc))
         logits = np.ascontiguousarray(result.logits, dtype="<f4")
         missing = np.asarray(result.missing_groups, dtype="<i4")
         return pb.ModelInferResponse(
@@ -75,14 +94,14 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             check_model(name, version)
         except ProtocolError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await refuse(context, "model lookup", grpc.StatusCode.NOT_FOUND, str(exc))
 
 
 def _images(request: pb.ModelInferRequest) -> np.ndarray:
     if len(request.inputs) != 1:
         raise ProtocolError(400, f"inputs: {len(request.inputs)} tensors: expected one named 'input'")
     tensor = request.inputs[0]
-    shape = list(tensor.shape)
+    shape = check_shape(list(tensor.shape))
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise ProtocolError(400, f"raw_input_contents: {len(request.raw_input_contents)} entries: expected one per input (1)")
@@ -90,6 +109,8 @@ def _images(request: pb.ModelInferRequest) -> np.ndarray:
         if dtype is None:
             images_from(tensor.name, tensor.datatype, shape, np.zeros(0))  # raises the datatype error
         raw = request.raw_input_contents[0]
+        if len(raw) > MAX_INPUT_VALUES * dtype.itemsize:
+            raise ProtocolError(413, f"raw_input_contents[0]: {len(raw)} bytes: expected at most {MAX_INPUT_VALUES * dtype.itemsize}")
         if len(raw) % dtype.itemsize:
             raise ProtocolError(400, f"raw_input_contents[0]: {len(raw)} bytes is not a whole number of {tensor.datatype} values")
         values = np.frombuffer(raw, dtype=dtype).astype(np.float64)

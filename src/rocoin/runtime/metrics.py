@@ -24,6 +24,10 @@ class SourceMetrics:
         self.missing_groups = Counter("rocoin_missing_groups", "Groups zero-filled at the deadline", ["group"], registry=r)
         self.device_failures = Counter("rocoin_device_failures", "Failed or late device calls", ["device"], registry=r)
         self.device_up = Gauge("rocoin_device_up", "1 while the device is used, 0 while it is marked down", ["device"], registry=r)
+        self.marked_down = Counter("rocoin_device_marked_down", "Times the device was marked down", ["device"], registry=r)
+        self.device_refusals = Counter(
+            "rocoin_device_refusals", "Queries the device refused as invalid although the source had checked them (misconfigured device)", ["device"], registry=r
+        )
 
 
 class DeviceMetrics:

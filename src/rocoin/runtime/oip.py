@@ -8,12 +8,19 @@ from typing import Any
 import numpy as np
 
 from rocoin import __version__
+from rocoin.logs import short_repr
 
 MODEL_NAME = "rocoin"
 MODEL_VERSION = "1"
 INPUT_NAME = "input"
 #: Datatypes accepted for the image batch.
 DATATYPES = {"UINT8": np.uint8, "FP32": np.float32}
+#: An input is an image batch (B, C, H, W) or one image (C, H, W).
+MAX_INPUT_RANK = 4
+#: Largest dimension accepted before the values are counted (the message size bounds the rest).
+MAX_DIMENSION = 2**31 - 1
+#: Most values one input may carry, checked before any copy (64 images of 3x224x224 are 9.6 M).
+MAX_INPUT_VALUES = 2**26
 
 
 class ProtocolError(Exception):
@@ -48,14 +55,22 @@ def model_metadata(input_shape: tuple[int, ...], num_classes: int) -> dict[str, 
     }
 
 
+def check_shape(shape: Any, where: str = "inputs[0]") -> list[int]:
+    """A tensor shape from a request: 1..:data:`MAX_INPUT_RANK` integers in 0..:data:`MAX_DIMENSION`."""
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIMENSION for d in shape):
+        raise ProtocolError(400, f"{where}.shape = {short_repr(shape)}: expected a list of integers in 0..{MAX_DIMENSION}")
+    if not 1 <= len(shape) <= MAX_INPUT_RANK:
+        raise ProtocolError(400, f"{where}.shape: {len(shape)} dimensions: expected 1..{MAX_INPUT_RANK} ((B, C, H, W) or (C, H, W))")
+    return list(shape)
+
+
 def images_from(name: Any, datatype: Any, shape: Any, values: np.ndarray, where: str = "inputs[0]") -> np.ndarray:
     """Check one input tensor of the request and return it as an image batch."""
-    if name != INPUT_NAME:
-        raise ProtocolError(400, f"{where}.name = {name!r}: expected {INPUT_NAME!r}")
-    if datatype not in DATATYPES:
-        raise ProtocolError(400, f"{where}.datatype = {datatype!r}: expected one of {', '.join(sorted(DATATYPES))}")
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError(400, f"{where}.shape = {shape!r}: expected a list of non-negative integers")
+    if not isinstance(name, str) or name != INPUT_NAME:
+        raise ProtocolError(400, f"{where}.name = {short_repr(name)}: expected {INPUT_NAME!r}")
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise ProtocolError(400, f"{where}.datatype = {short_repr(datatype)}: expected one of {', '.join(sorted(DATATYPES))}")
+    shape = check_shape(shape, where)
     if values.size != math.prod(shape):
         raise ProtocolError(400, f"{where}.data: {values.size} values but shape {list(shape)} needs {math.prod(shape)}")
     if values.size == 0:

@@ -19,6 +19,16 @@ A device marked down for failures keeps its stream and still gets every query, o
 answer that comes before the head runs is used, and any answer brings it back at once — so a
 device that drops a few answers in a row (a flaky link) is not left out for a whole probe
 interval.
+
+Whose fault is it? The source checks every query before it sends it — the image batch against
+the manifest (FP32 values in [0, 1]; finite after normalisation), the id, the deadline — and
+answers the caller with :class:`RocoinError` (HTTP 400 / ``INVALID_ARGUMENT``). A device that
+still refuses a query as invalid (``INVALID_ARGUMENT``) is misconfigured, not down: its group
+misses that answer, the refusal is counted (``rocoin_device_refusals``) and logged, and it never
+counts towards marking the device down — else a client could knock every device out with three
+bad requests. A device answer with non-finite values is that device's failure; a head that
+still produces non-finite logits is a :class:`ServingError`, never a non-JSON number for the
+client.
 """
 
 from __future__ import annotations
@@ -36,9 +46,11 @@ import numpy as np
 import onnxruntime as ort
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rocoin.errors import RocoinError
+from rocoin.errors import RocoinError, ServingError
+from rocoin.logs import short_repr
 from rocoin.profiles.fleet import Fleet
-from rocoin.runtime.auth import token_metadata
+from rocoin.runtime.auth import check_authentication, token_metadata
+from rocoin.runtime.keepalive import KEEPALIVE, Keepalive
 from rocoin.runtime.metrics import SourceMetrics
 from rocoin.runtime.tls import ClientTLS
 from rocoin.runtime.manifest import Manifest, load_manifest, verify_file
@@ -49,15 +61,17 @@ logger = logging.getLogger(__name__)
 
 #: Default time the source waits for the groups of one query.
 DEFAULT_DEADLINE_S = 1.0
+#: Deadlines accepted, per query or as the default: shorter than a millisecond no device can
+#: answer (every group would be missing); longer than 5 minutes a lost device holds a caller
+#: (and the query's memory) for longer than any edge application waits.
+MIN_DEADLINE_S = 0.001
+MAX_DEADLINE_S = 300.0
 #: Consecutive failed calls after which a device is marked down.
 FAILURES_TO_MARK_DOWN = 3
 #: How often a down device's health service is asked whether it is back.
 PROBE_INTERVAL_S = 0.5
 #: Time limit of one health probe.
 PROBE_TIMEOUT_S = 0.5
-#: gRPC keepalive of the source's device channels.
-KEEPALIVE_TIME_MS = 10_000
-KEEPALIVE_TIMEOUT_MS = 5_000
 #: Reconnection backoff towards a device that went away: short, so a restarted device is found soon.
 INITIAL_RECONNECT_BACKOFF_MS = 100
 MAX_RECONNECT_BACKOFF_MS = 1_000
@@ -70,8 +84,14 @@ CANCEL_FLUSH_S = 0.005
 #: Messages waiting to be written to one device's stream; beyond, the device fails the query
 #: (a device that stopped reading must not make the source buffer without bound).
 MAX_OUTBOX = 256
-#: Longest client query id kept in the ids sent to devices (they add a per-query counter).
-MAX_CLIENT_ID_CHARS = 200
+#: Longest query id a client may give (a UUID has 36 characters); the ids sent to devices add a
+#: per-query counter and stay within the devices' limit.
+MAX_CLIENT_ID_CHARS = 128
+#: FP32 images are 0..1 (uint8 images are 0..255): anything outside is a client's mistake (e.g.
+#: an already normalised image) and could overflow the normalisation.
+FP32_INPUT_RANGE = (0.0, 1.0)
+#: At most one WARNING per device this often about devices refusing queries as invalid.
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 _STREAM_METHOD = "/rocoin.v1.Device/InferStream"
 
@@ -96,6 +116,9 @@ class DeviceState:
     waiting: dict[str, tuple[_Query, bool]] = field(default_factory=dict)
     #: wire ids whose answers are no longer wanted, to send with the next message
     cancels: list[str] = field(default_factory=list)
+    #: queries the device refused as invalid although the source had checked them
+    refusals: int = 0
+    refusals_logged_at: float = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -177,10 +200,19 @@ class Source:
         intra_op_threads: int = 1,
         token: str | None = None,
         tls: ClientTLS | None = None,
+        insecure: bool = False,
+        keepalive: Keepalive = KEEPALIVE,
     ) -> None:
-        if not deadline_s > 0:
-            raise RocoinError(f"deadline-s = {deadline_s}: expected a positive number of seconds")
+        check_deadline(deadline_s, "deadline-s")
+        check_authentication(
+            "the source",
+            token=token,
+            tls_client_auth=tls is not None and tls.cert is not None,
+            insecure=insecure,
+            risk="it calls its devices without a token, so they must accept anyone's calls (device serve --insecure)",
+        )
         bundle = Path(bundle)
+        self.keepalive = keepalive
         self.manifest: Manifest = load_manifest(bundle)
         self.deadline_s = deadline_s
         self._metadata = token_metadata(token)
@@ -223,9 +255,7 @@ class Source:
 
     async def start(self) -> None:
         options = [
-            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-            ("grpc.keepalive_permit_without_calls", 1),
+            *self.keepalive.client_options(),
             ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
             ("grpc.min_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
             ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
@@ -274,22 +304,30 @@ class Source:
         if images.dtype == np.uint8:
             x = images.astype(np.float32) / 255.0
         elif images.dtype == np.float32:
+            low, high = FP32_INPUT_RANGE
             if not np.isfinite(images).all():
                 raise RocoinError("input: contains NaN or Inf")
+            if images.min() < low or images.max() > high:
+                raise RocoinError(
+                    f"input: FP32 values from {images.min():.6g} to {images.max():.6g}: expected {low:g}..{high:g} (or UINT8 0..255; the source normalises)"
+                )
             x = images
         else:
             raise RocoinError(f"input dtype {images.dtype}: expected uint8 (0..255) or float32 (0..1)")
-        return np.ascontiguousarray((x - self._mean) / self._std, dtype=np.float32)
+        x = np.ascontiguousarray((x - self._mean) / self._std, dtype=np.float32)
+        if not np.isfinite(x).all():  # cannot happen with a checked manifest; never send it on
+            raise RocoinError("input: not finite after the manifest's normalisation")
+        return x
 
     async def infer(self, images: np.ndarray, *, deadline_s: float | None = None, query_id: str | None = None) -> InferResult:
         if not self._started:
             raise RuntimeError("Source.start() has not been called")
         started = time.perf_counter()
-        query_id = query_id or uuid.uuid4().hex[:16]
-        budget = self.deadline_s if not deadline_s else deadline_s
+        query_id = check_query_id(query_id) if query_id else uuid.uuid4().hex[:16]
+        budget = self.deadline_s if deadline_s is None else check_deadline(deadline_s, "deadline_s")
         x = self.normalise(images)
         self._sent += 1
-        wire_id = f"{query_id[:MAX_CLIENT_ID_CHARS]}#{self._sent:x}"
+        wire_id = f"{query_id}#{self._sent:x}"
         loop = asyncio.get_running_loop()
         query = _Query(wire_id, query_id, x.shape[0], self.num_groups, started, loop.create_future())
         message = rocoin_pb2.DeviceInferRequest(query_id=wire_id, input=tensor_to_proto(x), timeout_s=budget).SerializeToString()
@@ -306,6 +344,9 @@ class Source:
                 self._settle(query)
         missing = [k for k, s in enumerate(query.slots) if s is None]
         logits = self._head_run(x.shape[0], query.slots)
+        if not np.isfinite(logits).all():
+            logger.error("the head gave non-finite logits for query %s (groups missing: %s)", query_id, missing, extra={"query_id": query_id})
+            raise ServingError("the model gave non-finite logits for this input; nothing to return")
         latency = time.perf_counter() - started
         self.metrics.queries.inc()
         self.metrics.query_latency.observe(latency)
@@ -360,6 +401,10 @@ class Source:
                 self._revive(device, "answers again")
             return
         query, counted = entry
+        if reply.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
+            self._refused(device, reply.error, query)
+            query.call_failed(device.group, counted)
+            return
         try:
             if reply.error_code:
                 raise ValueError(f"{_code_name(reply.error_code)}: {reply.error[:300]}")
@@ -367,6 +412,8 @@ class Source:
             expected = (query.batch, self._slot_sizes[device.group])
             if features.shape != expected or features.dtype != np.float32:
                 raise ValueError(f"features {features.dtype}{features.shape}: expected float32{expected}")
+            if not np.isfinite(features).all():
+                raise ValueError("features: not finite (the device's model gave NaN or Inf)")
         except ValueError as exc:
             self._failed(device, str(exc), query.query_id)
             query.call_failed(device.group, counted)
@@ -439,6 +486,23 @@ class Source:
             logger.warning("device %s marked down after %d failed calls (%s)", device.device_id, device.consecutive_failures, reason)
             self._mark_down(device)
 
+    def _refused(self, device: DeviceState, reason: str, query: _Query) -> None:
+        """A device refused a query the source had checked: misconfigured (another bundle?), and
+        not the caller's fault nor a failure; counted and logged, at most one WARNING per
+        :data:`REFUSAL_LOG_INTERVAL_S` per device."""
+        device.refusals += 1
+        self.metrics.device_refusals.labels(device.device_id).inc()
+        now = time.monotonic()
+        if now - device.refusals_logged_at >= REFUSAL_LOG_INTERVAL_S:
+            device.refusals_logged_at = now
+            logger.warning(
+                "device %s refused a checked query as invalid (%d so far; is it serving another bundle?): %s",
+                device.device_id,
+                device.refusals,
+                reason[:300],
+                extra={"query_id": query.query_id},
+            )
+
     def _mark_down(self, device: DeviceState) -> None:
         """New queries stop waiting for the device (those in flight still do); probe its health.
         While its stream stays open it still gets every query, on trial: its first answer brings
@@ -446,6 +510,7 @@ class Source:
         if device.up:
             device.up = False
             self.metrics.device_up.labels(device.device_id).set(0)
+            self.metrics.marked_down.labels(device.device_id).inc()
         if device.probe is None and self._started:
             device.probe = asyncio.ensure_future(self._probe(device))
 
@@ -482,9 +547,27 @@ class Source:
 
     def status(self) -> list[dict]:
         return [
-            {"device": d.device_id, "group": d.group, "address": d.address, "up": d.up, "answers": d.answers, "failures": d.failures}
+            {"device": d.device_id, "group": d.group, "address": d.address, "up": d.up, "answers": d.answers, "failures": d.failures, "refusals": d.refusals}
             for d in self.devices
         ]
+
+
+def check_deadline(value: float, name: str) -> float:
+    """``value`` if it is a deadline the source accepts, else :class:`RocoinError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_DEADLINE_S <= value <= MAX_DEADLINE_S:
+        raise RocoinError(f"{name} = {short_repr(value)}: expected seconds in {MIN_DEADLINE_S:g}..{MAX_DEADLINE_S:g}")
+    return float(value)
+
+
+def check_query_id(value: object) -> str:
+    """A client's query id: a string of 1..:data:`MAX_CLIENT_ID_CHARS` printable characters."""
+    if not isinstance(value, str):
+        raise RocoinError(f"id = {short_repr(value)}: expected a string")
+    if not 1 <= len(value) <= MAX_CLIENT_ID_CHARS:
+        raise RocoinError(f"id: {len(value)} characters: expected 1..{MAX_CLIENT_ID_CHARS}")
+    if not value.isprintable():
+        raise RocoinError(f"id = {short_repr(value)}: expected printable characters (no control characters or lone surrogates)")
+    return value
 
 
 def _as_is(message: bytes) -> bytes:

@@ -1,4 +1,10 @@
-"""The source's gRPC service (``rocoin.v1.Source``) in front of a :class:`~rocoin.runtime.source.Source`."""
+"""The source's gRPC service (``rocoin.v1.Source``) in front of a :class:`~rocoin.runtime.source.Source`.
+
+Every malformed request is answered ``INVALID_ARGUMENT`` with one line (and logged as one line,
+no traceback); a fault on the serving side is ``INTERNAL`` with one line. The health service and
+the KServe ``ServerLive``/``ServerReady`` calls stay open when the API needs a token, as the REST
+API's ``/v2/health/*`` do.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +12,24 @@ import asyncio
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from rocoin.errors import RocoinError
+from rocoin.errors import RocoinError, ServingError
 from rocoin.fileio import write_json_atomic
 from rocoin.runtime import kserve_grpc
-from rocoin.runtime.auth import TokenInterceptor
+from rocoin.runtime.auth import OPEN_METHOD_PREFIXES
+from rocoin.runtime.grpc_server import create_server
 from rocoin.runtime.lifecycle import stop_on_signals
 from rocoin.runtime.tls import ServerTLS
 from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc
 from rocoin.runtime.serde import tensor_from_proto, tensor_to_proto
 from rocoin.runtime.source import Source
+
+if TYPE_CHECKING:  # the REST API needs aiohttp (the ``source`` extra); gRPC alone does not
+    from rocoin.runtime.http_limits import HttpLimits
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +38,8 @@ SHUTDOWN_GRACE_S = 2.0
 #: Queries served at once; more wait in gRPC's queue.
 MAX_CONCURRENT_QUERIES = 64
 SERVICE_NAME = "rocoin.v1.Source"
+#: Calls that need no API token: health, and the KServe liveness/readiness probes.
+OPEN_API_METHODS = (*OPEN_METHOD_PREFIXES, *kserve_grpc.HEALTH_METHODS)
 
 
 class SourceService(rocoin_pb2_grpc.SourceServicer):
@@ -36,10 +49,12 @@ class SourceService(rocoin_pb2_grpc.SourceServicer):
     async def Infer(self, request: rocoin_pb2.SourceInferRequest, context: grpc.aio.ServicerContext) -> rocoin_pb2.SourceInferResponse:
         try:
             images = tensor_from_proto(request.input, max_bytes=self.source.max_message_bytes)
-            deadline = request.deadline_s if request.deadline_s > 0 else None
+            deadline = request.deadline_s if request.deadline_s != 0 else None  # 0 (unset): the source's
             result = await self.source.infer(images, deadline_s=deadline, query_id=request.query_id or None)
         except (ValueError, RocoinError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await kserve_grpc.refuse(context, "Infer", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ServingError as exc:
+            await kserve_grpc.refuse(context, "Infer", grpc.StatusCode.INTERNAL, str(exc))
         return rocoin_pb2.SourceInferResponse(
             query_id=result.query_id,
             logits=tensor_to_proto(result.logits.astype("float32")),
@@ -58,17 +73,19 @@ async def serve_source(
     tls: ServerTLS | None = None,
     ready_file: str | Path | None = None,
     stop: asyncio.Event | None = None,
+    http_limits: HttpLimits | None = None,
 ) -> None:
     """Serve ``source`` over gRPC (and the KServe v2 REST API on ``http_listen``) until ``stop``
     is set or SIGTERM/SIGINT arrives. ``api_token`` guards both client APIs (health stays open);
-    ``tls`` serves both over TLS."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", source.max_message_bytes),
-            ("grpc.max_send_message_length", source.max_message_bytes),
-        ],
-        maximum_concurrent_rpcs=MAX_CONCURRENT_QUERIES,
-        interceptors=[TokenInterceptor(api_token, what="this source requires its API token")] if api_token else None,
+    ``tls`` serves both over TLS; ``http_limits`` bounds the REST API's connections (default: ``HttpLimits`` defaults)."""
+    server = create_server(
+        max_receive_bytes=source.max_message_bytes,
+        max_send_bytes=source.max_message_bytes,
+        max_concurrent_rpcs=MAX_CONCURRENT_QUERIES,
+        token=api_token,
+        token_what="this source requires its API token",
+        open_methods=OPEN_API_METHODS,
+        keepalive=source.keepalive,
     )
     rocoin_pb2_grpc.add_SourceServicer_to_server(SourceService(source), server)
     kserve_grpc.add_to_server(source, server)  # inference.GRPCInferenceService on the same port
@@ -81,12 +98,13 @@ async def serve_source(
     address = f"{host}:{port}"
     await source.start()
     await server.start()
-    http_runner, http_address = None, None
+    http_server, http_address = None, None
     if http_listen is not None:
         from rocoin.runtime.http_api import start_http
 
-        http_runner, http_address = await start_http(source, http_listen, token=api_token, ssl_context=tls.ssl_context() if tls else None)
-        logger.info("source REST API (KServe v2) on http://%s/v2", http_address)
+        http_server = await start_http(source, http_listen, token=api_token, ssl_context=tls.ssl_context() if tls else None, limits=http_limits)
+        http_address = http_server.address
+        logger.info("source REST API (KServe v2) on %s://%s/v2", "https" if tls else "http", http_address)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info("source serving on %s (%d groups, %d devices)", address, source.num_groups, len(source.devices))
@@ -99,7 +117,7 @@ async def serve_source(
     finally:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if http_runner is not None:
-            await http_runner.cleanup()
+        if http_server is not None:
+            await http_server.close()
         await server.stop(SHUTDOWN_GRACE_S)
         await source.close()
