@@ -29,7 +29,7 @@ from rocoin.logs import TextFormatter  # noqa: E402
 from rocoin.profiles.fleet import Fleet  # noqa: E402
 from rocoin.runtime.auth import token_metadata  # noqa: E402
 from rocoin.runtime.cluster import TOKEN_FILE, LocalCluster, rocoin_command, wait_serving  # noqa: E402
-from rocoin.runtime.device import start_device  # noqa: E402
+from rocoin.runtime.device import Emulation, start_device  # noqa: E402
 from rocoin.runtime.http_limits import HttpLimits  # noqa: E402
 from rocoin.runtime.keepalive import KEEPALIVE, Keepalive  # noqa: E402
 from rocoin.runtime.protocol import inference_pb2 as pb  # noqa: E402
@@ -200,6 +200,20 @@ def test_a_device_that_refuses_checked_queries_is_counted_and_logged_but_not_mar
     assert downs == 0
     warnings = [r for r in caplog.records if "refused a checked query" in r.getMessage()]
     assert len(warnings) == 1  # at most one per REFUSAL_LOG_INTERVAL_S
+
+
+def test_a_client_asking_for_impossible_deadlines_does_not_mark_devices_down(bundle):
+    async def main():
+        async with serving_stack(bundle) as stack:
+            for running in stack.devices.values():  # every answer takes 20 ms
+                running.worker.emulation, running.worker.target_s = Emulation(flops=1e6, rate_bps=1e12, outage=0.0), 0.02
+            tight = [await stack.source.infer(np.zeros((1, 1, 8, 8), dtype=np.uint8), deadline_s=0.001) for _ in range(5)]
+            normal = await stack.source.infer(np.zeros((1, 1, 8, 8), dtype=np.uint8))
+            return tight, normal, stack.marked_down(), stack.device_failures()
+
+    tight, normal, downs, failures = asyncio.run(main())
+    assert all(r.missing_groups == [0, 1] for r in tight)
+    assert normal.missing_groups == [] and downs == 0 and failures == 0
 
 
 def test_non_finite_logits_never_reach_a_client(bundle, monkeypatch):

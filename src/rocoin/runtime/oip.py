@@ -19,6 +19,8 @@ DATATYPES = {"UINT8": np.uint8, "FP32": np.float32}
 MAX_INPUT_RANK = 4
 #: Largest dimension accepted before the values are counted (the message size bounds the rest).
 MAX_DIMENSION = 2**31 - 1
+#: The largest finite FP32 value: larger JSON numbers would become infinite.
+FP32_MAX = float(np.finfo(np.float32).max)
 #: Most values one input may carry, checked before any copy (64 images of 3x224x224 are 9.6 M).
 MAX_INPUT_VALUES = 2**26
 
@@ -77,6 +79,8 @@ def images_from(name: Any, datatype: Any, shape: Any, values: np.ndarray, where:
         raise ProtocolError(400, f"{where}.data: empty tensor")
     if not np.isfinite(values).all():
         raise ProtocolError(400, f"{where}.data: contains NaN or Inf")
+    if datatype == "FP32" and np.abs(values).max() > FP32_MAX:
+        raise ProtocolError(400, f"{where}.data: values beyond FP32's range (+-{FP32_MAX:.4g})")
     if datatype == "UINT8" and (values.min() < 0 or values.max() > 255 or not np.array_equal(values, np.round(values))):
         raise ProtocolError(400, f"{where}.data: UINT8 values must be integers in 0..255")
     return np.asarray(values).reshape(shape).astype(DATATYPES[datatype])

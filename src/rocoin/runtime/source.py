@@ -26,7 +26,9 @@ answers the caller with :class:`RocoinError` (HTTP 400 / ``INVALID_ARGUMENT``). 
 still refuses a query as invalid (``INVALID_ARGUMENT``) is misconfigured, not down: its group
 misses that answer, the refusal is counted (``rocoin_device_refusals``) and logged, and it never
 counts towards marking the device down — else a client could knock every device out with three
-bad requests. A device answer with non-finite values is that device's failure; a head that
+bad requests. Likewise a deadline miss counts against a device only when the query had at least
+the source's own deadline (a client may ask for 1 ms; no device meets that, and none should be
+marked down for it). A device answer with non-finite values is that device's failure; a head that
 still produces non-finite logits is a :class:`ServingError`, never a non-JSON number for the
 client.
 """
@@ -137,10 +139,13 @@ class _Query:
     not, but its answer still fills an empty slot if it comes before the head runs.
     """
 
-    __slots__ = ("wire_id", "query_id", "batch", "started", "slots", "answered_by", "open_calls", "pending", "undecided", "done", "expired")
+    __slots__ = ("wire_id", "query_id", "batch", "started", "slots", "answered_by", "open_calls", "pending", "undecided", "done", "expired", "fair")
 
-    def __init__(self, wire_id: str, query_id: str, batch: int, num_groups: int, started: float, done: asyncio.Future) -> None:
+    def __init__(self, wire_id: str, query_id: str, batch: int, num_groups: int, started: float, done: asyncio.Future, fair: bool = True) -> None:
         self.wire_id = wire_id
+        #: the deadline is one a healthy device must meet (the source's own, or longer): a miss is
+        #: the device's failure; a client's shorter deadline is the client's choice, not evidence
+        self.fair = fair
         self.query_id = query_id
         self.batch = batch
         self.started = started
@@ -329,7 +334,7 @@ class Source:
         self._sent += 1
         wire_id = f"{query_id}#{self._sent:x}"
         loop = asyncio.get_running_loop()
-        query = _Query(wire_id, query_id, x.shape[0], self.num_groups, started, loop.create_future())
+        query = _Query(wire_id, query_id, x.shape[0], self.num_groups, started, loop.create_future(), fair=budget >= self.deadline_s)
         message = rocoin_pb2.DeviceInferRequest(query_id=wire_id, input=tensor_to_proto(x), timeout_s=budget).SerializeToString()
         for device in self.devices:
             if device.outbox is not None:  # up, or down with its stream open: on trial
@@ -381,7 +386,7 @@ class Source:
             if device.outbox is not None:
                 device.cancels.append(query.wire_id)
                 cancelled = True
-            if query.expired and query.slots[device.group] is None:
+            if query.expired and query.fair and query.slots[device.group] is None:
                 self._failed(device, "no answer by the deadline", query.query_id)  # may close its stream
         if cancelled and self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(CANCEL_FLUSH_S, self._flush_cancels)
