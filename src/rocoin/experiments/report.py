@@ -37,7 +37,9 @@ class ExperimentResult:
         write_text_atomic(paths["csv"], to_csv(self.rows))
         write_json_atomic(
             paths["json"],
-            {"name": self.name, "title": self.title, "caption": self.caption, "setup": setup, "elapsed_s": elapsed_s, "rows": self.rows, "findings": self.findings, **self.extra},
+            _nan_as_null(
+                {"name": self.name, "title": self.title, "caption": self.caption, "setup": setup, "elapsed_s": elapsed_s, "rows": self.rows, "findings": self.findings, **self.extra}
+            ),
         )
         self._write_png(paths["png"])
         write_text_atomic(paths["md"], self.markdown(elapsed_s))
@@ -104,3 +106,14 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
         writer.writeheader()
         writer.writerows(rows)
     return buffer.getvalue()
+
+
+def _nan_as_null(value: Any) -> Any:
+    """NaN (a setting where no fleet was feasible) as JSON null: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_as_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_as_null(v) for v in value]
+    return value

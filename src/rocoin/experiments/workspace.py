@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from rocoin.experiments.setup import ExperimentSetup
-from rocoin.fileio import atomic_path, load_document, write_json_atomic
+from rocoin.fileio import atomic_path, load_document, load_npy, write_json_atomic
 from rocoin.planning.plan import Plan
 from rocoin.profiles.catalog import Catalog, load_catalog, save_catalog
 from rocoin.profiles.fleet import Fleet, generate_fleet
@@ -130,7 +130,7 @@ class Workspace:
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, filter_graph(activity), allow_pickle=False)
-        return np.load(path, allow_pickle=False)
+        return load_npy(path)  # header checked before reading; never unpickles
 
     def catalog(self) -> Catalog:
         """The students measured (FLOPs with torch's counter, memory from the profiler)."""

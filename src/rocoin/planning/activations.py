@@ -7,19 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rocoin.errors import RocoinError
+from rocoin.fileio import load_npy
 from rocoin.planning.partition import check_activations
 
 
 def load_activations(path: str | os.PathLike[str]) -> np.ndarray:
-    """Load and validate ``ACT.npy`` (never unpickles: ``allow_pickle=False``)."""
+    """Load and validate ``ACT.npy`` (never unpickles; the header is checked first: ``load_npy``)."""
     path = Path(path)
-    try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise RocoinError(f"{path}: file not found") from None
-    except (ValueError, OSError, EOFError) as exc:
-        raise RocoinError(f"{path}: not a readable .npy array ({' '.join(str(exc).split())})") from None
-    if isinstance(array, np.lib.npyio.NpzFile):  # np.load of an .npz archive
-        raise RocoinError(f"{path}: expected a single .npy array (images × filters), got an .npz archive")
-    return check_activations(array, source=str(path))
+    return check_activations(load_npy(path), source=str(path))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -13,10 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rocoin import __version__
 from rocoin.errors import RocoinError
-from rocoin.fileio import load_validated, write_text_atomic
+from rocoin.fileio import dumps_json, load_validated, write_json_atomic
 from rocoin.planning.latency import device_latency_s
 from rocoin.profiles.catalog import StudentSpec
-from rocoin.profiles.fleet import Fleet
+from rocoin.profiles.fleet import MAX_INPUT_BITS, DeviceId, Fleet
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +29,11 @@ class GroupPlan(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    devices: list[str] = Field(min_length=1)
+    devices: list[DeviceId] = Field(min_length=1)
     filters: list[int] = Field(min_length=1)
     student: str = Field(min_length=1)
-    failure_prob: float = Field(ge=0.0, le=1.0, description="product of the members' outage")
-    latency_s: float = Field(gt=0, description="worst member's t(d, s, k)")
+    failure_prob: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, description="product of the members' outage")
+    latency_s: float = Field(gt=0, allow_inf_nan=False, description="worst member's t(d, s, k)")
 
 
 class UnassignedDevice(BaseModel):
@@ -42,7 +41,7 @@ class UnassignedDevice(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str
+    id: DeviceId
     reason: str
 
 
@@ -51,14 +50,16 @@ class Plan(BaseModel):
 
     scheme: Scheme
     objective: Objective = "paper"
-    epsilon: float = Field(gt=0.0, lt=1.0)
-    theta: float | None = Field(default=None, ge=0.0, description="grouping distance threshold used")
-    rho_min: float | None = Field(default=None, gt=0.0)
+    epsilon: float = Field(gt=0.0, lt=1.0, allow_inf_nan=False)
+    theta: float | None = Field(default=None, ge=0.0, allow_inf_nan=False, description="grouping distance threshold used")
+    rho_min: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     num_filters: int = Field(gt=0)
-    input_bits: int | None = Field(default=None, gt=0)
+    input_bits: int | None = Field(default=None, gt=0, le=MAX_INPUT_BITS)
     groups: list[GroupPlan] = Field(min_length=1)
-    latency_s: float = Field(gt=0, description="largest group latency (T)")
-    p_complete: float = Field(ge=0.0, le=1.0, description="P(every group answers) = prod(1 - failure_prob)")
+    latency_s: float = Field(gt=0, allow_inf_nan=False, description="largest group latency (T)")
+    p_complete: float = Field(
+        ge=0.0, le=1.0, allow_inf_nan=False, description="P(every group answers) = prod(1 - failure_prob)"
+    )
     catalog: dict[str, StudentSpec]
     unassigned: list[UnassignedDevice] = Field(default_factory=list)
     seed: int | None = None
@@ -79,7 +80,8 @@ class Plan(BaseModel):
                 raise ValueError(f"device {item.id!r} is listed twice (in a group or among the unassigned)")
             seen_devices.add(item.id)
         filters = sorted(f for g in self.groups for f in g.filters)
-        if filters != list(range(self.num_filters)):
+        # the length first: a huge num_filters must not build a huge range
+        if len(filters) != self.num_filters or filters != list(range(self.num_filters)):
             raise ValueError(
                 f"the groups' filters must cover 0..{self.num_filters - 1} exactly once"
                 f" (got {len(filters)} entries, {len(set(filters))} distinct)"
@@ -106,7 +108,7 @@ class Plan(BaseModel):
             raise RocoinError(f"plan: fleet device {extra[0]!r} is in no group of the plan ({len(extra)} in all); re-plan for this fleet")
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+        return dumps_json(self.model_dump(mode="json"), "plan")
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:
@@ -114,7 +116,7 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
-    write_text_atomic(path, plan.to_json())
+    write_json_atomic(path, plan.model_dump(mode="json"))  # the same text as to_json(); errors name the file
 
 
 @dataclass(frozen=True)

@@ -286,11 +286,12 @@ def _build_plan(
     arrays = arrays if arrays is not None else request.arrays
     names = request.students.names
     group_plans = []
-    for members, part, student in zip(groups, parts, students.tolist()):
+    for k, (members, part, student) in enumerate(zip(groups, parts, students.tolist())):
         spec = request.catalog[names[student]]
         latency = device_latency_s(
             arrays.flops[members], arrays.rate_bps[members], arrays.input_s[members], spec.flops, len(part)
         )
+        _check_finite(arrays, members, latency, k)
         group_plans.append(
             GroupPlan(
                 devices=[arrays.ids[i] for i in members],
@@ -316,6 +317,23 @@ def _build_plan(
         unassigned=list(request.unassigned) + list(extra_unassigned or []),
         seed=request.seed,
     )
+
+
+def _check_finite(arrays: FleetArrays, members: np.ndarray, latency: np.ndarray, group: int) -> None:
+    """Refuse a group whose latency or failure probability is not a finite number (or not a probability).
+
+    The fleet's validation keeps profiles in range; this is the second line of defence, for a
+    fleet built in code without validation (``model_copy``, ``model_construct``).
+    """
+    outage = arrays.outage[members]
+    bad = ~np.isfinite(latency) | ~np.isfinite(outage) | (outage < 0) | (outage > 1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise RocoinError(
+            f"device {arrays.ids[int(members[i])]!r} in group {group}: latency_s = {float(latency[i])!r}, outage = {float(outage[i])!r}:"
+            " not finite or out of range (expected a finite latency and an outage in [0, 1]); check its profile"
+            " (flops, rate_bps, downlink_bps, outage) and the fleet's input_bits"
+        )
 
 
 _SCHEME_FUNCTIONS: dict[str, Callable[[PlanRequest], Plan]] = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
 
 from rocoin.errors import RocoinError
-from rocoin.fileio import load_validated, write_text_atomic
+from rocoin.fileio import dumps_json, load_validated, write_json_atomic
 from rocoin.models.analytic import arch_stats
 
 #: Students of the built-in catalog: the paper's CIFAR-10/100 students and MobileNetV2 variants.
@@ -27,15 +26,24 @@ DEFAULT_STUDENTS = (
 )
 
 
+#: Upper bounds of a student's costs [decision]: far above any network an edge device could run
+#: (the built-in students need about 1e6..1e9 FLOPs and 1e5..1e7 parameters), low enough that
+#: every cost converts to a float and ``flops / device flops`` stays finite.
+MAX_STUDENT_FLOPS = 1e18
+MAX_STUDENT_MEMORY_BYTES = 2**50  # 1 PiB
+MAX_STUDENT_PARAMS = 2**50
+MAX_STUDENT_OUT_DIM = 2**20  # channels of the final feature map (the built-in ones have 64..1280)
+
+
 class StudentSpec(BaseModel):
     """Cost of one student architecture for one input shape."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    flops: float = Field(gt=0, allow_inf_nan=False, description="FLOPs per inference")
-    memory_bytes: int = Field(gt=0, description="weights + peak activations")
-    params: int = Field(gt=0, description="number of parameters")
-    out_dim: int = Field(gt=0, description="channels of the final feature map")
+    flops: float = Field(gt=0, le=MAX_STUDENT_FLOPS, allow_inf_nan=False, description="FLOPs per inference")
+    memory_bytes: int = Field(gt=0, le=MAX_STUDENT_MEMORY_BYTES, description="weights + peak activations")
+    params: int = Field(gt=0, le=MAX_STUDENT_PARAMS, description="number of parameters")
+    out_dim: int = Field(gt=0, le=MAX_STUDENT_OUT_DIM, description="channels of the final feature map")
 
 
 class Catalog(RootModel[dict[str, StudentSpec]]):
@@ -73,7 +81,7 @@ class Catalog(RootModel[dict[str, StudentSpec]]):
         return Catalog({n: self.root[n] for n in names})
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+        return dumps_json(self.model_dump(mode="json"), "catalog")
 
     def arrays(self) -> CatalogArrays:
         specs = list(self.root.values())
@@ -149,4 +157,4 @@ def load_catalog(path: str | os.PathLike[str]) -> Catalog:
 
 
 def save_catalog(catalog: Catalog, path: str | os.PathLike[str]) -> None:
-    write_text_atomic(path, catalog.to_json())
+    write_json_atomic(path, catalog.model_dump(mode="json"))  # the same text as to_json(); errors name the file

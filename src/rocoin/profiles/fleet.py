@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rocoin.errors import RocoinError
 from rocoin.fileio import load_validated, write_text_atomic
@@ -24,6 +25,50 @@ CENTER_RATE_BPS = 300e3
 #: Memory [decision: the paper gives none]: log-uniform around 4 MiB, wider with heterogeneity.
 CENTER_MEMORY_BYTES = 4 * 1024 * 1024
 MEMORY_SPREAD_PER_LEVEL = 0.5
+
+#: Bounds of the numbers of a device profile [decision]: wide enough for any real edge device (or
+#: a datacentre accelerator standing in for one), narrow enough that every profile number converts
+#: to a float and no latency ``c/f + 32·|P|/r + input_bits/b`` or outage can overflow to inf or
+#: NaN (the largest term is 2**40 bits at 1 bit/s, about 1.1e12 s).
+MIN_FLOPS = 1.0  # 1 FLOP/s: slower than any real device
+MAX_FLOPS = 1e18  # 1 EFLOP/s: a whole exascale supercomputer
+MIN_RATE_BPS = 1.0  # 1 bit/s, uplink (rate_bps) and downlink (downlink_bps)
+MAX_RATE_BPS = 1e12  # 1 Tbit/s: above any single network link (800 GbE)
+MIN_MEMORY_BYTES = 1
+MAX_MEMORY_BYTES = 2**50  # 1 PiB
+MIN_BANDWIDTH_HZ = 1.0
+MAX_BANDWIDTH_HZ = 1e12  # 1 THz: above any radio channel
+MIN_SNR_DB = -100.0  # linear SNR 1e-10: the device never delivers (refused as outage 1 anyway)
+MAX_SNR_DB = 100.0  # linear SNR 1e10: beyond any real link budget
+MIN_INPUT_BITS = 1
+MAX_INPUT_BITS = 2**40  # 128 GiB for one broadcast input (an image is a few Mbit)
+
+#: Longest device id [decision]: ids go into logs, metrics and error lines; hostnames stop at 63
+#: characters per label, UUIDs take 36.
+MAX_DEVICE_ID_LENGTH = 128
+#: Unicode categories refused anywhere in a device id, with their names for the error: control
+#: characters (Cc: \n, \r, ESC, DEL, C1 ...), lone surrogates (Cs, not encodable) and line or
+#: paragraph separators (Zl, Zp); any of them would break or forge a log or error line.
+FORBIDDEN_ID_CATEGORIES = {"Cc": "control character", "Cs": "lone surrogate", "Zl": "line separator", "Zp": "paragraph separator"}
+
+
+def check_device_id(value: str) -> str:
+    """A device id: 1..MAX_DEVICE_ID_LENGTH characters, printable, no surrounding whitespace."""
+    if not value:
+        raise ValueError("expected a non-empty device id")
+    if len(value) > MAX_DEVICE_ID_LENGTH:
+        raise ValueError(f"{len(value)} characters: expected a device id of at most {MAX_DEVICE_ID_LENGTH}")
+    for position, char in enumerate(value):
+        kind = FORBIDDEN_ID_CATEGORIES.get(unicodedata.category(char))
+        if kind is not None:
+            raise ValueError(f"{kind} {char!r} at position {position}: expected a device id without control characters")
+    if value != value.strip():
+        raise ValueError("leading or trailing whitespace: expected a device id without it")
+    return value
+
+
+#: The type of every device id read from a file (fleet, plan, bundle manifest).
+DeviceId = Annotated[str, AfterValidator(check_device_id)]
 
 
 def rayleigh_outage(rate_bps: float, bandwidth_hz: float, snr_db: float) -> float:
@@ -40,17 +85,19 @@ class DeviceProfile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(min_length=1, description="unique device id")
-    flops: float = Field(gt=0, allow_inf_nan=False, description="FLOP/s given to inference")
-    memory_bytes: int = Field(gt=0, description="memory for the student: weights + activations")
-    rate_bps: float = Field(gt=0, allow_inf_nan=False, description="uplink rate to the source")
+    id: DeviceId = Field(description="unique device id")
+    flops: float = Field(ge=MIN_FLOPS, le=MAX_FLOPS, allow_inf_nan=False, description="FLOP/s given to inference")
+    memory_bytes: int = Field(
+        ge=MIN_MEMORY_BYTES, le=MAX_MEMORY_BYTES, description="memory for the student: weights + activations"
+    )
+    rate_bps: float = Field(ge=MIN_RATE_BPS, le=MAX_RATE_BPS, allow_inf_nan=False, description="uplink rate to the source")
     outage: float | None = Field(
         default=None, ge=0.0, lt=1.0, allow_inf_nan=False,
         description="P(output does not reach the source in time)",
     )
-    snr_db: float | None = Field(default=None, allow_inf_nan=False)
-    bandwidth_hz: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    downlink_bps: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    snr_db: float | None = Field(default=None, ge=MIN_SNR_DB, le=MAX_SNR_DB, allow_inf_nan=False)
+    bandwidth_hz: float | None = Field(default=None, ge=MIN_BANDWIDTH_HZ, le=MAX_BANDWIDTH_HZ, allow_inf_nan=False)
+    downlink_bps: float | None = Field(default=None, ge=MIN_RATE_BPS, le=MAX_RATE_BPS, allow_inf_nan=False)
     address: str | None = Field(default=None, description="host:port of the device worker")
 
     @field_validator("address")
@@ -78,9 +125,14 @@ class DeviceProfile(BaseModel):
                 raise ValueError("outage is required (or give snr_db and bandwidth_hz)")
             try:
                 rate, bw, snr = float(data["rate_bps"]), float(data["bandwidth_hz"]), float(data["snr_db"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):
                 return data  # the field validators report the bad field
-            if rate > 0 and bw > 0 and math.isfinite(snr):
+            in_range = (
+                MIN_RATE_BPS <= rate <= MAX_RATE_BPS
+                and MIN_BANDWIDTH_HZ <= bw <= MAX_BANDWIDTH_HZ
+                and MIN_SNR_DB <= snr <= MAX_SNR_DB
+            )
+            if in_range:  # else the field validators report the value out of range
                 p = rayleigh_outage(rate, bw, snr)
                 if p >= 1.0:
                     raise ValueError(
@@ -97,7 +149,9 @@ class Fleet(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     devices: list[DeviceProfile] = Field(min_length=1)
-    input_bits: int | None = Field(default=None, gt=0, description="size of one broadcast input")
+    input_bits: int | None = Field(
+        default=None, ge=MIN_INPUT_BITS, le=MAX_INPUT_BITS, description="size of one broadcast input"
+    )
 
     @field_validator("devices")
     @classmethod

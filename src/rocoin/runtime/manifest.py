@@ -8,19 +8,34 @@ runs: F-vector -> logits) and this manifest with the SHA-256 of every file.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rocoin.errors import RocoinError
 from rocoin.fileio import load_validated
 from rocoin.planning.plan import Plan
+from rocoin.profiles.fleet import DeviceId
 
 MANIFEST_NAME = "manifest.json"
 BUNDLE_FORMAT = "rocoin-bundle/1"
 HASH_CHUNK_BYTES = 1 << 20
+#: Smallest normalisation std [decision]: the input is divided by it; real datasets have std
+#: around 0.1..0.5 (on pixels scaled to [0, 1]), and below 1e-6 one pixel step becomes > 1e4.
+MIN_NORMALIZATION_STD = 1e-6
+#: Largest dimension of a model input or output [decision]: images up to 2**20 pixels a side,
+#: partitions and class lists up to 2**20 entries, far above any rocoin student.
+MAX_TENSOR_DIM = 2**20
+#: Most dimensions of a tensor (without the batch) [decision]: rocoin's have 1 (features) or 3 (C×H×W).
+MAX_TENSOR_RANK = 8
+#: Most values of one tensor (one batch item) [decision]: 2**28 float32 take 1 GiB; a 3×4096×4096
+#: image has about 5e7.
+MAX_TENSOR_ELEMENTS = 2**28
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class TensorSpec(BaseModel):
@@ -29,8 +44,17 @@ class TensorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1)
-    shape: list[int] = Field(description="shape without the batch dimension")
+    shape: list[Annotated[int, Field(ge=1, le=MAX_TENSOR_DIM)]] = Field(
+        min_length=1, max_length=MAX_TENSOR_RANK, description="shape without the batch dimension"
+    )
     dtype: Literal["float32"] = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _not_too_many_values(cls, shape: list[int]) -> list[int]:
+        if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+            raise ValueError(f"{shape} holds {math.prod(shape)} values: expected at most {MAX_TENSOR_ELEMENTS} per batch item")
+        return shape
 
 
 class ModelFile(BaseModel):
@@ -48,15 +72,23 @@ class GroupModel(ModelFile):
 
     group: int = Field(ge=0)
     student: str
-    devices: list[str] = Field(min_length=1)
+    devices: list[DeviceId] = Field(min_length=1)
     filters: list[int] = Field(min_length=1)
 
 
 class Normalization(BaseModel):
+    """Per-channel ``(x - mean) / std`` of the input; one mean and one std per input channel."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mean: list[float]
-    std: list[float]
+    mean: list[FiniteFloat] = Field(min_length=1)
+    std: list[Annotated[float, Field(gt=MIN_NORMALIZATION_STD, allow_inf_nan=False)]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Normalization:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"len(mean) = {len(self.mean)} but len(std) = {len(self.std)}: expected one mean and one std per input channel")
+        return self
 
 
 class Manifest(BaseModel):
@@ -77,6 +109,21 @@ class Manifest(BaseModel):
     def _check(self) -> Manifest:
         if [g.group for g in self.groups] != list(range(len(self.plan.groups))):
             raise ValueError("groups must list one model per plan group, in plan order")
+        first = self.groups[0].input
+        for k, model in enumerate(self.groups[1:], start=1):
+            if model.input != first:
+                raise ValueError(
+                    f"groups[{k}].input = {_spec_text(model.input)} differs from groups[0].input = {_spec_text(first)}:"
+                    " expected every group model to take the same input"
+                )
+        channels = first.shape[0]
+        for name in ("mean", "std"):
+            values = getattr(self.normalization, name)
+            if len(values) != channels:
+                raise ValueError(
+                    f"normalization.{name} = {_short(values)}: {len(values)} values for an input of {channels} channel{'s' if channels != 1 else ''}"
+                    f" (groups[0].input.shape = {first.shape}): expected one per channel"
+                )
         for model, group in zip(self.groups, self.plan.groups):
             if model.devices != group.devices or model.filters != group.filters or model.student != group.student:
                 raise ValueError(f"group {model.group} does not match the plan's group")
@@ -98,6 +145,15 @@ class Manifest(BaseModel):
                 return model
         known = ", ".join(d for g in self.groups for d in g.devices)
         raise RocoinError(f"device-id = {device_id!r}: not a device of this bundle's plan (expected one of {known})")
+
+
+def _spec_text(spec: TensorSpec) -> str:
+    return f"{spec.name!r} {spec.dtype} {_short(spec.shape)}"
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
