@@ -65,6 +65,15 @@ json_values = st.recursive(json_leaves, lambda inner: st.lists(inner, max_size=6
 shapes = st.lists(st.one_of(st.integers(min_value=-3, max_value=70), st.integers(min_value=-(2**70), max_value=2**70)), max_size=12)
 
 
+@st.composite
+def damaged(draw, message: bytes) -> bytes:
+    """``message`` truncated, or with a few random bytes inserted or written over."""
+    at = draw(st.integers(min_value=0, max_value=len(message)))
+    how = draw(st.sampled_from(["truncate", "insert", "replace"]))
+    junk = draw(st.binary(min_size=1, max_size=4))
+    return message[:at] if how == "truncate" else message[:at] + junk + message[at + (len(junk) if how == "replace" else 0) :]
+
+
 def valid_rest_body(batch: int = 1) -> dict:
     data = np.random.default_rng(batch).integers(0, 256, size=(batch, 1, 8, 8)).ravel().tolist()
     return {"id": "fuzz", "inputs": [{"name": "input", "shape": [batch, 1, 8, 8], "datatype": "UINT8", "data": data}], "parameters": {}}
@@ -103,12 +112,7 @@ def rest_bodies(draw) -> bytes:
         depth = draw(st.integers(min_value=2, max_value=6000))
         return b'{"inputs": [{"name": "input", "shape": [1], "datatype": "UINT8", "data": ' + b"[" * depth + b"0" + b"]" * depth + b"}]}"
     raw = json.dumps(body).encode()
-    if kind == "bytes":
-        at = draw(st.integers(min_value=0, max_value=len(raw)))
-        how = draw(st.sampled_from(["truncate", "insert", "replace"]))
-        junk = draw(st.binary(min_size=1, max_size=4))
-        raw = raw[:at] if how == "truncate" else raw[:at] + junk + raw[at + (len(junk) if how == "replace" else 0) :]
-    return raw
+    return draw(damaged(raw)) if kind == "bytes" else raw
 
 
 def _no_constants(name: str):
@@ -138,8 +142,8 @@ def assert_rest_property(status: int, answer: Any) -> None:
 def assert_still_serving(stack: Stack) -> None:
     """The server answers a valid query with every group, and no device was marked down."""
     status, answer = rest_post(stack.http_address, json.dumps(valid_rest_body()).encode())
-    assert status == 200 and answer["parameters"]["missing_groups"] == 0
-    assert stack.marked_down() == 0 and stack.device_failures() == 0
+    assert status == 200 and answer["parameters"]["missing_groups"] == 0, answer
+    assert stack.marked_down() == 0 and stack.device_failures() == 0, stack.source.status()
 
 
 # ----------------------------------------------------------------------------- REST
@@ -159,14 +163,6 @@ def test_the_rest_infer_endpoint_under_fuzzing(stack):
 
 utf8_text = st.text(max_size=30).filter(lambda t: not any(0xD800 <= ord(c) <= 0xDFFF for c in t))
 protobuf_floats = st.floats(width=32) | st.sampled_from([3e38, 1e36, -1.0, 0.5, 256.0])
-
-
-@st.composite
-def damaged(draw, message: bytes) -> bytes:
-    at = draw(st.integers(min_value=0, max_value=len(message)))
-    how = draw(st.sampled_from(["truncate", "insert", "replace"]))
-    junk = draw(st.binary(min_size=1, max_size=4))
-    return message[:at] if how == "truncate" else message[:at] + junk + message[at + (len(junk) if how == "replace" else 0) :]
 
 
 def valid_model_infer() -> pb.ModelInferRequest:

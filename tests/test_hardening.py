@@ -35,7 +35,7 @@ from rocoin.runtime.keepalive import KEEPALIVE, Keepalive  # noqa: E402
 from rocoin.runtime.protocol import inference_pb2 as pb  # noqa: E402
 from rocoin.runtime.protocol import inference_pb2_grpc, rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
 from rocoin.runtime.serde import tensor_to_proto  # noqa: E402
-from rocoin.runtime.source import Source  # noqa: E402
+from rocoin.runtime.source import Source, _Query  # noqa: E402
 from serving import DEVICE_TOKEN, serving_stack  # noqa: E402
 from test_device import make_bundle  # noqa: E402
 
@@ -214,6 +214,26 @@ def test_a_client_asking_for_impossible_deadlines_does_not_mark_devices_down(bun
     tight, normal, downs, failures = asyncio.run(main())
     assert all(r.missing_groups == [0, 1] for r in tight)
     assert normal.missing_groups == [] and downs == 0 and failures == 0
+
+
+def test_a_device_out_of_time_for_a_client_s_short_deadline_is_not_failed_but_is_for_the_source_s(bundle):
+    """A device answers DEADLINE_EXCEEDED when a query waited past its time for a free slot: the
+    device's fault only if the query had the source's own deadline."""
+
+    async def main():
+        async with serving_stack(bundle) as stack:
+            source, device = stack.source, next(d for d in stack.source.devices if d.device_id == "a")
+            outcomes = []
+            for budget in (0.01, source.deadline_s):
+                query = _Query(f"q{budget}", "q", 1, source.num_groups, 0.0, asyncio.get_running_loop().create_future(), fair=budget >= source.deadline_s)
+                device.waiting[query.wire_id] = (query, True)
+                query.open_calls[device.group] += 1
+                late = rocoin_pb2.DeviceInferResponse(query_id=query.wire_id, device_id="a", error_code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], error="no slot in time")
+                source._answer(device, late)
+                outcomes.append(device.failures)
+            return outcomes
+
+    assert asyncio.run(main()) == [0, 1]
 
 
 def test_non_finite_logits_never_reach_a_client(bundle, monkeypatch):

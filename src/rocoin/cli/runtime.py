@@ -282,6 +282,7 @@ def cluster_up(
         table.add_row(member.name, member.address, str(member.pid))
     out.print(table)
     out.print(f"query it: rocoin infer --source {state.source.address} --count 100; stop it: rocoin cluster down --state-dir {state_dir}")
+    out.print(f"the devices' token is in {cluster.token_file} (mode 0600): restart a worker with rocoin device serve ... --token-file {cluster.token_file}")
 
 
 @cluster_app.command("down")

@@ -72,7 +72,6 @@ import asyncio
 import enum
 import json
 import logging
-import math
 import secrets
 import sys
 from http import HTTPStatus

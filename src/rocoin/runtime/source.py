@@ -410,6 +410,9 @@ class Source:
             self._refused(device, reply.error, query)
             query.call_failed(device.group, counted)
             return
+        if reply.error_code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and not query.fair:
+            query.call_failed(device.group, counted)  # it had no free slot within the client's short deadline
+            return
         try:
             if reply.error_code:
                 raise ValueError(f"{_code_name(reply.error_code)}: {reply.error[:300]}")
