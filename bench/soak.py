@@ -8,7 +8,8 @@ kills, for a stated duration. It reports what an operator would watch:
   has another replica, so nothing should be missing either);
 * bad requests — by status; any 5xx is a finding;
 * false mark-downs — times the source marked a device down that was not killed;
-* open sockets of the source process — before, at the peak of the slow/idle socket flood, after.
+* open sockets of the source process — before, at the peak of the slow/idle socket flood, after;
+* the logs — bytes the source's log grew per bad request, and tracebacks in any log (none).
 
 Run (any bundle and the fleet it was planned for, e.g. the demo's)::
 
@@ -85,7 +86,7 @@ class Soak:
         self.phase = "warm-up"
         self.down: set[str] = set()
         self.killed: Counter = Counter()
-        self.sockets = {"start": source_sockets(cluster.state.source.pid), "peak": 0}
+        self.sockets = {"start": 0, "peak": 0}  # "start": after the warm-up (the clients' pooled connections open)
         self.rng = random.Random(args.seed)
 
     async def query(self, session: aiohttp.ClientSession) -> None:
@@ -181,6 +182,7 @@ class Soak:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             for _ in range(self.args.warm_up):
                 await self.query(session)
+            self.sockets["start"] = source_sockets(self.cluster.state.source.pid)
             started, number = time.monotonic(), 0
             while number < self.args.cycles or time.monotonic() - started < self.args.duration_s:
                 number += 1
@@ -189,6 +191,11 @@ class Soak:
             async with session.get(self.url + "/metrics") as response:
                 self.metrics = await response.text()
         self.sockets["end"] = source_sockets(self.cluster.state.source.pid)
+        logs = [Path(m.log) for m in [*self.cluster.state.devices, self.cluster.state.source]]
+        self.logs = {
+            "source_bytes": Path(self.cluster.state.source.log).stat().st_size,
+            "tracebacks": sum(path.read_text(errors="replace").count("Traceback") for path in logs),
+        }
 
     def report(self) -> dict:
         valid = self.valid
@@ -214,6 +221,8 @@ class Soak:
             "false_mark_downs": false_downs,
             "device_refusals": sum(metric(self.metrics, "rocoin_device_refusals_total").values()),
             "source_sockets": self.sockets,
+            "source_log_bytes_per_bad_request": round(self.logs["source_bytes"] / max(1, sum(self.bad.values())), 1),
+            "log_tracebacks": self.logs["tracebacks"],
         }
 
 
