@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import device, small_catalog
 from rocoin import fileio
+from rocoin.logs import short_repr
 from rocoin.cli.main import app
 from rocoin.errors import RocoinError
 from rocoin.fileio import load_document, validate, write_json_atomic
@@ -220,7 +221,7 @@ def test_a_plan_file_with_infinity_is_refused(tmp_path, two_tier_fleet):
     ],
 )
 def test_absurd_profile_values_are_refused(field, value):
-    assert fleet_error([{**GOOD, field: value}]).startswith(f"fleet.yaml: devices[0].{field} = {fileio._short_repr(value)}")
+    assert fleet_error([{**GOOD, field: value}]).startswith(f"fleet.yaml: devices[0].{field} = {short_repr(value)}")
 
 
 @pytest.mark.parametrize(

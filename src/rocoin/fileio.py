@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from rocoin.errors import RocoinError
+from rocoin.logs import short_repr
 
 #: Largest YAML/JSON document read, checked with stat before reading and again while reading
 #: [decision]: rocoin's biggest documents (a fleet or plan of 10^5 devices) take a few MiB.
@@ -52,7 +53,7 @@ class _DuplicateKey(Exception):
 
     def describe(self) -> str:
         where = f" on line {self.line} (first on line {self.first_line})" if self.line else ""
-        return f"duplicate key {_short_repr(self.key)}{where}: expected each key once per mapping"
+        return f"duplicate key {short_repr(self.key)}{where}: expected each key once per mapping"
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -245,7 +246,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     elif isinstance(first.get("input"), (dict, list)):
         text = f"{where}: {msg}"
     else:
-        text = f"{where} = {_short_repr(first.get('input'))}: {msg}"
+        text = f"{where} = {short_repr(first.get('input'))}: {msg}"
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return text
@@ -259,11 +260,6 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out
-
-
-def _short_repr(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def validate(model: type[BaseModel], data: Any, source: str) -> Any:

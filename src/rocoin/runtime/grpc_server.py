@@ -51,6 +51,13 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
+async def refuse(context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, message: str) -> None:
+    """End the call with ``code`` and a one-line ``message``, logged as one line (no traceback)."""
+    message = one_line(message)
+    logger.info("gRPC %s refused (%s): %s", method, code.name, message)
+    await context.abort(code, message)
+
+
 class MalformedRequests(grpc.aio.ServerInterceptor):
     """Answer requests that do not parse with ``INVALID_ARGUMENT`` (one line), never ``UNKNOWN``."""
 
@@ -70,8 +77,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
 
         async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, Malformed):
-                logger.info("gRPC %s refused: %s", method, request.message(method))
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message(method))
+                await refuse(context, method, grpc.StatusCode.INVALID_ARGUMENT, request.message(method))
             return await behaviour(request, context)
 
         if handler.response_streaming:

@@ -10,30 +10,20 @@ one log line without a traceback; only a bug on our side is ``INTERNAL`` with a 
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import grpc
 
 from rocoin.errors import RocoinError, ServingError
-from rocoin.logs import one_line
+from rocoin.runtime.grpc_server import refuse
 from rocoin.runtime.oip import MAX_INPUT_VALUES, MODEL_NAME, MODEL_VERSION, ProtocolError, check_model, check_shape, images_from, model_metadata, server_metadata
 from rocoin.runtime.protocol import inference_pb2 as pb
 from rocoin.runtime.protocol import inference_pb2_grpc
 from rocoin.runtime.source import Source
 
-logger = logging.getLogger(__name__)
-
 _STATUS_TO_CODE = {404: grpc.StatusCode.NOT_FOUND, 401: grpc.StatusCode.UNAUTHENTICATED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}
 #: The KServe probes, open without the API token like the REST API's /v2/health/*.
 HEALTH_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
 
-
-async def refuse(context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, message: str) -> None:
-    """End the call with ``code`` and a one-line ``message``, logged as one line."""
-    message = one_line(message)
-    logger.info("gRPC %s refused (%s): %s", method, code.name, message)
-    await context.abort(code, message)
 _LITTLE_ENDIAN = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
 
 

@@ -21,7 +21,7 @@ from rocoin.errors import RocoinError, ServingError
 from rocoin.fileio import write_json_atomic
 from rocoin.runtime import kserve_grpc
 from rocoin.runtime.auth import OPEN_METHOD_PREFIXES
-from rocoin.runtime.grpc_server import create_server
+from rocoin.runtime.grpc_server import create_server, refuse
 from rocoin.runtime.lifecycle import stop_on_signals
 from rocoin.runtime.tls import ServerTLS
 from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc
@@ -52,9 +52,9 @@ class SourceService(rocoin_pb2_grpc.SourceServicer):
             deadline = request.deadline_s if request.deadline_s != 0 else None  # 0 (unset): the source's
             result = await self.source.infer(images, deadline_s=deadline, query_id=request.query_id or None)
         except (ValueError, RocoinError) as exc:
-            await kserve_grpc.refuse(context, "Infer", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await refuse(context, "Infer", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ServingError as exc:
-            await kserve_grpc.refuse(context, "Infer", grpc.StatusCode.INTERNAL, str(exc))
+            await refuse(context, "Infer", grpc.StatusCode.INTERNAL, str(exc))
         return rocoin_pb2.SourceInferResponse(
             query_id=result.query_id,
             logits=tensor_to_proto(result.logits.astype("float32")),
