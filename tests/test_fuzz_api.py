@@ -244,28 +244,30 @@ def assert_grpc_property(code, details) -> None:
     assert code in CLIENT_CODES and details and "\n" not in details, (code, details)
 
 
-def test_kserve_model_infer_under_fuzzing(stack):
+def _model_infer_logits(reply: bytes) -> np.ndarray:
+    return np.frombuffer(pb.ModelInferResponse.FromString(reply).raw_output_contents[0], dtype="<f4")
+
+
+def _source_infer_logits(reply: bytes) -> np.ndarray:
+    return np.frombuffer(rocoin_pb2.SourceInferResponse.FromString(reply).logits.data, dtype="<f4")
+
+
+@pytest.mark.parametrize(
+    "method, requests, logits",
+    [
+        ("/inference.GRPCInferenceService/ModelInfer", model_infer_requests, _model_infer_logits),
+        ("/rocoin.v1.Source/Infer", source_infer_requests, _source_infer_logits),
+    ],
+    ids=["kserve ModelInfer", "Source Infer"],
+)
+def test_the_source_grpc_apis_under_fuzzing(stack, method, requests, logits):
     @fuzz(GRPC_EXAMPLES)
-    @given(raw=model_infer_requests())
+    @given(raw=requests())
     def one(raw):
-        code, reply = grpc_call(stack.grpc_address, "/inference.GRPCInferenceService/ModelInfer", raw)
+        code, reply = grpc_call(stack.grpc_address, method, raw)
         assert_grpc_property(code, reply)
         if code == grpc.StatusCode.OK:
-            answer = pb.ModelInferResponse.FromString(reply)
-            assert np.isfinite(np.frombuffer(answer.raw_output_contents[0], dtype="<f4")).all()
-
-    one()
-    assert_still_serving(stack)
-
-
-def test_the_source_infer_rpc_under_fuzzing(stack):
-    @fuzz(GRPC_EXAMPLES)
-    @given(raw=source_infer_requests())
-    def one(raw):
-        code, reply = grpc_call(stack.grpc_address, "/rocoin.v1.Source/Infer", raw)
-        assert_grpc_property(code, reply)
-        if code == grpc.StatusCode.OK:
-            assert np.isfinite(np.frombuffer(rocoin_pb2.SourceInferResponse.FromString(reply).logits.data, dtype="<f4")).all()
+            assert np.isfinite(logits(reply)).all()
 
     one()
     assert_still_serving(stack)

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from rocoin.errors import RocoinError
-from rocoin.logs import short_repr
+from rocoin.logs import one_line, short_repr
 
 #: Largest YAML/JSON document read, checked with stat before reading and again while reading
 #: [decision]: rocoin's biggest documents (a fleet or plan of 10^5 devices) take a few MiB.
@@ -368,14 +368,14 @@ def _read_npy(handle: Any, path: Path, size: int) -> np.ndarray:
     try:
         version = np.lib.format.read_magic(handle)
     except (ValueError, EOFError) as exc:
-        raise RocoinError(f"{unreadable} ({' '.join(str(exc).split())})") from None
+        raise RocoinError(f"{unreadable} ({one_line(str(exc))})") from None
     if version not in NPY_VERSIONS:
         raise RocoinError(f"{path}: .npy format version {version[0]}.{version[1]}: expected 1.0 or 2.0")
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     try:
         shape, _, dtype = read_header(handle)
     except (ValueError, EOFError, SyntaxError, TypeError) as exc:
-        raise RocoinError(f"{unreadable} ({' '.join(str(exc).split())})") from None
+        raise RocoinError(f"{unreadable} ({one_line(str(exc))})") from None
     if dtype.hasobject:
         raise RocoinError(f"{path}: dtype {dtype}: expected numbers (object arrays would need unpickling, which is never done)")
     if any(d < 0 for d in shape):
@@ -397,4 +397,4 @@ def _read_npy(handle: Any, path: Path, size: int) -> np.ndarray:
     try:
         return np.lib.format.read_array(handle, allow_pickle=False)
     except (ValueError, EOFError) as exc:
-        raise RocoinError(f"{unreadable} ({' '.join(str(exc).split())})") from None
+        raise RocoinError(f"{unreadable} ({one_line(str(exc))})") from None
