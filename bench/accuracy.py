@@ -21,11 +21,13 @@ from rocoin.distillation.distill import DistillConfig, distill
 from rocoin.distillation.evaluate import evaluate_students, evaluate_teacher
 from rocoin.distillation.teacher import TeacherConfig, train_teacher
 from rocoin.distillation.training import DataConfig
-from rocoin.fileio import write_json_atomic, write_text_atomic
+from rocoin.contracts.fileio import write_json_atomic, write_text_atomic
 from rocoin.models.measure import measure_catalog
-from rocoin.planning import filter_graph, load_plan, make_plan, save_plan
-from rocoin.profiles.catalog import load_catalog, save_catalog
-from rocoin.profiles.fleet import generate_fleet, load_fleet, save_fleet
+from rocoin.planning import filter_graph, make_plan
+from rocoin.contracts.plan import load_plan, save_plan
+from rocoin.contracts.catalog import load_catalog, save_catalog
+from rocoin.contracts.fleet import load_fleet, save_fleet
+from rocoin.profiles.generate import generate_fleet
 
 logger = logging.getLogger("bench.accuracy")
 

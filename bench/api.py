@@ -14,10 +14,10 @@ import tempfile
 from pathlib import Path
 
 from rocoin.data import load_dataset
-from rocoin.profiles.fleet import load_fleet
-from rocoin.runtime.client import run_queries, run_queries_http
-from rocoin.runtime.cluster import LocalCluster
-from rocoin.runtime.manifest import load_manifest
+from rocoin.contracts.fleet import load_fleet
+from rocoin.runtime.api.client import run_queries, run_queries_http
+from rocoin.runtime.cluster.local import LocalCluster
+from rocoin.contracts.manifest import load_manifest
 
 CONCURRENCY = (1, 8, 32)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from rocoin.runtime.protocol import rocoin_pb2
-from rocoin.runtime.serde import tensor_to_proto
+from rocoin.runtime.transport.protocol import rocoin_pb2
+from rocoin.runtime.transport.serde import tensor_to_proto
 
 SERVICE = "bench.Echo"
 WARMUP = 200

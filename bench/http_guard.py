@@ -1,5 +1,5 @@
 """What the REST connection guard costs per request: the same tiny aiohttp app served plainly
-(``web.TCPSite``) and through :func:`rocoin.runtime.http_guard.serve_app`, sequential keep-alive
+(``web.TCPSite``) and through :func:`rocoin.runtime.api.http_guard.serve_app`, sequential keep-alive
 POSTs of a 784-value JSON body from one client in the same process, three rounds.
 
 Run: ``.venv/bin/python bench/http_guard.py [--requests 3000]``
@@ -15,8 +15,8 @@ import time
 import aiohttp
 from aiohttp import web
 
-from rocoin.runtime.http_guard import serve_app
-from rocoin.runtime.http_limits import HttpLimits
+from rocoin.runtime.api.http_guard import serve_app
+from rocoin.runtime.api.http_limits import HttpLimits
 
 WARM_UP = 200
 

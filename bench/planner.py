@@ -19,8 +19,8 @@ import logging
 import numpy as np
 
 from rocoin.planning import filter_graph, make_plan, synthetic_activations
-from rocoin.profiles.catalog import default_catalog
-from rocoin.profiles.fleet import generate_fleet
+from rocoin.profiles.generate import default_catalog
+from rocoin.profiles.generate import generate_fleet
 from rocoin.simulation import simulate
 
 SCHEMES = ("rocoin", "rocoin-g", "nonn", "hetnonn")

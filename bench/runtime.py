@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rocoin.profiles.fleet import Fleet, load_fleet
-from rocoin.runtime.client import run_queries
-from rocoin.runtime.cluster import LocalCluster
-from rocoin.runtime.manifest import load_manifest
+from rocoin.contracts.fleet import Fleet, load_fleet
+from rocoin.runtime.api.client import run_queries
+from rocoin.runtime.cluster.local import LocalCluster
+from rocoin.contracts.manifest import load_manifest
 from rocoin.simulation import simulate
 
 CONCURRENCY = (1, 8, 32)

@@ -43,10 +43,10 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from rocoin.fileio import write_json_atomic
-from rocoin.profiles.fleet import load_fleet
-from rocoin.runtime.cluster import LocalCluster
-from rocoin.runtime.manifest import load_manifest
+from rocoin.contracts.fileio import write_json_atomic
+from rocoin.contracts.fleet import load_fleet
+from rocoin.runtime.cluster.local import LocalCluster
+from rocoin.contracts.manifest import load_manifest
 
 INFER = "/v2/models/rocoin/infer"
 #: Bad requests sent round-robin by the bad client: each must get a one-line 4xx.

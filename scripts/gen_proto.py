@@ -5,7 +5,7 @@
     python scripts/gen_proto.py --check   # exit 1 when the committed modules differ from a fresh run
 
 The proto is compiled with ``-I src`` so the generated gRPC module imports
-``from rocoin.runtime.protocol import rocoin_pb2`` (an absolute, installable import).
+``from rocoin.runtime.transport.protocol import rocoin_pb2`` (an absolute, installable import).
 
 The generated files record the generator's versions (``# Protobuf Python Version: ...``,
 ``GRPC_GENERATED_VERSION``, the runtime version check); ``--check`` ignores those lines, so a
@@ -25,12 +25,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
-OUT_DIR = Path("rocoin/runtime/protocol")  # relative to SRC, the include root
+OUT_DIR = Path("rocoin/runtime/transport/protocol")  # relative to SRC, the include root
 #: rocoin's own protocol, and the Open Inference Protocol (KServe v2) the source serves to clients.
 PROTOS = (OUT_DIR / "rocoin.proto", OUT_DIR / "inference.proto")
 PROTO = PROTOS[0]
 GENERATED = tuple(f"{p.stem}{suffix}" for p in PROTOS for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
-EXPECTED_IMPORTS = tuple(f"from rocoin.runtime.protocol import {p.stem}_pb2" for p in PROTOS)
+EXPECTED_IMPORTS = tuple(f"from rocoin.runtime.transport.protocol import {p.stem}_pb2" for p in PROTOS)
 
 #: Lines that only record which generator release wrote the file.
 _VERSION_LINE = re.compile(
@@ -43,7 +43,7 @@ _VERSION_LINE = re.compile(
 
 
 def generate(out_root: Path, src: Path = SRC) -> None:
-    """Run protoc on ``src``'s proto into ``out_root`` (which gets ``rocoin/runtime/protocol/...``)."""
+    """Run protoc on ``src``'s proto into ``out_root`` (which gets ``rocoin/runtime/transport/protocol/...``)."""
     try:
         from grpc_tools import protoc
         import grpc_tools

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rocoin.profiles.catalog import Catalog, StudentSpec
-from rocoin.profiles.fleet import DeviceProfile, Fleet
+from rocoin.contracts.catalog import Catalog, StudentSpec
+from rocoin.contracts.fleet import DeviceProfile, Fleet
 
 MIB = 1024 * 1024
 

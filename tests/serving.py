@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from conftest import device as profile
-from rocoin.profiles.fleet import Fleet
-from rocoin.runtime.device import DeviceServer, start_device
-from rocoin.runtime.source import Source
-from rocoin.runtime.source_server import serve_source
+from rocoin.contracts.fleet import Fleet
+from rocoin.runtime.device.worker import DeviceServer, start_device
+from rocoin.runtime.source.source import Source
+from rocoin.runtime.api.server import serve_source
 
 DEVICE_TOKEN = "device-token-0123456789abcdef"
 DEVICES = ("a", "b", "c")

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from rocoin.cli.main import app
-from rocoin.planning import load_plan
-from rocoin.profiles.fleet import load_fleet
+from rocoin.contracts.plan import load_plan
+from rocoin.contracts.fleet import load_fleet
 
 runner = CliRunner()
 
@@ -116,7 +116,7 @@ def test_json_logs_carry_the_query_id(capsys):
 
     configure(logging.INFO, json_lines=True)
     try:
-        logging.getLogger("rocoin.runtime.source").info("groups %s missing", [1], extra={"query_id": "q-42"})
+        logging.getLogger("rocoin.runtime.source.source").info("groups %s missing", [1], extra={"query_id": "q-42"})
     finally:
         configure(logging.WARNING)
     line = capsys.readouterr().err.strip().splitlines()[-1]

@@ -18,7 +18,7 @@ import pytest
 from rocoin.data import datasets as ds
 from rocoin.data import load_dataset, split_validation
 from rocoin.data.datasets import ArrayDataset, DatasetInfo
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 
 try:
     import torch

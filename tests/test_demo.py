@@ -21,8 +21,8 @@ from conftest import write_fashion_mnist  # noqa: E402
 from test_cli import bad, run  # noqa: E402
 
 from rocoin.experiments import demo  # noqa: E402
-from rocoin.planning.plan import GroupPlan, Plan  # noqa: E402
-from rocoin.profiles.catalog import StudentSpec  # noqa: E402
+from rocoin.contracts.plan import GroupPlan, Plan  # noqa: E402
+from rocoin.contracts.catalog import StudentSpec  # noqa: E402
 
 #: Small enough for a few seconds per step on 2 cores; 6 devices make 2-3 groups.
 TINY = (

@@ -27,17 +27,17 @@ import onnxruntime as ort  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from rocoin.errors import RocoinError  # noqa: E402
-from rocoin.planning.plan import GroupPlan, Plan  # noqa: E402
-from rocoin.profiles.catalog import StudentSpec  # noqa: E402
-from rocoin.runtime.device import (  # noqa: E402
+from rocoin.contracts.errors import RocoinError  # noqa: E402
+from rocoin.contracts.plan import GroupPlan, Plan  # noqa: E402
+from rocoin.contracts.catalog import StudentSpec  # noqa: E402
+from rocoin.runtime.device.worker import (  # noqa: E402
     DEVICE_SERVICE,
     DeviceWorker,
     Emulation,
     start_device,
     wait_ready_file,
 )
-from rocoin.runtime.manifest import (  # noqa: E402
+from rocoin.contracts.manifest import (  # noqa: E402
     MANIFEST_NAME,
     GroupModel,
     Manifest,
@@ -46,8 +46,8 @@ from rocoin.runtime.manifest import (  # noqa: E402
     TensorSpec,
     file_sha256,
 )
-from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
-from rocoin.runtime.serde import TensorError, tensor_from_proto, tensor_to_proto  # noqa: E402
+from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
+from rocoin.runtime.transport.serde import TensorError, tensor_from_proto, tensor_to_proto  # noqa: E402
 
 INPUT_CHW = (1, 8, 8)
 STUDENT = "tiny"
@@ -228,7 +228,7 @@ def test_serde_refuses_to_send_other_dtypes():
 @pytest.fixture(params=["event loop", "thread pool"])
 def model_runs_in(request, monkeypatch):
     """Both places a worker may run the model: inline for a fast model, else its thread pool."""
-    import rocoin.runtime.device as device_module
+    import rocoin.runtime.device.worker as device_module
 
     if request.param == "thread pool":
         monkeypatch.setattr(device_module, "INLINE_RUN_S", 0.0)
@@ -682,7 +682,7 @@ def test_a_worker_process_writes_its_ready_file_and_stops_on_sigterm(bundle, tmp
     code = (
         "import asyncio, logging, sys\n"
         "logging.basicConfig(level=logging.INFO)\n"
-        "from rocoin.runtime.device import serve_device\n"
+        "from rocoin.runtime.device.worker import serve_device\n"
         f"asyncio.run(serve_device({str(bundle)!r}, 'b', '127.0.0.1:0', ready_file={str(ready)!r}, insecure=True))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
@@ -711,7 +711,7 @@ def test_the_device_modules_import_without_torch_or_training_code():
     code = (
         "import sys\n"
         "sys.modules['torch'] = None  # any import of torch fails\n"
-        "import rocoin.runtime.device, rocoin.runtime.serde\n"
+        "import rocoin.runtime.device.worker, rocoin.runtime.transport.serde\n"
         "training = ('rocoin.distillation', 'rocoin.models.wrn', 'rocoin.models.mobilenetv2', 'rocoin.models.registry', 'rocoin.data')\n"
         "bad = sorted(m for m, mod in sys.modules.items() if mod is not None and (m.split('.')[0] == 'torch' or m.startswith(training)))\n"
         "assert not bad, bad\n"
@@ -734,7 +734,7 @@ def test_math_of_the_message_limits(bundle):
 
 
 def test_a_device_with_a_token_refuses_calls_without_it(bundle):
-    from rocoin.runtime.auth import token_metadata
+    from rocoin.runtime.transport.auth import token_metadata
 
     token = "s3cret-token-for-the-devices"
 
@@ -770,7 +770,7 @@ def test_a_device_with_a_token_refuses_calls_without_it(bundle):
 
 
 def test_tokens_come_from_a_file_or_the_environment(tmp_path, monkeypatch):
-    from rocoin.runtime.auth import TOKEN_ENV, load_token
+    from rocoin.runtime.transport.auth import TOKEN_ENV, load_token
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     assert load_token() is None
@@ -800,13 +800,13 @@ def certs(tmp_path_factory):
 
 
 def _tls_channel(address: str, ca: Path, cert: Path | None = None, key: Path | None = None):
-    from rocoin.runtime.tls import ClientTLS
+    from rocoin.runtime.transport.tls import ClientTLS
 
     return grpc.aio.secure_channel(address, ClientTLS(ca, cert, key).credentials())
 
 
 def test_tls_checks_the_certificate_authority(bundle, certs):
-    from rocoin.runtime.tls import ServerTLS
+    from rocoin.runtime.transport.tls import ServerTLS
 
     good, other = certs / "good", certs / "other"
 
@@ -838,7 +838,7 @@ def test_tls_checks_the_certificate_authority(bundle, certs):
 
 
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(bundle, certs):
-    from rocoin.runtime.tls import ServerTLS
+    from rocoin.runtime.transport.tls import ServerTLS
 
     good, other = certs / "good", certs / "other"
 
@@ -869,9 +869,9 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(bundle, certs):
 
 def test_the_source_talks_mtls_with_a_token_to_every_device(bundle, certs):
     from conftest import device as profile
-    from rocoin.profiles.fleet import Fleet
-    from rocoin.runtime.source import Source
-    from rocoin.runtime.tls import ClientTLS, ServerTLS
+    from rocoin.contracts.fleet import Fleet
+    from rocoin.runtime.source.source import Source
+    from rocoin.runtime.transport.tls import ClientTLS, ServerTLS
 
     good = certs / "good"
     token = "a-token-shared-by-source-and-devices"
@@ -893,7 +893,7 @@ def test_the_source_talks_mtls_with_a_token_to_every_device(bundle, certs):
 
 
 def test_bad_certificate_files_get_one_line(tmp_path):
-    from rocoin.runtime.tls import ClientTLS, ServerTLS
+    from rocoin.runtime.transport.tls import ClientTLS, ServerTLS
 
     (tmp_path / "junk.pem").write_text("not a certificate")
     with pytest.raises(RocoinError, match="tls-key = .*not a PEM file"):
@@ -908,11 +908,11 @@ def test_the_source_client_apis_with_token_and_tls(bundle, certs):
     import aiohttp
 
     from conftest import device as profile
-    from rocoin.profiles.fleet import Fleet
-    from rocoin.runtime.auth import token_metadata
-    from rocoin.runtime.source import Source
-    from rocoin.runtime.source_server import serve_source
-    from rocoin.runtime.tls import ServerTLS
+    from rocoin.contracts.fleet import Fleet
+    from rocoin.runtime.transport.auth import token_metadata
+    from rocoin.runtime.source.source import Source
+    from rocoin.runtime.api.server import serve_source
+    from rocoin.runtime.transport.tls import ServerTLS
 
     good = certs / "good"
     api_token = "client-token-0123456789abc"

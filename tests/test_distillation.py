@@ -15,9 +15,9 @@ from rocoin.distillation.checkpoint import load_checkpoint, save_checkpoint  # n
 from rocoin.distillation.evaluate import missing_slots, random_failures  # noqa: E402
 from rocoin.distillation.losses import AttentionTransferTerm, CrossEntropyTerm, DistillationLoss, SoftTargetTerm, attention_map  # noqa: E402
 from rocoin.distillation.students import StudentNetwork, sample_slot_mask  # noqa: E402
-from rocoin.errors import RocoinError  # noqa: E402
-from rocoin.planning.plan import GroupPlan, Plan  # noqa: E402
-from rocoin.profiles.catalog import default_catalog  # noqa: E402
+from rocoin.contracts.errors import RocoinError  # noqa: E402
+from rocoin.contracts.plan import GroupPlan, Plan  # noqa: E402
+from rocoin.profiles.generate import default_catalog  # noqa: E402
 
 
 def tiny_plan(groups: list[tuple[list[str], list[int], float]], student: str = "wrn-10-1", num_filters: int | None = None) -> Plan:

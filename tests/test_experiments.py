@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rocoin.cli.main import app
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 from rocoin.experiments.paper import EXPERIMENTS
 from rocoin.experiments.report import ExperimentResult, markdown_table, to_csv
 from rocoin.experiments.setup import make_setup

@@ -23,11 +23,11 @@ from rocoin.data import DatasetInfo  # noqa: E402
 from rocoin.distillation.checkpoint import save_checkpoint  # noqa: E402
 from rocoin.distillation.students import StudentNetwork  # noqa: E402
 from rocoin.distillation.teacher import info_to_json  # noqa: E402
-from rocoin.errors import RocoinError  # noqa: E402
+from rocoin.contracts.errors import RocoinError  # noqa: E402
 from rocoin.export import export_bundle, onnx_bundle  # noqa: E402
-from rocoin.planning.plan import GroupPlan, Plan, save_plan  # noqa: E402
-from rocoin.profiles.catalog import default_catalog  # noqa: E402
-from rocoin.runtime.manifest import MANIFEST_NAME, load_manifest, verify_file  # noqa: E402
+from rocoin.contracts.plan import GroupPlan, Plan, save_plan  # noqa: E402
+from rocoin.profiles.generate import default_catalog  # noqa: E402
+from rocoin.contracts.manifest import MANIFEST_NAME, load_manifest, verify_file  # noqa: E402
 
 INFO = DatasetInfo(
     name="toy",
@@ -180,7 +180,7 @@ def test_loading_the_bundle_needs_no_torch(exported):
         "import sys\n"
         "sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
         "import numpy as np, onnxruntime as ort\n"
-        "from rocoin.runtime.manifest import load_manifest, verify_file\n"
+        "from rocoin.contracts.manifest import load_manifest, verify_file\n"
         "bundle = sys.argv[1]\n"
         "m = load_manifest(bundle)\n"
         "path = verify_file(__import__('pathlib').Path(bundle), m.groups[0])\n"

@@ -27,9 +27,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from rocoin.runtime.auth import token_metadata  # noqa: E402
-from rocoin.runtime.protocol import inference_pb2 as pb  # noqa: E402
-from rocoin.runtime.protocol import rocoin_pb2  # noqa: E402
+from rocoin.runtime.transport.auth import token_metadata  # noqa: E402
+from rocoin.runtime.transport.protocol import inference_pb2 as pb  # noqa: E402
+from rocoin.runtime.transport.protocol import rocoin_pb2  # noqa: E402
 from serving import DEVICE_TOKEN, BackgroundStack, Stack  # noqa: E402
 from test_device import make_bundle  # noqa: E402
 

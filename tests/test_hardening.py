@@ -24,18 +24,18 @@ pytest.importorskip("onnxruntime")
 aiohttp = pytest.importorskip("aiohttp")
 
 from conftest import device as profile  # noqa: E402
-from rocoin.errors import RocoinError  # noqa: E402
+from rocoin.contracts.errors import RocoinError  # noqa: E402
 from rocoin.logs import TextFormatter  # noqa: E402
-from rocoin.profiles.fleet import Fleet  # noqa: E402
-from rocoin.runtime.auth import token_metadata  # noqa: E402
-from rocoin.runtime.cluster import TOKEN_FILE, LocalCluster, rocoin_command, wait_serving  # noqa: E402
-from rocoin.runtime.device import Emulation, start_device  # noqa: E402
-from rocoin.runtime.http_limits import HttpLimits  # noqa: E402
-from rocoin.runtime.keepalive import KEEPALIVE, Keepalive  # noqa: E402
-from rocoin.runtime.protocol import inference_pb2 as pb  # noqa: E402
-from rocoin.runtime.protocol import inference_pb2_grpc, rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
-from rocoin.runtime.serde import tensor_to_proto  # noqa: E402
-from rocoin.runtime.source import Source, _Query  # noqa: E402
+from rocoin.contracts.fleet import Fleet  # noqa: E402
+from rocoin.runtime.transport.auth import token_metadata  # noqa: E402
+from rocoin.runtime.cluster.local import TOKEN_FILE, LocalCluster, rocoin_command, wait_serving  # noqa: E402
+from rocoin.runtime.device.worker import Emulation, start_device  # noqa: E402
+from rocoin.runtime.api.http_limits import HttpLimits  # noqa: E402
+from rocoin.runtime.transport.keepalive import KEEPALIVE, Keepalive  # noqa: E402
+from rocoin.runtime.transport.protocol import inference_pb2 as pb  # noqa: E402
+from rocoin.runtime.transport.protocol import inference_pb2_grpc, rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
+from rocoin.runtime.transport.serde import tensor_to_proto  # noqa: E402
+from rocoin.runtime.source.source import Source, _Query  # noqa: E402
 from serving import DEVICE_TOKEN, serving_stack  # noqa: E402
 from test_device import make_bundle  # noqa: E402
 
@@ -79,8 +79,8 @@ def test_the_keepalive_options_of_both_sides_agree():
 
 
 def test_the_device_server_and_the_source_channels_use_the_keepalive_configuration(bundle, monkeypatch):
-    import rocoin.runtime.grpc_server as grpc_server
-    import rocoin.runtime.source as source_module
+    import rocoin.runtime.transport.grpc_server as grpc_server
+    import rocoin.runtime.source.source as source_module
 
     seen = {}
     real_server, real_channel = grpc.aio.server, grpc.aio.insecure_channel
@@ -193,7 +193,7 @@ def test_a_device_that_refuses_checked_queries_is_counted_and_logged_but_not_mar
             refusals = stack.source.metrics.registry.get_sample_value("rocoin_device_refusals_total", {"device": "a"})
             return results, status, refusals, stack.marked_down()
 
-    with caplog.at_level(logging.WARNING, logger="rocoin.runtime.source"):
+    with caplog.at_level(logging.WARNING, logger="rocoin.runtime.source.source"):
         results, status, refusals, downs = asyncio.run(main())
     assert all(r.missing_groups == [0] for r in results)  # a is the only replica of group 0
     assert status["a"]["up"] and status["a"]["failures"] == 0 and status["a"]["refusals"] == 6 and refusals == 6
@@ -366,7 +366,7 @@ def test_malformed_rest_requests_get_one_line_4xx_and_log_one_line_without_a_tra
         assert code == 400 and field in body["error"] and "\n" not in body["error"], (label, code, body)
     assert status == 200 and downs == 0
     assert not [r for r in caplog.records if r.exc_info], "a client error logged a traceback"
-    assert len([r for r in caplog.records if r.name == "rocoin.runtime.http_api"]) == len(MALFORMED_BODIES)
+    assert len([r for r in caplog.records if r.name == "rocoin.runtime.api.http"]) == len(MALFORMED_BODIES)
     formatted = [TextFormatter().format(r) for r in caplog.records]
     assert all("\n" not in line for line in formatted) and not any(line.startswith("rocoin: WARNING: device a marked down") for line in formatted)
 
@@ -425,7 +425,7 @@ def test_a_malformed_message_on_a_device_stream_is_answered_and_the_stream_goes_
 
 
 def test_text_logs_escape_client_strings():
-    record = logging.LogRecord("rocoin.runtime.source", logging.INFO, "", 0, "groups %s missing for %s", ([1], "q\r\nrocoin: WARNING: forged\x1b[2J"), None)
+    record = logging.LogRecord("rocoin.runtime.source.source", logging.INFO, "", 0, "groups %s missing for %s", ([1], "q\r\nrocoin: WARNING: forged\x1b[2J"), None)
     record.query_id = "q\nrocoin: WARNING: device a1 marked down"
     line = TextFormatter().format(record)
     assert "\n" not in line and "\r" not in line and "\x1b" not in line
@@ -475,7 +475,7 @@ def test_the_bearer_scheme_is_case_insensitive_and_the_kserve_probes_are_open(bu
 
 
 def test_the_start_up_log_names_https_for_a_tls_listener(bundle, tmp_path, caplog):
-    from rocoin.runtime.tls import ServerTLS
+    from rocoin.runtime.transport.tls import ServerTLS
 
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")], check=True, capture_output=True)
 
@@ -483,7 +483,7 @@ def test_the_start_up_log_names_https_for_a_tls_listener(bundle, tmp_path, caplo
         async with serving_stack(bundle, tls=ServerTLS(tmp_path / "c.pem", tmp_path / "k.pem")):
             pass
 
-    with caplog.at_level(logging.INFO, logger="rocoin.runtime.source_server"):
+    with caplog.at_level(logging.INFO, logger="rocoin.runtime.api.server"):
         asyncio.run(main())
     lines = [r.getMessage() for r in caplog.records if "REST API" in r.getMessage()]
     assert lines and lines[0].startswith("source REST API (KServe v2) on https://")

@@ -14,9 +14,9 @@ pytest.importorskip("onnxruntime")
 import aiohttp  # noqa: E402
 
 from conftest import device as profile  # noqa: E402
-from rocoin.profiles.fleet import Fleet  # noqa: E402
-from rocoin.runtime.http_api import start_http  # noqa: E402
-from rocoin.runtime.source import Source  # noqa: E402
+from rocoin.contracts.fleet import Fleet  # noqa: E402
+from rocoin.runtime.api.http import start_http  # noqa: E402
+from rocoin.runtime.source.source import Source  # noqa: E402
 from test_device import make_bundle, start_device  # noqa: E402
 
 
@@ -203,7 +203,7 @@ def test_the_api_token_guards_everything_but_health(bundle):
 def test_rocoin_infer_speaks_the_rest_api(bundle):
     pytest.importorskip("sklearn")
     from rocoin.data import load_dataset
-    from rocoin.runtime.client import run_queries_http
+    from rocoin.runtime.api.client import run_queries_http
 
     test = load_dataset("digits").test
 

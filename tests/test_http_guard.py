@@ -22,8 +22,8 @@ pytest.importorskip("aiohttp")
 
 from aiohttp import web  # noqa: E402
 
-from rocoin.errors import RocoinError  # noqa: E402
-from rocoin.runtime.http_guard import LIMIT_REASONS, HttpLimits, serve_app  # noqa: E402
+from rocoin.contracts.errors import RocoinError  # noqa: E402
+from rocoin.runtime.api.http_guard import LIMIT_REASONS, HttpLimits, serve_app  # noqa: E402
 
 HEADER_S = 0.5
 BODY_S = 0.5
@@ -215,7 +215,7 @@ def test_without_the_guard_a_slowloris_socket_stays_open():
 
 
 def test_a_trickled_body_is_closed_at_the_body_timeout_and_a_prompt_one_is_served(caplog):
-    caplog.set_level(logging.DEBUG, logger="rocoin.runtime.http_guard")
+    caplog.set_level(logging.DEBUG, logger="rocoin.runtime.api.http_guard")
 
     async def scenario(server):
         reader, writer = await connect(server.port)
@@ -247,7 +247,7 @@ def test_a_trickled_body_is_closed_at_the_body_timeout_and_a_prompt_one_is_serve
     assert closed == 1
     assert prompt[0] == 200 and json.loads(prompt[2]) == {"length": 6}
     # One DEBUG line from the guard, no traceback; nothing from aiohttp about the lost connection.
-    lines = [r for r in caplog.records if r.name == "rocoin.runtime.http_guard"]
+    lines = [r for r in caplog.records if r.name == "rocoin.runtime.api.http_guard"]
     assert len(lines) == 1 and "body_timeout" in lines[0].getMessage() and lines[0].exc_info is None
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 

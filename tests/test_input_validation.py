@@ -12,17 +12,17 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import device, small_catalog
-from rocoin import fileio
-from rocoin.logs import short_repr
+from rocoin.contracts import fileio
+from rocoin.contracts.text import short_repr
 from rocoin.cli.main import app
-from rocoin.errors import RocoinError
-from rocoin.fileio import load_document, validate, write_json_atomic
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.fileio import load_document, validate, write_json_atomic
 from rocoin.planning import make_plan
 from rocoin.planning.activations import load_activations
-from rocoin.planning.plan import GroupPlan, Plan, load_plan, save_plan
-from rocoin.profiles.catalog import StudentSpec, load_catalog
-from rocoin.profiles.fleet import DeviceProfile, Fleet, load_fleet
-from rocoin.runtime.manifest import MANIFEST_NAME, load_manifest
+from rocoin.contracts.plan import GroupPlan, Plan, load_plan, save_plan
+from rocoin.contracts.catalog import StudentSpec, load_catalog
+from rocoin.contracts.fleet import DeviceProfile, Fleet, load_fleet
+from rocoin.contracts.manifest import MANIFEST_NAME, load_manifest
 
 runner = CliRunner()
 GOOD = {"id": "cam-1", "flops": 2.5e7, "memory_bytes": 1048576, "rate_bps": 300000, "outage": 0.15}

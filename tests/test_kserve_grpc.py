@@ -11,11 +11,11 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from conftest import device as profile  # noqa: E402
-from rocoin.profiles.fleet import Fleet  # noqa: E402
-from rocoin.runtime import kserve_grpc  # noqa: E402
-from rocoin.runtime.protocol import inference_pb2 as pb  # noqa: E402
-from rocoin.runtime.protocol import inference_pb2_grpc  # noqa: E402
-from rocoin.runtime.source import Source  # noqa: E402
+from rocoin.contracts.fleet import Fleet  # noqa: E402
+from rocoin.runtime.api import kserve_grpc  # noqa: E402
+from rocoin.runtime.transport.protocol import inference_pb2 as pb  # noqa: E402
+from rocoin.runtime.transport.protocol import inference_pb2_grpc  # noqa: E402
+from rocoin.runtime.source.source import Source  # noqa: E402
 from test_device import make_bundle, start_device  # noqa: E402
 
 

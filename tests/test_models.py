@@ -10,11 +10,11 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
-from rocoin.errors import RocoinError  # noqa: E402
+from rocoin.contracts.errors import RocoinError  # noqa: E402
 from rocoin.models.analytic import arch_stats  # noqa: E402
 from rocoin.models.measure import count_flops, measure_catalog, measure_model, measure_module, peak_activation_bytes  # noqa: E402
 from rocoin.models.registry import create_model, model_names, parse_model_name  # noqa: E402
-from rocoin.profiles.catalog import DEFAULT_STUDENTS  # noqa: E402
+from rocoin.models.analytic import DEFAULT_STUDENTS  # noqa: E402
 
 torch.set_num_threads(2)
 

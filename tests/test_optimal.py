@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rocoin.errors import InfeasiblePlanError, RocoinError
-from rocoin.planning.latency import device_latency_s
+from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
+from rocoin.contracts.latency import device_latency_s
 from rocoin.planning.optimal import MAX_DEVICES, OptimalSolution, solve_optimal
-from rocoin.profiles.catalog import CatalogArrays
-from rocoin.profiles.fleet import FleetArrays
+from rocoin.contracts.catalog import CatalogArrays
+from rocoin.contracts.fleet import FleetArrays
 
 
 def make_fleet(flops, rate_bps, outage, memory_bytes=None, input_s=None) -> FleetArrays:

@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import MIB, small_catalog
-from rocoin.errors import InfeasiblePlanError
+from rocoin.contracts.errors import InfeasiblePlanError
 from rocoin.planning import filter_graph, make_plan
-from rocoin.planning.latency import device_latency_s
-from rocoin.profiles.fleet import DeviceProfile, Fleet
+from rocoin.contracts.latency import device_latency_s
+from rocoin.contracts.fleet import DeviceProfile, Fleet
 
 device_strategy = st.tuples(
     st.floats(5e6, 40e6),  # FLOP/s

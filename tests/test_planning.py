@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from conftest import block_graph, device, small_catalog
-from rocoin.errors import InfeasiblePlanError, RocoinError
+from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
 from rocoin.planning import filter_graph, make_plan, synthetic_activations
 from rocoin.planning.assignment import GroupCosts, match_minmax, match_paper
 from rocoin.planning.grouping import capacity_features, follow_the_leader, group_devices
-from rocoin.planning.latency import device_latency_s
+from rocoin.contracts.latency import device_latency_s
 from rocoin.planning.partition import SpectralPartitioner, check_activations, equal_sizes, proportional_sizes
-from rocoin.profiles.fleet import Fleet
+from rocoin.contracts.fleet import Fleet
 
 
 def test_two_tiers_become_two_replica_pairs(two_tier_fleet):
@@ -207,7 +207,7 @@ def test_bad_planner_arguments(two_tier_fleet, kwargs, message):
 
 
 def test_same_seed_same_plan():
-    from rocoin.profiles.fleet import generate_fleet
+    from rocoin.profiles.generate import generate_fleet
 
     fleet = generate_fleet(30, 4, 0.8, random_state=5)
     weights = filter_graph(synthetic_activations(100, 64, random_state=5))
@@ -216,7 +216,7 @@ def test_same_seed_same_plan():
 
 
 def test_plan_and_fleet_must_agree(two_tier_fleet, caplog):
-    from rocoin.planning.plan import Plan, plan_members
+    from rocoin.contracts.plan import Plan, plan_members
 
     plan = make_plan(two_tier_fleet, block_graph([4, 4]), small_catalog(), epsilon=0.05)
     members = plan_members(plan, two_tier_fleet)

@@ -7,11 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from rocoin.errors import RocoinError
-from rocoin.fileio import validate
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.fileio import validate
 from rocoin.models.analytic import arch_stats
-from rocoin.profiles.catalog import Catalog, default_catalog, load_catalog, parse_input_shape
-from rocoin.profiles.fleet import Fleet, generate_fleet, load_fleet, rayleigh_outage
+from rocoin.contracts.catalog import Catalog, load_catalog, parse_input_shape
+from rocoin.profiles.generate import default_catalog
+from rocoin.contracts.fleet import Fleet, load_fleet, rayleigh_outage
+from rocoin.profiles.generate import generate_fleet
 
 GOOD = {"id": "cam-1", "flops": 2.5e7, "memory_bytes": 1048576, "rate_bps": 300000, "outage": 0.15}
 
@@ -152,7 +154,7 @@ def test_input_shape_parsing():
 
 
 def test_int8_catalog_shrinks_the_weights_only():
-    from rocoin.profiles.catalog import int8_catalog
+    from rocoin.contracts.catalog import int8_catalog
 
     fp32 = default_catalog((1, 28, 28))
     int8 = int8_catalog(fp32)

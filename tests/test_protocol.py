@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gen_proto.py"
-PROTOCOL = ROOT / "src" / "rocoin" / "runtime" / "protocol"
+PROTOCOL = ROOT / "src" / "rocoin" / "runtime" / "transport" / "protocol"
 
 pytest.importorskip("grpc_tools", reason="grpcio-tools is needed to regenerate the protocol modules")
 
@@ -31,7 +31,7 @@ def test_generated_protocol_modules_are_fresh():
 
 def test_the_check_notices_a_changed_proto(tmp_path, capsys):
     gen_proto = _load_script()
-    copy = tmp_path / "src" / "rocoin" / "runtime" / "protocol"
+    copy = tmp_path / "src" / "rocoin" / "runtime" / "transport" / "protocol"
     shutil.copytree(PROTOCOL, copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert gen_proto.check(tmp_path / "src") == 0
     proto = copy / "rocoin.proto"
@@ -42,8 +42,8 @@ def test_the_check_notices_a_changed_proto(tmp_path, capsys):
 
 def test_generated_grpc_module_imports_the_messages_absolutely():
     text = (PROTOCOL / "rocoin_pb2_grpc.py").read_text()
-    assert "from rocoin.runtime.protocol import rocoin_pb2" in text
-    from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc
+    assert "from rocoin.runtime.transport.protocol import rocoin_pb2" in text
+    from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc
 
     assert rocoin_pb2.DESCRIPTOR.package == "rocoin.v1"
     assert hasattr(rocoin_pb2_grpc, "DeviceStub") and hasattr(rocoin_pb2_grpc, "SourceServicer")

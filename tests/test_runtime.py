@@ -19,15 +19,15 @@ import grpc  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from conftest import device  # noqa: E402
-from rocoin.planning.plan import GroupPlan, Plan  # noqa: E402
-from rocoin.profiles.catalog import StudentSpec  # noqa: E402
-from rocoin.profiles.fleet import Fleet  # noqa: E402
-from rocoin.runtime.cluster import LocalCluster  # noqa: E402
-from rocoin.runtime.manifest import MANIFEST_NAME, GroupModel, Manifest, ModelFile, Normalization, TensorSpec, file_sha256  # noqa: E402
-from rocoin.runtime.protocol import rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
-from rocoin.runtime.serde import tensor_to_proto  # noqa: E402
-from rocoin.runtime.device import Emulation, start_device  # noqa: E402
-from rocoin.runtime.source import CANCEL_FLUSH_S, FAILURES_TO_MARK_DOWN, PROBE_INTERVAL_S, Source  # noqa: E402
+from rocoin.contracts.plan import GroupPlan, Plan  # noqa: E402
+from rocoin.contracts.catalog import StudentSpec  # noqa: E402
+from rocoin.contracts.fleet import Fleet  # noqa: E402
+from rocoin.runtime.cluster.local import LocalCluster  # noqa: E402
+from rocoin.contracts.manifest import MANIFEST_NAME, GroupModel, Manifest, ModelFile, Normalization, TensorSpec, file_sha256  # noqa: E402
+from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
+from rocoin.runtime.transport.serde import tensor_to_proto  # noqa: E402
+from rocoin.runtime.device.worker import Emulation, start_device  # noqa: E402
+from rocoin.runtime.source.source import CANCEL_FLUSH_S, FAILURES_TO_MARK_DOWN, PROBE_INTERVAL_S, Source  # noqa: E402
 from test_device import _save, head_model, student_model  # noqa: E402
 
 INPUT_CHW = (1, 8, 8)
@@ -103,7 +103,7 @@ def images_batch(seed: int, batch: int = 1) -> np.ndarray:
 
 
 def with_addresses(cluster: LocalCluster) -> Fleet:
-    from rocoin.profiles.fleet import load_fleet
+    from rocoin.contracts.fleet import load_fleet
 
     return load_fleet(cluster.state.fleet)
 
@@ -350,7 +350,7 @@ def test_source_service_and_cli_on_a_cluster(tmp_path):
         async def ask():
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = rocoin_pb2_grpc.SourceStub(channel)
-                from rocoin.runtime.serde import tensor_from_proto, tensor_to_proto
+                from rocoin.runtime.transport.serde import tensor_from_proto, tensor_to_proto
 
                 reply = await stub.Infer(rocoin_pb2.SourceInferRequest(input=tensor_to_proto(images)))
                 np.testing.assert_allclose(tensor_from_proto(reply.logits, max_bytes=1 << 20), expected_logits(bundle, images), rtol=1e-5, atol=1e-6)
@@ -403,7 +403,7 @@ def test_device_profile_and_fleet_collect(tmp_path):
             assert "MFLOP/s" in result.stdout
     result = run("fleet", "collect", tmp_path / "a1.yaml", tmp_path / "c1.yaml", "-o", tmp_path / "fleet.yaml")
     assert result.exit_code == 0, result.output
-    from rocoin.profiles.fleet import load_fleet
+    from rocoin.contracts.fleet import load_fleet
 
     fleet = load_fleet(tmp_path / "fleet.yaml")
     assert fleet.ids == ["a1", "c1"]

@@ -10,10 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from rocoin.errors import RocoinError
-from rocoin.planning.plan import GroupPlan, Plan
-from rocoin.profiles.catalog import StudentSpec
-from rocoin.profiles.fleet import DeviceProfile, Fleet, generate_fleet
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.plan import GroupPlan, Plan
+from rocoin.contracts.catalog import StudentSpec
+from rocoin.contracts.fleet import DeviceProfile, Fleet
+from rocoin.profiles.generate import generate_fleet
 from rocoin.simulation import AnalyticResult, SimulationResult, analytic, simulate
 
 CATALOG = {

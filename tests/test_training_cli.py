@@ -96,32 +96,28 @@ def test_a_checkpoint_of_another_architecture_is_refused(pipeline, tmp_path):
 def test_an_interrupted_teacher_run_resumes(tmp_path, monkeypatch):
     from contextlib import contextmanager
 
-    import rocoin.distillation.teacher as teacher_module
+    from rocoin.contracts.progress import log_progress
     from rocoin.distillation.teacher import TeacherConfig, load_teacher, train_teacher
     from rocoin.distillation.training import DataConfig
 
     write_fashion_mnist(tmp_path, n_train=200, n_test=50)
     config = TeacherConfig(arch="wrn-10-1", data=DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path)), epochs=3, batch_size=50)
-    real_bar = teacher_module.progress_bar
-
     @contextmanager
     def crash_in_epoch_two(label, total):
         if label.startswith("teacher epoch 2/"):
             raise KeyboardInterrupt
-        with real_bar(label, total) as advance:
+        with log_progress(label, total) as advance:
             yield advance
 
-    monkeypatch.setattr(teacher_module, "progress_bar", crash_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        train_teacher(config, tmp_path / "teacher.pt")
+        train_teacher(config, tmp_path / "teacher.pt", progress=crash_in_epoch_two)
     assert (tmp_path / "teacher.pt.resume").exists() and load_teacher(tmp_path / "teacher.pt").metadata["epoch"] == 1
-    monkeypatch.setattr(teacher_module, "progress_bar", real_bar)
     summary = train_teacher(config, tmp_path / "teacher.pt")
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]  # epoch 1 was not trained again
     assert not (tmp_path / "teacher.pt.resume").exists()
     # The state of a run with other settings is not silently mixed in.
     from rocoin.distillation.checkpoint import save_checkpoint
-    from rocoin.errors import RocoinError
+    from rocoin.contracts.errors import RocoinError
 
     save_checkpoint(tmp_path / "teacher.pt.resume", "teacher-resume", {"config": {"arch": "x"}, "epoch": 1}, {})
     with pytest.raises(RocoinError, match="other settings"):
@@ -162,7 +158,7 @@ def test_export_int8_reports_size_speed_and_accuracy(pipeline):
     assert abs(report["int8"]["accuracy"] - report["fp32"]["accuracy"]) < 0.1
     manifest = json.loads((pipeline / "bundle-int8" / "manifest.json").read_text())
     assert manifest["quantization"] == "int8"
-    from rocoin.runtime.manifest import load_manifest, verify_file
+    from rocoin.contracts.manifest import load_manifest, verify_file
 
     loaded = load_manifest(pipeline / "bundle-int8")
     for model in loaded.groups:

@@ -18,32 +18,13 @@ import re
 import sys
 import time
 
+from rocoin.contracts.text import escape
+
 #: Attributes of a LogRecord that are not user-supplied ``extra`` fields.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
-
-#: Characters escaped in text logs: C0 and C1 controls, DEL, and the Unicode line and paragraph
-#: separators (some viewers break lines there), and lone surrogates (not encodable as UTF-8).
-_UNSAFE = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029\\ud800-\\udfff]")
 #: Extra values shown as they are; anything else is quoted.
 _PLAIN_VALUE = re.compile(r"""[^\s"'=]*""")
-
-
-def escape(text: str) -> str:
-    """``text`` with every control character (and lone surrogate) written as an escape."""
-    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), text)
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """``text`` on one line: whitespace runs collapsed, control characters escaped, at most ``limit`` characters."""
-    text = escape(" ".join(str(text).split()))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def short_repr(value: object, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters (a client's value may be megabytes long)."""
-    text = repr(value) if not isinstance(value, (list, dict)) or len(value) <= 64 else f"<{type(value).__name__} of {len(value)} items>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _field(value: object) -> str:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 
 out = Console()
 err = Console(stderr=True)

@@ -13,7 +13,7 @@ from rich.table import Table
 from rocoin import __version__
 from rocoin.cli import experiment, runtime, train
 from rocoin.cli.common import clean_errors, err, out
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 
 app = typer.Typer(
     help="rocoin: failure-resilient cooperative DNN inference over heterogeneous edge devices.",
@@ -72,8 +72,9 @@ def fleet_generate(
     output: Path = typer.Option(..., "--output", "-o", help="Fleet file to write (YAML; .json for JSON)."),
 ) -> None:
     """Generate a fleet like the paper's simulations (Table IV heterogeneity; SPEC.md §7 assumptions)."""
-    from rocoin.fileio import write_json_atomic
-    from rocoin.profiles.fleet import generate_fleet, save_fleet
+    from rocoin.contracts.fileio import write_json_atomic
+    from rocoin.contracts.fleet import save_fleet
+    from rocoin.profiles.generate import generate_fleet
 
     fleet = generate_fleet(
         devices,
@@ -99,8 +100,8 @@ def fleet_collect(
     output: Path = typer.Option(..., "--output", "-o", help="Fleet file to write."),
 ) -> None:
     """Assemble a fleet file from the devices' measured entries."""
-    from rocoin.fileio import load_document, validate
-    from rocoin.profiles.fleet import Fleet, save_fleet
+    from rocoin.contracts.fileio import load_document, validate
+    from rocoin.contracts.fleet import Fleet, save_fleet
 
     devices = []
     for path in entries:
@@ -117,7 +118,7 @@ def fleet_collect(
 @clean_errors
 def fleet_show(fleet_path: Path = typer.Argument(..., metavar="FLEET", help="Fleet file (YAML or JSON).")) -> None:
     """Validate a fleet file and print its devices."""
-    from rocoin.profiles.fleet import load_fleet
+    from rocoin.contracts.fleet import load_fleet
 
     fleet = load_fleet(fleet_path)
     table = Table(title=f"{fleet_path} ({len(fleet.devices)} devices)")
@@ -146,7 +147,9 @@ def catalog_command(
     measured: one batch-1 forward of each model with torch's FLOP counter (2 × multiply-accumulates)
     and the profiler's allocation events (peak activation bytes); analytic: counted from the shapes.
     """
-    from rocoin.profiles.catalog import DEFAULT_STUDENTS, analytic_catalog, int8_catalog, parse_input_shape, save_catalog
+    from rocoin.contracts.catalog import int8_catalog, parse_input_shape, save_catalog
+    from rocoin.models.analytic import DEFAULT_STUDENTS
+    from rocoin.profiles.generate import analytic_catalog
 
     if num_classes < 1:
         raise RocoinError(f"num-classes = {num_classes}: expected at least 1")
@@ -206,7 +209,7 @@ def activations_command(
         return
     import numpy as np
 
-    from rocoin.fileio import atomic_path
+    from rocoin.contracts.fileio import atomic_path
     from rocoin.planning.partition import synthetic_activations
 
     if images < 1 or filters < 1 or num_classes < 1:
@@ -248,10 +251,12 @@ def plan_command(
     output: Path = typer.Option(..., "--output", "-o", help="plan.json to write."),
 ) -> None:
     """Plan groups, knowledge partition and students for a fleet (SPEC.md §3-5)."""
-    from rocoin.planning import filter_graph, make_plan, save_plan
+    from rocoin.planning import filter_graph, make_plan
+    from rocoin.contracts.plan import save_plan
     from rocoin.planning.activations import load_activations
-    from rocoin.profiles.catalog import default_catalog, load_catalog, parse_input_shape
-    from rocoin.profiles.fleet import load_fleet
+    from rocoin.contracts.catalog import load_catalog, parse_input_shape
+    from rocoin.profiles.generate import default_catalog
+    from rocoin.contracts.fleet import load_fleet
 
     fleet = load_fleet(fleet_path)
     catalog = load_catalog(catalog_path) if catalog_path else default_catalog(parse_input_shape(input_shape))
@@ -301,14 +306,15 @@ def simulate_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Monte-Carlo of the plan under independent device failures (SPEC.md §1), with exact values beside it."""
-    from rocoin.planning import load_plan
-    from rocoin.profiles.fleet import load_fleet
+    from rocoin.contracts.plan import load_plan
+    from rocoin.contracts.fleet import load_fleet
     from rocoin.simulation import analytic, simulate
+    from rocoin.cli.progress import rich_counter
 
     plan = load_plan(plan_path)
     fleet = load_fleet(fleet_path)
     plan.check_fleet(fleet)
-    with _progress("simulating", trials) as progress:
+    with rich_counter("simulating", trials) as progress:
         result = simulate(plan, fleet, trials=trials, timeout_s=timeout_s, random_state=seed, fail_devices=fail_devices, progress=progress)
     exact = analytic(plan, fleet, timeout_s=timeout_s) if fail_devices is None else None
     if as_json:
@@ -333,28 +339,6 @@ def simulate_command(
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
-
-
-class _progress:
-    """A rich progress bar on stderr when it is a terminal; a no-op callback otherwise."""
-
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total = label, total
-        self._bar = None
-
-    def __enter__(self):
-        if not err.is_terminal:
-            return None
-        from rich.progress import Progress
-
-        self._bar = Progress(console=err, transient=True)
-        self._bar.start()
-        task = self._bar.add_task(self.label, total=self.total)
-        return lambda done, total: self._bar.update(task, completed=done, total=total)
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
 
 # --- demo ------------------------------------------------------------------------------------

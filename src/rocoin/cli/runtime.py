@@ -12,8 +12,8 @@ import typer
 from rich.table import Table
 
 from rocoin.cli.common import clean_errors, out, require
-from rocoin.errors import RocoinError
-from rocoin.runtime import http_limits as limits
+from rocoin.contracts.errors import RocoinError
+from rocoin.runtime.api import http_limits as limits
 
 device_app = typer.Typer(help="Run a device worker (onnxruntime + gRPC; no torch needed).", no_args_is_help=True)
 source_app = typer.Typer(help="Run the source: broadcasts queries, gathers groups, runs the head.", no_args_is_help=True)
@@ -86,8 +86,8 @@ def device_serve(
     """Serve this device's student over gRPC until SIGTERM/SIGINT."""
     require("onnxruntime", "device")
     require("grpc", "device")
-    from rocoin.runtime.auth import load_token
-    from rocoin.runtime.device import Emulation, serve_device
+    from rocoin.runtime.transport.auth import load_token
+    from rocoin.runtime.device.worker import Emulation, serve_device
 
     _server_logging()
     emulation = None
@@ -114,7 +114,7 @@ def device_serve(
 
 
 def _server_tls(cert: Optional[Path], key: Optional[Path], client_ca: Optional[Path]):
-    from rocoin.runtime.tls import ServerTLS
+    from rocoin.runtime.transport.tls import ServerTLS
 
     if cert is None and key is None:
         if client_ca is not None:
@@ -139,8 +139,8 @@ def device_profile(
     require("onnxruntime", "device")
     import yaml
 
-    from rocoin.fileio import write_text_atomic
-    from rocoin.runtime.profiling import profile_device
+    from rocoin.contracts.fileio import write_text_atomic
+    from rocoin.runtime.device.profiling import profile_device
 
     entry = profile_device(device_id, bundle, source, address=address, threads=threads)
     write_text_atomic(output, yaml.safe_dump(entry.model_dump(mode="json", exclude_none=True), sort_keys=False))
@@ -175,13 +175,13 @@ def source_serve(
     """Serve queries: broadcast to every device, first answer per group, head at completion or deadline."""
     require("onnxruntime", "device")
     require("grpc", "device")
-    from rocoin.profiles.fleet import load_fleet
-    from rocoin.runtime.auth import API_TOKEN_ENV, load_token
-    from rocoin.runtime.source import Source
-    from rocoin.runtime.source_server import serve_source
+    from rocoin.contracts.fleet import load_fleet
+    from rocoin.runtime.transport.auth import API_TOKEN_ENV, load_token
+    from rocoin.runtime.source.source import Source
+    from rocoin.runtime.api.server import serve_source
 
     _server_logging()
-    from rocoin.runtime.tls import ClientTLS
+    from rocoin.runtime.transport.tls import ClientTLS
 
     if tls_ca is None and (tls_cert or tls_key):
         raise RocoinError("tls-cert/tls-key need --tls-ca (the CA that signed the devices' certificates)")
@@ -226,14 +226,14 @@ def infer_command(
     images, labels = splits.test.images[:count], splits.test.labels[:count]
     if url is not None:
         require("aiohttp", "source")
-        from rocoin.runtime.auth import API_TOKEN_ENV, load_token
-        from rocoin.runtime.client import run_queries_http
+        from rocoin.runtime.transport.auth import API_TOKEN_ENV, load_token
+        from rocoin.runtime.api.client import run_queries_http
 
         token = load_token(api_token_file, env=API_TOKEN_ENV)
         report = asyncio.run(run_queries_http(url, images, labels, concurrency=concurrency, token=token))
     else:
         require("grpc", "device")
-        from rocoin.runtime.client import run_queries
+        from rocoin.runtime.api.client import run_queries
 
         report = asyncio.run(run_queries(source, images, labels, concurrency=concurrency, deadline_s=deadline_s))
     if as_json:
@@ -266,7 +266,7 @@ def cluster_up(
     """Start one worker per device and the source on loopback; wait until all are healthy."""
     require("onnxruntime", "device")
     require("grpc", "device")
-    from rocoin.runtime.cluster import LocalCluster
+    from rocoin.runtime.cluster.local import LocalCluster
 
     cluster = LocalCluster(bundle, fleet, state_dir, emulate=emulate, deadline_s=deadline_s, http=http)
     started = time.perf_counter()
@@ -289,7 +289,7 @@ def cluster_up(
 @clean_errors
 def cluster_down_command(state_dir: Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir")) -> None:
     """Stop the cluster started by ``rocoin cluster up``."""
-    from rocoin.runtime.cluster import cluster_down
+    from rocoin.runtime.cluster.local import cluster_down
 
     state = cluster_down(state_dir)
     out.print(f"stopped {len(state.devices)} devices and the source")

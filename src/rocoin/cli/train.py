@@ -9,8 +9,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from rocoin.cli.progress import rich_progress
 from rocoin.cli.common import clean_errors, err, out, require
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 
 DATASETS_HELP = "cifar10, cifar100, fashion-mnist or digits."
 
@@ -58,7 +59,7 @@ def train_teacher_command(
         lr=lr,
         seed=seed,
     )
-    summary = train_teacher(config, output, resume=not fresh, download=download)
+    summary = train_teacher(config, output, resume=not fresh, download=download, progress=rich_progress)
     last = summary["history"][-1]
     out.print(
         f"teacher {arch} on {summary['dataset']}: validation accuracy {summary['val_accuracy']:.4f} (epoch {summary['best_epoch']}),"
@@ -73,7 +74,7 @@ def activations_from_teacher(teacher: Path, split: str, data_dir: Optional[str],
     import numpy as np
 
     from rocoin.distillation.activity import teacher_activations
-    from rocoin.fileio import atomic_path
+    from rocoin.contracts.fileio import atomic_path
 
     act = teacher_activations(teacher, split=split, data_dir=data_dir, download=download)
     with atomic_path(output) as tmp:
@@ -106,7 +107,7 @@ def distill_command(
     """Distill the network of students of a plan from a teacher (SPEC.md §6)."""
     _require_torch()
     from rocoin.distillation.distill import DistillConfig, distill
-    from rocoin.planning import load_plan
+    from rocoin.contracts.plan import load_plan
 
     plan = load_plan(plan_path)
     if failure_aware is None:
@@ -124,7 +125,7 @@ def distill_command(
         max_train_images=max_train_images,
         seed=seed,
     )
-    summary = distill(teacher, plan, config, output, plan_source=str(plan_path), data_dir=data_dir, download=download)
+    summary = distill(teacher, plan, config, output, plan_source=str(plan_path), data_dir=data_dir, download=download, progress=rich_progress)
     last = summary["history"][-1]
     out.print(
         f"{plan.scheme} students ({plan.num_groups} groups): validation accuracy {summary['val_accuracy']:.4f},"

@@ -21,7 +21,7 @@ unpickler only lets through the few numpy functions that rebuild an array, so a 
 cannot run code. Archives are read member by member in memory, nothing is extracted to disk.
 
 Every problem (missing data, a truncated or corrupted file, a failed download) raises a
-:class:`~rocoin.errors.RocoinError` with one line that names the file and what is wrong.
+:class:`~rocoin.contracts.errors.RocoinError` with one line that names the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 
 log = logging.getLogger(__name__)
 

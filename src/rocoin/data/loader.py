@@ -13,7 +13,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from rocoin.data.datasets import ArrayDataset, DatasetInfo
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 
 CROP_PADDING = 4
 AUGMENTATIONS = ("crop-flip", "none")

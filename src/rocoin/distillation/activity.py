@@ -9,7 +9,7 @@ import torch
 
 from rocoin.distillation.teacher import load_teacher
 from rocoin.distillation.training import collect, load_data, use_all_cores
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 
 SPLITS = ("val", "train", "test")
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from rocoin.errors import RocoinError
-from rocoin.fileio import atomic_path
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.fileio import atomic_path
 
 FORMAT_VERSION = 1
 

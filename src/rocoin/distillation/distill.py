@@ -33,9 +33,9 @@ from rocoin.distillation.training import (
     train_batches,
     use_all_cores,
 )
-from rocoin.errors import RocoinError
-from rocoin.planning.plan import Plan
-from rocoin.progress import progress_bar
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.plan import Plan
+from rocoin.contracts.progress import Progress, log_progress
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +96,12 @@ def distill(
     data_dir: str | None = None,
     download: bool = False,
     device: str | None = None,
+    progress: Progress = log_progress,
 ) -> dict[str, Any]:
     """Train the students of ``plan`` from the teacher at ``teacher_path``; save them at ``output``.
 
-    ``device`` picks where to train (see :func:`compute_device`). The history has, per epoch, the
+    ``device`` picks where to train (see :func:`compute_device`); ``progress`` is told of every
+    training step (one task per epoch). The history has, per epoch, the
     loss terms and the validation accuracy of the aggregated students (all present).
     """
     use_all_cores()
@@ -135,7 +137,7 @@ def distill(
     for epoch in range(config.epochs):
         network.train()
         started, seen, totals = time.perf_counter(), 0, {"ce": 0.0, "kd": 0.0, "at": 0.0, "total": 0.0}
-        with progress_bar(f"distill epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
+        with progress(f"distill epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
             for x, y, index in train_batches(data.train, info, config.batch_size, augment=augment, generator=generator, device=on):
                 if cache is None:
                     with torch.no_grad():

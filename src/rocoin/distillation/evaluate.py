@@ -11,8 +11,8 @@ import torch
 from rocoin.distillation.distill import Students
 from rocoin.distillation.teacher import load_teacher
 from rocoin.distillation.training import DataConfig, accuracy, collect, compute_device, load_data, use_all_cores
-from rocoin.errors import RocoinError
-from rocoin.planning.plan import Plan
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.plan import Plan
 
 
 def missing_slots(plan: Plan, failed: np.ndarray) -> np.ndarray:

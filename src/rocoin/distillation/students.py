@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from rocoin.models.registry import create_model
-from rocoin.planning.plan import Plan
+from rocoin.contracts.plan import Plan
 
 
 class DeviceStudent(nn.Module):

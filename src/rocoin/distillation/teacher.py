@@ -25,9 +25,9 @@ from rocoin.distillation.training import (
     train_batches,
     use_all_cores,
 )
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 from rocoin.models.registry import create_model
-from rocoin.progress import progress_bar
+from rocoin.contracts.progress import Progress, log_progress
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +91,20 @@ def info_from_json(data: dict[str, Any]) -> DatasetInfo:
 
 
 def train_teacher(
-    config: TeacherConfig, output: Path, *, resume: bool = True, download: bool = False, device: str | None = None
+    config: TeacherConfig,
+    output: Path,
+    *,
+    resume: bool = True,
+    download: bool = False,
+    device: str | None = None,
+    progress: Progress = log_progress,
 ) -> dict[str, Any]:
     """Train ``config.arch`` and keep the checkpoint with the best validation accuracy at ``output``.
 
     After each epoch the full training state is saved beside it (``output`` + ``.resume``); a
     rerun with the same config continues from there. Returns a summary (accuracies, images/s).
     ``device`` picks where to train (see :func:`compute_device`); checkpoints are the same.
+    ``progress`` is told of every training step (one task per epoch).
     """
     use_all_cores()
     on = compute_device(device)
@@ -118,7 +125,7 @@ def train_teacher(
     for epoch in range(state["epoch"], config.epochs):
         model.train()
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
-        with progress_bar(f"teacher epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
+        with progress(f"teacher epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
             for x, y, _ in train_batches(data.train, info, config.batch_size, augment=True, generator=generator, device=on):
                 loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad(set_to_none=True)

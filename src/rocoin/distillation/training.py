@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rocoin.data import ArrayDataset, DatasetInfo, load_dataset, split_validation
 from rocoin.data.loader import batches, to_tensor
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 
 logger = logging.getLogger(__name__)
 

@@ -42,9 +42,9 @@ from typing import Any, Callable, Iterator, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from rocoin.errors import RocoinError
-from rocoin.fileio import atomic_path, write_json_atomic, write_text_atomic
-from rocoin.progress import progress_bar
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.fileio import atomic_path, write_json_atomic, write_text_atomic
+from rocoin.contracts.progress import log_progress as progress_bar  # TODO(issue 12): take progress from the caller
 
 logger = logging.getLogger(__name__)
 
@@ -596,10 +596,12 @@ def run_demo(config: DemoConfig, *, say: Say = logger.info) -> DemoReport:
     say("[3/6] fleet, teacher activity, student catalog, RoCoIn plan")
     from rocoin.distillation.activity import teacher_activations
     from rocoin.models.measure import measure_catalog
-    from rocoin.planning import filter_graph, load_plan, make_plan, save_plan
+    from rocoin.planning import filter_graph, make_plan
+    from rocoin.contracts.plan import load_plan, save_plan
     from rocoin.planning.activations import load_activations
-    from rocoin.profiles.catalog import load_catalog, save_catalog
-    from rocoin.profiles.fleet import generate_fleet, load_fleet, save_fleet
+    from rocoin.contracts.catalog import load_catalog, save_catalog
+    from rocoin.contracts.fleet import load_fleet, save_fleet
+    from rocoin.profiles.generate import generate_fleet
 
     fleet_path, act_path, catalog_path, plan_path = out / "fleet.yaml", out / "activations.npy", out / "catalog.json", out / "plan.json"
     fleet_inputs = {"devices": config.devices, "heterogeneity": config.heterogeneity, "success_prob": config.success_prob, "seed": config.seed}
@@ -658,7 +660,7 @@ def run_demo(config: DemoConfig, *, say: Say = logger.info) -> DemoReport:
     from rocoin.distillation.distill import DistillConfig, Students, distill
     from rocoin.distillation.evaluate import evaluate_students
     from rocoin.export import export_bundle
-    from rocoin.runtime.manifest import load_manifest
+    from rocoin.contracts.manifest import load_manifest
 
     students_path, bundle, eval_path = out / "students.pt", out / "bundle", out / "evaluation.json"
     distill_config = DistillConfig(epochs=config.distill_epochs, max_train_images=config.distill_images, seed=config.seed)
@@ -842,8 +844,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _run_cluster(out: Path, bundle: Path, fleet, plan, config: DemoConfig, images: np.ndarray, kill_index: int, victims: Victims, deadline_s: float, say: Say):
-    from rocoin.profiles.fleet import Fleet
-    from rocoin.runtime.cluster import STATE_FILE, LocalCluster, cluster_down
+    from rocoin.contracts.fleet import Fleet
+    from rocoin.runtime.cluster.local import STATE_FILE, LocalCluster, cluster_down
 
     state_dir = out / "cluster"
     if (state_dir / STATE_FILE).exists():
@@ -977,7 +979,7 @@ def _save_png(fig, path: Path) -> str:
 
 
 def _markdown(r: dict[str, Any]) -> str:
-    from rocoin.runtime.source import FAILURES_TO_MARK_DOWN, PROBE_INTERVAL_S
+    from rocoin.runtime.source.source import FAILURES_TO_MARK_DOWN, PROBE_INTERVAL_S
 
     rt, t, s, plan, data = r["runtime"], r["teacher"], r["students"], r["plan"], r["dataset"]
     header = "| " + " | ".join(COLUMNS) + " |"

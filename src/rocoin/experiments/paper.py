@@ -17,15 +17,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rocoin.errors import InfeasiblePlanError, RocoinError
+from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
 from rocoin.experiments.report import ExperimentResult
 from rocoin.experiments.setup import ExperimentSetup
 from rocoin.experiments.workspace import Workspace, assumed_outage_fleet
-from rocoin.fileio import write_text_atomic
+from rocoin.contracts.fileio import write_text_atomic
 from rocoin.planning import filter_graph, make_plan, synthetic_activations
-from rocoin.planning.plan import Plan
-from rocoin.profiles.catalog import Catalog, analytic_catalog
-from rocoin.progress import progress_bar
+from rocoin.contracts.plan import Plan
+from rocoin.contracts.catalog import Catalog
+from rocoin.profiles.generate import analytic_catalog
+from rocoin.contracts.progress import log_progress as progress_bar  # TODO(issue 12): take progress from the caller
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rocoin.fileio import atomic_path, write_json_atomic, write_text_atomic
+from rocoin.contracts.fileio import atomic_path, write_json_atomic, write_text_atomic
 
 
 @dataclass

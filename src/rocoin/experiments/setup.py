@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from rocoin.errors import RocoinError
-from rocoin.fileio import validate
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.fileio import validate
 
 Size = Literal["quick", "default", "paper"]
 SIZES: tuple[str, ...] = ("quick", "default", "paper")

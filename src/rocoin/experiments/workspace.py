@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from rocoin.experiments.setup import ExperimentSetup
-from rocoin.fileio import atomic_path, load_document, load_npy, write_json_atomic
-from rocoin.planning.plan import Plan
-from rocoin.profiles.catalog import Catalog, load_catalog, save_catalog
-from rocoin.profiles.fleet import Fleet, generate_fleet
+from rocoin.contracts.fileio import atomic_path, load_document, load_npy, write_json_atomic
+from rocoin.contracts.plan import Plan
+from rocoin.contracts.catalog import Catalog, load_catalog, save_catalog
+from rocoin.contracts.fleet import Fleet
+from rocoin.profiles.generate import generate_fleet
 
 logger = logging.getLogger(__name__)
 

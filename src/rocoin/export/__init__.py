@@ -1,7 +1,7 @@
 """Exporting distilled students to an ONNX bundle (``rocoin export``). Needs torch, onnx and onnxruntime.
 
 The bundle (one ONNX file per group, ``head.onnx`` and ``manifest.json``; see
-:mod:`rocoin.runtime.manifest`) is what the runtime serves; the runtime itself needs neither torch
+:mod:`rocoin.contracts.manifest`) is what the runtime serves; the runtime itself needs neither torch
 nor this package.
 """
 

@@ -7,7 +7,7 @@ The bundle folder holds
   ``input`` (B, C, H, W) float32, already normalised -> ``features`` (B, |P_k|);
 - ``head.onnx``: the shared FC the source runs, ``features`` (B, F) **in filter order** (group
   ``k``'s values at ``plan.groups[k].filters``, zeros for a missing group) -> ``logits`` (B, classes);
-- ``manifest.json`` (:class:`rocoin.runtime.manifest.Manifest`) with the plan, the data set's
+- ``manifest.json`` (:class:`rocoin.contracts.manifest.Manifest`) with the plan, the data set's
   normalisation and class names, and the size and SHA-256 of every file.
 
 The batch axis is dynamic everywhere. Before the bundle is moved into place every file is run with
@@ -39,10 +39,10 @@ from rocoin import __version__
 from rocoin.data import DatasetInfo
 from rocoin.distillation.distill import Students
 from rocoin.distillation.students import DeviceStudent, StudentNetwork
-from rocoin.errors import RocoinError
-from rocoin.fileio import format_validation_error, write_json_atomic
-from rocoin.planning.plan import Plan, load_plan
-from rocoin.runtime.manifest import (
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.fileio import format_validation_error, write_json_atomic
+from rocoin.contracts.plan import Plan, load_plan
+from rocoin.contracts.manifest import (
     MANIFEST_NAME,
     GroupModel,
     Manifest,

@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from rocoin.errors import RocoinError
-from rocoin.runtime.manifest import Manifest
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 

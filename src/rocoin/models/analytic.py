@@ -19,7 +19,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
+
+#: Students of the built-in catalog: the paper's CIFAR-10/100 students and MobileNetV2 variants.
+DEFAULT_STUDENTS = (
+    "wrn-16-1",
+    "wrn-16-2",
+    "wrn-16-3",
+    "wrn-22-1",
+    "mobilenetv2-0.25",
+    "mobilenetv2-0.5",
+    "mobilenetv2-1.0",
+)
+
 
 BYTES_PER_FLOAT = 4
 

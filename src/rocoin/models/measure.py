@@ -33,9 +33,10 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 from rocoin.models.registry import create_model
-from rocoin.profiles.catalog import DEFAULT_STUDENTS, Catalog, StudentSpec
+from rocoin.contracts.catalog import Catalog, StudentSpec
+from rocoin.models.analytic import DEFAULT_STUDENTS
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 from rocoin.models.init import init_weights
 from rocoin.models.analytic import MOBILENETV2_SETTINGS
 from rocoin.models.analytic import _make_divisible as make_divisible

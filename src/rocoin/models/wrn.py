@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 from rocoin.models.init import init_weights
 
 STEM_CHANNELS = 16

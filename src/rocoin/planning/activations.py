@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rocoin.fileio import load_npy
+from rocoin.contracts.fileio import load_npy
 from rocoin.planning.partition import check_activations
 
 

@@ -15,9 +15,9 @@ import math
 import numpy as np
 from scipy.spatial import cKDTree
 
-from rocoin.errors import InfeasiblePlanError
+from rocoin.contracts.errors import InfeasiblePlanError
 from rocoin.planning.kmeans import kmeans
-from rocoin.profiles.fleet import FleetArrays
+from rocoin.contracts.fleet import FleetArrays
 
 #: θ values tried by the automatic search, as fractions of the largest possible distance.
 THETA_GRID_FRACTIONS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0)

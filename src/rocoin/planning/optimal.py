@@ -44,10 +44,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rocoin.errors import InfeasiblePlanError, RocoinError
-from rocoin.planning.latency import BITS_PER_VALUE, device_latency_s
-from rocoin.profiles.catalog import CatalogArrays
-from rocoin.profiles.fleet import FleetArrays
+from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
+from rocoin.contracts.latency import BITS_PER_VALUE, device_latency_s
+from rocoin.contracts.catalog import CatalogArrays
+from rocoin.contracts.fleet import FleetArrays
 
 logger = logging.getLogger(__name__)
 

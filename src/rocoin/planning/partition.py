@@ -7,7 +7,7 @@ from functools import cached_property
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from rocoin.errors import RocoinError
+from rocoin.contracts.errors import RocoinError
 from rocoin.planning.kmeans import kmeans
 
 #: Images per block when summing the filter graph (bounds memory at block × F² floats).

@@ -1,7 +1,7 @@
 """The offline planner: RoCoIn (Algorithm 1), its baselines (SPEC.md §5) and the exact optimum.
 
 Every scheme is a pure function of the fleet, the filter graph and the catalog, returning a
-validated :class:`~rocoin.planning.plan.Plan`. Devices that fit no student of the catalog are
+validated :class:`~rocoin.contracts.plan.Plan`. Devices that fit no student of the catalog are
 listed in ``plan.unassigned`` with the reason (and logged), never dropped silently.
 """
 
@@ -14,14 +14,14 @@ from typing import Callable
 
 import numpy as np
 
-from rocoin.errors import InfeasiblePlanError, RocoinError
+from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
 from rocoin.planning.assignment import Assignment, GroupCosts, match_greedy, match_minmax, match_paper
 from rocoin.planning.grouping import best_achievable_failure, group_devices, theta_grid
-from rocoin.planning.latency import device_latency_s
+from rocoin.contracts.latency import device_latency_s
 from rocoin.planning.partition import SpectralPartitioner, equal_sizes, proportional_sizes
-from rocoin.planning.plan import SCHEMES, GroupPlan, Plan, UnassignedDevice
-from rocoin.profiles.catalog import Catalog, CatalogArrays
-from rocoin.profiles.fleet import Fleet, FleetArrays
+from rocoin.contracts.plan import SCHEMES, GroupPlan, Plan, UnassignedDevice
+from rocoin.contracts.catalog import Catalog, CatalogArrays
+from rocoin.contracts.fleet import Fleet, FleetArrays
 
 logger = logging.getLogger(__name__)
 

@@ -1,17 +1,5 @@
-"""Device profiles (fleets) and student catalogs: the validated inputs of the planner."""
+"""Profiles without measuring: synthetic fleets like the paper's and analytic student catalogs."""
 
-from rocoin.profiles.catalog import Catalog, CatalogArrays, StudentSpec, default_catalog, load_catalog
-from rocoin.profiles.fleet import DeviceProfile, Fleet, FleetArrays, generate_fleet, load_fleet
+from rocoin.profiles.generate import analytic_catalog, default_catalog, generate_fleet
 
-__all__ = [
-    "Catalog",
-    "CatalogArrays",
-    "DeviceProfile",
-    "Fleet",
-    "FleetArrays",
-    "StudentSpec",
-    "default_catalog",
-    "generate_fleet",
-    "load_catalog",
-    "load_fleet",
-]
+__all__ = ["analytic_catalog", "default_catalog", "generate_fleet"]

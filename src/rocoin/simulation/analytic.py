@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from rocoin.errors import RocoinError
-from rocoin.planning.plan import Plan
-from rocoin.profiles.fleet import Fleet
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.plan import Plan
+from rocoin.contracts.fleet import Fleet
 from rocoin.simulation.montecarlo import check_timeout, member_arrays, summary_dict
 
 logger = logging.getLogger(__name__)

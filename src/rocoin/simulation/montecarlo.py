@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from rocoin.errors import RocoinError
-from rocoin.planning.plan import Plan, plan_members
-from rocoin.profiles.fleet import Fleet
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.plan import Plan, plan_members
+from rocoin.contracts.fleet import Fleet
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,186 @@
+"""bundle/manifest.json: what a device and the source need to serve a plan's students.
+
+A bundle folder holds one ONNX file per group (the feature extractor every device of the group
+runs: input image batch -> its partition's pooled values), one for the head (the FC the source
+runs: F-vector -> logits) and this manifest with the SHA-256 of every file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.fileio import load_validated
+from rocoin.contracts.plan import Plan
+from rocoin.contracts.fleet import DeviceId
+
+MANIFEST_NAME = "manifest.json"
+BUNDLE_FORMAT = "rocoin-bundle/1"
+HASH_CHUNK_BYTES = 1 << 20
+#: Smallest normalisation std [decision]: the input is divided by it; real datasets have std
+#: around 0.1..0.5 (on pixels scaled to [0, 1]), and below 1e-6 one pixel step becomes > 1e4.
+MIN_NORMALIZATION_STD = 1e-6
+#: Largest dimension of a model input or output [decision]: images up to 2**20 pixels a side,
+#: partitions and class lists up to 2**20 entries, far above any rocoin student.
+MAX_TENSOR_DIM = 2**20
+#: Most dimensions of a tensor (without the batch) [decision]: rocoin's have 1 (features) or 3 (C×H×W).
+MAX_TENSOR_RANK = 8
+#: Most values of one tensor (one batch item) [decision]: 2**28 float32 take 1 GiB; a 3×4096×4096
+#: image has about 5e7.
+MAX_TENSOR_ELEMENTS = 2**28
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class TensorSpec(BaseModel):
+    """One ONNX input or output; the leading batch dimension is dynamic and not listed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    shape: list[Annotated[int, Field(ge=1, le=MAX_TENSOR_DIM)]] = Field(
+        min_length=1, max_length=MAX_TENSOR_RANK, description="shape without the batch dimension"
+    )
+    dtype: Literal["float32"] = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _not_too_many_values(cls, shape: list[int]) -> list[int]:
+        if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+            raise ValueError(f"{shape} holds {math.prod(shape)} values: expected at most {MAX_TENSOR_ELEMENTS} per batch item")
+        return shape
+
+
+class ModelFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = Field(min_length=1, description="file name inside the bundle folder")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(gt=0)
+    input: TensorSpec
+    output: TensorSpec
+
+
+class GroupModel(ModelFile):
+    """The student of one group, run by every device of the group."""
+
+    group: int = Field(ge=0)
+    student: str
+    devices: list[DeviceId] = Field(min_length=1)
+    filters: list[int] = Field(min_length=1)
+
+
+class Normalization(BaseModel):
+    """Per-channel ``(x - mean) / std`` of the input; one mean and one std per input channel."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: list[FiniteFloat] = Field(min_length=1)
+    std: list[Annotated[float, Field(gt=MIN_NORMALIZATION_STD, allow_inf_nan=False)]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Normalization:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"len(mean) = {len(self.mean)} but len(std) = {len(self.std)}: expected one mean and one std per input channel")
+        return self
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["rocoin-bundle/1"] = BUNDLE_FORMAT
+    plan: Plan
+    dataset: str
+    class_names: list[str] = Field(min_length=1)
+    normalization: Normalization
+    groups: list[GroupModel] = Field(min_length=1)
+    head: ModelFile
+    rocoin_version: str
+    #: "int8" when the group models were statically quantised (the head stays fp32)
+    quantization: Literal["none", "int8"] = "none"
+
+    @model_validator(mode="after")
+    def _check(self) -> Manifest:
+        if [g.group for g in self.groups] != list(range(len(self.plan.groups))):
+            raise ValueError("groups must list one model per plan group, in plan order")
+        first = self.groups[0].input
+        for k, model in enumerate(self.groups[1:], start=1):
+            if model.input != first:
+                raise ValueError(
+                    f"groups[{k}].input = {_spec_text(model.input)} differs from groups[0].input = {_spec_text(first)}:"
+                    " expected every group model to take the same input"
+                )
+        channels = first.shape[0]
+        for name in ("mean", "std"):
+            values = getattr(self.normalization, name)
+            if len(values) != channels:
+                raise ValueError(
+                    f"normalization.{name} = {_short(values)}: {len(values)} values for an input of {channels} channel{'s' if channels != 1 else ''}"
+                    f" (groups[0].input.shape = {first.shape}): expected one per channel"
+                )
+        for model, group in zip(self.groups, self.plan.groups):
+            if model.devices != group.devices or model.filters != group.filters or model.student != group.student:
+                raise ValueError(f"group {model.group} does not match the plan's group")
+            if model.output.shape != [len(group.filters)]:
+                raise ValueError(f"group {model.group}: output shape {model.output.shape} != [{len(group.filters)}] (its filters)")
+        if self.head.input.shape != [self.plan.num_filters]:
+            raise ValueError(f"head input shape {self.head.input.shape} != [{self.plan.num_filters}]")
+        if self.head.output.shape != [len(self.class_names)]:
+            raise ValueError(f"head output shape {self.head.output.shape} != [{len(self.class_names)}] (the classes)")
+        return self
+
+    @property
+    def input(self) -> TensorSpec:
+        return self.groups[0].input
+
+    def group_of(self, device_id: str) -> GroupModel:
+        for model in self.groups:
+            if device_id in model.devices:
+                return model
+        known = ", ".join(d for g in self.groups for d in g.devices)
+        raise RocoinError(f"device-id = {device_id!r}: not a device of this bundle's plan (expected one of {known})")
+
+
+def _spec_text(spec: TensorSpec) -> str:
+    return f"{spec.name!r} {spec.dtype} {_short(spec.shape)}"
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_file(bundle: Path, model: ModelFile) -> Path:
+    """The model's path, after checking its size and SHA-256 against the manifest."""
+    path = bundle / model.file
+    if Path(model.file).name != model.file:
+        raise RocoinError(f"{bundle / MANIFEST_NAME}: file = {model.file!r}: expected a plain file name inside the bundle")
+    if not path.is_file():
+        raise RocoinError(f"{path}: model file is missing from the bundle")
+    size = path.stat().st_size
+    if size != model.size_bytes:
+        raise RocoinError(f"{path}: {size} bytes but the manifest says {model.size_bytes} (truncated or replaced); refusing to serve it")
+    if file_sha256(path) != model.sha256:
+        raise RocoinError(f"{path}: SHA-256 does not match the manifest (tampered or corrupt); refusing to serve it")
+    return path
+
+
+def load_manifest(bundle: str | os.PathLike[str]) -> Manifest:
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise RocoinError(f"{bundle}: bundle folder not found (make one with rocoin export)")
+    return load_validated(Manifest, bundle / MANIFEST_NAME, "a rocoin bundle manifest")

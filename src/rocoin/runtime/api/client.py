@@ -1,0 +1,117 @@
+"""A client of the source's ``rocoin.v1.Source`` API: send images, measure accuracy and latency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Awaitable, Callable
+
+import grpc
+import numpy as np
+
+from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc
+from rocoin.runtime.transport.serde import tensor_from_proto, tensor_to_proto
+
+#: Client-side limit on one call, beyond the source's own deadline.
+CALL_TIMEOUT_S = 30.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+#: ``ask(image) -> (prediction, missing groups, source latency s)`` for one (1, C, H, W) image.
+Ask = Callable[[np.ndarray], Awaitable[tuple[int, int, float]]]
+
+
+async def _drive(ask: Ask, images: np.ndarray, labels: np.ndarray | None, concurrency: int) -> dict:
+    """Send each image through ``ask``, ``concurrency`` at a time; summarise what came back."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency = {concurrency}: expected at least 1")
+    latencies = np.zeros(len(images))
+    source_latencies = np.zeros(len(images))
+    predictions = np.zeros(len(images), dtype=np.int64)
+    missing = np.zeros(len(images), dtype=np.int64)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(images)):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            started = time.perf_counter()
+            predictions[i], missing[i], source_latencies[i] = await ask(np.asarray(images[i : i + 1]))
+            latencies[i] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return _summary(latencies, source_latencies, predictions, missing, labels, time.perf_counter() - started)
+
+
+async def run_queries(
+    address: str,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    concurrency: int = 1,
+    deadline_s: float = 0.0,
+) -> dict:
+    """Send each image as one query, ``concurrency`` at a time; summarise what came back."""
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        stub = rocoin_pb2_grpc.SourceStub(channel)
+
+        async def ask(image: np.ndarray) -> tuple[int, int, float]:
+            request = rocoin_pb2.SourceInferRequest(query_id=uuid.uuid4().hex[:16], input=tensor_to_proto(image), deadline_s=deadline_s)
+            reply = await stub.Infer(request, timeout=CALL_TIMEOUT_S)
+            prediction = int(tensor_from_proto(reply.logits, max_bytes=MAX_MESSAGE_BYTES).argmax(axis=1)[0])
+            return prediction, len(reply.missing_groups), reply.latency_s
+
+        return await _drive(ask, images, labels, concurrency)
+
+
+async def run_queries_http(
+    url: str,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    concurrency: int = 1,
+    token: str | None = None,
+    model: str = "rocoin",
+) -> dict:
+    """The same as :func:`run_queries`, over the KServe v2 REST API at ``url`` (http://host:port)."""
+    import aiohttp
+
+    endpoint = f"{url.rstrip('/')}/v2/models/{model}/infer"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+
+        async def ask(image: np.ndarray) -> tuple[int, int, float]:
+            datatype = "UINT8" if image.dtype == np.uint8 else "FP32"
+            body = {"id": uuid.uuid4().hex[:16], "inputs": [{"name": "input", "shape": list(image.shape), "datatype": datatype, "data": image.ravel().tolist()}]}
+            async with session.post(endpoint, json=body) as response:
+                reply = await response.json()
+                if response.status != 200:
+                    raise RuntimeError(f"{endpoint}: HTTP {response.status}: {reply.get('error', reply)}")
+            logits = next(o for o in reply["outputs"] if o["name"] == "logits")
+            prediction = int(np.asarray(logits["data"]).reshape(logits["shape"]).argmax(axis=1)[0])
+            return prediction, int(reply["parameters"]["missing_groups"]), float(reply["parameters"]["latency_s"])
+
+        return await _drive(ask, images, labels, concurrency)
+
+
+def _summary(latencies, source_latencies, predictions, missing, labels, elapsed: float) -> dict:
+    report = {
+        "queries": len(latencies),
+        "latency_s": {
+            "mean": float(latencies.mean()),
+            "p50": float(np.percentile(latencies, 50)),
+            "p99": float(np.percentile(latencies, 99)),
+        },
+        "source_latency_s": {"p50": float(np.percentile(source_latencies, 50)), "p99": float(np.percentile(source_latencies, 99))},
+        "queries_per_s": len(latencies) / elapsed,
+        "queries_with_missing_groups": int((missing > 0).sum()),
+        "missing_groups_mean": float(missing.mean()),
+    }
+    if labels is not None:
+        report["accuracy"] = float((predictions == np.asarray(labels)).mean())
+    return report

@@ -1,0 +1,312 @@
+"""A local cluster: one device-worker process per device on loopback, plus the source.
+
+``LocalCluster`` is what ``rocoin cluster up`` runs, and what the tests and benchmarks use to
+kill and restart real processes. Its state (addresses, process ids, logs) lives in a folder, so
+``rocoin cluster down`` can stop a cluster started by another command.
+
+The devices authenticate the source with a shared token, kept in the state folder as
+:data:`TOKEN_FILE` (mode 0600) while the cluster runs: every worker and the source read it with
+``--token-file``, and an operator restarting a worker by hand passes the same file
+(``rocoin device serve ... --token-file STATE/device-token``). It is removed when the cluster stops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.fileio import write_json_atomic
+from rocoin.contracts.fleet import Fleet, load_fleet, save_fleet
+from rocoin.runtime.transport.lifecycle import READY_POLL_S, wait_ready_file
+from rocoin.contracts.manifest import load_manifest
+
+logger = logging.getLogger(__name__)
+
+#: How long ``start`` waits for every worker to report its address and be SERVING.
+STARTUP_TIMEOUT_S = 60.0
+#: How long ``stop`` waits after SIGTERM before SIGKILL.
+STOP_GRACE_S = 5.0
+STATE_FILE = "cluster.json"
+#: The shared device token, readable by the owner only.
+TOKEN_FILE = "device-token"
+
+
+@dataclass
+class Member:
+    name: str  # device id, or "source"
+    address: str
+    pid: int
+    log: str
+    http_address: str | None = None  # the source's REST API, when started with one
+
+
+@dataclass
+class ClusterState:
+    bundle: str
+    fleet: str  # the fleet with the workers' addresses filled in
+    devices: list[Member] = field(default_factory=list)
+    source: Member | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ClusterState:
+        source = Member(**data["source"]) if data.get("source") else None
+        return cls(bundle=data["bundle"], fleet=data["fleet"], devices=[Member(**m) for m in data["devices"]], source=source)
+
+
+def rocoin_command() -> list[str]:
+    """How to run the ``rocoin`` CLI of this installation in a child process."""
+    return [sys.executable, "-m", "rocoin.cli.main"]
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        bundle: str | Path,
+        fleet: Fleet | str | Path,
+        state_dir: str | Path,
+        *,
+        emulate: bool = False,
+        deadline_s: float | None = None,
+        with_source: bool = True,
+        devices: list[str] | None = None,
+        token: str | None = None,
+        http: bool = False,
+    ) -> None:
+        """``devices``: the plan devices to start (default: all); the others keep the fleet's address."""
+        self.bundle = Path(bundle).resolve()
+        self.manifest = load_manifest(self.bundle)
+        self.fleet = fleet if isinstance(fleet, Fleet) else load_fleet(fleet)
+        self.manifest.plan.check_fleet(self.fleet)
+        self.state_dir = Path(state_dir).resolve()
+        self.emulate = emulate
+        self.deadline_s = deadline_s
+        self.with_source = with_source
+        self.http = http
+        plan_devices = self.manifest.plan.device_ids
+        unknown = sorted(set(devices or []) - set(plan_devices))
+        if unknown:
+            raise RocoinError(f"device {unknown[0]!r} is not in the bundle's plan")
+        self.device_ids = list(devices) if devices is not None else plan_devices
+        #: the shared token between the source and the devices (a fresh random one by default); it
+        #: reaches the workers through a 0600 file in the state folder, never their command line.
+        self.token = token or secrets.token_urlsafe(32)
+        self.token_file = self.state_dir / TOKEN_FILE
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.state: ClusterState | None = None
+
+    # --- starting ---------------------------------------------------------------------------
+
+    def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> ClusterState:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if (self.state_dir / STATE_FILE).exists():
+            raise RocoinError(f"{self.state_dir}: a cluster is already running here (rocoin cluster down --state-dir {self.state_dir})")
+        plan_devices = self.device_ids
+        original = self.state_dir / "fleet-profiles.yaml"
+        save_fleet(self.fleet, original)
+        write_secret(self.token_file, self.token)
+        try:
+            for device_id in plan_devices:
+                self._spawn_device(device_id, "127.0.0.1:0", original)
+            members = [self._await_ready(name, timeout_s) for name in plan_devices]
+            addresses = {m.name: m.address for m in members}
+            fleet = Fleet(
+                devices=[d.model_copy(update={"address": addresses.get(d.id, d.address)}) for d in self.fleet.devices],
+                input_bits=self.fleet.input_bits,
+            )
+            fleet_path = self.state_dir / "fleet.yaml"
+            save_fleet(fleet, fleet_path)
+            self.state = ClusterState(bundle=str(self.bundle), fleet=str(fleet_path), devices=members)
+            for member in members:
+                wait_serving(member.address, timeout_s)
+            if self.with_source:
+                self._spawn_source(fleet_path)
+                self.state.source = self._await_ready("source", timeout_s)
+                wait_serving(self.state.source.address, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        write_json_atomic(self.state_dir / STATE_FILE, self.state.to_json())
+        return self.state
+
+    def _ready_file(self, name: str) -> Path:
+        return self.state_dir / f"{name}.ready.json"
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        ready = self._ready_file(name)
+        ready.unlink(missing_ok=True)
+        log_path = self.state_dir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            self.processes[name] = subprocess.Popen(
+                [*rocoin_command(), *args, "--ready-file", str(ready)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def _spawn_device(self, device_id: str, listen: str, profiles: Path) -> None:
+        args = ["device", "serve", "--bundle", str(self.bundle), "--device-id", device_id, "--listen", listen, "--token-file", str(self.token_file)]
+        if self.emulate:
+            args += ["--fleet", str(profiles), "--emulate"]
+        self._spawn(device_id, args)
+
+    def _spawn_source(self, fleet_path: Path) -> None:
+        args = ["source", "serve", "--bundle", str(self.bundle), "--fleet", str(fleet_path), "--listen", "127.0.0.1:0", "--token-file", str(self.token_file)]
+        if self.deadline_s:
+            args += ["--deadline-s", str(self.deadline_s)]
+        if self.http:
+            args += ["--http-listen", "127.0.0.1:0"]
+        self._spawn("source", args)
+
+    def _await_ready(self, name: str, timeout_s: float) -> Member:
+        log = self.state_dir / f"{name}.log"
+        try:
+            info = wait_ready_file(self._ready_file(name), timeout_s=timeout_s, process=self.processes[name])
+        except RocoinError as exc:
+            raise RocoinError(f"{name}: {exc}; its log ends: {_tail(log)}") from None
+        return Member(name=name, address=info["address"], pid=self.processes[name].pid, log=str(log), http_address=info.get("http_address"))
+
+    # --- failures ---------------------------------------------------------------------------
+
+    def member(self, name: str) -> Member:
+        assert self.state is not None
+        for m in self.state.devices:
+            if m.name == name:
+                return m
+        raise RocoinError(f"device {name!r} is not in this cluster")
+
+    def kill_device(self, device_id: str, sig: int = signal.SIGKILL) -> None:
+        """Kill a device worker (SIGKILL by default: no goodbye)."""
+        process = self.processes[device_id]
+        process.send_signal(sig)
+        process.wait()
+
+    def restart_device(self, device_id: str, timeout_s: float = STARTUP_TIMEOUT_S) -> Member:
+        """Start a killed device again on the same address, so the source finds it again."""
+        old = self.member(device_id)
+        self._spawn_device(device_id, old.address, self.state_dir / "fleet-profiles.yaml")
+        new = self._await_ready(device_id, timeout_s)
+        wait_serving(new.address, timeout_s)
+        old.pid = new.pid
+        write_json_atomic(self.state_dir / STATE_FILE, self.state.to_json())
+        return new
+
+    # --- stopping ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        stop_processes([p.pid for p in self.processes.values() if p.poll() is None])
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+        self.processes.clear()
+        (self.state_dir / STATE_FILE).unlink(missing_ok=True)
+        self.token_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def stop_processes(pids: list[int], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM each process group, then SIGKILL whatever is left after ``grace_s``."""
+    for pid in pids:
+        _signal_group(pid, signal.SIGTERM)
+    limit = time.monotonic() + grace_s
+    alive = list(pids)
+    while alive and time.monotonic() < limit:
+        alive = [pid for pid in alive if _alive(pid)]
+        if alive:
+            time.sleep(READY_POLL_S)
+    for pid in alive:
+        _signal_group(pid, signal.SIGKILL)
+
+
+def cluster_down(state_dir: str | Path) -> ClusterState:
+    """Stop the cluster whose state is in ``state_dir`` (started by ``rocoin cluster up``)."""
+    path = Path(state_dir) / STATE_FILE
+    if not path.exists():
+        raise RocoinError(f"{state_dir}: no running cluster here (no {STATE_FILE})")
+    state = ClusterState.from_json(json.loads(path.read_text()))
+    members = state.devices + ([state.source] if state.source else [])
+    stop_processes([m.pid for m in members])
+    path.unlink(missing_ok=True)
+    (Path(state_dir) / TOKEN_FILE).unlink(missing_ok=True)
+    return state
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by the owner only (0600 from creation, then moved into place)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def wait_serving(address: str, timeout_s: float) -> None:
+    """Block until the gRPC health service at ``address`` says SERVING."""
+    limit = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0, wait_for_ready=True)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > limit:
+                raise RocoinError(f"{address}: not SERVING within {timeout_s:g} s")
+            time.sleep(READY_POLL_S)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

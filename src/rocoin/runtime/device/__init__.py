@@ -1,0 +1,1 @@
+"""A device: runs its group's student with onnxruntime and serves it over gRPC (no torch)."""

@@ -1,0 +1,115 @@
+"""Device profiling: measure what a device really offers and write its fleet entry.
+
+- FLOP/s: each student model of the bundle (or the one of its group) runs with onnxruntime on
+  batch-1 inputs; FLOP/s = the student's FLOPs (from the plan's catalog) / the median run time.
+- memory: the memory available now (``MemAvailable`` of /proc/meminfo; the total elsewhere).
+- link to the source: ``PROBES`` health checks give the loss rate (failed fraction); the uplink
+  rate is the extra bytes of a large message over a small one divided by the extra time, using
+  requests the source rejects after reading them whole (an empty Source.Infer input).
+Like exo's device-capability probe, the result is a data object, here a fleet entry.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.fleet import DeviceProfile
+from rocoin.contracts.manifest import load_manifest, verify_file
+from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc
+
+#: Model runs per student for the FLOP/s figure (after warm-up runs).
+MODEL_RUNS = 30
+WARMUP_RUNS = 3
+#: Health checks for the loss rate, and their time limit.
+PROBES = 50
+PROBE_TIMEOUT_S = 1.0
+#: Payloads of the uplink measurement (bytes) and repetitions of each.
+SMALL_PAYLOAD_BYTES = 1_000
+LARGE_PAYLOAD_BYTES = 60_000  # under the source's smallest message limit (its 64 KiB slack)
+RATE_REPEATS = 7
+#: The outage written when every probe succeeded (a measured 0 would promise too much).
+MIN_OUTAGE = 0.001
+
+
+def measure_flops(bundle: str | Path, *, threads: int = 1) -> float:
+    """Median achieved FLOP/s over the bundle's group models (batch 1, onnxruntime)."""
+    bundle = Path(bundle)
+    manifest = load_manifest(bundle)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    rates = []
+    x = np.random.default_rng(0).normal(size=(1, *manifest.input.shape)).astype(np.float32)
+    for model in manifest.groups:
+        session = ort.InferenceSession(str(verify_file(bundle, model)), options, providers=["CPUExecutionProvider"])
+        feeds = {model.input.name: x}
+        for _ in range(WARMUP_RUNS):
+            session.run(None, feeds)
+        times = []
+        for _ in range(MODEL_RUNS):
+            started = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - started)
+        rates.append(manifest.plan.catalog[model.student].flops / statistics.median(times))
+    return float(statistics.median(rates))
+
+
+def available_memory_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def measure_link(source: str) -> tuple[float, float]:
+    """(uplink bit/s, loss rate) towards the source at ``source`` (host:port)."""
+    with grpc.insecure_channel(source) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        failures = 0
+        for _ in range(PROBES):
+            try:
+                health.Check(health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S)
+            except grpc.RpcError:
+                failures += 1
+        if failures == PROBES:
+            raise RocoinError(f"source = {source!r}: no answer to {PROBES} health checks; is `rocoin source serve` running there?")
+        stub = rocoin_pb2_grpc.SourceStub(channel)
+
+        def send(size: int) -> float:
+            # an input the source rejects after reading the whole message: dtype it does not accept
+            request = rocoin_pb2.SourceInferRequest(input=rocoin_pb2.Tensor(shape=[size], dtype="int64", data=bytes(size)))
+            started = time.perf_counter()
+            try:
+                stub.Infer(request, timeout=10)
+            except grpc.RpcError:
+                pass
+            return time.perf_counter() - started
+
+        small = statistics.median(send(SMALL_PAYLOAD_BYTES) for _ in range(RATE_REPEATS))
+        large = statistics.median(send(LARGE_PAYLOAD_BYTES) for _ in range(RATE_REPEATS))
+    extra_s = max(large - small, 1e-6)
+    return 8 * (LARGE_PAYLOAD_BYTES - SMALL_PAYLOAD_BYTES) / extra_s, failures / PROBES
+
+
+def profile_device(device_id: str, bundle: str | Path, source: str, *, address: str | None = None, threads: int = 1) -> DeviceProfile:
+    flops = measure_flops(bundle, threads=threads)
+    rate_bps, loss = measure_link(source)
+    return DeviceProfile(
+        id=device_id,
+        flops=round(flops, 1),
+        memory_bytes=available_memory_bytes(),
+        rate_bps=round(rate_bps, 1),
+        outage=round(max(loss, MIN_OUTAGE), 6),
+        address=address,
+    )
