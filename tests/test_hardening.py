@@ -18,6 +18,8 @@ import time
 
 import grpc
 import numpy as np
+import sys
+
 import pytest
 
 pytest.importorskip("onnxruntime")
@@ -28,7 +30,7 @@ from rocoin.contracts.errors import RocoinError  # noqa: E402
 from rocoin.logs import TextFormatter  # noqa: E402
 from rocoin.contracts.fleet import Fleet  # noqa: E402
 from rocoin.runtime.transport.auth import token_metadata  # noqa: E402
-from rocoin.runtime.cluster.local import TOKEN_FILE, LocalCluster, rocoin_command, wait_serving  # noqa: E402
+from rocoin.runtime.cluster.local import TOKEN_FILE, LocalCluster, wait_serving  # noqa: E402
 from rocoin.runtime.device.worker import Emulation, start_device  # noqa: E402
 from rocoin.runtime.api.http_limits import HttpLimits  # noqa: E402
 from rocoin.runtime.transport.keepalive import KEEPALIVE, Keepalive  # noqa: E402
@@ -40,6 +42,11 @@ from serving import DEVICE_TOKEN, serving_stack  # noqa: E402
 from test_device import make_bundle  # noqa: E402
 
 INFER = "/v2/models/rocoin/infer"
+
+
+def rocoin_command() -> list[str]:
+    """The ``rocoin`` command line of this installation, as an operator runs it."""
+    return [sys.executable, "-m", "rocoin.cli.main"]
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 
-from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.errors import RocoinError, ServingError, UnavailableError
 
 out = Console()
 err = Console(stderr=True)
@@ -17,7 +18,8 @@ F = TypeVar("F", bound=Callable[..., object])
 
 
 def clean_errors(func: F) -> F:
-    """One ``error: ...`` line and exit code 2 for bad input; no traceback, nothing written."""
+    """One ``error: ...`` line, no traceback, nothing written: exit code 2 for bad input
+    (:class:`RocoinError`), 1 for a peer that failed or could not be reached."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -26,6 +28,9 @@ def clean_errors(func: F) -> F:
         except RocoinError as exc:
             err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except (UnavailableError, ServingError) as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -36,3 +41,10 @@ def require(module: str, extra: str) -> None:
 
     if importlib.util.find_spec(module) is None:
         raise RocoinError(f"this command needs {module}: pip install -e '.[{extra}]'")
+
+
+def flag(model: type[BaseModel], field: str, *names: str, **extra: Any) -> Any:
+    """A typer option whose default and help are those of ``model.field``: one default per setting."""
+    info = model.model_fields[field]
+    default = ... if info.is_required() else info.default
+    return typer.Option(default, *names, help=info.description, **extra)

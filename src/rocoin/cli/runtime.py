@@ -11,9 +11,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rocoin.cli.common import clean_errors, out, require
+from rocoin.cli.common import clean_errors, flag, out, require
 from rocoin.contracts.errors import RocoinError
-from rocoin.runtime.api import http_limits as limits
+from rocoin.runtime.api.options import SourceOptions
+from rocoin.runtime.device.options import DeviceOptions
 
 device_app = typer.Typer(help="Run a device worker (onnxruntime + gRPC; no torch needed).", no_args_is_help=True)
 source_app = typer.Typer(help="Run the source: broadcasts queries, gathers groups, runs the head.", no_args_is_help=True)
@@ -67,62 +68,37 @@ def export_command(
 @device_app.command("serve")
 @clean_errors
 def device_serve(
-    bundle: Path = typer.Option(..., "--bundle", help="Bundle folder from rocoin export."),
-    device_id: str = typer.Option(..., "--device-id", help="This device's id in the plan."),
-    listen: str = typer.Option("127.0.0.1:50061", "--listen", help="host:port to serve on (port 0: any free port)."),
-    fleet: Optional[Path] = typer.Option(None, "--fleet", help="Fleet file with this device's profile (for --emulate)."),
-    emulate: bool = typer.Option(False, "--emulate", help="Behave like the fleet profile: compute and link delays, random drops."),
-    max_batch: int = typer.Option(64, "--max-batch", help="Largest image batch accepted."),
-    max_concurrency: int = typer.Option(4, "--max-concurrency", help="Requests run at once."),
-    threads: int = typer.Option(1, "--threads", help="onnxruntime intra-op threads."),
-    ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
-    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File with the shared token the source must send (default: $ROCOIN_DEVICE_TOKEN)."),
-    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate: serve TLS (see scripts/make_certs.sh)."),
-    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
-    tls_client_ca: Optional[Path] = typer.Option(None, "--tls-client-ca", help="Require client certificates signed by this CA (mTLS)."),
-    insecure: bool = typer.Option(False, "--insecure", help="Serve without a token or mTLS (refused otherwise): anyone who reaches the port can use the device."),
-    metrics_listen: Optional[str] = typer.Option(None, "--metrics-listen", help="host:port for Prometheus /metrics (requests, run time)."),
+    bundle: Path = flag(DeviceOptions, "bundle", "--bundle"),
+    device_id: str = flag(DeviceOptions, "device_id", "--device-id"),
+    listen: str = flag(DeviceOptions, "listen", "--listen"),
+    fleet: Optional[Path] = flag(DeviceOptions, "fleet", "--fleet"),
+    emulate: bool = flag(DeviceOptions, "emulate", "--emulate"),
+    max_batch: int = flag(DeviceOptions, "max_batch", "--max-batch"),
+    max_concurrency: int = flag(DeviceOptions, "max_concurrency", "--max-concurrency"),
+    threads: int = flag(DeviceOptions, "threads", "--threads"),
+    ready_file: Optional[Path] = flag(DeviceOptions, "ready_file", "--ready-file"),
+    token_file: Optional[Path] = flag(DeviceOptions, "token_file", "--token-file"),
+    tls_cert: Optional[Path] = flag(DeviceOptions, "tls_cert", "--tls-cert"),
+    tls_key: Optional[Path] = flag(DeviceOptions, "tls_key", "--tls-key"),
+    tls_client_ca: Optional[Path] = flag(DeviceOptions, "tls_client_ca", "--tls-client-ca"),
+    insecure: bool = flag(DeviceOptions, "insecure", "--insecure"),
+    metrics_listen: Optional[str] = flag(DeviceOptions, "metrics_listen", "--metrics-listen"),
 ) -> None:
     """Serve this device's student over gRPC until SIGTERM/SIGINT."""
+    options = _options(DeviceOptions, locals())
     require("onnxruntime", "device")
     require("grpc", "device")
-    from rocoin.runtime.transport.auth import load_token
-    from rocoin.runtime.device.worker import Emulation, serve_device
+    from rocoin.runtime.device.options import run_device
 
     _server_logging()
-    emulation = None
-    if emulate:
-        if fleet is None:
-            raise RocoinError("--emulate needs --fleet (the device's profile)")
-        emulation = Emulation.from_fleet(fleet, device_id)
-    asyncio.run(
-        serve_device(
-            bundle,
-            device_id,
-            listen,
-            emulation=emulation,
-            max_batch=max_batch,
-            max_concurrency=max_concurrency,
-            intra_op_threads=threads,
-            ready_file=ready_file,
-            token=load_token(token_file),
-            tls=_server_tls(tls_cert, tls_key, tls_client_ca),
-            insecure=insecure,
-            metrics_listen=metrics_listen,
-        )
-    )
+    run_device(options)
 
 
-def _server_tls(cert: Optional[Path], key: Optional[Path], client_ca: Optional[Path]):
-    from rocoin.runtime.transport.tls import ServerTLS
+def _options(model, values: dict):
+    """``model`` from a command's arguments (named as its fields), validated with one-line errors."""
+    from rocoin.contracts.fileio import validate
 
-    if cert is None and key is None:
-        if client_ca is not None:
-            raise RocoinError("tls-client-ca needs --tls-cert and --tls-key (mTLS runs over TLS)")
-        return None
-    if cert is None or key is None:
-        raise RocoinError("tls-cert and tls-key: give both")
-    return ServerTLS(cert, key, client_ca)
+    return validate(model, values, "options")
 
 
 @device_app.command("profile")
@@ -153,52 +129,35 @@ def device_profile(
 @source_app.command("serve")
 @clean_errors
 def source_serve(
-    bundle: Path = typer.Option(..., "--bundle", help="Bundle folder from rocoin export."),
-    fleet: Path = typer.Option(..., "--fleet", help="Fleet file whose devices carry their worker's address."),
-    listen: str = typer.Option("127.0.0.1:50051", "--listen", help="host:port for clients (port 0: any free port)."),
-    http_listen: Optional[str] = typer.Option(None, "--http-listen", help="host:port for the KServe v2 REST API (e.g. 127.0.0.1:8000)."),
-    api_token_file: Optional[Path] = typer.Option(None, "--api-token-file", help="Bearer token clients must send to the client APIs (default: $ROCOIN_API_TOKEN; none: open)."),
-    api_tls_cert: Optional[Path] = typer.Option(None, "--api-tls-cert", help="Serve the client APIs (gRPC and REST) over TLS with this certificate."),
-    api_tls_key: Optional[Path] = typer.Option(None, "--api-tls-key", help="Private key of --api-tls-cert."),
-    deadline_s: float = typer.Option(1.0, "--deadline-s", help="Per-query deadline; missing groups are zero-filled then."),
-    ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {address, pid} here once serving."),
-    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File with the token the devices expect (default: $ROCOIN_DEVICE_TOKEN)."),
-    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="Talk TLS to the devices, verifying them against this CA."),
-    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="The source's certificate for mTLS."),
-    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Private key of --tls-cert."),
-    insecure: bool = typer.Option(False, "--insecure", help="Call the devices without a token or mTLS (refused otherwise)."),
-    http_header_timeout_s: float = typer.Option(limits.DEFAULT_HEADER_TIMEOUT_S, "--http-header-timeout-s", help="REST: seconds from a request's first byte to the end of its headers (else 408)."),
-    http_body_timeout_s: float = typer.Option(limits.DEFAULT_BODY_TIMEOUT_S, "--http-body-timeout-s", help="REST: seconds from the end of the headers to the end of the body (else closed)."),
-    http_idle_timeout_s: float = typer.Option(limits.DEFAULT_IDLE_TIMEOUT_S, "--http-idle-timeout-s", help="REST: seconds an idle connection stays open."),
-    http_max_connections: int = typer.Option(limits.DEFAULT_MAX_CONNECTIONS, "--http-max-connections", help="REST: open connections; one more gets 503."),
+    bundle: Path = flag(SourceOptions, "bundle", "--bundle"),
+    fleet: Path = flag(SourceOptions, "fleet", "--fleet"),
+    listen: str = flag(SourceOptions, "listen", "--listen"),
+    http_listen: Optional[str] = flag(SourceOptions, "http_listen", "--http-listen"),
+    api_token_file: Optional[Path] = flag(SourceOptions, "api_token_file", "--api-token-file"),
+    api_tls_cert: Optional[Path] = flag(SourceOptions, "api_tls_cert", "--api-tls-cert"),
+    api_tls_key: Optional[Path] = flag(SourceOptions, "api_tls_key", "--api-tls-key"),
+    deadline_s: float = flag(SourceOptions, "deadline_s", "--deadline-s"),
+    ready_file: Optional[Path] = flag(SourceOptions, "ready_file", "--ready-file"),
+    token_file: Optional[Path] = flag(SourceOptions, "token_file", "--token-file"),
+    tls_ca: Optional[Path] = flag(SourceOptions, "tls_ca", "--tls-ca"),
+    tls_cert: Optional[Path] = flag(SourceOptions, "tls_cert", "--tls-cert"),
+    tls_key: Optional[Path] = flag(SourceOptions, "tls_key", "--tls-key"),
+    insecure: bool = flag(SourceOptions, "insecure", "--insecure"),
+    http_header_timeout_s: float = flag(SourceOptions, "http_header_timeout_s", "--http-header-timeout-s"),
+    http_body_timeout_s: float = flag(SourceOptions, "http_body_timeout_s", "--http-body-timeout-s"),
+    http_idle_timeout_s: float = flag(SourceOptions, "http_idle_timeout_s", "--http-idle-timeout-s"),
+    http_max_connections: int = flag(SourceOptions, "http_max_connections", "--http-max-connections"),
 ) -> None:
     """Serve queries: broadcast to every device, first answer per group, head at completion or deadline."""
+    options = _options(SourceOptions, locals())
     require("onnxruntime", "device")
     require("grpc", "device")
-    from rocoin.contracts.fleet import load_fleet
-    from rocoin.runtime.transport.auth import API_TOKEN_ENV, load_token
-    from rocoin.runtime.source.source import Source
-    from rocoin.runtime.api.server import serve_source
-
-    _server_logging()
-    from rocoin.runtime.transport.tls import ClientTLS
-
-    if tls_ca is None and (tls_cert or tls_key):
-        raise RocoinError("tls-cert/tls-key need --tls-ca (the CA that signed the devices' certificates)")
-    tls = ClientTLS(tls_ca, tls_cert, tls_key) if tls_ca else None
-    source = Source(bundle, load_fleet(fleet), deadline_s=deadline_s, token=load_token(token_file), tls=tls, insecure=insecure)
-    http_limits = None
     if http_listen is not None:
         require("aiohttp", "source")
-        http_limits = limits.HttpLimits(
-            header_timeout_s=http_header_timeout_s,
-            body_timeout_s=http_body_timeout_s,
-            idle_timeout_s=http_idle_timeout_s,
-            max_connections=http_max_connections,
-        )
-    api_token = load_token(api_token_file, env=API_TOKEN_ENV)
-    api_tls = _server_tls(api_tls_cert, api_tls_key, None)
-    asyncio.run(serve_source(source, listen, http_listen=http_listen, api_token=api_token, tls=api_tls, ready_file=ready_file, http_limits=http_limits))
+    from rocoin.runtime.api.options import run_source
+
+    _server_logging()
+    run_source(options)
 
 
 @clean_errors
@@ -259,7 +218,7 @@ def cluster_up(
     bundle: Path = typer.Option(..., "--bundle"),
     fleet: Path = typer.Option(..., "--fleet"),
     emulate: bool = typer.Option(False, "--emulate", help="Each worker behaves like its fleet profile (delays, drops)."),
-    deadline_s: float = typer.Option(1.0, "--deadline-s"),
+    deadline_s: float = flag(SourceOptions, "deadline_s", "--deadline-s"),
     http: bool = typer.Option(False, "--http", help="Also serve the source's KServe v2 REST API (any free port)."),
     state_dir: Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir", help="Where the cluster keeps addresses, pids and logs."),
 ) -> None:

@@ -56,8 +56,13 @@ class _DuplicateKey(Exception):
         return f"duplicate key {short_repr(self.key)}{where}: expected each key once per mapping"
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key repeated in one mapping (PyYAML keeps the last).
+#: libyaml's parser when PyYAML was built with it (the wheels are): a 10,000-device fleet parses in
+#: well under a second instead of ~3 s; the construction (and the checks below) stay in Python.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_SafeLoader):  # type: ignore[misc, valid-type]
+    """A safe loader that refuses a key repeated in one mapping (PyYAML keeps the last).
 
     Keys brought in by a merge (``<<: *base``) may still be overridden: only the keys written in
     the mapping itself are compared.
@@ -176,6 +181,10 @@ def load_document(path: str | os.PathLike[str]) -> Any:
         located = _locate_json_duplicate(text) if is_json else None
         raise RocoinError(f"{path}: {(located or exc).describe()}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        if "maximum nesting depth" in str(exc):  # libyaml's own limit, where pure Python recurses
+            raise RocoinError(
+                f"{path}: nested too deeply to parse: expected at most {MAX_DOCUMENT_DEPTH} levels of mappings and lists"
+            ) from None
         detail = " ".join(str(exc).split())
         raise RocoinError(f"{path}: not valid {'JSON' if is_json else 'YAML/JSON'}: {detail}") from None
     _check_document_shape(data, str(path))

@@ -31,7 +31,8 @@ DEFAULT_MAX_HEADER_BYTES = 16 * 1024
 DEFAULT_CLOSE_LINGER_S = 5.0
 #: How long ``close()`` lets in-flight requests finish; an inference answers within the source's
 #: deadline (seconds), and a stopping server should not hang for aiohttp's default minute.
-DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0#: A body for a generic app; the source's REST API passes its own (a full batch of JSON values).
+DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
+#: A body for a generic app; the source's REST API passes its own (a full batch of JSON values).
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
 

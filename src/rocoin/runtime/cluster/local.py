@@ -4,9 +4,14 @@
 kill and restart real processes. Its state (addresses, process ids, logs) lives in a folder, so
 ``rocoin cluster down`` can stop a cluster started by another command.
 
+Each process is a runtime entry point (``python -m rocoin.runtime.device`` or ``python -m
+rocoin.runtime.api``) started with its typed options (:class:`DeviceOptions`,
+:class:`SourceOptions`) in ``STATE/NAME.options.json``: the same models, with the same defaults,
+as ``rocoin device serve`` and ``rocoin source serve``.
+
 The devices authenticate the source with a shared token, kept in the state folder as
-:data:`TOKEN_FILE` (mode 0600) while the cluster runs: every worker and the source read it with
-``--token-file``, and an operator restarting a worker by hand passes the same file
+:data:`TOKEN_FILE` (mode 0600) while the cluster runs: every worker and the source read it
+(``token_file``), and an operator restarting a worker by hand passes the same file
 (``rocoin device serve ... --token-file STATE/device-token``). It is removed when the cluster stops.
 """
 
@@ -26,12 +31,15 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import BaseModel
 
-from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.errors import RocoinError, UnavailableError
 from rocoin.contracts.fileio import write_json_atomic
 from rocoin.contracts.fleet import Fleet, load_fleet, save_fleet
-from rocoin.runtime.transport.lifecycle import READY_POLL_S, wait_ready_file
 from rocoin.contracts.manifest import load_manifest
+from rocoin.runtime.api.options import SourceOptions
+from rocoin.runtime.device.options import DeviceOptions
+from rocoin.runtime.transport.lifecycle import READY_POLL_S, wait_ready_file
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +77,9 @@ class ClusterState:
         return cls(bundle=data["bundle"], fleet=data["fleet"], devices=[Member(**m) for m in data["devices"]], source=source)
 
 
-def rocoin_command() -> list[str]:
-    """How to run the ``rocoin`` CLI of this installation in a child process."""
-    return [sys.executable, "-m", "rocoin.cli.main"]
+#: The runtime entry points a cluster starts (each takes ``--options FILE`` of its options model).
+DEVICE_ENTRY_POINT = "rocoin.runtime.device"
+SOURCE_ENTRY_POINT = "rocoin.runtime.api"
 
 
 class LocalCluster:
@@ -147,13 +155,16 @@ class LocalCluster:
     def _ready_file(self, name: str) -> Path:
         return self.state_dir / f"{name}.ready.json"
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, entry_point: str, options: BaseModel) -> None:
+        """Start ``python -m entry_point --options STATE/name.options.json``; its output goes to ``name.log``."""
         ready = self._ready_file(name)
         ready.unlink(missing_ok=True)
+        options_path = self.state_dir / f"{name}.options.json"
+        write_json_atomic(options_path, options.model_dump(mode="json", exclude_defaults=True))
         log_path = self.state_dir / f"{name}.log"
         with open(log_path, "ab") as log:
             self.processes[name] = subprocess.Popen(
-                [*rocoin_command(), *args, "--ready-file", str(ready)],
+                [sys.executable, "-m", entry_point, "--options", str(options_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -161,25 +172,25 @@ class LocalCluster:
             )
 
     def _spawn_device(self, device_id: str, listen: str, profiles: Path) -> None:
-        args = ["device", "serve", "--bundle", str(self.bundle), "--device-id", device_id, "--listen", listen, "--token-file", str(self.token_file)]
-        if self.emulate:
-            args += ["--fleet", str(profiles), "--emulate"]
-        self._spawn(device_id, args)
+        options = DeviceOptions(
+            bundle=self.bundle, device_id=device_id, listen=listen, token_file=self.token_file, ready_file=self._ready_file(device_id),
+            fleet=profiles if self.emulate else None, emulate=self.emulate,
+        )  # fmt: skip
+        self._spawn(device_id, DEVICE_ENTRY_POINT, options)
 
     def _spawn_source(self, fleet_path: Path) -> None:
-        args = ["source", "serve", "--bundle", str(self.bundle), "--fleet", str(fleet_path), "--listen", "127.0.0.1:0", "--token-file", str(self.token_file)]
-        if self.deadline_s:
-            args += ["--deadline-s", str(self.deadline_s)]
-        if self.http:
-            args += ["--http-listen", "127.0.0.1:0"]
-        self._spawn("source", args)
+        options = SourceOptions(
+            bundle=self.bundle, fleet=fleet_path, listen="127.0.0.1:0", token_file=self.token_file, ready_file=self._ready_file("source"),
+            http_listen="127.0.0.1:0" if self.http else None, **({"deadline_s": self.deadline_s} if self.deadline_s else {}),
+        )  # fmt: skip
+        self._spawn("source", SOURCE_ENTRY_POINT, options)
 
     def _await_ready(self, name: str, timeout_s: float) -> Member:
         log = self.state_dir / f"{name}.log"
         try:
             info = wait_ready_file(self._ready_file(name), timeout_s=timeout_s, process=self.processes[name])
-        except RocoinError as exc:
-            raise RocoinError(f"{name}: {exc}; its log ends: {_tail(log)}") from None
+        except UnavailableError as exc:
+            raise UnavailableError(f"{name}: {exc}; its log ends: {_tail(log)}") from None
         return Member(name=name, address=info["address"], pid=self.processes[name].pid, log=str(log), http_address=info.get("http_address"))
 
     # --- failures ---------------------------------------------------------------------------
@@ -280,7 +291,7 @@ def wait_serving(address: str, timeout_s: float) -> None:
             except grpc.RpcError:
                 pass
             if time.monotonic() > limit:
-                raise RocoinError(f"{address}: not SERVING within {timeout_s:g} s")
+                raise UnavailableError(f"{address}: not SERVING within {timeout_s:g} s")
             time.sleep(READY_POLL_S)
 
 

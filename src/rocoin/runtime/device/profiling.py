@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.errors import UnavailableError
 from rocoin.contracts.fleet import DeviceProfile
 from rocoin.contracts.manifest import load_manifest, verify_file
 from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc
@@ -83,7 +83,7 @@ def measure_link(source: str) -> tuple[float, float]:
             except grpc.RpcError:
                 failures += 1
         if failures == PROBES:
-            raise RocoinError(f"source = {source!r}: no answer to {PROBES} health checks; is `rocoin source serve` running there?")
+            raise UnavailableError(f"source = {source!r}: no answer to {PROBES} health checks; is `rocoin source serve` running there?")
         stub = rocoin_pb2_grpc.SourceStub(channel)
 
         def send(size: int) -> float:

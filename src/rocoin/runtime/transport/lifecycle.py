@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.errors import UnavailableError
 
 #: How often :func:`wait_ready_file` looks for the ready file, and how long it waits by default.
 READY_POLL_S = 0.05
@@ -40,7 +40,7 @@ def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
 def wait_ready_file(path: str | os.PathLike[str], *, timeout_s: float = READY_TIMEOUT_S, process: Any = None) -> dict[str, Any]:
     """For a parent that spawned a server with ``--ready-file PATH``: the server's ready record.
 
-    Polls until the file appears (it is written atomically), raising :class:`RocoinError` after
+    Polls until the file appears (it is written atomically), raising :class:`UnavailableError` after
     ``timeout_s`` or as soon as ``process`` (a ``subprocess.Popen``) has exited.
     """
     path = Path(path)
@@ -51,7 +51,7 @@ def wait_ready_file(path: str | os.PathLike[str], *, timeout_s: float = READY_TI
         except FileNotFoundError:
             pass
         if process is not None and process.poll() is not None:
-            raise RocoinError(f"the server exited with code {process.returncode} before it was ready ({path} never appeared)")
+            raise UnavailableError(f"the server exited with code {process.returncode} before it was ready ({path} never appeared)")
         if time.monotonic() > deadline:
-            raise RocoinError(f"{path}: the server was not ready after {timeout_s:g} s")
+            raise UnavailableError(f"{path}: the server was not ready after {timeout_s:g} s")
         time.sleep(READY_POLL_S)

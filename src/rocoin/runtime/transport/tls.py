@@ -65,3 +65,14 @@ class ClientTLS:
         key = _read(self.key, "tls-key") if self.key else None
         cert = _read(self.cert, "tls-cert") if self.cert else None
         return grpc.ssl_channel_credentials(root_certificates=_read(self.ca, "tls-ca"), private_key=key, certificate_chain=cert)
+
+
+def server_tls(cert: str | os.PathLike[str] | None, key: str | os.PathLike[str] | None, client_ca: str | os.PathLike[str] | None = None) -> ServerTLS | None:
+    """The :class:`ServerTLS` of a server's ``tls-cert``/``tls-key``/``tls-client-ca`` settings (``None``: plain)."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise RocoinError("tls-client-ca needs --tls-cert and --tls-key (mTLS runs over TLS)")
+        return None
+    if cert is None or key is None:
+        raise RocoinError("tls-cert and tls-key: give both")
+    return ServerTLS(Path(cert), Path(key), Path(client_ca) if client_ca is not None else None)

@@ -1,0 +1,84 @@
+"""The settings of a source process, with their one default each.
+
+``rocoin source serve`` builds :class:`SourceOptions` from its flags (and takes its defaults and
+help from here); a local cluster writes them to a file and starts ``python -m rocoin.runtime.api
+--options FILE``. Both end in :func:`run_source`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rocoin.contracts.errors import RocoinError
+from rocoin.runtime.api import http_limits as limits
+from rocoin.runtime.source.settings import DEFAULT_DEADLINE_S
+
+#: Where the source's gRPC API listens unless told otherwise.
+DEFAULT_SOURCE_LISTEN = "127.0.0.1:50051"
+
+
+class SourceOptions(BaseModel):
+    """Everything a source process can be told (unknown keys are refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bundle: Path = Field(description="Bundle folder from rocoin export.")
+    fleet: Path = Field(description="Fleet file whose devices carry their worker's address.")
+    listen: str = Field(DEFAULT_SOURCE_LISTEN, description="host:port for clients (port 0: any free port).")
+    http_listen: str | None = Field(None, description="host:port for the KServe v2 REST API (e.g. 127.0.0.1:8000).")
+    api_token_file: Path | None = Field(
+        None, description="Bearer token clients must send to the client APIs (default: $ROCOIN_API_TOKEN; none: open)."
+    )
+    api_tls_cert: Path | None = Field(None, description="Serve the client APIs (gRPC and REST) over TLS with this certificate.")
+    api_tls_key: Path | None = Field(None, description="Private key of --api-tls-cert.")
+    deadline_s: float = Field(DEFAULT_DEADLINE_S, description="Per-query deadline; missing groups are zero-filled then.")
+    ready_file: Path | None = Field(None, description="Write {address, pid} here once serving.")
+    token_file: Path | None = Field(None, description="File with the token the devices expect (default: $ROCOIN_DEVICE_TOKEN).")
+    tls_ca: Path | None = Field(None, description="Talk TLS to the devices, verifying them against this CA.")
+    tls_cert: Path | None = Field(None, description="The source's certificate for mTLS.")
+    tls_key: Path | None = Field(None, description="Private key of --tls-cert.")
+    insecure: bool = Field(False, description="Call the devices without a token or mTLS (refused otherwise).")
+    http_header_timeout_s: float = Field(
+        limits.DEFAULT_HEADER_TIMEOUT_S, description="REST: seconds from a request's first byte to the end of its headers (else 408)."
+    )
+    http_body_timeout_s: float = Field(
+        limits.DEFAULT_BODY_TIMEOUT_S, description="REST: seconds from the end of the headers to the end of the body (else closed)."
+    )
+    http_idle_timeout_s: float = Field(limits.DEFAULT_IDLE_TIMEOUT_S, description="REST: seconds an idle connection stays open.")
+    http_max_connections: int = Field(limits.DEFAULT_MAX_CONNECTIONS, description="REST: open connections; one more gets 503.")
+
+
+def run_source(options: SourceOptions) -> None:
+    """Serve the source of ``options`` until SIGTERM/SIGINT (see :func:`serve_source`)."""
+    from rocoin.contracts.fleet import load_fleet
+    from rocoin.runtime.api.server import serve_source
+    from rocoin.runtime.source.source import Source
+    from rocoin.runtime.transport.auth import API_TOKEN_ENV, load_token
+    from rocoin.runtime.transport.tls import ClientTLS, server_tls
+
+    if options.tls_ca is None and (options.tls_cert or options.tls_key):
+        raise RocoinError("tls-cert/tls-key need --tls-ca (the CA that signed the devices' certificates)")
+    tls = ClientTLS(options.tls_ca, options.tls_cert, options.tls_key) if options.tls_ca else None
+    source = Source(
+        options.bundle, load_fleet(options.fleet), deadline_s=options.deadline_s, token=load_token(options.token_file), tls=tls,
+        insecure=options.insecure,
+    )  # fmt: skip
+    http_limits = None
+    if options.http_listen is not None:
+        http_limits = limits.HttpLimits(
+            header_timeout_s=options.http_header_timeout_s,
+            body_timeout_s=options.http_body_timeout_s,
+            idle_timeout_s=options.http_idle_timeout_s,
+            max_connections=options.http_max_connections,
+        )
+    api_token = load_token(options.api_token_file, env=API_TOKEN_ENV)
+    api_tls = server_tls(options.api_tls_cert, options.api_tls_key, None)
+    asyncio.run(
+        serve_source(
+            source, options.listen, http_listen=options.http_listen, api_token=api_token, tls=api_tls, ready_file=options.ready_file,
+            http_limits=http_limits,
+        )
+    )  # fmt: skip
