@@ -70,3 +70,18 @@ def write_fashion_mnist(directory, n_train: int = 300, n_test: int = 100, seed: 
             images[i, 4 + 10 * row : 12 + 10 * row, 1 + 5 * col : 6 + 5 * col] += 180
         write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
+
+
+# --- layers -------------------------------------------------------------------------------------
+#: Each folder of tests is a depth, and a marker of the same name: ``pytest -m "not e2e"`` is the
+#: fast loop (no training beyond a few images, no fuzzing or soak), ``make test`` runs them all.
+LAYERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = item.path.parts
+        for layer in LAYERS:
+            if layer in parts:
+                item.add_marker(getattr(pytest.mark, layer))
+                break

@@ -136,30 +136,9 @@ def distill(
     history, best_val, best_state = [], -1.0, None
     for epoch in range(config.epochs):
         network.train()
-        started, seen, totals = time.perf_counter(), 0, {"ce": 0.0, "kd": 0.0, "at": 0.0, "total": 0.0}
+        started = time.perf_counter()
         with progress(f"distill epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
-            for x, y, index in train_batches(data.train, info, config.batch_size, augment=augment, generator=generator, device=on):
-                if cache is None:
-                    with torch.no_grad():
-                        teacher_map = teacher.model.forward_features(x)
-                        teacher_logits = teacher.model.forward_head(teacher_map)
-                        size = tuple(teacher_map.shape[-2:])
-                        teacher_att = [attention_map(teacher_map[:, p]) for p in parts]
-                else:
-                    teacher_logits, size = cache["logits"][index], cache["size"]
-                    teacher_att = [a[index] for a in cache["attention"]]
-                maps = network.maps(x)
-                mask = sample_slot_mask(len(y), drop, generator).to(on) if config.failure_aware else None
-                logits = network.fc(network.assemble(maps, mask))
-                loss, terms = loss_fn(logits, y, teacher_logits, maps, teacher_att, size)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                seen += len(y)
-                for key in totals:
-                    totals[key] += terms[key] * len(y)
-                advance(loss=terms["total"])
+            seen, totals = _train_epoch(network, teacher, cache, parts, data.train, info, config, loss_fn, optimizer, scheduler, drop, generator, on, advance)
         throughput = seen / (time.perf_counter() - started)
         network.eval()
         val_acc = accuracy(collect(network, data.val, info, device=on), data.val.labels)
@@ -184,6 +163,36 @@ def distill(
     }
     save_checkpoint(output, STUDENTS_KIND, metadata, network.state_dict())
     return {"val_accuracy": best_val, "test_accuracy": test_acc, "history": history, "teacher_cached": cache is not None}
+
+
+def _teacher_targets(teacher: Teacher, cache: dict[str, Any] | None, x: torch.Tensor, index: torch.Tensor, parts: list[torch.Tensor]):
+    """The teacher's logits, feature-map size and per-group attention maps for a batch (cached when the data is not augmented)."""
+    if cache is not None:
+        return cache["logits"][index], cache["size"], [a[index] for a in cache["attention"]]
+    with torch.no_grad():
+        teacher_map = teacher.model.forward_features(x)
+        return teacher.model.forward_head(teacher_map), tuple(teacher_map.shape[-2:]), [attention_map(teacher_map[:, p]) for p in parts]
+
+
+def _train_epoch(network, teacher, cache, parts, train, info, config, loss_fn, optimizer, scheduler, drop, generator, on, advance):
+    """One epoch over ``train``; returns the images seen and the summed (image-weighted) loss terms."""
+    augment = config.augment and info.augmentation != "none"
+    seen, totals = 0, {"ce": 0.0, "kd": 0.0, "at": 0.0, "total": 0.0}
+    for x, y, index in train_batches(train, info, config.batch_size, augment=augment, generator=generator, device=on):
+        teacher_logits, size, teacher_att = _teacher_targets(teacher, cache, x, index, parts)
+        maps = network.maps(x)
+        mask = sample_slot_mask(len(y), drop, generator).to(on) if config.failure_aware else None
+        logits = network.fc(network.assemble(maps, mask))
+        loss, terms = loss_fn(logits, y, teacher_logits, maps, teacher_att, size)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        seen += len(y)
+        for key in totals:
+            totals[key] += terms[key] * len(y)
+        advance(loss=terms["total"])
+    return seen, totals
 
 
 @torch.inference_mode()
