@@ -19,18 +19,16 @@ F = TypeVar("F", bound=Callable[..., object])
 
 def clean_errors(func: F) -> F:
     """One ``error: ...`` line, no traceback, nothing written: exit code 2 for bad input
-    (:class:`RocoinError`), 1 for a peer that failed or could not be reached."""
+    (:class:`RocoinError`) or a peer that cannot be reached (:class:`UnavailableError`), 1 for a
+    server that failed a valid request (:class:`ServingError`)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except RocoinError as exc:
+        except (RocoinError, UnavailableError, ServingError) as exc:
             err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except (UnavailableError, ServingError) as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(1 if isinstance(exc, ServingError) else 2) from None
 
     return wrapper  # type: ignore[return-value]
 

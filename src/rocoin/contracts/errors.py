@@ -1,19 +1,15 @@
 """The error types rocoin raises on purpose, one per situation; anything else is a bug.
 
-============================  =====================================================  ==========
-type                          situation                                               CLI
-============================  =====================================================  ==========
-:class:`RocoinError`          bad input (a file, a field, an option) or a request    ``error:``
-                              that cannot be satisfied; the message names the field,  line,
-                              the value and what was expected                         exit 2
-:class:`InfeasiblePlanError`  the planner's constraints cannot be met (a             exit 2
-                              ``RocoinError``: the input asks for the impossible)
-:class:`UnavailableError`     a peer (a device, the source, a server process) could  ``error:``
-                              not be reached, exited, or was not ready in time: a    line,
-                              fault of the system, not of the input                  exit 1
-:class:`ServingError`         a valid request the server could not answer (HTTP 500  ``error:``
-                              / ``INTERNAL`` with this one-line message)             line, exit 1
-============================  =====================================================  ==========
+- :class:`RocoinError`: bad input (a file, a field, an option) or a request that cannot be
+  satisfied; the message names the field, the value and what was expected.
+- :class:`InfeasiblePlanError` (a ``RocoinError``): the planner's constraints cannot be met.
+- :class:`UnavailableError`: a peer (a device, the source, a server process) could not be
+  reached, exited, or was not ready in time: a fault of the system, or of an address given.
+- :class:`ServingError`: a valid request the server could not answer (HTTP 500 / ``INTERNAL``).
+
+The command line (and each runtime entry point) shows any of them as one ``error:`` line without
+a traceback. The exit code is 2, as it was when all but the last were ``RocoinError`` (from here a
+wrong address and a peer that went away look the same); 1 for a ``ServingError``.
 
 A step of the offline pipeline whose cached output cannot be reused raises its own type there
 (``rocoin.pipeline``); it is redone, never shown as an error.

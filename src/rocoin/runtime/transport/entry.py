@@ -26,8 +26,8 @@ M = TypeVar("M", bound=BaseModel)
 def run_entry_point(model: type[M], run: Callable[[M], None], what: str, argv: list[str] | None = None) -> int:
     """Parse ``--options FILE`` (JSON or YAML of ``model``), configure INFO logging, call ``run``.
 
-    Returns the exit code: 0, 2 for bad options or input (one ``error:`` line on stderr), 1 for a
-    peer that failed or could not be reached.
+    Returns the exit code: 0; 2 for bad options or input, or a peer that cannot be reached; 1 for
+    a server that failed a valid request (each one ``error:`` line on stderr, as the CLI does).
     """
     from rocoin.logs import configure
 
@@ -39,12 +39,9 @@ def run_entry_point(model: type[M], run: Callable[[M], None], what: str, argv: l
     try:
         options = load_validated(model, args.options, f"{model.__name__} (see {model.__module__})")
         run(options)
-    except RocoinError as exc:
+    except (RocoinError, UnavailableError, ServingError) as exc:
         print(f"error: {one_line(str(exc), 2000)}", file=sys.stderr)
-        return 2
-    except (UnavailableError, ServingError) as exc:
-        print(f"error: {one_line(str(exc), 2000)}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(exc, ServingError) else 2
     except KeyboardInterrupt:
         return 130
     return 0
