@@ -31,6 +31,7 @@ def experiment_command(
 ) -> None:
     """Reproduce the paper's evaluation: each NAME writes a CSV/JSON of its numbers, a PNG plot and a Markdown section."""
     require("matplotlib", "sim")
+    from rocoin.cli.progress import rich_progress
     from rocoin.experiments.paper import EXPERIMENTS, run_experiments
     from rocoin.experiments.setup import make_setup
 
@@ -49,7 +50,7 @@ def experiment_command(
         fleets=fleets,
         seed=seed,
     )
-    written = run_experiments(wanted, setup, output, device=device, fresh=fresh)
+    written = run_experiments(wanted, setup, output, device=device, fresh=fresh, progress=rich_progress)
     for name, paths in written.items():
         out.print(f"{name}: {paths['png']}  {paths['csv']}  {paths['md']}")
     err.print(f"report: {output / 'report.md'}")

@@ -12,8 +12,9 @@ from rich.table import Table
 
 from rocoin import __version__
 from rocoin.cli import experiment, runtime, train
-from rocoin.cli.common import clean_errors, err, out
+from rocoin.cli.common import clean_errors, err, flag, out
 from rocoin.contracts.errors import RocoinError
+from rocoin.pipeline.config import DemoConfig
 
 app = typer.Typer(
     help="rocoin: failure-resilient cooperative DNN inference over heterogeneous edge devices.",
@@ -342,48 +343,50 @@ def _fmt(value: float | None) -> str:
 
 
 # --- demo ------------------------------------------------------------------------------------
+# Every option's default and help are DemoConfig's (rocoin.pipeline.config): one default per setting.
+
+
+def _students_flag() -> typer.Option:
+    info = DemoConfig.model_fields["students"]
+    return typer.Option(",".join(info.default), "--students", help=info.description)
 
 
 @app.command("demo")
 @clean_errors
 def demo_command(
-    output: Path = typer.Option(Path("results/demo"), "--output", "-o", help="Folder for every step's output and the report."),
-    fresh: bool = typer.Option(False, "--fresh", help="Redo every step instead of reusing the finished ones."),
-    dataset: str = typer.Option("fashion-mnist", "--dataset", help="fashion-mnist (installed, downloaded, or digits as a last resort) or digits."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where to look for (and download) Fashion-MNIST."),
-    install: bool = typer.Option(True, "--install/--no-install", help="Allow apt-get install dataset-fashion-mnist (as root on Debian)."),
-    download: bool = typer.Option(True, "--download/--no-download", help="Allow downloading Fashion-MNIST."),
-    teacher_arch: str = typer.Option("wrn-10-2", "--teacher-arch", help="Teacher architecture."),
-    teacher_epochs: int = typer.Option(2, "--teacher-epochs", help="Teacher training epochs."),
-    max_train_images: Optional[int] = typer.Option(30000, "--max-train-images", help="Training images for the teacher."),
-    students: str = typer.Option("wrn-10-1,wrn-16-1", "--students", help="Comma-separated student architectures (measured catalog)."),
-    distill_epochs: int = typer.Option(1, "--distill-epochs", help="Distillation epochs."),
-    distill_images: Optional[int] = typer.Option(20000, "--distill-images", help="Training images for the students."),
-    devices: int = typer.Option(10, "--devices", help="Devices in the generated fleet."),
-    heterogeneity: int = typer.Option(4, "--heterogeneity", help="Table IV level 0-5."),
-    success_prob: float = typer.Option(0.8, "--success-prob", help="Mean device success probability."),
-    epsilon: float = typer.Option(0.05, "--epsilon", help="Reliability target ε."),
-    queries: Optional[int] = typer.Option(None, "--queries", help="Test images sent through the source (default: the whole test split)."),
-    concurrency: int = typer.Option(8, "--concurrency", help="Queries in flight at once."),
-    kill: int = typer.Option(3, "--kill", help="Devices killed (SIGKILL) part-way; a whole group among them when the plan allows."),
-    kill_after: float = typer.Option(0.4, "--kill-after", help="Fraction of the queries answered before the kill."),
-    speedup: float = typer.Option(100.0, "--speedup", help="Emulated devices' FLOP/s and rates × this, so a query takes milliseconds."),
-    deadline_s: Optional[float] = typer.Option(None, "--deadline-s", help="The source's per-query deadline (default: 2 × the plan's T / speedup + 50 ms)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    output: Path = flag(DemoConfig, "output", "--output", "-o"),
+    fresh: bool = flag(DemoConfig, "fresh", "--fresh"),
+    dataset: str = flag(DemoConfig, "dataset", "--dataset"),
+    data_dir: Optional[str] = flag(DemoConfig, "data_dir", "--data-dir"),
+    install: bool = flag(DemoConfig, "install", "--install/--no-install"),
+    download: bool = flag(DemoConfig, "download", "--download/--no-download"),
+    teacher_arch: str = flag(DemoConfig, "teacher_arch", "--teacher-arch"),
+    teacher_epochs: int = flag(DemoConfig, "teacher_epochs", "--teacher-epochs"),
+    max_train_images: Optional[int] = flag(DemoConfig, "max_train_images", "--max-train-images"),
+    students: str = _students_flag(),
+    distill_epochs: int = flag(DemoConfig, "distill_epochs", "--distill-epochs"),
+    distill_images: Optional[int] = flag(DemoConfig, "distill_images", "--distill-images"),
+    devices: int = flag(DemoConfig, "devices", "--devices"),
+    heterogeneity: int = flag(DemoConfig, "heterogeneity", "--heterogeneity"),
+    success_prob: float = flag(DemoConfig, "success_prob", "--success-prob"),
+    epsilon: float = flag(DemoConfig, "epsilon", "--epsilon"),
+    queries: Optional[int] = flag(DemoConfig, "queries", "--queries"),
+    concurrency: int = flag(DemoConfig, "concurrency", "--concurrency"),
+    kill: int = flag(DemoConfig, "kill", "--kill"),
+    kill_after: float = flag(DemoConfig, "kill_after", "--kill-after"),
+    speedup: float = flag(DemoConfig, "speedup", "--speedup"),
+    deadline_s: Optional[float] = flag(DemoConfig, "deadline_s", "--deadline-s"),
+    seed: int = flag(DemoConfig, "seed", "--seed"),
 ) -> None:
     """The whole pipeline: data, teacher, plan, students, bundle, an emulated cluster that loses
     devices part-way, and a report (table, report.md, results.json, plots)."""
+    from rocoin.cli.progress import rich_progress
     from rocoin.experiments.demo import demo_config, run_demo
 
-    names = tuple(name.strip() for name in students.split(",") if name.strip())
-    config = demo_config(
-        output=output, fresh=fresh, dataset=dataset, data_dir=data_dir, install=install, download=download,
-        teacher_arch=teacher_arch, teacher_epochs=teacher_epochs, max_train_images=max_train_images, students=names,
-        distill_epochs=distill_epochs, distill_images=distill_images, devices=devices, heterogeneity=heterogeneity,
-        success_prob=success_prob, epsilon=epsilon, queries=queries, concurrency=concurrency, kill=kill,
-        kill_after=kill_after, speedup=speedup, deadline_s=deadline_s, seed=seed,
-    )  # fmt: skip
-    report = run_demo(config, say=lambda text: err.print(text, markup=False, highlight=False))
+    options = {k: v for k, v in locals().items() if k in DemoConfig.model_fields}
+    options["students"] = tuple(name.strip() for name in students.split(",") if name.strip())
+    config = demo_config(**options)
+    report = run_demo(config, say=lambda text: err.print(text, markup=False, highlight=False), progress=rich_progress)
     out.print(report.table())
     err.print(f"wrote {output}/: {', '.join(report.files)} (total {report.results['total_s']:.0f} s)", markup=False, highlight=False)
 

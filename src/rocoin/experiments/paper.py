@@ -3,7 +3,9 @@
 Every experiment uses the real planner, distillation and simulator. Those that need trained
 students (table2, fig2, fig3, fig5, fig6) share them through a :class:`Workspace` cache; the
 planner-only ones (fig4, fig7, scale and fig3's latency panel) count the students from their
-shapes and use a synthetic filter activity, so they need no torch and no data.
+shapes and use a synthetic filter activity, so they need no torch and no data
+(:mod:`rocoin.experiments.planner_figures`). Progress is reported through the ``progress``
+callback given to :func:`run_experiments` (the command line passes its rich bars).
 """
 
 from __future__ import annotations
@@ -11,113 +13,23 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
+from rocoin.contracts.fileio import write_text_atomic
+from rocoin.contracts.progress import Progress, log_progress
+from rocoin.experiments.common import LABELS, SCHEMES, Run, describe_students, pct, planner_inputs, setup_caption, trained_runs  # noqa: F401 - Run, SCHEMES: part of this module's API
+from rocoin.experiments.planner_figures import fig4, fig7, scale
 from rocoin.experiments.report import ExperimentResult
 from rocoin.experiments.setup import ExperimentSetup
-from rocoin.experiments.workspace import Workspace, assumed_outage_fleet
-from rocoin.contracts.fileio import write_text_atomic
-from rocoin.planning import filter_graph, make_plan, synthetic_activations
-from rocoin.contracts.plan import Plan
-from rocoin.contracts.catalog import Catalog
-from rocoin.profiles.generate import analytic_catalog
-from rocoin.contracts.progress import log_progress as progress_bar  # TODO(issue 12): take progress from the caller
+from rocoin.experiments.workspace import Workspace
+from rocoin.planning import make_plan
 
 logger = logging.getLogger(__name__)
-
-#: The distributed schemes of the paper's comparison, in its order.
-SCHEMES = ("rocoin", "rocoin-g", "hetnonn", "nonn")
-MINMAX_LABEL = "RoCoIn (minmax)"
-LABELS = {"teacher": "Teacher", "rocoin": "RoCoIn", "rocoin-g": "RoCoIn-G", "hetnonn": "HetNoNN", "nonn": "NoNN"}
-#: Input shape and classes of each dataset (for the planner-only experiments, which load no data).
-DATASET_SHAPES = {"fashion-mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "digits": ((1, 8, 8), 10)}
-#: The deadline of the simulated queries in ``scale``: this multiple of the plan's failure-free T.
-DEADLINE_FACTOR = 1.5
-
-
-# --- shared pieces ------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """One scheme's plan, its trained students and their evaluation."""
-
-    scheme: str
-    plan: Plan
-    students: Path
-    evaluation: dict[str, Any]
-
-
-def trained_runs(ws: Workspace, *, known: bool, schemes: tuple[str, ...] = SCHEMES, epsilon: float | None = None, train: bool = True) -> list[Run]:
-    """Plan and distill each scheme on the setup's fleet.
-
-    ``known``: the planner sees each device's outage and the students are trained failure-aware
-    with the plan's group failure probabilities (Fig. 5). Otherwise the planner assumes every
-    device fails with the fleet's nominal ``1 − success_prob`` and training ignores failures (Fig. 6).
-    ``train=False`` returns only the runs whose students are already cached.
-    """
-    s = ws.setup
-    fleet = ws.fleet()
-    if not known:
-        fleet = assumed_outage_fleet(fleet, 1.0 - s.success_prob)
-    weights, catalog = ws.filter_weights(), ws.catalog()
-    runs = []
-    for scheme in schemes:
-        plan = make_plan(fleet, weights, catalog, scheme=scheme, epsilon=epsilon or s.epsilon, seed=s.seed)
-        students = ws.students(plan, failure_aware=known, train=train)
-        if students is not None:
-            runs.append(Run(scheme, plan, students, ws.evaluation(students)))
-    return runs
-
-
-def planner_inputs(setup: ExperimentSetup) -> tuple[np.ndarray, Catalog, int]:
-    """Filter graph, catalog and F for the planner-only experiments (no torch, no data)."""
-    from rocoin.data.datasets import canonical_name
-    from rocoin.models.analytic import arch_stats
-
-    shape, classes = DATASET_SHAPES[canonical_name(setup.dataset)]
-    filters = arch_stats(setup.teacher_arch, shape, classes).out_dim
-    activity = synthetic_activations(500, filters, classes, random_state=setup.seed)
-    return filter_graph(activity), analytic_catalog(shape, classes, list(setup.students)), filters
-
-
-def describe_students(plan: Plan) -> str:
-    """e.g. ``wrn-16-2 ×2, wrn-16-1 ×3`` (groups per architecture)."""
-    counts: dict[str, int] = {}
-    for g in plan.groups:
-        counts[g.student] = counts.get(g.student, 0) + 1
-    return ", ".join(f"{name} ×{n}" for name, n in sorted(counts.items()))
-
-
-def resource_totals(plan: Plan) -> dict[str, float]:
-    """FLOPs and parameters of every deployed student (S-Total) and of the distinct ones (S-Valid)."""
-    total_flops = sum(plan.catalog[g.student].flops * len(g.devices) for g in plan.groups)
-    total_params = sum(plan.catalog[g.student].params * len(g.devices) for g in plan.groups)
-    valid_flops = sum(plan.catalog[g.student].flops for g in plan.groups)
-    valid_params = sum(plan.catalog[g.student].params for g in plan.groups)
-    return {"total_mflops": total_flops / 1e6, "valid_mflops": valid_flops / 1e6, "total_params_k": total_params / 1e3, "valid_params_k": valid_params / 1e3}
-
-
-def setup_caption(s: ExperimentSetup, *, trained: bool) -> str:
-    fleet = f"N = {s.devices} generated devices, heterogeneity level {s.heterogeneity} (Table IV; FLOP/s 20 M ± half the range, rates in kbit/s), mean success probability {s.success_prob}"
-    if not trained:
-        return fleet
-    teacher_images = f"first {s.max_train_images:,}" if s.max_train_images else "all"
-    student_images = f"first {s.student_max_train_images:,}" if s.student_max_train_images else teacher_images
-    return (
-        f"{s.dataset}; teacher {s.teacher_arch} {s.teacher_epochs} epochs on {teacher_images} training images; "
-        f"students from {{{', '.join(s.students)}}} distilled {s.student_epochs} epochs on {student_images}; {fleet}; "
-        f"ε = {s.epsilon}; failed devices drawn at random, {s.trials} trials per count, their outputs zero-filled."
-    )
-
-
-def pct(x: float) -> float:
-    return round(100.0 * x, 2)
 
 
 # --- Table II -----------------------------------------------------------------------------------
@@ -255,7 +167,7 @@ def fig3(ws: Workspace) -> ExperimentResult:
     weights, catalog, filters = planner_inputs(s)
     latency_rows = []
     total = len(s.epsilons) * len(s.success_probs) * s.fleets
-    with progress_bar("fig3a: planning fleets", total) as advance:
+    with ws.progress("fig3a: planning fleets", total) as advance:
         for eps in s.epsilons:
             for p in s.success_probs:
                 values, groups, infeasible = [], [], 0
@@ -328,7 +240,7 @@ def _fig3_findings(s: ExperimentSetup, latency_rows: list[dict], accuracy_rows: 
     for eps in s.epsilons:
         values = [r["latency_s_mean"] for r in latency_rows if r["epsilon"] == eps and not np.isnan(r["latency_s_mean"])]
         if len(values) >= 2:
-            monotone.append(all(b <= a * 1.02 for a, b in zip(values, values[1:])))
+            monotone.append(all(b <= a * 1.02 for a, b in zip(values, values[1:], strict=False)))
     findings.append(
         f"Paper (3a): latency is non-increasing in the mean success probability. Here it holds (within 2 %) for {sum(monotone)} of {len(monotone)} ε values."
     )
@@ -345,48 +257,6 @@ def _fig3_findings(s: ExperimentSetup, latency_rows: list[dict], accuracy_rows: 
             f"Paper (3b): a smaller ε is more robust. Here with {worst} of {s.devices} devices failed: " + ", ".join(f"ε = {k}: {v:.2f} %" for k, v in sorted(at_worst.items())) + "."
         )
     return findings
-
-
-# --- Fig. 4 -------------------------------------------------------------------------------------
-
-
-def fig4(ws: Workspace) -> ExperimentResult:
-    s = ws.setup
-    weights, catalog, filters = planner_inputs(s)
-    rows = []
-    with progress_bar("fig4: planning fleets", len(s.epsilons) * s.fleets) as advance:
-        for eps in s.epsilons:
-            totals = []
-            for f in range(s.fleets):
-                try:
-                    totals.append(resource_totals(make_plan(ws.fleet(seed=s.seed + f), weights, catalog, scheme="rocoin", epsilon=eps, seed=s.seed)))
-                except InfeasiblePlanError:
-                    pass
-                advance()
-            if totals:
-                mean = {k: float(np.mean([t[k] for t in totals])) for k in totals[0]}
-                rows.append({"epsilon": eps, "fleets": len(totals), **{k: round(v, 2) for k, v in mean.items()}, "valid_to_total_flops": round(mean["valid_mflops"] / mean["total_mflops"], 3)})
-
-    def plot(fig) -> None:
-        ax1, ax2 = fig.subplots(1, 2)
-        x = np.arange(len(rows))
-        labels = [str(r["epsilon"]) for r in rows]
-        for ax, total, valid, unit in ((ax1, "total_mflops", "valid_mflops", "MFLOPs"), (ax2, "total_params_k", "valid_params_k", "k parameters")):
-            ax.bar(x - 0.2, [r[total] for r in rows], 0.4, label="S-Total (with replicas)")
-            ax.bar(x + 0.2, [r[valid] for r in rows], 0.4, label="S-Valid (distinct students)")
-            ax.set_xticks(x, labels)
-            ax.set_xlabel("ε")
-            ax.set_ylabel(unit)
-            ax.legend()
-
-    ratios = [r["valid_to_total_flops"] for r in rows]
-    findings = [
-        "Paper: a smaller ε buys failure resilience with more replicas, i.e. lower resource utilisation (S-Valid / S-Total). "
-        f"Here S-Valid/S-Total FLOPs goes {' → '.join(f'{r:.2f}' for r in ratios)} for ε = {' → '.join(str(r['epsilon']) for r in rows)}"
-        + (" (agrees)." if all(b >= a - 1e-9 for a, b in zip(ratios, ratios[1:])) else " (not monotone).")
-    ]
-    caption = f"RoCoIn plans of {s.fleets} generated fleets per ε; " + setup_caption(s, trained=False) + f"; students {', '.join(s.students)} counted from their shapes; F = {filters}."
-    return ExperimentResult("fig4", "Fig. 4: FLOPs and parameters of all students (S-Total) vs distinct ones (S-Valid)", caption, rows, plot, findings)
 
 
 # --- Fig. 5 / Fig. 6 ----------------------------------------------------------------------------
@@ -458,126 +328,6 @@ def _accuracy_at(evaluation: dict[str, Any], failed: int) -> float:
     return next(f["accuracy_mean"] for f in evaluation["failures"] if f["fail_devices"] == failed)
 
 
-# --- Fig. 7 -------------------------------------------------------------------------------------
-
-
-def fig7(ws: Workspace) -> ExperimentResult:
-    s = ws.setup
-    weights, catalog, filters = planner_inputs(s)
-    variants = [(LABELS[x], x, "paper") for x in SCHEMES] + [(MINMAX_LABEL, "rocoin", "minmax")]
-    rows = []
-    with progress_bar("fig7: planning fleets", 6 * s.fleets * len(variants)) as advance:
-        for level in range(6):
-            latencies: dict[str, list[float]] = {label: [] for label, _, _ in variants}
-            for f in range(s.fleets):
-                fleet = ws.fleet(heterogeneity=level, seed=s.seed + f)
-                for label, scheme, objective in variants:
-                    try:
-                        plan = make_plan(fleet, weights, catalog, scheme=scheme, epsilon=s.epsilon, objective=objective, seed=s.seed)
-                        latencies[label].append(plan.latency_s)
-                    except InfeasiblePlanError:
-                        pass
-                    advance()
-            for label, _, _ in variants:
-                values = latencies[label]
-                rows.append(
-                    {
-                        "heterogeneity": level,
-                        "scheme": label,
-                        "latency_s_mean": round(float(np.mean(values)), 4) if values else float("nan"),
-                        "latency_s_std": round(float(np.std(values)), 4) if values else float("nan"),
-                        "fleets": len(values),
-                    }
-                )
-
-    def plot(fig) -> None:
-        ax = fig.subplots(1, 1)
-        for i, (label, _, objective) in enumerate(variants):
-            mine = [r for r in rows if r["scheme"] == label]
-            style = "--" if objective == "minmax" else "-"
-            ax.errorbar([r["heterogeneity"] for r in mine], [r["latency_s_mean"] for r in mine], yerr=[r["latency_s_std"] for r in mine], marker="o", linestyle=style, capsize=3, color=f"C{i}", label=label)
-        ax.set_xlabel("heterogeneity level (Table IV)")
-        ax.set_ylabel(f"planned latency T (s), mean ± std of {s.fleets} fleets")
-        ax.legend()
-
-    at = {(r["scheme"], r["heterogeneity"]): r["latency_s_mean"] for r in rows}
-    paper_labels = [LABELS[x] for x in SCHEMES]
-    best_at = sum(1 for level in range(6) if at[("RoCoIn", level)] <= min(at[(x, level)] for x in paper_labels) * 1.0001)
-    worst_at5 = max(paper_labels, key=lambda x: at[(x, 5)])
-    minmax_gain = 1 - at[(MINMAX_LABEL, 5)] / at[("NoNN", 5)]
-    findings = [
-        f"Paper: latency grows with heterogeneity; NoNN suffers most, RoCoIn is lowest at every level. Here RoCoIn's T goes {at[('RoCoIn', 0)]:.3f} → {at[('RoCoIn', 5)]:.3f} s, "
-        f"NoNN's {at[('NoNN', 0)]:.3f} → {at[('NoNN', 5)]:.3f} s; RoCoIn (eq. 5 weights) is lowest at {best_at} of 6 levels; the slowest at level 5 is {worst_at5}.",
-        f"RoCoIn with the minmax objective (the exact bottleneck assignment, our addition) is {minmax_gain:.0%} below NoNN at level 5 "
-        f"({at[(MINMAX_LABEL, 5)]:.3f} vs {at[('NoNN', 5)]:.3f} s): it gives the slow groups the smaller student, where the eq. 5 weight ρ/T prefers the larger one (with no accuracy floor ρ_min it takes the smaller student wherever that lowers T).",
-    ]
-    caption = f"{s.fleets} generated fleets per level ({s.devices} devices, mean success {s.success_prob}), ε = {s.epsilon}; students {', '.join(s.students)} counted from their shapes; synthetic filter activity, F = {filters}."
-    return ExperimentResult("fig7", "Fig. 7: latency vs heterogeneity level", caption, rows, plot, findings)
-
-
-# --- scale --------------------------------------------------------------------------------------
-
-
-def scale(ws: Workspace) -> ExperimentResult:
-    from rocoin.simulation import simulate
-
-    s = ws.setup
-    weights, catalog, filters = planner_inputs(s)
-    rows = []
-    with progress_bar("scale: planning and simulating", len(s.scale_devices) * len(SCHEMES)) as advance:
-        for n in s.scale_devices:
-            fleet = ws.fleet(devices=n)
-            for scheme in SCHEMES:
-                started = time.perf_counter()
-                plan = make_plan(fleet, weights, catalog, scheme=scheme, epsilon=s.epsilon, seed=s.seed)
-                plan_s = time.perf_counter() - started
-                deadline = DEADLINE_FACTOR * plan.latency_s
-                sim = simulate(plan, fleet, trials=s.sim_queries, timeout_s=deadline, random_state=s.seed)
-                rows.append(
-                    {
-                        "devices": n,
-                        "scheme": LABELS[scheme],
-                        "groups": plan.num_groups,
-                        "idle_devices": len(plan.unassigned),
-                        "plan_s": round(plan_s, 4),
-                        "planned_latency_s": round(plan.latency_s, 4),
-                        "sim_latency_mean_s": round(sim.latency_mean_s, 4),
-                        "sim_latency_p99_s": round(sim.latency_p99_s, 4),
-                        "p_all_groups": round(sim.p_complete, 4),
-                        "missing_groups_mean": round(sim.missing_groups_mean, 3),
-                    }
-                )
-                advance()
-
-    def plot(fig) -> None:
-        ax1, ax2, ax3 = fig.subplots(1, 3)
-        for i, scheme in enumerate(SCHEMES):
-            mine = [r for r in rows if r["scheme"] == LABELS[scheme]]
-            n = [r["devices"] for r in mine]
-            ax1.loglog(n, [r["plan_s"] for r in mine], marker="o", color=f"C{i}", label=LABELS[scheme])
-            ax2.semilogx(n, [r["sim_latency_mean_s"] for r in mine], marker="o", color=f"C{i}", label=LABELS[scheme])
-            ax3.semilogx(n, [r["missing_groups_mean"] / r["groups"] for r in mine], marker="o", color=f"C{i}", label=LABELS[scheme])
-        ax1.set_ylabel("planning time (s)")
-        ax2.set_ylabel("simulated mean latency (s)")
-        ax3.set_ylabel("fraction of groups missing per query")
-        for ax in (ax1, ax2, ax3):
-            ax.set_xlabel("devices")
-        ax1.legend()
-
-    big = max(s.scale_devices)
-    rocoin_big = next(r for r in rows if r["devices"] == big and r["scheme"] == "RoCoIn")
-    nonn_big = next(r for r in rows if r["devices"] == big and r["scheme"] == "NoNN")
-    findings = [
-        f"Beyond the paper: at {big:,} devices RoCoIn plans in {rocoin_big['plan_s']:.2f} s; a query misses {rocoin_big['missing_groups_mean'] / rocoin_big['groups']:.1%} of its groups "
-        f"vs {nonn_big['missing_groups_mean'] / nonn_big['groups']:.1%} for NoNN (which leaves {nonn_big['idle_devices']} devices idle: it needs one partition per device and F = {filters})."
-    ]
-    caption = (
-        f"Generated fleets (heterogeneity {s.heterogeneity}, mean success {s.success_prob}), ε = {s.epsilon}; students counted from their shapes; synthetic filter activity, F = {filters}; "
-        f"{s.sim_queries} simulated queries per plan with a deadline of {DEADLINE_FACTOR} × the plan's T; planning time measured on this machine."
-    )
-    return ExperimentResult("scale", "Scale: planning time and simulated behaviour from 10 to 10,000 devices", caption, rows, plot, findings)
-
-
 # --- running ------------------------------------------------------------------------------------
 
 EXPERIMENTS: dict[str, Callable[[Workspace], ExperimentResult]] = {
@@ -594,7 +344,16 @@ EXPERIMENTS: dict[str, Callable[[Workspace], ExperimentResult]] = {
 TRAINED = ("table2", "fig2", "fig3", "fig5", "fig6")
 
 
-def run_experiments(names: list[str], setup: ExperimentSetup, output: Path, *, device: str | None = None, fresh: bool = False, cache_dir: Path | None = None) -> dict[str, dict[str, Path]]:
+def run_experiments(
+    names: list[str],
+    setup: ExperimentSetup,
+    output: Path,
+    *,
+    device: str | None = None,
+    fresh: bool = False,
+    cache_dir: Path | None = None,
+    progress: Progress = log_progress,
+) -> dict[str, dict[str, Path]]:
     """Run each experiment, write its files under ``output/NAME/`` and the index ``output/report.md``."""
     for name in names:
         if name not in EXPERIMENTS:
@@ -606,7 +365,7 @@ def run_experiments(names: list[str], setup: ExperimentSetup, output: Path, *, d
 
         if importlib.util.find_spec("torch") is None:
             raise RocoinError(f"experiments {', '.join(n for n in names if n in TRAINED)} train students and need torch: pip install -e '.[train]'")
-    ws = Workspace(setup, cache_dir or output / "cache", device=device, fresh=fresh)
+    ws = Workspace(setup, cache_dir or output / "cache", device=device, fresh=fresh, progress=progress)
     written = {}
     for name in names:
         logger.info("experiment %s (%s size)", name, setup.size)

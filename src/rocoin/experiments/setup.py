@@ -11,50 +11,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fileio import validate
+from rocoin.pipeline.config import PipelineConfig
 
 Size = Literal["quick", "default", "paper"]
 SIZES: tuple[str, ...] = ("quick", "default", "paper")
 
 
-class ExperimentSetup(BaseModel):
-    """What an experiment trains, plans and simulates. Units are in the field names."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ExperimentSetup(PipelineConfig):
+    """What an experiment trains, plans and simulates: the pipeline's settings (teacher, students,
+    fleet, ε, evaluation draws) and the experiments' own sweeps. Units are in the field names."""
 
     size: Size = "default"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    teacher_arch: str = "wrn-16-2"
-    teacher_epochs: int = Field(default=4, ge=1)
-    teacher_batch_size: int = Field(default=128, ge=1)
-    student_epochs: int = Field(default=2, ge=1)
-    student_batch_size: int = Field(default=128, ge=1)
-    students: tuple[str, ...] = ("wrn-10-1", "wrn-16-1")
-    max_train_images: int | None = Field(default=None, gt=0, description="training images of the teacher (None: all)")
-    student_max_train_images: int | None = Field(default=20000, gt=0, description="training images of the students (None: the teacher's)")
-    max_test_images: int | None = Field(default=None, gt=0)
-    devices: int = Field(default=10, ge=2)
-    heterogeneity: int = Field(default=4, ge=0, le=5)
-    success_prob: float = Field(default=0.8, gt=0.0, le=1.0)
-    epsilon: float = Field(default=0.05, gt=0.0, lt=1.0)
     epsilons: tuple[float, ...] = (0.01, 0.05, 0.2)
     success_probs: tuple[float, ...] = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
-    trials: int = Field(default=30, ge=1, description="random failure draws per number of failed devices")
     fleets: int = Field(default=20, ge=1, description="generated fleets averaged per point of the planner-only figures")
     scale_devices: tuple[int, ...] = (10, 100, 1000, 10000)
     sim_queries: int = Field(default=20000, ge=1)
-    seed: int = 0
-
-    @field_validator("students")
-    @classmethod
-    def _students(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("expected at least one student architecture")
-        return value
 
     @field_validator("epsilons")
     @classmethod

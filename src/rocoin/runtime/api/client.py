@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 import numpy as np
@@ -78,6 +80,33 @@ async def run_queries_http(
     model: str = "rocoin",
 ) -> dict:
     """The same as :func:`run_queries`, over the KServe v2 REST API at ``url`` (http://host:port)."""
+    async with http_infer(url, token=token, model=model) as infer:
+
+        async def ask(image: np.ndarray) -> tuple[int, int, float]:
+            answer = await infer(image)
+            return answer.prediction, len(answer.missing_groups), answer.latency_s
+
+        return await _drive(ask, images, labels, concurrency)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One query's answer: the predicted class, the groups that did not answer, the source's latency."""
+
+    prediction: int
+    missing_groups: tuple[int, ...]
+    latency_s: float
+
+
+#: ``infer(image, query_id=None) -> Answer`` for one (1, C, H, W) image.
+Infer = Callable[..., Awaitable[Answer]]
+
+
+@asynccontextmanager
+async def http_infer(url: str, *, token: str | None = None, model: str = "rocoin") -> AsyncIterator[Infer]:
+    """A session with the KServe v2 REST API at ``url``: yields ``infer(image, query_id=None)``,
+    one ``POST /v2/models/MODEL/infer`` per call (a non-200 answer raises :class:`RuntimeError`;
+    aiohttp's errors and timeouts pass through)."""
     import aiohttp
 
     endpoint = f"{url.rstrip('/')}/v2/models/{model}/infer"
@@ -85,18 +114,35 @@ async def run_queries_http(
     timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
 
-        async def ask(image: np.ndarray) -> tuple[int, int, float]:
+        async def infer(image: np.ndarray, query_id: str | None = None) -> Answer:
             datatype = "UINT8" if image.dtype == np.uint8 else "FP32"
-            body = {"id": uuid.uuid4().hex[:16], "inputs": [{"name": "input", "shape": list(image.shape), "datatype": datatype, "data": image.ravel().tolist()}]}
+            body = {"id": query_id or uuid.uuid4().hex[:16], "inputs": [{"name": "input", "shape": list(image.shape), "datatype": datatype, "data": image.ravel().tolist()}]}
             async with session.post(endpoint, json=body) as response:
                 reply = await response.json()
                 if response.status != 200:
                     raise RuntimeError(f"{endpoint}: HTTP {response.status}: {reply.get('error', reply)}")
-            logits = next(o for o in reply["outputs"] if o["name"] == "logits")
+            outputs = {o["name"]: o for o in reply["outputs"]}
+            logits = outputs["logits"]
             prediction = int(np.asarray(logits["data"]).reshape(logits["shape"]).argmax(axis=1)[0])
-            return prediction, int(reply["parameters"]["missing_groups"]), float(reply["parameters"]["latency_s"])
+            missing = tuple(int(k) for k in outputs["missing_groups"]["data"]) if "missing_groups" in outputs else ()
+            return Answer(prediction, missing, float(reply["parameters"]["latency_s"]))
 
-        return await _drive(ask, images, labels, concurrency)
+        yield infer
+
+
+async def for_each(indices: Iterable[int], concurrency: int, call: Callable[[int], Awaitable[None]]) -> float:
+    """Await ``call(i)`` for every index in order, ``concurrency`` at a time; the wall seconds taken."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency = {concurrency}: expected at least 1")
+    queue = iter(indices)
+
+    async def worker() -> None:
+        for i in queue:
+            await call(i)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started
 
 
 def _summary(latencies, source_latencies, predictions, missing, labels, elapsed: float) -> dict:

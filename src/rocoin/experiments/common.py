@@ -1,0 +1,105 @@
+"""What the paper's experiments share: the schemes and their labels, a scheme's trained run
+(plan, students, evaluation) from the :class:`Workspace`, the planner-only inputs, captions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rocoin.contracts.catalog import Catalog
+from rocoin.contracts.plan import Plan
+from rocoin.experiments.setup import ExperimentSetup
+from rocoin.experiments.workspace import Workspace, assumed_outage_fleet
+from rocoin.pipeline.cache import Done
+from rocoin.pipeline.steps import StudentsFile
+from rocoin.planning import filter_graph, make_plan, synthetic_activations
+from rocoin.profiles.generate import analytic_catalog
+
+#: The distributed schemes of the paper's comparison, in its order.
+SCHEMES = ("rocoin", "rocoin-g", "hetnonn", "nonn")
+MINMAX_LABEL = "RoCoIn (minmax)"
+LABELS = {"teacher": "Teacher", "rocoin": "RoCoIn", "rocoin-g": "RoCoIn-G", "hetnonn": "HetNoNN", "nonn": "NoNN"}
+#: Input shape and classes of each dataset (for the planner-only experiments, which load no data).
+DATASET_SHAPES = {"fashion-mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "digits": ((1, 8, 8), 10)}
+#: The deadline of the simulated queries in ``scale``: this multiple of the plan's failure-free T.
+DEADLINE_FACTOR = 1.5
+
+
+@dataclass
+class Run:
+    """One scheme's plan, its trained students and their evaluation."""
+
+    scheme: str
+    plan: Plan
+    students: Done[StudentsFile]
+    evaluation: dict[str, Any]
+
+
+def trained_runs(ws: Workspace, *, known: bool, schemes: tuple[str, ...] = SCHEMES, epsilon: float | None = None, train: bool = True) -> list[Run]:
+    """Plan and distill each scheme on the setup's fleet.
+
+    ``known``: the planner sees each device's outage and the students are trained failure-aware
+    with the plan's group failure probabilities (Fig. 5). Otherwise the planner assumes every
+    device fails with the fleet's nominal ``1 − success_prob`` and training ignores failures (Fig. 6).
+    ``train=False`` returns only the runs whose students are already cached.
+    """
+    s = ws.setup
+    fleet = ws.fleet()
+    if not known:
+        fleet = assumed_outage_fleet(fleet, 1.0 - s.success_prob)
+    weights, catalog = ws.filter_weights(), ws.catalog()
+    runs = []
+    for scheme in schemes:
+        plan = make_plan(fleet, weights, catalog, scheme=scheme, epsilon=epsilon or s.epsilon, seed=s.seed)
+        students = ws.students(plan, failure_aware=known, train=train)
+        if students is not None:
+            runs.append(Run(scheme, plan, students, ws.evaluation(students)))
+    return runs
+
+
+def planner_inputs(setup: ExperimentSetup) -> tuple[np.ndarray, Catalog, int]:
+    """Filter graph, catalog and F for the planner-only experiments (no torch, no data)."""
+    from rocoin.data.datasets import canonical_name
+    from rocoin.models.analytic import arch_stats
+
+    shape, classes = DATASET_SHAPES[canonical_name(setup.dataset)]
+    filters = arch_stats(setup.teacher_arch, shape, classes).out_dim
+    activity = synthetic_activations(500, filters, classes, random_state=setup.seed)
+    return filter_graph(activity), analytic_catalog(shape, classes, list(setup.students)), filters
+
+
+def describe_students(plan: Plan) -> str:
+    """e.g. ``wrn-16-2 ×2, wrn-16-1 ×3`` (groups per architecture)."""
+    counts: dict[str, int] = {}
+    for g in plan.groups:
+        counts[g.student] = counts.get(g.student, 0) + 1
+    return ", ".join(f"{name} ×{n}" for name, n in sorted(counts.items()))
+
+
+def resource_totals(plan: Plan) -> dict[str, float]:
+    """FLOPs and parameters of every deployed student (S-Total) and of the distinct ones (S-Valid)."""
+    total_flops = sum(plan.catalog[g.student].flops * len(g.devices) for g in plan.groups)
+    total_params = sum(plan.catalog[g.student].params * len(g.devices) for g in plan.groups)
+    valid_flops = sum(plan.catalog[g.student].flops for g in plan.groups)
+    valid_params = sum(plan.catalog[g.student].params for g in plan.groups)
+    return {"total_mflops": total_flops / 1e6, "valid_mflops": valid_flops / 1e6, "total_params_k": total_params / 1e3, "valid_params_k": valid_params / 1e3}
+
+
+def setup_caption(s: ExperimentSetup, *, trained: bool) -> str:
+    fleet = f"N = {s.devices} generated devices, heterogeneity level {s.heterogeneity} (Table IV; FLOP/s 20 M ± half the range, rates in kbit/s), mean success probability {s.success_prob}"
+    if not trained:
+        return fleet
+    teacher_images = f"first {s.max_train_images:,}" if s.max_train_images else "all"
+    student_images = f"first {s.student_max_train_images:,}" if s.student_max_train_images else teacher_images
+    return (
+        f"{s.dataset}; teacher {s.teacher_arch} {s.teacher_epochs} epochs on {teacher_images} training images; "
+        f"students from {{{', '.join(s.students)}}} distilled {s.student_epochs} epochs on {student_images}; {fleet}; "
+        f"ε = {s.epsilon}; failed devices drawn at random, {s.trials} trials per count, their outputs zero-filled."
+    )
+
+
+def pct(x: float) -> float:
+    return round(100.0 * x, 2)
+

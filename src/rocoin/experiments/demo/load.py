@@ -1,0 +1,128 @@
+"""The demo's load: each test image as one KServe v2 REST call through
+:mod:`rocoin.runtime.api.client`, a kill between two phases, and one record per query."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.fileio import write_text_atomic
+
+#: Queries sent (and not counted) before the measured ones, so channel set-up is not measured.
+WARMUP_QUERIES = 5
+
+
+@dataclass
+class QueryLog:
+    """One row per measured query, in the order sent."""
+
+    sent_s: np.ndarray
+    latency_s: np.ndarray
+    source_latency_s: np.ndarray
+    prediction: np.ndarray
+    missing: list[list[int]]
+    kill_index: int  # queries [0, kill_index) ran before the kill
+    kill_s: float  # when the kill happened, seconds since the first measured query
+    phase_s: tuple[float, float]  # wall time of the two phases
+
+    @classmethod
+    def empty(cls, n: int, kill_index: int) -> QueryLog:
+        return cls(np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64), [[] for _ in range(n)], kill_index, 0.0, (0.0, 0.0))
+
+
+async def send_queries(
+    url: str,
+    images: np.ndarray,
+    *,
+    concurrency: int,
+    kill_index: int,
+    kill: Callable[[], None],
+    advance: Callable[..., None] = lambda *a, **k: None,
+    warmup: int = WARMUP_QUERIES,
+) -> QueryLog:
+    """Send each image as one KServe v2 ``infer`` call, ``concurrency`` at a time. The queries
+    before ``kill_index`` all finish, then ``kill()`` runs, then the rest are sent."""
+    import aiohttp
+
+    from rocoin.runtime.api.client import for_each, http_infer
+
+    log = QueryLog.empty(len(images), kill_index)
+    async with http_infer(url) as infer:
+
+        async def one(i: int, query_id: str):
+            try:
+                return await infer(images[i : i + 1], query_id)
+            except RuntimeError as exc:
+                raise RocoinError(str(exc)) from None
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise RocoinError(f"{url}: query {query_id} got no answer ({type(exc).__name__}: {exc})") from None
+
+        for i in range(min(warmup, len(images))):
+            await one(i, f"warmup-{i}")
+        origin = time.perf_counter()
+
+        async def measured(i: int) -> None:
+            started = time.perf_counter()
+            answer = await one(i, f"q-{i}")
+            log.latency_s[i] = time.perf_counter() - started
+            log.sent_s[i] = started - origin
+            log.prediction[i] = answer.prediction
+            log.missing[i] = list(answer.missing_groups)
+            log.source_latency_s[i] = answer.latency_s
+            advance()
+
+        before_s = await for_each(range(0, kill_index), concurrency, measured)
+        log.kill_s = time.perf_counter() - origin
+        await asyncio.to_thread(kill)
+        after_s = await for_each(range(kill_index, len(images)), concurrency, measured)
+    log.phase_s = (before_s, after_s)
+    return log
+
+
+def phase_summary(log: QueryLog, labels: np.ndarray, part: slice, num_groups: int, wall_s: float) -> dict[str, Any]:
+    latency = log.latency_s[part]
+    missing = log.missing[part]
+    counts = [sum(k in m for m in missing) for k in range(num_groups)]
+    return {
+        "queries": int(len(latency)),
+        "accuracy": float((log.prediction[part] == labels[part]).mean()),
+        "latency_ms": {
+            "p50": float(1e3 * np.percentile(latency, 50)),
+            "p99": float(1e3 * np.percentile(latency, 99)),
+            "mean": float(1e3 * latency.mean()),
+        },
+        "source_latency_ms": {"p50": float(1e3 * np.percentile(log.source_latency_s[part], 50)), "p99": float(1e3 * np.percentile(log.source_latency_s[part], 99))},
+        "queries_per_s": float(len(latency) / wall_s) if wall_s > 0 else None,
+        "queries_with_missing_groups": int(sum(1 for m in missing if m)),
+        "missing_groups_mean": float(np.mean([len(m) for m in missing])),
+        "queries_missing_group": counts,
+    }
+
+
+def write_queries_csv(path: Path, log: QueryLog, labels: np.ndarray) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["query", "phase", "sent_s", "latency_ms", "source_latency_ms", "label", "prediction", "missing_groups"])
+    for i in range(len(log.latency_s)):
+        writer.writerow(
+            [
+                i,
+                "before" if i < log.kill_index else "after",
+                f"{log.sent_s[i]:.4f}",
+                f"{1e3 * log.latency_s[i]:.3f}",
+                f"{1e3 * log.source_latency_s[i]:.3f}",
+                int(labels[i]),
+                int(log.prediction[i]),
+                " ".join(map(str, log.missing[i])),
+            ]
+        )
+    write_text_atomic(path, buffer.getvalue())
