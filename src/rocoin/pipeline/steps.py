@@ -81,12 +81,8 @@ def teacher_config(config: PipelineConfig):
     )  # fmt: skip
 
 
-def _same_settings(config) -> dict[str, Any]:
-    """A training config as a key: where the data lies does not change what is trained."""
-    return config.model_dump(mode="json", exclude={"data": {"data_dir"}})
-
-
 def _without_data_dir(stored: Any) -> Any:
+    """A training config (as JSON) as a key: where the data lies does not change what is trained."""
     if not isinstance(stored, dict) or not isinstance(stored.get("data"), dict):
         return stored
     return {**stored, "data": {k: v for k, v in stored["data"].items() if k != "data_dir"}}
@@ -98,7 +94,7 @@ def teacher(p: Pipeline, *, name: str = "teacher") -> Done[TeacherFile]:
 
     config = teacher_config(p.config)
     outputs = p.outputs(f"teacher-{config.arch}" if p.addressed else "teacher", ".pt")
-    inputs = {"config": _same_settings(config)}
+    inputs = {"config": _without_data_dir(config.model_dump(mode="json"))}
     path = p.path(outputs, step_key(inputs))
 
     def make() -> TeacherFile:
