@@ -284,14 +284,24 @@ def _find_idx(directory: Path) -> dict[str, Path]:
     return found
 
 
-def _load_fashion_mnist(root: Path, download: bool, base_url: str | None) -> DatasetSplits:
+def fashion_mnist_dirs(root: Path) -> list[Path]:
+    """The folders searched for the four Fashion-MNIST IDX files, in order (``root`` first)."""
     dirs: list[Path] = []
     for d in (root, root / "fashion-mnist", root / "FashionMNIST" / "raw", *FASHION_MNIST_SYSTEM_DIRS):
         if d not in dirs:
             dirs.append(d)
+    return dirs
+
+
+def fashion_mnist_folder(root: Path) -> Path | None:
+    """The first folder of :func:`fashion_mnist_dirs` that holds all four IDX files, if any."""
+    return next((d for d in fashion_mnist_dirs(root) if len(_find_idx(d)) == len(_IDX_FILES)), None)
+
+
+def _load_fashion_mnist(root: Path, download: bool, base_url: str | None) -> DatasetSplits:
     files = None
     partial = []
-    for d in dirs:
+    for d in fashion_mnist_dirs(root):
         found = _find_idx(d)
         if len(found) == len(_IDX_FILES):
             files = found
@@ -307,7 +317,7 @@ def _load_fashion_mnist(root: Path, download: bool, base_url: str | None) -> Dat
         names = ", ".join(f"{stem}[.gz]" for stem in _IDX_FILES.values())
         detail = f" ({'; '.join(partial)})" if partial else ""
         raise RocoinError(
-            f"fashion-mnist: IDX files not found; looked for {names} in {', '.join(map(str, dirs))}{detail}; "
+            f"fashion-mnist: IDX files not found; looked for {names} in {', '.join(map(str, fashion_mnist_dirs(root)))}{detail}; "
             f"run with --download (load_dataset(..., download=True)), or `apt-get install dataset-fashion-mnist`, "
             f"or fetch them from {url} into {root}"
         )

@@ -95,15 +95,12 @@ def _downloaded(root: Path | None, download_url: str | None, say: Say) -> DataCh
 
 def where_fashion_mnist(root: Path | None) -> str:
     """Which of :mod:`rocoin.data`'s folders holds the Fashion-MNIST files, for the report."""
-    from rocoin.data.datasets import _IDX_FILES, FASHION_MNIST_SYSTEM_DIRS, _find_idx, default_data_dir
+    from rocoin.data.datasets import FASHION_MNIST_SYSTEM_DIRS, default_data_dir, fashion_mnist_folder
 
-    base = root or default_data_dir()
-    for folder in (base, base / "fashion-mnist", base / "FashionMNIST" / "raw"):
-        if len(_find_idx(folder)) == len(_IDX_FILES):
-            return f"found in {folder}"
-    for folder in FASHION_MNIST_SYSTEM_DIRS:
-        if len(_find_idx(folder)) == len(_IDX_FILES):
-            return f"found in {folder} (Debian's {DEBIAN_PACKAGE})"
+    folder = fashion_mnist_folder(root or default_data_dir())
+    if folder is not None:
+        system = folder in FASHION_MNIST_SYSTEM_DIRS
+        return f"found in {folder}" + (f" (Debian's {DEBIAN_PACKAGE})" if system else "")
     return "found by rocoin.data"
 
 

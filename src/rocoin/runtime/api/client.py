@@ -1,4 +1,12 @@
-"""A client of the source's ``rocoin.v1.Source`` API: send images, measure accuracy and latency."""
+"""The one client rocoin ships: send images to a source (``rocoin.v1.Source`` over gRPC, or the
+KServe v2 REST API), measure accuracy and latency. ``rocoin infer``, the demo and the benchmarks
+use it.
+
+Failures come as rocoin's error types: a request the source refused (HTTP 4xx, gRPC
+``INVALID_ARGUMENT``) is a :class:`RocoinError`; a source that cannot be reached, is not ready or
+did not answer in time is an :class:`UnavailableError`; one that failed a valid request (HTTP
+500, ``INTERNAL``) a :class:`ServingError`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable
 import grpc
 import numpy as np
 
+from rocoin.contracts.errors import RocoinError, ServingError, UnavailableError
 from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc
 from rocoin.runtime.transport.serde import tensor_from_proto, tensor_to_proto
 
@@ -26,26 +35,18 @@ Ask = Callable[[np.ndarray], Awaitable[tuple[int, int, float]]]
 
 async def _drive(ask: Ask, images: np.ndarray, labels: np.ndarray | None, concurrency: int) -> dict:
     """Send each image through ``ask``, ``concurrency`` at a time; summarise what came back."""
-    if concurrency < 1:
-        raise ValueError(f"concurrency = {concurrency}: expected at least 1")
     latencies = np.zeros(len(images))
     source_latencies = np.zeros(len(images))
     predictions = np.zeros(len(images), dtype=np.int64)
     missing = np.zeros(len(images), dtype=np.int64)
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(len(images)):
-        queue.put_nowait(i)
 
-    async def worker() -> None:
-        while not queue.empty():
-            i = queue.get_nowait()
-            started = time.perf_counter()
-            predictions[i], missing[i], source_latencies[i] = await ask(np.asarray(images[i : i + 1]))
-            latencies[i] = time.perf_counter() - started
+    async def one(i: int) -> None:
+        started = time.perf_counter()
+        predictions[i], missing[i], source_latencies[i] = await ask(np.asarray(images[i : i + 1]))
+        latencies[i] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return _summary(latencies, source_latencies, predictions, missing, labels, time.perf_counter() - started)
+    elapsed = await for_each(range(len(images)), concurrency, one)
+    return _summary(latencies, source_latencies, predictions, missing, labels, elapsed)
 
 
 async def run_queries(
@@ -63,7 +64,10 @@ async def run_queries(
 
         async def ask(image: np.ndarray) -> tuple[int, int, float]:
             request = rocoin_pb2.SourceInferRequest(query_id=uuid.uuid4().hex[:16], input=tensor_to_proto(image), deadline_s=deadline_s)
-            reply = await stub.Infer(request, timeout=CALL_TIMEOUT_S)
+            try:
+                reply = await stub.Infer(request, timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                raise _grpc_error(address, exc) from None
             prediction = int(tensor_from_proto(reply.logits, max_bytes=MAX_MESSAGE_BYTES).argmax(axis=1)[0])
             return prediction, len(reply.missing_groups), reply.latency_s
 
@@ -105,8 +109,7 @@ Infer = Callable[..., Awaitable[Answer]]
 @asynccontextmanager
 async def http_infer(url: str, *, token: str | None = None, model: str = "rocoin") -> AsyncIterator[Infer]:
     """A session with the KServe v2 REST API at ``url``: yields ``infer(image, query_id=None)``,
-    one ``POST /v2/models/MODEL/infer`` per call (a non-200 answer raises :class:`RuntimeError`;
-    aiohttp's errors and timeouts pass through)."""
+    one ``POST /v2/models/MODEL/infer`` per call (errors: see the module docstring)."""
     import aiohttp
 
     endpoint = f"{url.rstrip('/')}/v2/models/{model}/infer"
@@ -117,10 +120,13 @@ async def http_infer(url: str, *, token: str | None = None, model: str = "rocoin
         async def infer(image: np.ndarray, query_id: str | None = None) -> Answer:
             datatype = "UINT8" if image.dtype == np.uint8 else "FP32"
             body = {"id": query_id or uuid.uuid4().hex[:16], "inputs": [{"name": "input", "shape": list(image.shape), "datatype": datatype, "data": image.ravel().tolist()}]}
-            async with session.post(endpoint, json=body) as response:
-                reply = await response.json()
-                if response.status != 200:
-                    raise RuntimeError(f"{endpoint}: HTTP {response.status}: {reply.get('error', reply)}")
+            try:
+                async with session.post(endpoint, json=body) as response:
+                    reply = await response.json()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise UnavailableError(f"{endpoint}: query {body['id']} got no answer ({type(exc).__name__}: {exc})") from None
+            if response.status != 200:
+                raise _http_error(endpoint, response.status, reply)
             outputs = {o["name"]: o for o in reply["outputs"]}
             logits = outputs["logits"]
             prediction = int(np.asarray(logits["data"]).reshape(logits["shape"]).argmax(axis=1)[0])
@@ -133,7 +139,7 @@ async def http_infer(url: str, *, token: str | None = None, model: str = "rocoin
 async def for_each(indices: Iterable[int], concurrency: int, call: Callable[[int], Awaitable[None]]) -> float:
     """Await ``call(i)`` for every index in order, ``concurrency`` at a time; the wall seconds taken."""
     if concurrency < 1:
-        raise ValueError(f"concurrency = {concurrency}: expected at least 1")
+        raise RocoinError(f"concurrency = {concurrency}: expected at least 1")
     queue = iter(indices)
 
     async def worker() -> None:
@@ -143,6 +149,26 @@ async def for_each(indices: Iterable[int], concurrency: int, call: Callable[[int
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return time.perf_counter() - started
+
+
+#: gRPC codes that mean the request itself was refused, and those that mean the source was not there.
+_REFUSED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+_UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
+
+
+def _grpc_error(address: str, exc: grpc.aio.AioRpcError) -> Exception:
+    message = f"{address}: {exc.code().name}: {exc.details()}"
+    if exc.code() in _REFUSED_CODES:
+        return RocoinError(message)
+    return UnavailableError(message) if exc.code() in _UNAVAILABLE_CODES else ServingError(message)
+
+
+def _http_error(endpoint: str, status: int, reply: object) -> Exception:
+    detail = reply.get("error", reply) if isinstance(reply, dict) else reply
+    message = f"{endpoint}: HTTP {status}: {detail}"
+    if status < 500:
+        return RocoinError(message)
+    return UnavailableError(message) if status == 503 else ServingError(message)
 
 
 def _summary(latencies, source_latencies, predictions, missing, labels, elapsed: float) -> dict:
