@@ -77,10 +77,22 @@ def main() -> None:
     for label, scheme, failure_aware in RUNS:
         plan = steps.plan(p, fleet, activity, catalog, scheme=scheme, name=f"plan {scheme}", stem=f"plan-{scheme}")
         stem = f"students-{label.split()[0]}{'' if failure_aware or scheme != 'rocoin' else '-nofa'}"
-        students = steps.students(p, teacher, plan.value, failure_aware=failure_aware, plan_path=bench.out / f"plan-{scheme}.json", name=f"distill {label}", stem=stem)
-        evaluation = steps.evaluation(p, students, FAIL_DEVICES, name=f"evaluation {label}", stem=f"evaluation-{stem.removeprefix('students-')}")
+        students = steps.students(
+            p,
+            teacher,
+            plan.value,
+            failure_aware=failure_aware,
+            plan_path=bench.out / f"plan-{scheme}.json",
+            name=f"distill {label}",
+            stem=stem,
+        )
+        evaluation = steps.evaluation(
+            p, students, FAIL_DEVICES, name=f"evaluation {label}", stem=f"evaluation-{stem.removeprefix('students-')}"
+        )
         architectures = sorted({g.student for g in plan.value.groups})
-        results["runs"].append({"label": label, "scheme": scheme, "failure_aware": failure_aware, **evaluation.value, "architectures": architectures})
+        results["runs"].append(
+            {"label": label, "scheme": scheme, "failure_aware": failure_aware, **evaluation.value, "architectures": architectures}
+        )
         write_json_atomic(bench.out / "results.json", {**results, "timings_s": _timings(cache), "args": settings})
     results["timings_s"] = _timings(cache)
     results["total_s"] = time.perf_counter() - started
@@ -105,7 +117,11 @@ def markdown_table(results: dict) -> str:
     ]
     for run in results["runs"]:
         cells = [f"{100 * f['accuracy_mean']:.2f}" for f in run["failures"]]
-        lines.append(f"| {run['label']} | {run['groups']} | {', '.join(run['architectures'])} | {100 * run['accuracy']:.2f} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {run['label']} | {run['groups']} | {', '.join(run['architectures'])} | {100 * run['accuracy']:.2f} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -34,8 +34,10 @@ def main() -> None:
     for name in ("fp32", "int8"):
         r = report[name]
         print(f"{name:>5} {r['size_bytes'] / 1e3:>16.1f} {1e3 * r['slowest_group_s']:>17.3f} {r['accuracy']:>9.4f}")
-    print(f"size ratio {report['int8']['size_bytes'] / report['fp32']['size_bytes']:.3f}, "
-          f"speed-up {report['fp32']['slowest_group_s'] / report['int8']['slowest_group_s']:.2f}x, same answer on {100 * report['agreement']:.2f} %")
+    print(
+        f"size ratio {report['int8']['size_bytes'] / report['fp32']['size_bytes']:.3f}, "
+        f"speed-up {report['fp32']['slowest_group_s'] / report['int8']['slowest_group_s']:.2f}x, same answer on {100 * report['agreement']:.2f} %"
+    )
 
 
 if __name__ == "__main__":

@@ -49,7 +49,13 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="run just these experiments (comma-separated), in this process")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    overrides = {"data_dir": args.data_dir, "dataset": args.dataset, "max_train_images": args.max_train_images, "teacher_epochs": args.teacher_epochs, "student_epochs": args.student_epochs}
+    overrides = {
+        "data_dir": args.data_dir,
+        "dataset": args.dataset,
+        "max_train_images": args.max_train_images,
+        "teacher_epochs": args.teacher_epochs,
+        "student_epochs": args.student_epochs,
+    }
     setup = make_setup(args.size, **overrides)
     if args.only:
         run_experiments(args.only.split(","), setup, args.output, device=args.device)

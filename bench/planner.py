@@ -10,17 +10,15 @@ receives it (``rocoin plan`` builds it from ACT.npy before planning).
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import platform
 import time
 
-import logging
-
 import numpy as np
 
 from rocoin.planning import filter_graph, make_plan, synthetic_activations
-from rocoin.profiles.generate import default_catalog
-from rocoin.profiles.generate import generate_fleet
+from rocoin.profiles.generate import default_catalog, generate_fleet
 from rocoin.simulation import simulate
 
 SCHEMES = ("rocoin", "rocoin-g", "nonn", "hetnonn")
@@ -46,14 +44,18 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     catalog = default_catalog((3, 32, 32))
     weights = filter_graph(synthetic_activations(500, args.filters, random_state=0))
-    print(f"# planner benchmark: F = {args.filters}, epsilon = {args.epsilon}, heterogeneity 3, success 0.8, "
-          f"best of {args.repeats}; {platform.processor() or platform.machine()}, numpy {np.__version__}")
+    print(
+        f"# planner benchmark: F = {args.filters}, epsilon = {args.epsilon}, heterogeneity 3, success 0.8, "
+        f"best of {args.repeats}; {platform.processor() or platform.machine()}, numpy {np.__version__}"
+    )
     print(f"{'devices':>8} {'scheme':>9} {'groups':>7} {'plan s':>9} {'us/device':>10} {'T s':>8}")
     times: dict[str, list[float]] = {s: [] for s in SCHEMES}
     for n in sizes:
         fleet = generate_fleet(n, 3, 0.8, random_state=n)
         for scheme in SCHEMES:
-            seconds, plan = best_time(lambda: make_plan(fleet, weights, catalog, scheme=scheme, epsilon=args.epsilon), args.repeats)
+            seconds, plan = best_time(
+                lambda fleet=fleet, scheme=scheme: make_plan(fleet, weights, catalog, scheme=scheme, epsilon=args.epsilon), args.repeats
+            )
             times[scheme].append(seconds)
             print(f"{n:>8} {scheme:>9} {plan.num_groups:>7} {seconds:>9.4f} {1e6 * seconds / n:>10.1f} {plan.latency_s:>8.3f}")
     print("\n# measured complexity: slope of log(time) vs log(devices) between consecutive sizes")
@@ -66,13 +68,15 @@ def main() -> None:
     solve_times = []
     for seed in range(20):
         fleet = generate_fleet(10, 4, 0.8, random_state=1000 + seed)
-        seconds, optimal = best_time(lambda: make_plan(fleet, weights, catalog, scheme="optimal", epsilon=args.epsilon), 1)
+        seconds, optimal = best_time(lambda fleet=fleet: make_plan(fleet, weights, catalog, scheme="optimal", epsilon=args.epsilon), 1)
         solve_times.append(seconds)
         for label, kwargs in (("rocoin/paper", {}), ("rocoin/minmax", {"objective": "minmax"}), ("rocoin-g", {"scheme": "rocoin-g"})):
             plan = make_plan(fleet, weights, catalog, epsilon=args.epsilon, **kwargs)
             gaps[label].append(plan.latency_s / optimal.latency_s - 1)
     for label, values in gaps.items():
-        print(f"{label:>14}: mean gap {100 * np.mean(values):.2f} %, worst {100 * np.max(values):.2f} %, optimal in {sum(v < 1e-9 for v in values)}/20")
+        print(
+            f"{label:>14}: mean gap {100 * np.mean(values):.2f} %, worst {100 * np.max(values):.2f} %, optimal in {sum(v < 1e-9 for v in values)}/20"
+        )
     print(f"{'exact solver':>14}: {np.median(solve_times):.3f} s median per 10-device plan")
 
     fleet = generate_fleet(1000, 3, 0.8, random_state=7)

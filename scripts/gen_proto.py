@@ -45,8 +45,8 @@ _VERSION_LINE = re.compile(
 def generate(out_root: Path, src: Path = SRC) -> None:
     """Run protoc on ``src``'s proto into ``out_root`` (which gets ``rocoin/runtime/transport/protocol/...``)."""
     try:
-        from grpc_tools import protoc
         import grpc_tools
+        from grpc_tools import protoc
     except ImportError:
         sys.exit("error: grpcio-tools is not installed (pip install grpcio-tools)")
     include = Path(grpc_tools.__file__).parent / "_proto"

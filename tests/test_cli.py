@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from rocoin.cli.main import app
-from rocoin.contracts.plan import load_plan
 from rocoin.contracts.fleet import load_fleet
+from rocoin.contracts.plan import load_plan
 
 runner = CliRunner()
 
@@ -29,7 +29,17 @@ def workspace(tmp_path):
 def test_generate_plan_simulate_round_trip(workspace):
     fleet = load_fleet(workspace / "fleet.yaml")
     assert len(fleet.devices) == 8
-    result = run("plan", workspace / "fleet.yaml", "--activations", workspace / "act.npy", "--epsilon", 0.05, "--optimal-gap", "-o", workspace / "plan.json")
+    result = run(
+        "plan",
+        workspace / "fleet.yaml",
+        "--activations",
+        workspace / "act.npy",
+        "--epsilon",
+        0.05,
+        "--optimal-gap",
+        "-o",
+        workspace / "plan.json",
+    )
     assert result.exit_code == 0, result.output
     assert "rocoin plan" in result.stdout and "exact optimum" in result.stdout
     plan = load_plan(workspace / "plan.json")
@@ -44,7 +54,18 @@ def test_generate_plan_simulate_round_trip(workspace):
 
 @pytest.mark.parametrize("scheme", ["rocoin", "rocoin-g", "nonn", "hetnonn", "optimal"])
 def test_every_scheme_from_the_command_line(workspace, scheme):
-    result = run("plan", workspace / "fleet.yaml", "--activations", workspace / "act.npy", "--scheme", scheme, "--objective", "minmax", "-o", workspace / "p.json")
+    result = run(
+        "plan",
+        workspace / "fleet.yaml",
+        "--activations",
+        workspace / "act.npy",
+        "--scheme",
+        scheme,
+        "--objective",
+        "minmax",
+        "-o",
+        workspace / "p.json",
+    )
     assert result.exit_code == 0, result.output
     assert load_plan(workspace / "p.json").scheme == scheme
 

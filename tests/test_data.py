@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rocoin.contracts.errors import RocoinError
 from rocoin.data import datasets as ds
 from rocoin.data import load_dataset, split_validation
 from rocoin.data.datasets import ArrayDataset, DatasetInfo
-from rocoin.contracts.errors import RocoinError
 
 try:
     import torch
@@ -92,12 +92,26 @@ def cifar10_python_files(rng, n_batches=3, per_batch=6, n_test=5, dumps=py2_pick
     for i in range(1, n_batches + 1):
         x = random_images(rng, per_batch)
         y = rng.integers(0, 10, per_batch).tolist()
-        files[f"data_batch_{i}"] = dumps({"batch_label": f"training batch {i} of 5", "labels": y, "data": x.reshape(per_batch, -1), "filenames": [f"img{j}.png" for j in range(per_batch)]})
+        files[f"data_batch_{i}"] = dumps(
+            {
+                "batch_label": f"training batch {i} of 5",
+                "labels": y,
+                "data": x.reshape(per_batch, -1),
+                "filenames": [f"img{j}.png" for j in range(per_batch)],
+            }
+        )
         train_x.append(x)
         train_y += y
     tx = random_images(rng, n_test)
     ty = rng.integers(0, 10, n_test).tolist()
-    files["test_batch"] = dumps({"batch_label": "testing batch 1 of 1", "labels": ty, "data": tx.reshape(n_test, -1), "filenames": [f"t{j}.png" for j in range(n_test)]})
+    files["test_batch"] = dumps(
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": ty,
+            "data": tx.reshape(n_test, -1),
+            "filenames": [f"t{j}.png" for j in range(n_test)],
+        }
+    )
     files["batches.meta"] = dumps({"num_cases_per_batch": per_batch, "label_names": CIFAR10_NAMES, "num_vis": 3072})
     return files, (np.concatenate(train_x), np.array(train_y)), (tx, np.array(ty))
 
@@ -107,8 +121,18 @@ def cifar100_python_files(rng, n_train=7, n_test=4):
     x, fine = random_images(rng, n_train), rng.integers(0, 100, n_train)
     tx, tfine = random_images(rng, n_test), rng.integers(0, 100, n_test)
     for name, images, labels in (("train", x, fine), ("test", tx, tfine)):
-        files[name] = py2_pickle({"filenames": ["a.png"] * len(labels), "batch_label": name, "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist(), "data": images.reshape(len(labels), -1)})
-    files["meta"] = py2_pickle({"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]})
+        files[name] = py2_pickle(
+            {
+                "filenames": ["a.png"] * len(labels),
+                "batch_label": name,
+                "fine_labels": labels.tolist(),
+                "coarse_labels": (labels // 5).tolist(),
+                "data": images.reshape(len(labels), -1),
+            }
+        )
+    files["meta"] = py2_pickle(
+        {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]}
+    )
     return files, (x, fine), (tx, tfine)
 
 
@@ -347,15 +371,31 @@ def test_fashion_mnist_corrupt(tmp_path, no_system_fashion):
     rng = np.random.default_rng(12)
     images = random_images(rng, 20, (28, 28))
     cases = {
-        "truncated": ("train-images-idx3-ubyte.gz", gzip.compress(idx_bytes(images)[:-5]), r"truncated: the header announces 20x28x28 = 15680 bytes of data, found 15675"),
+        "truncated": (
+            "train-images-idx3-ubyte.gz",
+            gzip.compress(idx_bytes(images)[:-5]),
+            r"truncated: the header announces 20x28x28 = 15680 bytes of data, found 15675",
+        ),
         "magic": ("train-images-idx3-ubyte.gz", gzip.compress(idx_bytes(images, magic=2049)), r"bad magic number 2049, expected 2051"),
-        "labels-magic": ("t10k-labels-idx1-ubyte", idx_bytes(np.zeros((10, 1, 1)), magic=2051)[:-10], r"bad magic number 2051, expected 2049"),
+        "labels-magic": (
+            "t10k-labels-idx1-ubyte",
+            idx_bytes(np.zeros((10, 1, 1)), magic=2051)[:-10],
+            r"bad magic number 2051, expected 2049",
+        ),
         "range": ("train-labels-idx1-ubyte.gz", gzip.compress(idx_bytes(np.full(20, 10))), r"label 10 is out of range \[0, 10\)"),
-        "count": ("train-labels-idx1-ubyte.gz", gzip.compress(idx_bytes(np.zeros(19))), r"19 labels but train-images-idx3-ubyte.gz holds 20 images"),
+        "count": (
+            "train-labels-idx1-ubyte.gz",
+            gzip.compress(idx_bytes(np.zeros(19))),
+            r"19 labels but train-images-idx3-ubyte.gz holds 20 images",
+        ),
         "empty": ("train-images-idx3-ubyte.gz", b"", r"empty or truncated IDX file"),
         "empty-gz": ("train-images-idx3-ubyte.gz", gzip.compress(b""), r"empty or truncated IDX file"),
         "zero-images": ("train-images-idx3-ubyte.gz", gzip.compress(idx_bytes(np.zeros((0, 28, 28)))), r"empty IDX file"),
-        "size": ("train-images-idx3-ubyte.gz", gzip.compress(idx_bytes(random_images(rng, 20, (32, 32)))), r"images are 32x32, Fashion-MNIST's are 28x28"),
+        "size": (
+            "train-images-idx3-ubyte.gz",
+            gzip.compress(idx_bytes(random_images(rng, 20, (32, 32)))),
+            r"images are 32x32, Fashion-MNIST's are 28x28",
+        ),
         "trailing": ("train-images-idx3-ubyte.gz", gzip.compress(idx_bytes(images) + b"x"), r"trailing data"),
         "bad-gzip": ("train-images-idx3-ubyte.gz", gzip.compress(idx_bytes(images))[:-30], r"cannot read"),
     }
@@ -439,7 +479,9 @@ def test_download_file(tmp_path):
     assert (dest_dir / "blob.bin").read_bytes() == source.read_bytes()
     assert os.listdir(dest_dir) == ["blob.bin"]
 
-    with pytest.raises(RocoinError, match=r"blob.bin: md5 [0-9a-f]{32} of the 10000 bytes downloaded does not match the expected 0{32}; nothing was saved"):
+    with pytest.raises(
+        RocoinError, match=r"blob.bin: md5 [0-9a-f]{32} of the 10000 bytes downloaded does not match the expected 0{32}; nothing was saved"
+    ):
         ds.download_file(source.as_uri(), dest_dir / "other.bin", "0" * 32)
     assert os.listdir(dest_dir) == ["blob.bin"]
 

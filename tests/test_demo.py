@@ -20,11 +20,11 @@ pytest.importorskip("sklearn")
 from conftest import write_fashion_mnist  # noqa: E402
 from test_cli import bad, run  # noqa: E402
 
+from rocoin.contracts.catalog import StudentSpec  # noqa: E402
+from rocoin.contracts.plan import GroupPlan, Plan  # noqa: E402
 from rocoin.experiments import demo  # noqa: E402
 from rocoin.experiments.demo import load  # noqa: E402
 from rocoin.pipeline import data as data_step  # noqa: E402
-from rocoin.contracts.plan import GroupPlan, Plan  # noqa: E402
-from rocoin.contracts.catalog import StudentSpec  # noqa: E402
 
 #: Small enough for a few seconds per step on 2 cores; 6 devices make 2-3 groups.
 TINY = (
@@ -52,7 +52,18 @@ def first_run(tmp_path_factory):
 
 def test_the_demo_writes_a_report_with_sane_numbers(first_run):
     out, result = first_run
-    for name in ("report.md", "results.json", "queries.csv", "latency.png", "accuracy.png", "plan.json", "fleet.yaml", "teacher.pt", "students.pt", "bundle/manifest.json"):
+    for name in (
+        "report.md",
+        "results.json",
+        "queries.csv",
+        "latency.png",
+        "accuracy.png",
+        "plan.json",
+        "fleet.yaml",
+        "teacher.pt",
+        "students.pt",
+        "bundle/manifest.json",
+    ):
         assert (out / name).is_file(), name
     for name in ("latency.png", "accuracy.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -232,7 +243,11 @@ def test_apt_get_installs_fashion_mnist_when_it_can(no_fashion_mnist, monkeypatc
     monkeypatch.setattr(data_step, "_can_apt_get", lambda: True)
     monkeypatch.setattr(data_step, "_run_shown", fake_apt)
     choice = demo.resolve_dataset("fashion-mnist", empty, download=False, say=lambda text: None)
-    assert commands == [["apt-get", "install", "-y", "dataset-fashion-mnist"], ["apt-get", "update"], ["apt-get", "install", "-y", "dataset-fashion-mnist"]]
+    assert commands == [
+        ["apt-get", "install", "-y", "dataset-fashion-mnist"],
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "dataset-fashion-mnist"],
+    ]
     assert choice.name == "fashion-mnist" and "apt-get" in choice.how and choice.notice is None
 
 

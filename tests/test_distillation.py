@@ -10,13 +10,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import device, write_fashion_mnist  # noqa: E402
+from conftest import write_fashion_mnist  # noqa: E402
+
+from rocoin.contracts.errors import RocoinError  # noqa: E402
+from rocoin.contracts.plan import GroupPlan, Plan  # noqa: E402
 from rocoin.distillation.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from rocoin.distillation.evaluate import missing_slots, random_failures  # noqa: E402
 from rocoin.distillation.losses import AttentionTransferTerm, CrossEntropyTerm, DistillationLoss, SoftTargetTerm, attention_map  # noqa: E402
 from rocoin.distillation.students import StudentNetwork, sample_slot_mask  # noqa: E402
-from rocoin.contracts.errors import RocoinError  # noqa: E402
-from rocoin.contracts.plan import GroupPlan, Plan  # noqa: E402
 from rocoin.profiles.generate import default_catalog  # noqa: E402
 
 
@@ -152,9 +153,9 @@ def test_a_group_is_missing_only_when_all_its_replicas_fail():
 
 def test_evaluation_with_failures_is_hand_checkable(tmp_path):
     """A fixed network whose FC reads one filter per class: accuracy follows the missing groups exactly."""
+    from rocoin.data import load_dataset
     from rocoin.distillation.evaluate import evaluate_students
     from rocoin.distillation.teacher import info_to_json
-    from rocoin.data import load_dataset
 
     write_fashion_mnist(tmp_path, n_train=40, n_test=50)
     plan = tiny_plan([(["a"], [0, 1, 2, 3, 4], 0.1), (["b", "c"], [5, 6, 7, 8, 9], 0.1)], num_filters=10)

@@ -35,7 +35,9 @@ def test_bad_options_get_one_line_and_exit_2(tmp_path, module, options, expected
 def test_a_missing_bundle_is_bad_input_not_a_crash(tmp_path):
     path = tmp_path / "options.json"
     path.write_text(DeviceOptions(bundle=tmp_path / "nothing", device_id="a", insecure=True).model_dump_json())
-    run = subprocess.run([sys.executable, "-m", "rocoin.runtime.device", "--options", str(path)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "rocoin.runtime.device", "--options", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr and str(tmp_path / "nothing") in run.stderr
 
 

@@ -185,6 +185,8 @@ def test_a_result_is_written_atomically_with_its_caption(tmp_path):
 def test_a_setting_with_no_feasible_fleet_is_written_as_json_null(tmp_path):
     from rocoin.experiments.report import ExperimentResult
 
-    result = ExperimentResult(name="x", title="x", caption="", rows=[{"level": 1, "latency_s_mean": float("nan")}], plot=lambda figure: None)
+    result = ExperimentResult(
+        name="x", title="x", caption="", rows=[{"level": 1, "latency_s_mean": float("nan")}], plot=lambda figure: None
+    )
     paths = result.write(tmp_path, {}, 0.0)
     assert json.loads(paths["json"].read_text())["rows"][0]["latency_s_mean"] is None

@@ -19,15 +19,15 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import rocoin  # noqa: E402
+from rocoin.contracts.errors import RocoinError  # noqa: E402
+from rocoin.contracts.manifest import MANIFEST_NAME, load_manifest, verify_file  # noqa: E402
+from rocoin.contracts.plan import GroupPlan, Plan, save_plan  # noqa: E402
 from rocoin.data import DatasetInfo  # noqa: E402
 from rocoin.distillation.checkpoint import save_checkpoint  # noqa: E402
 from rocoin.distillation.students import StudentNetwork  # noqa: E402
 from rocoin.distillation.teacher import info_to_json  # noqa: E402
-from rocoin.contracts.errors import RocoinError  # noqa: E402
 from rocoin.export import export_bundle, onnx_bundle  # noqa: E402
-from rocoin.contracts.plan import GroupPlan, Plan, save_plan  # noqa: E402
 from rocoin.profiles.generate import default_catalog  # noqa: E402
-from rocoin.contracts.manifest import MANIFEST_NAME, load_manifest, verify_file  # noqa: E402
 
 INFO = DatasetInfo(
     name="toy",

@@ -352,7 +352,12 @@ def test_keep_alive_and_pipelined_requests_are_all_answered():
 
     sequential, pipelined, split = serve(scenario)
     assert [(s, json.loads(b)) for s, _, b in sequential] == [(200, {"hello": "world"}), (200, {"length": 10})]
-    assert [(s, json.loads(b)) for s, _, b in pipelined] == [(200, {"hello": "world"}), (200, {"length": 3}), (200, {"length": 0}), (200, {"hello": "world"})]
+    assert [(s, json.loads(b)) for s, _, b in pipelined] == [
+        (200, {"hello": "world"}),
+        (200, {"length": 3}),
+        (200, {"length": 0}),
+        (200, {"hello": "world"}),
+    ]
     assert split[0] == 200 and json.loads(split[2]) == {"length": 2}
 
 
@@ -465,7 +470,13 @@ def test_over_tls_requests_work_and_slowloris_is_closed(tls):
 
 
 def test_bad_limits_and_a_taken_port_are_one_line_errors():
-    for bad in ({"header_timeout_s": 0}, {"body_timeout_s": float("inf")}, {"max_connections": True}, {"max_header_bytes": 10}, {"max_body_bytes": -1}):
+    for bad in (
+        {"header_timeout_s": 0},
+        {"body_timeout_s": float("inf")},
+        {"max_connections": True},
+        {"max_header_bytes": 10},
+        {"max_body_bytes": -1},
+    ):
         with pytest.raises(RocoinError, match=f"^http limits: {next(iter(bad))} = "):
             HttpLimits(**{"max_body_bytes": 1, **bad})
     assert HttpLimits(max_body_bytes=1).header_timeout_s == 10

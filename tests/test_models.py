@@ -11,10 +11,9 @@ from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
 from rocoin.contracts.errors import RocoinError  # noqa: E402
-from rocoin.models.analytic import arch_stats  # noqa: E402
+from rocoin.models.analytic import DEFAULT_STUDENTS, arch_stats  # noqa: E402
 from rocoin.models.measure import count_flops, measure_catalog, measure_model, measure_module, peak_activation_bytes  # noqa: E402
 from rocoin.models.registry import create_model, model_names, parse_model_name  # noqa: E402
-from rocoin.models.analytic import DEFAULT_STUDENTS  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -90,9 +89,14 @@ def test_flops_of_a_tiny_wrn_counted_by_hand():
     # WRN-10-1 (one block per stage) on a 1×8×8 input: maps 8×8, 8×8, 4×4, 2×2.
     macs = (
         conv_macs(1, 16, 3, 8)  # stem
-        + conv_macs(16, 16, 3, 8) + conv_macs(16, 16, 3, 8)  # stage 1: identity shortcut
-        + conv_macs(16, 32, 1, 4) + conv_macs(16, 32, 3, 4) + conv_macs(32, 32, 3, 4)  # stage 2 (+1×1 shortcut)
-        + conv_macs(32, 64, 1, 2) + conv_macs(32, 64, 3, 2) + conv_macs(64, 64, 3, 2)  # stage 3 (+1×1 shortcut)
+        + conv_macs(16, 16, 3, 8)
+        + conv_macs(16, 16, 3, 8)  # stage 1: identity shortcut
+        + conv_macs(16, 32, 1, 4)
+        + conv_macs(16, 32, 3, 4)
+        + conv_macs(32, 32, 3, 4)  # stage 2 (+1×1 shortcut)
+        + conv_macs(32, 64, 1, 2)
+        + conv_macs(32, 64, 3, 2)
+        + conv_macs(64, 64, 3, 2)  # stage 3 (+1×1 shortcut)
         + 64 * 10  # FC
     )
     assert measure_model("wrn-10-1", TINY, 10).flops == 2 * macs == 2 * 763_520

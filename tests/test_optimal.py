@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rocoin.contracts.catalog import CatalogArrays
 from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
+from rocoin.contracts.fleet import FleetArrays
 from rocoin.contracts.latency import device_latency_s
 from rocoin.planning.optimal import MAX_DEVICES, OptimalSolution, solve_optimal
-from rocoin.contracts.catalog import CatalogArrays
-from rocoin.contracts.fleet import FleetArrays
 
 
 def make_fleet(flops, rate_bps, outage, memory_bytes=None, input_s=None) -> FleetArrays:
@@ -71,9 +71,7 @@ def group_latency(fleet, catalog, group, student, size, epsilon, rho_min) -> flo
     if rho_min is not None and catalog.params[student] / size < rho_min:
         return math.inf
     return float(
-        device_latency_s(
-            fleet.flops[members], fleet.rate_bps[members], fleet.input_s[members], catalog.flops[student], size
-        ).max()
+        device_latency_s(fleet.flops[members], fleet.rate_bps[members], fleet.input_s[members], catalog.flops[student], size).max()
     )
 
 
@@ -85,13 +83,15 @@ def brute_force(fleet, catalog, num_filters, epsilon, rho_min=None) -> float:
         for sizes in compositions(num_filters, len(partition)):
             options = []
             for group, size in zip(partition, sizes):
-                options.append([
-                    cache.setdefault(
-                        (tuple(group), s, size),
-                        group_latency(fleet, catalog, group, s, size, epsilon, rho_min),
-                    )
-                    for s in range(len(catalog))
-                ])
+                options.append(
+                    [
+                        cache.setdefault(
+                            (tuple(group), s, size),
+                            group_latency(fleet, catalog, group, s, size, epsilon, rho_min),
+                        )
+                        for s in range(len(catalog))
+                    ]
+                )
             for latencies in itertools.product(*options):
                 best = min(best, max(latencies))
     return best
@@ -281,8 +281,11 @@ def test_ten_devices_and_256_filters_solve_quickly():
     )
     for epsilon in (0.99, 0.05):  # singletons allowed (deepest DP) / groups of two or more
         fleet = make_fleet(
-            rng.uniform(10e6, 30e6, n), rng.uniform(1e3, 5e3, n), rng.uniform(0.1, 0.3, n),
-            memory_bytes=rng.uniform(2e6, 12e6, n), input_s=rng.uniform(0.0, 0.05, n),
+            rng.uniform(10e6, 30e6, n),
+            rng.uniform(1e3, 5e3, n),
+            rng.uniform(0.1, 0.3, n),
+            memory_bytes=rng.uniform(2e6, 12e6, n),
+            input_s=rng.uniform(0.0, 0.05, n),
         )
         start = time.perf_counter()
         sol = solve_optimal(fleet, catalog, 256, epsilon, rho_min=500.0)

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from rocoin.planning import filter_graph, make_plan, synthetic_activations
-from rocoin.profiles.generate import default_catalog
-from rocoin.profiles.generate import generate_fleet
+from rocoin.profiles.generate import default_catalog, generate_fleet
 from rocoin.simulation import simulate
 
 SEEDS = range(5)

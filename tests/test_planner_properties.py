@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import MIB, small_catalog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import MIB, small_catalog
 from rocoin.contracts.errors import InfeasiblePlanError
-from rocoin.planning import filter_graph, make_plan
-from rocoin.contracts.latency import device_latency_s
 from rocoin.contracts.fleet import DeviceProfile, Fleet
+from rocoin.contracts.latency import device_latency_s
+from rocoin.planning import filter_graph, make_plan
 
 device_strategy = st.tuples(
     st.floats(5e6, 40e6),  # FLOP/s
@@ -25,9 +25,7 @@ device_strategy = st.tuples(
 def instances(draw, max_devices=14):
     rows = draw(st.lists(device_strategy, min_size=1, max_size=max_devices))
     fleet = Fleet(
-        devices=[
-            DeviceProfile(id=f"d{i}", flops=f, memory_bytes=int(m * MIB), rate_bps=r, outage=p) for i, (f, m, r, p) in enumerate(rows)
-        ]
+        devices=[DeviceProfile(id=f"d{i}", flops=f, memory_bytes=int(m * MIB), rate_bps=r, outage=p) for i, (f, m, r, p) in enumerate(rows)]
     )
     num_filters = draw(st.integers(1, 24))
     seed = draw(st.integers(0, 2**16))

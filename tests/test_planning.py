@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import block_graph, device, small_catalog
+
 from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
+from rocoin.contracts.fleet import Fleet
+from rocoin.contracts.latency import device_latency_s
 from rocoin.planning import filter_graph, make_plan, synthetic_activations
 from rocoin.planning.assignment import GroupCosts, match_minmax, match_paper
 from rocoin.planning.grouping import capacity_features, follow_the_leader, group_devices
-from rocoin.contracts.latency import device_latency_s
 from rocoin.planning.partition import SpectralPartitioner, check_activations, equal_sizes, proportional_sizes
-from rocoin.contracts.fleet import Fleet
 
 
 def test_two_tiers_become_two_replica_pairs(two_tier_fleet):
@@ -105,12 +105,15 @@ def test_kuhn_munkres_maximises_the_eq5_weights_and_minmax_the_latency(two_tier_
     costs = GroupCosts.build(arrays, groups, sizes, catalog.arrays())
     weight, _ = costs.weights()
     paper = match_paper(costs)
+
     # eq. 5 by hand: w(g, k) = max_s (n_s / |P_k|) / T_g(s, k), the strong pair fits every student
     def w(mflops, kbps, fits, size):
         return max(catalog[s].params / size / device_latency_s(mflops * 1e6, kbps * 1e3, 0.0, catalog[s].flops, size) for s in fits)
 
     everything, small_only = catalog.names, ["small"]
-    np.testing.assert_allclose(weight, [[w(30, 400, everything, 2), w(30, 400, everything, 30)], [w(10, 200, small_only, 2), w(10, 200, small_only, 30)]])
+    np.testing.assert_allclose(
+        weight, [[w(30, 400, everything, 2), w(30, 400, everything, 30)], [w(10, 200, small_only, 2), w(10, 200, small_only, 30)]]
+    )
     totals = {(0, 1): weight[0, 0] + weight[1, 1], (1, 0): weight[0, 1] + weight[1, 0]}
     assert tuple(paper.partition.tolist()) == max(totals, key=totals.get)
     assert catalog.names[paper.student[1]] == "small"  # the weak pair only fits the small student
@@ -149,7 +152,9 @@ def test_plan_contract_fields(two_tier_fleet):
     for group in plan.groups:
         members = [index[d] for d in group.devices]
         assert group.failure_prob == pytest.approx(np.prod(arrays.outage[members]))
-        expected = device_latency_s(arrays.flops[members], arrays.rate_bps[members], 0.0, plan.catalog[group.student].flops, len(group.filters)).max()
+        expected = device_latency_s(
+            arrays.flops[members], arrays.rate_bps[members], 0.0, plan.catalog[group.student].flops, len(group.filters)
+        ).max()
         assert group.latency_s == pytest.approx(expected)
     assert plan.latency_s == max(g.latency_s for g in plan.groups)
     assert plan.p_complete == pytest.approx(np.prod([1 - g.failure_prob for g in plan.groups]))

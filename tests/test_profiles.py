@@ -7,13 +7,12 @@ import math
 import numpy as np
 import pytest
 
+from rocoin.contracts.catalog import Catalog, load_catalog, parse_input_shape
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fileio import validate
-from rocoin.models.analytic import arch_stats
-from rocoin.contracts.catalog import Catalog, load_catalog, parse_input_shape
-from rocoin.profiles.generate import default_catalog
 from rocoin.contracts.fleet import Fleet, load_fleet, rayleigh_outage
-from rocoin.profiles.generate import generate_fleet
+from rocoin.models.analytic import arch_stats
+from rocoin.profiles.generate import default_catalog, generate_fleet
 
 GOOD = {"id": "cam-1", "flops": 2.5e7, "memory_bytes": 1048576, "rate_bps": 300000, "outage": 0.15}
 
@@ -73,7 +72,9 @@ def test_rayleigh_outage_matches_the_formula():
     gamma = 10 ** (snr_db / 10)
     expected = 1 - math.exp(-(2 ** (rate / bandwidth) - 1) / gamma)
     device = validate(
-        Fleet, {"devices": [{**{k: v for k, v in GOOD.items() if k != "outage"}, "rate_bps": rate, "snr_db": snr_db, "bandwidth_hz": bandwidth}]}, "f"
+        Fleet,
+        {"devices": [{**{k: v for k, v in GOOD.items() if k != "outage"}, "rate_bps": rate, "snr_db": snr_db, "bandwidth_hz": bandwidth}]},
+        "f",
     ).devices[0]
     assert device.outage == pytest.approx(expected, rel=1e-12)
     assert rayleigh_outage(rate, bandwidth, 30.0) < device.outage  # more SNR, fewer outages
@@ -116,7 +117,14 @@ def test_generate_rejects_bad_levels(kwargs, message):
 
 @pytest.mark.parametrize(
     "name, classes, params_m",
-    [("wrn-16-4", 10, 2.75), ("wrn-16-1", 10, 0.18), ("wrn-22-1", 10, 0.27), ("wrn-16-2", 10, 0.69), ("wrn-16-3", 100, 1.56), ("wrn-28-10", 100, 36.54)],
+    [
+        ("wrn-16-4", 10, 2.75),
+        ("wrn-16-1", 10, 0.18),
+        ("wrn-22-1", 10, 0.27),
+        ("wrn-16-2", 10, 0.69),
+        ("wrn-16-3", 100, 1.56),
+        ("wrn-28-10", 100, 36.54),
+    ],
 )
 def test_parameter_counts_match_the_paper(name, classes, params_m):
     stats = arch_stats(name, (3, 32, 32), classes)

@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from rocoin.contracts.errors import RocoinError
-from rocoin.contracts.plan import GroupPlan, Plan
 from rocoin.contracts.catalog import StudentSpec
+from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fleet import DeviceProfile, Fleet
+from rocoin.contracts.plan import GroupPlan, Plan
 from rocoin.profiles.generate import generate_fleet
 from rocoin.simulation import AnalyticResult, SimulationResult, analytic, simulate
 
@@ -31,9 +31,7 @@ def make_plan(groups: list[tuple[list[str], int, str]]) -> Plan:
     """Groups given as (device ids, number of filters, student); filters are numbered in order."""
     out, nxt = [], 0
     for ids, nf, student in groups:
-        out.append(
-            GroupPlan(devices=ids, filters=list(range(nxt, nxt + nf)), student=student, failure_prob=0.5, latency_s=1.0)
-        )
+        out.append(GroupPlan(devices=ids, filters=list(range(nxt, nxt + nf)), student=student, failure_prob=0.5, latency_s=1.0))
         nxt += nf
     return Plan(scheme="rocoin", epsilon=0.5, num_filters=nxt, groups=out, latency_s=1.0, p_complete=0.5, catalog=CATALOG)
 
@@ -167,9 +165,7 @@ def _brute_force(plan: Plan, fleet: Fleet, timeout: float) -> tuple[np.ndarray, 
     """Every failure pattern with its probability: (probability, latency, number of missing groups)."""
     profiles = {d.id: d for d in fleet.devices}
     members = [(k, d) for k, g in enumerate(plan.groups) for d in g.devices]
-    lat = {
-        d: t(g.student, profiles[d].flops, profiles[d].rate_bps, len(g.filters)) for g in plan.groups for d in g.devices
-    }
+    lat = {d: t(g.student, profiles[d].flops, profiles[d].rate_bps, len(g.filters)) for g in plan.groups for d in g.devices}
     probs, lats, missing = [], [], []
     for pattern in itertools.product([False, True], repeat=len(members)):
         prob = 1.0
@@ -190,10 +186,7 @@ def test_analytic_is_exact_against_enumeration(timeout: float) -> None:
     rng = np.random.default_rng(7)
     ids = [f"d{i}" for i in range(7)]
     fleet = Fleet(
-        devices=[
-            device(i, float(rng.uniform(1e6, 4e6)), float(rng.uniform(100, 2000)), float(rng.uniform(0.05, 0.6)))
-            for i in ids
-        ]
+        devices=[device(i, float(rng.uniform(1e6, 4e6)), float(rng.uniform(100, 2000)), float(rng.uniform(0.05, 0.6))) for i in ids]
     )
     plan = make_plan([(ids[:3], 2, "small"), (ids[3:4], 1, "small"), (ids[4:], 3, "big")])
     probs, lats, missing = _brute_force(plan, fleet, timeout)
@@ -216,11 +209,7 @@ def test_monte_carlo_agrees_with_analytic_on_a_random_fleet() -> None:
     sizes = [3, 4, 5, 3, 2, 4, 5, 3]
     ids = [f"d{i:02d}" for i in range(sum(sizes))]
     target = rng.uniform(1.0, 2.0, len(ids))
-    fleet = Fleet(
-        devices=[
-            device(i, CATALOG["small"].flops / x, 1e9, float(rng.uniform(0.05, 0.35))) for i, x in zip(ids, target)
-        ]
-    )
+    fleet = Fleet(devices=[device(i, CATALOG["small"].flops / x, 1e9, float(rng.uniform(0.05, 0.35))) for i, x in zip(ids, target)])
     bounds = np.cumsum([0, *sizes])
     plan = make_plan([(ids[lo:hi], 1, "small") for lo, hi in zip(bounds[:-1], bounds[1:])])
     timeout = 1.9

@@ -27,7 +27,18 @@ def pipeline(tmp_path_factory):
     assert run("fleet", "generate", "--devices", 6, "--heterogeneity", 3, "--seed", 1, "-o", root / "fleet.yaml").exit_code == 0
     # The smallest WRN keeps the test fast; the catalog is measured like a user's would be.
     assert run("catalog", "--input-shape", "1x28x28", "--students", "wrn-10-1", "-o", root / "catalog.json").exit_code == 0
-    result = run("plan", root / "fleet.yaml", "--activations", root / "act.npy", "--catalog", root / "catalog.json", "--epsilon", 0.1, "-o", root / "plan.json")
+    result = run(
+        "plan",
+        root / "fleet.yaml",
+        "--activations",
+        root / "act.npy",
+        "--catalog",
+        root / "catalog.json",
+        "--epsilon",
+        0.1,
+        "-o",
+        root / "plan.json",
+    )
     assert result.exit_code == 0, result.output
     return root
 
@@ -40,7 +51,19 @@ def test_teacher_learns_and_activations_fit_the_planner(pipeline):
 
 
 def test_distill_and_evaluate_with_failures(pipeline):
-    result = run("distill", "--teacher", pipeline / "teacher.pt", "--plan", pipeline / "plan.json", "--epochs", 5, "--batch-size", 32, "-o", pipeline / "students.pt")
+    result = run(
+        "distill",
+        "--teacher",
+        pipeline / "teacher.pt",
+        "--plan",
+        pipeline / "plan.json",
+        "--epochs",
+        5,
+        "--batch-size",
+        32,
+        "-o",
+        pipeline / "students.pt",
+    )
     assert result.exit_code == 0, result.output
     assert "teacher outputs cached" in result.stdout  # Fashion-MNIST has no augmentation
     result = run("evaluate", "--students", pipeline / "students.pt", "--fail-devices", "0,6", "--trials", 5, "--json")
@@ -58,7 +81,10 @@ def test_training_bad_inputs(pipeline, tmp_path):
     other["groups"][0]["filters"] = plan["groups"][0]["filters"] + [64]
     (tmp_path / "plan65.json").write_text(json.dumps(other))
     out = tmp_path / "students.pt"
-    bad(run("distill", "--teacher", pipeline / "teacher.pt", "--plan", tmp_path / "plan65.json", "-o", out), "num_filters = 65 but the teacher wrn-10-1 has 64")
+    bad(
+        run("distill", "--teacher", pipeline / "teacher.pt", "--plan", tmp_path / "plan65.json", "-o", out),
+        "num_filters = 65 but the teacher wrn-10-1 has 64",
+    )
     bad(run("distill", "--teacher", pipeline / "plan.json", "--plan", pipeline / "plan.json", "-o", out), "weights_only=True")
     bad(run("evaluate", "--students", pipeline / "teacher.pt"), "expected a rocoin-students checkpoint")
     broken = tmp_path / "broken"
@@ -72,8 +98,24 @@ def test_training_bad_inputs(pipeline, tmp_path):
 
 
 def test_distill_a_baseline_plan(pipeline):
-    assert run("plan", pipeline / "fleet.yaml", "--activations", pipeline / "act.npy", "--catalog", pipeline / "catalog.json", "--scheme", "nonn", "-o", pipeline / "nonn.json").exit_code == 0
-    result = run("distill", "--teacher", pipeline / "teacher.pt", "--plan", pipeline / "nonn.json", "--epochs", 1, "-o", pipeline / "nonn.pt")
+    assert (
+        run(
+            "plan",
+            pipeline / "fleet.yaml",
+            "--activations",
+            pipeline / "act.npy",
+            "--catalog",
+            pipeline / "catalog.json",
+            "--scheme",
+            "nonn",
+            "-o",
+            pipeline / "nonn.json",
+        ).exit_code
+        == 0
+    )
+    result = run(
+        "distill", "--teacher", pipeline / "teacher.pt", "--plan", pipeline / "nonn.json", "--epochs", 1, "-o", pipeline / "nonn.pt"
+    )
     assert result.exit_code == 0, result.output
     assert "nonn students (6 groups)" in result.stdout
     data = json.loads(run("evaluate", "--students", pipeline / "nonn.pt", "--fail-devices", 6, "--trials", 2, "--json").stdout)
@@ -102,6 +144,7 @@ def test_an_interrupted_teacher_run_resumes(tmp_path, monkeypatch):
 
     write_fashion_mnist(tmp_path, n_train=200, n_test=50)
     config = TeacherConfig(arch="wrn-10-1", data=DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path)), epochs=3, batch_size=50)
+
     @contextmanager
     def crash_in_epoch_two(label, total):
         if label.startswith("teacher epoch 2/"):
@@ -116,8 +159,8 @@ def test_an_interrupted_teacher_run_resumes(tmp_path, monkeypatch):
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]  # epoch 1 was not trained again
     assert not (tmp_path / "teacher.pt.resume").exists()
     # The state of a run with other settings is not silently mixed in.
-    from rocoin.distillation.checkpoint import save_checkpoint
     from rocoin.contracts.errors import RocoinError
+    from rocoin.distillation.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "teacher.pt.resume", "teacher-resume", {"config": {"arch": "x"}, "epoch": 1}, {})
     with pytest.raises(RocoinError, match="other settings"):
@@ -135,13 +178,53 @@ def test_cifar_with_augmentation_trains_without_the_teacher_cache(tmp_path):
         "batches.meta.txt": ("\n".join(CIFAR10_NAMES) + "\n").encode(),
     }
     write_files(files, tmp_path, False, "cifar-10-batches-bin")
-    result = run("train-teacher", "--dataset", "cifar10", "--data-dir", tmp_path, "--arch", "wrn-10-1", "--epochs", 1, "--batch-size", 16, "-o", tmp_path / "teacher.pt")
+    result = run(
+        "train-teacher",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        tmp_path,
+        "--arch",
+        "wrn-10-1",
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "-o",
+        tmp_path / "teacher.pt",
+    )
     assert result.exit_code == 0, result.output
     assert run("activations", "--teacher", tmp_path / "teacher.pt", "-o", tmp_path / "act.npy").exit_code == 0
     run("fleet", "generate", "--devices", 3, "-o", tmp_path / "fleet.yaml")
     assert run("catalog", "--input-shape", "3x32x32", "--students", "wrn-10-1", "-o", tmp_path / "catalog.json").exit_code == 0
-    assert run("plan", tmp_path / "fleet.yaml", "--activations", tmp_path / "act.npy", "--catalog", tmp_path / "catalog.json", "--epsilon", 0.5, "-o", tmp_path / "plan.json").exit_code == 0
-    result = run("distill", "--teacher", tmp_path / "teacher.pt", "--plan", tmp_path / "plan.json", "--epochs", 1, "--batch-size", 16, "-o", tmp_path / "students.pt")
+    assert (
+        run(
+            "plan",
+            tmp_path / "fleet.yaml",
+            "--activations",
+            tmp_path / "act.npy",
+            "--catalog",
+            tmp_path / "catalog.json",
+            "--epsilon",
+            0.5,
+            "-o",
+            tmp_path / "plan.json",
+        ).exit_code
+        == 0
+    )
+    result = run(
+        "distill",
+        "--teacher",
+        tmp_path / "teacher.pt",
+        "--plan",
+        tmp_path / "plan.json",
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "-o",
+        tmp_path / "students.pt",
+    )
     assert result.exit_code == 0, result.output
     assert "teacher outputs cached" not in result.stdout  # crop+flip changes every epoch's inputs
     assert json.loads(run("evaluate", "--students", tmp_path / "students.pt", "--json").stdout)["test_images"] == 20
@@ -149,8 +232,34 @@ def test_cifar_with_augmentation_trains_without_the_teacher_cache(tmp_path):
 
 def test_export_int8_reports_size_speed_and_accuracy(pipeline):
     if not (pipeline / "students.pt").exists():  # when run alone
-        assert run("distill", "--teacher", pipeline / "teacher.pt", "--plan", pipeline / "plan.json", "--epochs", 5, "--batch-size", 32, "-o", pipeline / "students.pt").exit_code == 0
-    result = run("export", "--students", pipeline / "students.pt", "--int8", "--calibration-images", 64, "--eval-images", 100, "-o", pipeline / "bundle-int8")
+        assert (
+            run(
+                "distill",
+                "--teacher",
+                pipeline / "teacher.pt",
+                "--plan",
+                pipeline / "plan.json",
+                "--epochs",
+                5,
+                "--batch-size",
+                32,
+                "-o",
+                pipeline / "students.pt",
+            ).exit_code
+            == 0
+        )
+    result = run(
+        "export",
+        "--students",
+        pipeline / "students.pt",
+        "--int8",
+        "--calibration-images",
+        64,
+        "--eval-images",
+        100,
+        "-o",
+        pipeline / "bundle-int8",
+    )
     assert result.exit_code == 0, result.output
     assert "fp32 vs int8" in result.stdout
     report = json.loads((pipeline / "bundle-int8" / "int8-report.json").read_text())

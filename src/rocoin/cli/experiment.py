@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -11,22 +10,26 @@ from rocoin.cli.common import clean_errors, err, out, require
 
 
 def experiment_command(
-    names: List[str] = typer.Argument(..., metavar="NAME...", help="table2, fig2, fig3, fig4, fig5, fig6, fig7, scale, or all."),
+    names: list[str] = typer.Argument(..., metavar="NAME...", help="table2, fig2, fig3, fig4, fig5, fig6, fig7, scale, or all."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes (what the test suite runs): checks the code path, not the claims."),
-    size: str = typer.Option("default", "--size", help="quick, default (2-core CPU budget) or paper (the GPU budget of the README's results)."),
-    output: Path = typer.Option(Path("results/experiments"), "--output", "-o", help="Folder for NAME/NAME.{csv,json,png,md}, report.md and the cache."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="fashion-mnist (default), cifar10, cifar100 or digits."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where the dataset files are."),
+    size: str = typer.Option(
+        "default", "--size", help="quick, default (2-core CPU budget) or paper (the GPU budget of the README's results)."
+    ),
+    output: Path = typer.Option(
+        Path("results/experiments"), "--output", "-o", help="Folder for NAME/NAME.{csv,json,png,md}, report.md and the cache."
+    ),
+    dataset: str | None = typer.Option(None, "--dataset", help="fashion-mnist (default), cifar10, cifar100 or digits."),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="Where the dataset files are."),
     device: str = typer.Option("cpu", "--device", help="Where to train: cpu, cuda, cuda:N or auto."),
-    teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch"),
-    teacher_epochs: Optional[int] = typer.Option(None, "--teacher-epochs"),
-    student_epochs: Optional[int] = typer.Option(None, "--student-epochs"),
-    students: Optional[str] = typer.Option(None, "--students", help="Comma-separated student architectures of the catalog."),
-    max_train_images: Optional[int] = typer.Option(None, "--max-train-images"),
-    max_test_images: Optional[int] = typer.Option(None, "--max-test-images"),
-    trials: Optional[int] = typer.Option(None, "--trials", help="Random failure draws per number of failed devices."),
-    fleets: Optional[int] = typer.Option(None, "--fleets", help="Generated fleets per point of the planner-only figures."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    teacher_arch: str | None = typer.Option(None, "--teacher-arch"),
+    teacher_epochs: int | None = typer.Option(None, "--teacher-epochs"),
+    student_epochs: int | None = typer.Option(None, "--student-epochs"),
+    students: str | None = typer.Option(None, "--students", help="Comma-separated student architectures of the catalog."),
+    max_train_images: int | None = typer.Option(None, "--max-train-images"),
+    max_test_images: int | None = typer.Option(None, "--max-test-images"),
+    trials: int | None = typer.Option(None, "--trials", help="Random failure draws per number of failed devices."),
+    fleets: int | None = typer.Option(None, "--fleets", help="Generated fleets per point of the planner-only figures."),
+    seed: int | None = typer.Option(None, "--seed"),
     fresh: bool = typer.Option(False, "--fresh", help="Retrain and recompute instead of reusing the cache."),
 ) -> None:
     """Reproduce the paper's evaluation: each NAME writes a CSV/JSON of its numbers, a PNG plot and a Markdown section."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -42,7 +41,9 @@ def _print_version(value: bool) -> None:
 def main(
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v info, -vv debug)."),
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
-    log_json: bool = typer.Option(False, "--log-json", help="Log one JSON object per line (with query_id where an event concerns a query)."),
+    log_json: bool = typer.Option(
+        False, "--log-json", help="Log one JSON object per line (with query_id where an event concerns a query)."
+    ),
 ) -> None:
     from rocoin.logs import configure
 
@@ -67,8 +68,8 @@ def fleet_generate(
         0.8, "--success-prob", help="Mean success probability 1 - outage; each device draws P ± --success-spread."
     ),
     success_spread: float = typer.Option(0.1, "--success-spread", help="Half-width of the success-probability range."),
-    input_bits: Optional[int] = typer.Option(None, "--input-bits", help="Size of one broadcast input (e.g. 6272 for 28×28×8 bit)."),
-    downlink_bps: Optional[float] = typer.Option(None, "--downlink-bps", help="Downlink rate of every device for the input broadcast."),
+    input_bits: int | None = typer.Option(None, "--input-bits", help="Size of one broadcast input (e.g. 6272 for 28×28×8 bit)."),
+    downlink_bps: float | None = typer.Option(None, "--downlink-bps", help="Downlink rate of every device for the input broadcast."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     output: Path = typer.Option(..., "--output", "-o", help="Fleet file to write (YAML; .json for JSON)."),
 ) -> None:
@@ -97,7 +98,7 @@ def fleet_generate(
 @clean_errors
 def fleet_collect(
     entries: list[Path] = typer.Argument(..., metavar="ENTRY...", help="Fleet entries written by `rocoin device profile`."),
-    input_bits: Optional[int] = typer.Option(None, "--input-bits", help="Size of one broadcast input."),
+    input_bits: int | None = typer.Option(None, "--input-bits", help="Size of one broadcast input."),
     output: Path = typer.Option(..., "--output", "-o", help="Fleet file to write."),
 ) -> None:
     """Assemble a fleet file from the devices' measured entries."""
@@ -126,7 +127,9 @@ def fleet_show(fleet_path: Path = typer.Argument(..., metavar="FLEET", help="Fle
     for column in ("id", "MFLOP/s", "memory MiB", "rate kbit/s", "outage", "address"):
         table.add_column(column)
     for d in fleet.devices:
-        table.add_row(d.id, f"{d.flops / 1e6:.2f}", f"{d.memory_bytes / 2**20:.2f}", f"{d.rate_bps / 1e3:.1f}", f"{d.outage:.4f}", d.address or "")
+        table.add_row(
+            d.id, f"{d.flops / 1e6:.2f}", f"{d.memory_bytes / 2**20:.2f}", f"{d.rate_bps / 1e3:.1f}", f"{d.outage:.4f}", d.address or ""
+        )
     out.print(table)
 
 
@@ -138,10 +141,12 @@ def fleet_show(fleet_path: Path = typer.Argument(..., metavar="FLEET", help="Fle
 def catalog_command(
     input_shape: str = typer.Option("3x32x32", "--input-shape", help="CxHxW of one input (3x32x32 CIFAR, 1x28x28 Fashion-MNIST)."),
     num_classes: int = typer.Option(10, "--num-classes", help="Classes of the task."),
-    students: Optional[str] = typer.Option(None, "--students", help="Comma-separated architectures (default: the built-in students)."),
-    method: str = typer.Option("auto", "--method", help="measured (torch: FLOP counter, profiled memory), analytic (shape arithmetic), or auto."),
+    students: str | None = typer.Option(None, "--students", help="Comma-separated architectures (default: the built-in students)."),
+    method: str = typer.Option(
+        "auto", "--method", help="measured (torch: FLOP counter, profiled memory), analytic (shape arithmetic), or auto."
+    ),
     int8: bool = typer.Option(False, "--int8", help="Memory of int8 students (rocoin export --int8): 1 byte per weight instead of 4."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Catalog JSON to write (default: print)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Catalog JSON to write (default: print)."),
 ) -> None:
     """Student catalog for an input shape: FLOPs, memory (weights + peak activations), parameters, output size.
 
@@ -191,9 +196,9 @@ def _has_torch() -> bool:
 @app.command("activations")
 @clean_errors
 def activations_command(
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="teacher.pt: measure its final conv filters' activity."),
+    teacher: Path | None = typer.Option(None, "--teacher", help="teacher.pt: measure its final conv filters' activity."),
     split: str = typer.Option("val", "--split", help="With --teacher: val (the teacher's validation split), train or test."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="With --teacher: where the dataset is."),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="With --teacher: where the dataset is."),
     download: bool = typer.Option(False, "--download", help="With --teacher: download the dataset if missing."),
     synthetic: bool = typer.Option(False, "--synthetic", help="Instead: class-structured stand-in activity (no teacher needed)."),
     images: int = typer.Option(500, "--images", help="With --synthetic: images (rows)."),
@@ -243,8 +248,8 @@ def plan_command(
     epsilon: float = typer.Option(0.05, "--epsilon", help="Reliability target ε: every group fails with probability ≤ ε."),
     theta: str = typer.Option("auto", "--theta", help="Grouping distance threshold θ, or 'auto' to search it."),
     objective: str = typer.Option("paper", "--objective", help="paper (eq. 5 weights, Kuhn–Munkres) or minmax (exact bottleneck)."),
-    rho_min: Optional[float] = typer.Option(None, "--rho-min", help="Minimum student parameters per filter (accuracy constraint)."),
-    catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="Student catalog JSON (default: built-in, see --input-shape)."),
+    rho_min: float | None = typer.Option(None, "--rho-min", help="Minimum student parameters per filter (accuracy constraint)."),
+    catalog_path: Path | None = typer.Option(None, "--catalog", help="Student catalog JSON (default: built-in, see --input-shape)."),
     input_shape: str = typer.Option("3x32x32", "--input-shape", help="Input shape for the built-in catalog."),
     include_rate: bool = typer.Option(False, "--include-rate", help="Group by (FLOP/s, memory, rate) instead of (FLOP/s, memory)."),
     optimal_gap: bool = typer.Option(False, "--optimal-gap", help="Also solve exactly (≤ 10 devices) and report the gap."),
@@ -252,12 +257,12 @@ def plan_command(
     output: Path = typer.Option(..., "--output", "-o", help="plan.json to write."),
 ) -> None:
     """Plan groups, knowledge partition and students for a fleet (SPEC.md §3-5)."""
-    from rocoin.planning import filter_graph, make_plan
-    from rocoin.contracts.plan import save_plan
-    from rocoin.planning.activations import load_activations
     from rocoin.contracts.catalog import load_catalog, parse_input_shape
-    from rocoin.profiles.generate import default_catalog
     from rocoin.contracts.fleet import load_fleet
+    from rocoin.contracts.plan import save_plan
+    from rocoin.planning import filter_graph, make_plan
+    from rocoin.planning.activations import load_activations
+    from rocoin.profiles.generate import default_catalog
 
     fleet = load_fleet(fleet_path)
     catalog = load_catalog(catalog_path) if catalog_path else default_catalog(parse_input_shape(input_shape))
@@ -289,7 +294,9 @@ def print_plan_summary(plan) -> None:
         table.add_row("…", f"{plan.num_groups - SUMMARY_MAX_GROUPS} more groups", "", "", "", "")
     out.print(table)
     if plan.unassigned:
-        err.print(f"[yellow]{len(plan.unassigned)} device(s) without a student[/yellow], e.g. {plan.unassigned[0].id}: {plan.unassigned[0].reason}")
+        err.print(
+            f"[yellow]{len(plan.unassigned)} device(s) without a student[/yellow], e.g. {plan.unassigned[0].id}: {plan.unassigned[0].reason}"
+        )
 
 
 # --- simulate --------------------------------------------------------------------------------
@@ -302,15 +309,17 @@ def simulate_command(
     fleet_path: Path = typer.Argument(..., metavar="FLEET", help="Fleet file the plan was made for."),
     trials: int = typer.Option(10000, "--trials", help="Monte-Carlo queries."),
     timeout_s: float = typer.Option(..., "--timeout-s", help="Deadline: a group with no answer by then is missing."),
-    fail_devices: Optional[int] = typer.Option(None, "--fail-devices", help="Fail exactly J random devices per query instead of each device's outage."),
+    fail_devices: int | None = typer.Option(
+        None, "--fail-devices", help="Fail exactly J random devices per query instead of each device's outage."
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Monte-Carlo of the plan under independent device failures (SPEC.md §1), with exact values beside it."""
-    from rocoin.contracts.plan import load_plan
-    from rocoin.contracts.fleet import load_fleet
-    from rocoin.simulation import analytic, simulate
     from rocoin.cli.progress import rich_counter
+    from rocoin.contracts.fleet import load_fleet
+    from rocoin.contracts.plan import load_plan
+    from rocoin.simulation import analytic, simulate
 
     plan = load_plan(plan_path)
     fleet = load_fleet(fleet_path)
@@ -357,25 +366,25 @@ def demo_command(
     output: Path = flag(DemoConfig, "output", "--output", "-o"),
     fresh: bool = flag(DemoConfig, "fresh", "--fresh"),
     dataset: str = flag(DemoConfig, "dataset", "--dataset"),
-    data_dir: Optional[str] = flag(DemoConfig, "data_dir", "--data-dir"),
+    data_dir: str | None = flag(DemoConfig, "data_dir", "--data-dir"),
     install: bool = flag(DemoConfig, "install", "--install/--no-install"),
     download: bool = flag(DemoConfig, "download", "--download/--no-download"),
     teacher_arch: str = flag(DemoConfig, "teacher_arch", "--teacher-arch"),
     teacher_epochs: int = flag(DemoConfig, "teacher_epochs", "--teacher-epochs"),
-    max_train_images: Optional[int] = flag(DemoConfig, "max_train_images", "--max-train-images"),
+    max_train_images: int | None = flag(DemoConfig, "max_train_images", "--max-train-images"),
     students: str = _students_flag(),
     distill_epochs: int = flag(DemoConfig, "distill_epochs", "--distill-epochs"),
-    distill_images: Optional[int] = flag(DemoConfig, "distill_images", "--distill-images"),
+    distill_images: int | None = flag(DemoConfig, "distill_images", "--distill-images"),
     devices: int = flag(DemoConfig, "devices", "--devices"),
     heterogeneity: int = flag(DemoConfig, "heterogeneity", "--heterogeneity"),
     success_prob: float = flag(DemoConfig, "success_prob", "--success-prob"),
     epsilon: float = flag(DemoConfig, "epsilon", "--epsilon"),
-    queries: Optional[int] = flag(DemoConfig, "queries", "--queries"),
+    queries: int | None = flag(DemoConfig, "queries", "--queries"),
     concurrency: int = flag(DemoConfig, "concurrency", "--concurrency"),
     kill: int = flag(DemoConfig, "kill", "--kill"),
     kill_after: float = flag(DemoConfig, "kill_after", "--kill-after"),
     speedup: float = flag(DemoConfig, "speedup", "--speedup"),
-    deadline_s: Optional[float] = flag(DemoConfig, "deadline_s", "--deadline-s"),
+    deadline_s: float | None = flag(DemoConfig, "deadline_s", "--deadline-s"),
     seed: int = flag(DemoConfig, "seed", "--seed"),
 ) -> None:
     """The whole pipeline: data, teacher, plan, students, bundle, an emulated cluster that loses

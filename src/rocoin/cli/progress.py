@@ -8,8 +8,8 @@ back to the library's log lines.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from rocoin.contracts.progress import Advance, format_fields, log_progress
 

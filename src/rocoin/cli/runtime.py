@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -31,12 +30,12 @@ def _server_logging() -> None:
 @clean_errors
 def export_command(
     students: Path = typer.Option(..., "--students", help="students.pt from rocoin distill."),
-    plan: Optional[Path] = typer.Option(None, "--plan", help="plan.json; must match the plan inside students.pt."),
+    plan: Path | None = typer.Option(None, "--plan", help="plan.json; must match the plan inside students.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle folder."),
     int8: bool = typer.Option(False, "--int8", help="Quantise the group models to int8 (static, calibrated on training images)."),
     calibration_images: int = typer.Option(256, "--calibration-images", help="With --int8: training images for calibration."),
     eval_images: int = typer.Option(1000, "--eval-images", help="With --int8: test images for the fp32 vs int8 report."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="With --int8: where the students' dataset is."),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="With --int8: where the students' dataset is."),
     output: Path = typer.Option(..., "--output", "-o", help="Bundle folder to write."),
 ) -> None:
     """Export the students to ONNX: one model per group, the head, and manifest.json (with a parity check)."""
@@ -52,7 +51,10 @@ def export_command(
 
         calibration, evaluation = int8_data(students, data_dir, calibration_images, eval_images)
     manifest = export_bundle(students, output, plan_path=plan, overwrite=overwrite, int8_calibration=calibration, int8_eval=evaluation)
-    out.print(f"bundle {output}: {len(manifest.groups)} group models + head, parity with PyTorch checked" + (", groups quantised to int8" if int8 else ""))
+    out.print(
+        f"bundle {output}: {len(manifest.groups)} group models + head, parity with PyTorch checked"
+        + (", groups quantised to int8" if int8 else "")
+    )
     if int8:
         report = json.loads((output / "int8-report.json").read_text())
         table = Table(title=f"fp32 vs int8 on {report['images']} test images (agreement {report['agreement']:.4f})")
@@ -64,25 +66,24 @@ def export_command(
         out.print(table)
 
 
-
 @device_app.command("serve")
 @clean_errors
 def device_serve(
     bundle: Path = flag(DeviceOptions, "bundle", "--bundle"),
     device_id: str = flag(DeviceOptions, "device_id", "--device-id"),
     listen: str = flag(DeviceOptions, "listen", "--listen"),
-    fleet: Optional[Path] = flag(DeviceOptions, "fleet", "--fleet"),
+    fleet: Path | None = flag(DeviceOptions, "fleet", "--fleet"),
     emulate: bool = flag(DeviceOptions, "emulate", "--emulate"),
     max_batch: int = flag(DeviceOptions, "max_batch", "--max-batch"),
     max_concurrency: int = flag(DeviceOptions, "max_concurrency", "--max-concurrency"),
     threads: int = flag(DeviceOptions, "threads", "--threads"),
-    ready_file: Optional[Path] = flag(DeviceOptions, "ready_file", "--ready-file"),
-    token_file: Optional[Path] = flag(DeviceOptions, "token_file", "--token-file"),
-    tls_cert: Optional[Path] = flag(DeviceOptions, "tls_cert", "--tls-cert"),
-    tls_key: Optional[Path] = flag(DeviceOptions, "tls_key", "--tls-key"),
-    tls_client_ca: Optional[Path] = flag(DeviceOptions, "tls_client_ca", "--tls-client-ca"),
+    ready_file: Path | None = flag(DeviceOptions, "ready_file", "--ready-file"),
+    token_file: Path | None = flag(DeviceOptions, "token_file", "--token-file"),
+    tls_cert: Path | None = flag(DeviceOptions, "tls_cert", "--tls-cert"),
+    tls_key: Path | None = flag(DeviceOptions, "tls_key", "--tls-key"),
+    tls_client_ca: Path | None = flag(DeviceOptions, "tls_client_ca", "--tls-client-ca"),
     insecure: bool = flag(DeviceOptions, "insecure", "--insecure"),
-    metrics_listen: Optional[str] = flag(DeviceOptions, "metrics_listen", "--metrics-listen"),
+    metrics_listen: str | None = flag(DeviceOptions, "metrics_listen", "--metrics-listen"),
 ) -> None:
     """Serve this device's student over gRPC until SIGTERM/SIGINT."""
     options = _options(DeviceOptions, locals())
@@ -107,7 +108,7 @@ def device_profile(
     bundle: Path = typer.Option(..., "--bundle", help="Bundle whose student models are timed on this device."),
     device_id: str = typer.Option(..., "--device-id", help="This device's id."),
     source: str = typer.Option(..., "--source", help="host:port of the running source (link rate and loss are measured to it)."),
-    address: Optional[str] = typer.Option(None, "--address", help="host:port this device's worker will listen on (written into the entry)."),
+    address: str | None = typer.Option(None, "--address", help="host:port this device's worker will listen on (written into the entry)."),
     threads: int = typer.Option(1, "--threads", help="onnxruntime intra-op threads, as the worker will use."),
     output: Path = typer.Option(..., "--output", "-o", help="Fleet entry to write (YAML)."),
 ) -> None:
@@ -132,16 +133,16 @@ def source_serve(
     bundle: Path = flag(SourceOptions, "bundle", "--bundle"),
     fleet: Path = flag(SourceOptions, "fleet", "--fleet"),
     listen: str = flag(SourceOptions, "listen", "--listen"),
-    http_listen: Optional[str] = flag(SourceOptions, "http_listen", "--http-listen"),
-    api_token_file: Optional[Path] = flag(SourceOptions, "api_token_file", "--api-token-file"),
-    api_tls_cert: Optional[Path] = flag(SourceOptions, "api_tls_cert", "--api-tls-cert"),
-    api_tls_key: Optional[Path] = flag(SourceOptions, "api_tls_key", "--api-tls-key"),
+    http_listen: str | None = flag(SourceOptions, "http_listen", "--http-listen"),
+    api_token_file: Path | None = flag(SourceOptions, "api_token_file", "--api-token-file"),
+    api_tls_cert: Path | None = flag(SourceOptions, "api_tls_cert", "--api-tls-cert"),
+    api_tls_key: Path | None = flag(SourceOptions, "api_tls_key", "--api-tls-key"),
     deadline_s: float = flag(SourceOptions, "deadline_s", "--deadline-s"),
-    ready_file: Optional[Path] = flag(SourceOptions, "ready_file", "--ready-file"),
-    token_file: Optional[Path] = flag(SourceOptions, "token_file", "--token-file"),
-    tls_ca: Optional[Path] = flag(SourceOptions, "tls_ca", "--tls-ca"),
-    tls_cert: Optional[Path] = flag(SourceOptions, "tls_cert", "--tls-cert"),
-    tls_key: Optional[Path] = flag(SourceOptions, "tls_key", "--tls-key"),
+    ready_file: Path | None = flag(SourceOptions, "ready_file", "--ready-file"),
+    token_file: Path | None = flag(SourceOptions, "token_file", "--token-file"),
+    tls_ca: Path | None = flag(SourceOptions, "tls_ca", "--tls-ca"),
+    tls_cert: Path | None = flag(SourceOptions, "tls_cert", "--tls-cert"),
+    tls_key: Path | None = flag(SourceOptions, "tls_key", "--tls-key"),
     insecure: bool = flag(SourceOptions, "insecure", "--insecure"),
     http_header_timeout_s: float = flag(SourceOptions, "http_header_timeout_s", "--http-header-timeout-s"),
     http_body_timeout_s: float = flag(SourceOptions, "http_body_timeout_s", "--http-body-timeout-s"),
@@ -162,14 +163,16 @@ def source_serve(
 
 @clean_errors
 def infer_command(
-    source: Optional[str] = typer.Option(None, "--source", help="host:port of a source's gRPC API."),
-    url: Optional[str] = typer.Option(None, "--url", help="http://host:port of a source's KServe v2 REST API (instead of --source)."),
+    source: str | None = typer.Option(None, "--source", help="host:port of a source's gRPC API."),
+    url: str | None = typer.Option(None, "--url", help="http://host:port of a source's KServe v2 REST API (instead of --source)."),
     dataset: str = typer.Option("fashion-mnist", "--dataset", help="Dataset whose test split is sent."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir"),
+    data_dir: str | None = typer.Option(None, "--data-dir"),
     count: int = typer.Option(100, "--count", help="Test images to send (one query each)."),
     concurrency: int = typer.Option(1, "--concurrency", help="Queries in flight at once."),
     deadline_s: float = typer.Option(0.0, "--deadline-s", help="Per-query deadline (0: the source's)."),
-    api_token_file: Optional[Path] = typer.Option(None, "--api-token-file", help="With --url: bearer token file (default: $ROCOIN_API_TOKEN)."),
+    api_token_file: Path | None = typer.Option(
+        None, "--api-token-file", help="With --url: bearer token file (default: $ROCOIN_API_TOKEN)."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Send test images to a source; print accuracy, latency percentiles and missing groups."""
@@ -185,8 +188,8 @@ def infer_command(
     images, labels = splits.test.images[:count], splits.test.labels[:count]
     if url is not None:
         require("aiohttp", "source")
-        from rocoin.runtime.transport.auth import API_TOKEN_ENV, load_token
         from rocoin.runtime.api.client import run_queries_http
+        from rocoin.runtime.transport.auth import API_TOKEN_ENV, load_token
 
         token = load_token(api_token_file, env=API_TOKEN_ENV)
         report = asyncio.run(run_queries_http(url, images, labels, concurrency=concurrency, token=token))
@@ -241,7 +244,9 @@ def cluster_up(
         table.add_row(member.name, member.address, str(member.pid))
     out.print(table)
     out.print(f"query it: rocoin infer --source {state.source.address} --count 100; stop it: rocoin cluster down --state-dir {state_dir}")
-    out.print(f"the devices' token is in {cluster.token_file} (mode 0600): restart a worker with rocoin device serve ... --token-file {cluster.token_file}")
+    out.print(
+        f"the devices' token is in {cluster.token_file} (mode 0600): restart a worker with rocoin device serve ... --token-file {cluster.token_file}"
+    )
 
 
 @cluster_app.command("down")

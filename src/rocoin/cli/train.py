@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
-from rocoin.cli.progress import rich_progress
 from rocoin.cli.common import clean_errors, err, out, require
+from rocoin.cli.progress import rich_progress
 from rocoin.contracts.errors import RocoinError
 
 DATASETS_HELP = "cifar10, cifar100, fashion-mnist or digits."
@@ -38,8 +37,8 @@ def train_teacher_command(
     lr: float = typer.Option(0.1, "--lr", help="Peak learning rate (cosine schedule)."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (Nesterov) or adam."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of the training set held out for validation."),
-    max_train_images: Optional[int] = typer.Option(None, "--max-train-images", help="Train on the first N images only (quick runs)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where the dataset files are."),
+    max_train_images: int | None = typer.Option(None, "--max-train-images", help="Train on the first N images only (quick runs)."),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="Where the dataset files are."),
     download: bool = typer.Option(False, "--download", help="Download the dataset (checksummed) if it is missing."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an interrupted run's state and start over."),
     seed: int = typer.Option(0, "--seed"),
@@ -69,12 +68,12 @@ def train_teacher_command(
 
 
 @clean_errors
-def activations_from_teacher(teacher: Path, split: str, data_dir: Optional[str], download: bool, output: Path) -> None:
+def activations_from_teacher(teacher: Path, split: str, data_dir: str | None, download: bool, output: Path) -> None:
     _require_torch()
     import numpy as np
 
-    from rocoin.distillation.activity import teacher_activations
     from rocoin.contracts.fileio import atomic_path
+    from rocoin.distillation.activity import teacher_activations
 
     act = teacher_activations(teacher, split=split, data_dir=data_dir, download=download)
     with atomic_path(output) as tmp:
@@ -93,21 +92,25 @@ def distill_command(
     optimizer: str = typer.Option("adam", "--optimizer", help="adam (AdamW) or sgd (Nesterov)."),
     alpha: float = typer.Option(0.9, "--alpha", help="Weight of the soft-target term."),
     temperature: float = typer.Option(4.0, "--temperature", help="KD temperature T."),
-    beta: Optional[float] = typer.Option(None, "--beta", help="Weight of the attention-transfer terms (default: 1000 × H·W/1024 of the teacher's map)."),
-    failure_aware: Optional[bool] = typer.Option(
+    beta: float | None = typer.Option(
+        None, "--beta", help="Weight of the attention-transfer terms (default: 1000 × H·W/1024 of the teacher's map)."
+    ),
+    failure_aware: bool | None = typer.Option(
         None, "--failure-aware/--no-failure-aware", help="Drop whole student slots during training (default: on for RoCoIn plans)."
     ),
-    drop_prob: Optional[float] = typer.Option(None, "--drop-prob", help="Slot drop probability (default: each group's failure_prob from the plan)."),
-    max_train_images: Optional[int] = typer.Option(None, "--max-train-images", help="Distill on the first N training images only."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where the dataset is (default: where the teacher found it)."),
+    drop_prob: float | None = typer.Option(
+        None, "--drop-prob", help="Slot drop probability (default: each group's failure_prob from the plan)."
+    ),
+    max_train_images: int | None = typer.Option(None, "--max-train-images", help="Distill on the first N training images only."),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="Where the dataset is (default: where the teacher found it)."),
     download: bool = typer.Option(False, "--download"),
     seed: int = typer.Option(0, "--seed"),
     output: Path = typer.Option(..., "--output", "-o", help="students.pt to write."),
 ) -> None:
     """Distill the network of students of a plan from a teacher (SPEC.md §6)."""
     _require_torch()
-    from rocoin.distillation.distill import DistillConfig, distill
     from rocoin.contracts.plan import load_plan
+    from rocoin.distillation.distill import DistillConfig, distill
 
     plan = load_plan(plan_path)
     if failure_aware is None:
@@ -125,7 +128,9 @@ def distill_command(
         max_train_images=max_train_images,
         seed=seed,
     )
-    summary = distill(teacher, plan, config, output, plan_source=str(plan_path), data_dir=data_dir, download=download, progress=rich_progress)
+    summary = distill(
+        teacher, plan, config, output, plan_source=str(plan_path), data_dir=data_dir, download=download, progress=rich_progress
+    )
     last = summary["history"][-1]
     out.print(
         f"{plan.scheme} students ({plan.num_groups} groups): validation accuracy {summary['val_accuracy']:.4f},"
@@ -137,12 +142,12 @@ def distill_command(
 
 @clean_errors
 def evaluate_command(
-    students: Optional[Path] = typer.Option(None, "--students", help="students.pt to evaluate."),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Evaluate a teacher.pt instead."),
-    fail_devices: Optional[str] = typer.Option(None, "--fail-devices", help="J failed devices per trial; several as 1,2,3."),
+    students: Path | None = typer.Option(None, "--students", help="students.pt to evaluate."),
+    teacher: Path | None = typer.Option(None, "--teacher", help="Evaluate a teacher.pt instead."),
+    fail_devices: str | None = typer.Option(None, "--fail-devices", help="J failed devices per trial; several as 1,2,3."),
     trials: int = typer.Option(30, "--trials", help="Random draws of failed devices per J."),
-    max_test_images: Optional[int] = typer.Option(None, "--max-test-images"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir"),
+    max_test_images: int | None = typer.Option(None, "--max-test-images"),
+    data_dir: str | None = typer.Option(None, "--data-dir"),
     download: bool = typer.Option(False, "--download"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -174,7 +179,13 @@ def evaluate_command(
         for column in ("failed devices", "trials", "accuracy", "± std", "missing groups"):
             table.add_column(column)
         for row in result["failures"]:
-            table.add_row(str(row["fail_devices"]), str(row["trials"]), f"{row['accuracy_mean']:.4f}", f"{row['accuracy_std']:.4f}", f"{row['missing_groups_mean']:.2f}")
+            table.add_row(
+                str(row["fail_devices"]),
+                str(row["trials"]),
+                f"{row['accuracy_mean']:.4f}",
+                f"{row['accuracy_std']:.4f}",
+                f"{row['missing_groups_mean']:.2f}",
+            )
         out.print(table)
 
 

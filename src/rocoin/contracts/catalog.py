@@ -7,7 +7,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator
 
 from rocoin.contracts.errors import RocoinError

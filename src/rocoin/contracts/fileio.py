@@ -15,8 +15,9 @@ import json.scanner
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import yaml
@@ -203,9 +204,7 @@ def _check_document_shape(data: Any, source: str) -> None:
 
     def too_deep(levels: int) -> RocoinError:
         where = f"{source}: {_format_loc(tuple(loc))}" if loc else source
-        return RocoinError(
-            f"{where}: nested {levels} levels deep: expected at most {MAX_DOCUMENT_DEPTH} levels of mappings and lists"
-        )
+        return RocoinError(f"{where}: nested {levels} levels deep: expected at most {MAX_DOCUMENT_DEPTH} levels of mappings and lists")
 
     def walk(node: Any, depth: int) -> tuple[int, int]:
         if isinstance(node, dict):

@@ -12,7 +12,6 @@ import numpy as np
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fileio import load_validated, write_text_atomic
 
 #: Bounds of the numbers of a device profile [decision]: wide enough for any real edge device (or
@@ -76,12 +75,13 @@ class DeviceProfile(BaseModel):
 
     id: DeviceId = Field(description="unique device id")
     flops: float = Field(ge=MIN_FLOPS, le=MAX_FLOPS, allow_inf_nan=False, description="FLOP/s given to inference")
-    memory_bytes: int = Field(
-        ge=MIN_MEMORY_BYTES, le=MAX_MEMORY_BYTES, description="memory for the student: weights + activations"
-    )
+    memory_bytes: int = Field(ge=MIN_MEMORY_BYTES, le=MAX_MEMORY_BYTES, description="memory for the student: weights + activations")
     rate_bps: float = Field(ge=MIN_RATE_BPS, le=MAX_RATE_BPS, allow_inf_nan=False, description="uplink rate to the source")
     outage: float | None = Field(
-        default=None, ge=0.0, lt=1.0, allow_inf_nan=False,
+        default=None,
+        ge=0.0,
+        lt=1.0,
+        allow_inf_nan=False,
         description="P(output does not reach the source in time)",
     )
     snr_db: float | None = Field(default=None, ge=MIN_SNR_DB, le=MAX_SNR_DB, allow_inf_nan=False)
@@ -117,9 +117,7 @@ class DeviceProfile(BaseModel):
             except (KeyError, TypeError, ValueError, OverflowError):
                 return data  # the field validators report the bad field
             in_range = (
-                MIN_RATE_BPS <= rate <= MAX_RATE_BPS
-                and MIN_BANDWIDTH_HZ <= bw <= MAX_BANDWIDTH_HZ
-                and MIN_SNR_DB <= snr <= MAX_SNR_DB
+                MIN_RATE_BPS <= rate <= MAX_RATE_BPS and MIN_BANDWIDTH_HZ <= bw <= MAX_BANDWIDTH_HZ and MIN_SNR_DB <= snr <= MAX_SNR_DB
             )
             if in_range:  # else the field validators report the value out of range
                 p = rayleigh_outage(rate, bw, snr)
@@ -138,9 +136,7 @@ class Fleet(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     devices: list[DeviceProfile] = Field(min_length=1)
-    input_bits: int | None = Field(
-        default=None, ge=MIN_INPUT_BITS, le=MAX_INPUT_BITS, description="size of one broadcast input"
-    )
+    input_bits: int | None = Field(default=None, ge=MIN_INPUT_BITS, le=MAX_INPUT_BITS, description="size of one broadcast input")
 
     @field_validator("devices")
     @classmethod
@@ -178,12 +174,7 @@ class FleetArrays:
     @classmethod
     def from_fleet(cls, fleet: Fleet) -> FleetArrays:
         devices = fleet.devices
-        input_s = np.array(
-            [
-                fleet.input_bits / d.downlink_bps if (fleet.input_bits and d.downlink_bps) else 0.0
-                for d in devices
-            ]
-        )
+        input_s = np.array([fleet.input_bits / d.downlink_bps if (fleet.input_bits and d.downlink_bps) else 0.0 for d in devices])
         return cls(
             ids=tuple(d.id for d in devices),
             flops=np.array([d.flops for d in devices], dtype=float),

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fileio import load_validated
-from rocoin.contracts.plan import Plan
 from rocoin.contracts.fleet import DeviceId
+from rocoin.contracts.plan import Plan
 
 MANIFEST_NAME = "manifest.json"
 BUNDLE_FORMAT = "rocoin-bundle/1"
@@ -87,7 +87,9 @@ class Normalization(BaseModel):
     @model_validator(mode="after")
     def _same_length(self) -> Normalization:
         if len(self.mean) != len(self.std):
-            raise ValueError(f"len(mean) = {len(self.mean)} but len(std) = {len(self.std)}: expected one mean and one std per input channel")
+            raise ValueError(
+                f"len(mean) = {len(self.mean)} but len(std) = {len(self.std)}: expected one mean and one std per input channel"
+            )
         return self
 
 

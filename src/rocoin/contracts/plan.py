@@ -11,11 +11,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rocoin import __version__
+from rocoin.contracts.catalog import StudentSpec
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fileio import dumps_json, load_validated, write_json_atomic
-from rocoin.contracts.latency import device_latency_s
-from rocoin.contracts.catalog import StudentSpec
 from rocoin.contracts.fleet import MAX_INPUT_BITS, DeviceId, Fleet
+from rocoin.contracts.latency import device_latency_s
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,7 @@ class Plan(BaseModel):
     input_bits: int | None = Field(default=None, gt=0, le=MAX_INPUT_BITS)
     groups: list[GroupPlan] = Field(min_length=1)
     latency_s: float = Field(gt=0, allow_inf_nan=False, description="largest group latency (T)")
-    p_complete: float = Field(
-        ge=0.0, le=1.0, allow_inf_nan=False, description="P(every group answers) = prod(1 - failure_prob)"
-    )
+    p_complete: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, description="P(every group answers) = prod(1 - failure_prob)")
     catalog: dict[str, StudentSpec]
     unassigned: list[UnassignedDevice] = Field(default_factory=list)
     seed: int | None = None
@@ -140,9 +138,7 @@ def plan_members(plan: Plan, fleet: Fleet) -> PlanMembers:
     """
     plan.check_fleet(fleet)
     if plan.input_bits != fleet.input_bits:
-        raise RocoinError(
-            f"plan: input_bits = {plan.input_bits} but the fleet has input_bits = {fleet.input_bits}; re-plan for this fleet"
-        )
+        raise RocoinError(f"plan: input_bits = {plan.input_bits} but the fleet has input_bits = {fleet.input_bits}; re-plan for this fleet")
     arrays = fleet.arrays()
     position = {device_id: i for i, device_id in enumerate(arrays.ids)}
     index = np.array([position[d] for g in plan.groups for d in g.devices], dtype=np.intp)

@@ -8,12 +8,13 @@ code. Archives are read member by member in memory, nothing is extracted to disk
 from __future__ import annotations
 
 import codecs
-import logging
 import io
+import logging
 import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 

@@ -36,8 +36,9 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -103,7 +104,6 @@ FASHION_MNIST_CLASSES = (
 DIGITS_TEST_FRACTION = 0.2
 
 
-
 # --------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -166,9 +166,7 @@ def split_validation(train: ArrayDataset, fraction: float = 0.1, seed: int = 0) 
     return train.subset(np.sort(order[n_val:])), train.subset(np.sort(order[:n_val]))
 
 
-def download_dataset(
-    name: str, data_dir: str | os.PathLike[str] | None = None, *, base_url: str | None = None
-) -> list[Path]:
+def download_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *, base_url: str | None = None) -> list[Path]:
     """Fetch the files of ``name`` that ``data_dir`` lacks; returns the paths of all of them."""
     key = canonical_name(name)
     if key not in DOWNLOADS:
@@ -216,13 +214,14 @@ def download_file(url: str, dest: str | os.PathLike[str], md5: str, *, timeout: 
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise RocoinError(f"cannot download {url} ({_brief(reason)}); check the connection, or fetch it by hand into {dest.parent}") from None
+        raise RocoinError(
+            f"cannot download {url} ({_brief(reason)}); check the connection, or fetch it by hand into {dest.parent}"
+        ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     log.info("saved %s (%d bytes, md5 ok)", dest, size)
     return dest
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +257,6 @@ def _load_cifar(spec: _CifarSpec, root: Path, download: bool, base_url: str | No
     if fmt == "python":
         return _read_cifar_python(spec, path, reader)
     return _read_cifar_binary(spec, path, reader)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +340,7 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     try:
         with open(path, "rb") as probe:
             compressed = probe.read(2) == b"\x1f\x8b"
-        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
             header = f.read(4 + 4 * ndim)
             if len(header) < 4:
                 raise RocoinError(f"{path}: empty or truncated IDX file ({len(header)} bytes)")

@@ -6,14 +6,14 @@ batch, seeded) and only then converted to float32 and normalised with the data s
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from rocoin.data.datasets import ArrayDataset, DatasetInfo
 from rocoin.contracts.errors import RocoinError
+from rocoin.data.datasets import ArrayDataset, DatasetInfo
 
 CROP_PADDING = 4
 AUGMENTATIONS = ("crop-flip", "none")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import posixpath
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -130,7 +131,9 @@ def _iter_tar(archive: Path, wanted: set[str]) -> Iterator[tuple[str, bytes, str
                     continue
                 where = f"{archive}:{member.name}"
                 if member.size > MAX_FILE_BYTES:
-                    raise RocoinError(f"{where}: member size {member.size} bytes is absurd (limit {MAX_FILE_BYTES}); the archive is not genuine")
+                    raise RocoinError(
+                        f"{where}: member size {member.size} bytes is absurd (limit {MAX_FILE_BYTES}); the archive is not genuine"
+                    )
                 handle = tar.extractfile(member)
                 data = handle.read() if handle is not None else b""
                 if len(data) != member.size:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rocoin.contracts.errors import RocoinError
 from rocoin.distillation.teacher import load_teacher
 from rocoin.distillation.training import collect, load_data, use_all_cores
-from rocoin.contracts.errors import RocoinError
 
 SPLITS = ("val", "train", "test")
 

@@ -15,7 +15,9 @@ from rocoin.contracts.fileio import atomic_path
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(path: str | os.PathLike[str], kind: str, metadata: dict[str, Any], state_dict: dict[str, torch.Tensor], **extra: Any) -> None:
+def save_checkpoint(
+    path: str | os.PathLike[str], kind: str, metadata: dict[str, Any], state_dict: dict[str, torch.Tensor], **extra: Any
+) -> None:
     """Write atomically: ``{"format": "rocoin-KIND", "version", "metadata": JSON text, "state_dict", **extra}``.
 
     ``extra`` may hold optimizer/scheduler state (tensors, numbers, strings, lists, dicts only).
@@ -39,7 +41,9 @@ def load_checkpoint(path: str | os.PathLike[str], kind: str) -> tuple[dict[str, 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a checkpoint we can read safely"
-        raise RocoinError(f"{path}: not a rocoin checkpoint that loads with weights_only=True ({' '.join(str(exc).split())[:200]})") from None
+        raise RocoinError(
+            f"{path}: not a rocoin checkpoint that loads with weights_only=True ({' '.join(str(exc).split())[:200]})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != f"rocoin-{kind}":
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise RocoinError(f"{path}: format = {found!r}: expected a rocoin-{kind} checkpoint")

@@ -18,6 +18,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.plan import Plan
+from rocoin.contracts.progress import Progress, log_progress
 from rocoin.distillation.checkpoint import load_checkpoint, load_state, save_checkpoint
 from rocoin.distillation.losses import DistillationLoss, attention_map
 from rocoin.distillation.students import StudentNetwork, sample_slot_mask
@@ -33,9 +36,6 @@ from rocoin.distillation.training import (
     train_batches,
     use_all_cores,
 )
-from rocoin.contracts.errors import RocoinError
-from rocoin.contracts.plan import Plan
-from rocoin.contracts.progress import Progress, log_progress
 
 logger = logging.getLogger(__name__)
 
@@ -138,11 +138,18 @@ def distill(
         network.train()
         started = time.perf_counter()
         with progress(f"distill epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
-            seen, totals = _train_epoch(network, teacher, cache, parts, data.train, info, config, loss_fn, optimizer, scheduler, drop, generator, on, advance)
+            seen, totals = _train_epoch(
+                network, teacher, cache, parts, data.train, info, config, loss_fn, optimizer, scheduler, drop, generator, on, advance
+            )
         throughput = seen / (time.perf_counter() - started)
         network.eval()
         val_acc = accuracy(collect(network, data.val, info, device=on), data.val.labels)
-        record = {"epoch": epoch + 1, **{f"loss_{k}": v / seen for k, v in totals.items()}, "val_accuracy": val_acc, "images_per_s": throughput}
+        record = {
+            "epoch": epoch + 1,
+            **{f"loss_{k}": v / seen for k, v in totals.items()},
+            "val_accuracy": val_acc,
+            "images_per_s": throughput,
+        }
         history.append(record)
         logger.info("distill epoch %d: loss %.4f, val accuracy %.4f, %.0f images/s", epoch + 1, record["loss_total"], val_acc, throughput)
         if val_acc > best_val:

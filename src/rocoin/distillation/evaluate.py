@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.plan import Plan
 from rocoin.distillation.distill import Students
 from rocoin.distillation.teacher import load_teacher
 from rocoin.distillation.training import DataConfig, accuracy, collect, compute_device, load_data, use_all_cores
-from rocoin.contracts.errors import RocoinError
-from rocoin.contracts.plan import Plan
 
 
 def missing_slots(plan: Plan, failed: np.ndarray) -> np.ndarray:
@@ -73,7 +73,9 @@ def evaluate_students(
         rng = np.random.default_rng(seed)
         for j in fail_devices or []:
             missing = missing_slots(plan, random_failures(num_devices, j, trials, rng))
-            accs = [accuracy(network.fc(network.mask_filters(features, torch.from_numpy(m).expand(len(labels), -1))), labels) for m in missing]
+            accs = [
+                accuracy(network.fc(network.mask_filters(features, torch.from_numpy(m).expand(len(labels), -1))), labels) for m in missing
+            ]
             result["failures"].append(
                 {
                     "fail_devices": j,
@@ -87,7 +89,12 @@ def evaluate_students(
 
 
 def evaluate_teacher(
-    teacher_path: str | Path, *, data_dir: str | None = None, max_test_images: int | None = None, download: bool = False, device: str | None = None
+    teacher_path: str | Path,
+    *,
+    data_dir: str | None = None,
+    max_test_images: int | None = None,
+    download: bool = False,
+    device: str | None = None,
 ) -> dict[str, Any]:
     use_all_cores()
     on = compute_device(device)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rocoin.models.registry import create_model
 from rocoin.contracts.plan import Plan
+from rocoin.models.registry import create_model
 
 
 class DeviceStudent(nn.Module):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.progress import Progress, log_progress
 from rocoin.data import DatasetInfo
 from rocoin.distillation.checkpoint import load_checkpoint, load_state, save_checkpoint
 from rocoin.distillation.training import (
@@ -25,9 +27,7 @@ from rocoin.distillation.training import (
     train_batches,
     use_all_cores,
 )
-from rocoin.contracts.errors import RocoinError
 from rocoin.models.registry import create_model
-from rocoin.contracts.progress import Progress, log_progress
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,9 @@ def train_teacher(
         "test_accuracy": test_acc,
         "history": state["history"],
     }
-    save_checkpoint(output, TEACHER_KIND, {**teacher.metadata, "test_accuracy": test_acc, "history": state["history"]}, teacher.model.state_dict())
+    save_checkpoint(
+        output, TEACHER_KIND, {**teacher.metadata, "test_accuracy": test_acc, "history": state["history"]}, teacher.model.state_dict()
+    )
     return summary
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from rocoin.contracts.errors import RocoinError
 from rocoin.data import ArrayDataset, DatasetInfo, load_dataset, split_validation
 from rocoin.data.loader import batches, to_tensor
-from rocoin.contracts.errors import RocoinError
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,10 @@ def inference_batches(
     data: ArrayDataset, info: DatasetInfo, batch_size: int = EVAL_BATCH_SIZE, *, device: torch.device | str | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, len(data), batch_size):
-        yield to_tensor(data.images[start : start + batch_size], info, device=device), torch.from_numpy(data.labels[start : start + batch_size])
+        yield (
+            to_tensor(data.images[start : start + batch_size], info, device=device),
+            torch.from_numpy(data.labels[start : start + batch_size]),
+        )
 
 
 @torch.inference_mode()

@@ -22,7 +22,12 @@ SCHEMES = ("rocoin", "rocoin-g", "hetnonn", "nonn")
 MINMAX_LABEL = "RoCoIn (minmax)"
 LABELS = {"teacher": "Teacher", "rocoin": "RoCoIn", "rocoin-g": "RoCoIn-G", "hetnonn": "HetNoNN", "nonn": "NoNN"}
 #: Input shape and classes of each dataset (for the planner-only experiments, which load no data).
-DATASET_SHAPES = {"fashion-mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "digits": ((1, 8, 8), 10)}
+DATASET_SHAPES = {
+    "fashion-mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "digits": ((1, 8, 8), 10),
+}
 #: The deadline of the simulated queries in ``scale``: this multiple of the plan's failure-free T.
 DEADLINE_FACTOR = 1.5
 
@@ -37,7 +42,9 @@ class Run:
     evaluation: dict[str, Any]
 
 
-def trained_runs(ws: Workspace, *, known: bool, schemes: tuple[str, ...] = SCHEMES, epsilon: float | None = None, train: bool = True) -> list[Run]:
+def trained_runs(
+    ws: Workspace, *, known: bool, schemes: tuple[str, ...] = SCHEMES, epsilon: float | None = None, train: bool = True
+) -> list[Run]:
     """Plan and distill each scheme on the setup's fleet.
 
     ``known``: the planner sees each device's outage and the students are trained failure-aware
@@ -84,7 +91,12 @@ def resource_totals(plan: Plan) -> dict[str, float]:
     total_params = sum(plan.catalog[g.student].params * len(g.devices) for g in plan.groups)
     valid_flops = sum(plan.catalog[g.student].flops for g in plan.groups)
     valid_params = sum(plan.catalog[g.student].params for g in plan.groups)
-    return {"total_mflops": total_flops / 1e6, "valid_mflops": valid_flops / 1e6, "total_params_k": total_params / 1e3, "valid_params_k": valid_params / 1e3}
+    return {
+        "total_mflops": total_flops / 1e6,
+        "valid_mflops": valid_flops / 1e6,
+        "total_params_k": total_params / 1e3,
+        "valid_params_k": valid_params / 1e3,
+    }
 
 
 def setup_caption(s: ExperimentSetup, *, trained: bool) -> str:
@@ -102,4 +114,3 @@ def setup_caption(s: ExperimentSetup, *, trained: bool) -> str:
 
 def pct(x: float) -> float:
     return round(100.0 * x, 2)
-

@@ -93,7 +93,9 @@ def table2(ws: Workspace) -> ExperimentResult:
                 f"Paper: RoCoIn is the most accurate distributed scheme. Here RoCoIn {by['RoCoIn']['accuracy_pct']:.2f} % vs best other {best_baseline['scheme']} {best_baseline['accuracy_pct']:.2f} % ({verdict})."
             )
         ratio = by["Teacher"]["params_per_device"] / by["RoCoIn"]["params_per_device"]
-        findings.append(f"Paper: students are far smaller than the teacher. Here the largest RoCoIn student has {ratio:.1f}× fewer parameters than the teacher.")
+        findings.append(
+            f"Paper: students are far smaller than the teacher. Here the largest RoCoIn student has {ratio:.1f}× fewer parameters than the teacher."
+        )
     return ExperimentResult(
         "table2",
         f"Table II: students of each scheme on {s.dataset}",
@@ -140,16 +142,16 @@ def fig2(ws: Workspace) -> ExperimentResult:
         ax2.legend()
 
     last = {r["scheme"]: r for r in rows}  # the last epoch of each
-    rocoin_wins = sum(
-        1 for epoch in {r["epoch"] for r in rows} if _best_at(rows, epoch) == "RoCoIn"
-    )
+    rocoin_wins = sum(1 for epoch in {r["epoch"] for r in rows} if _best_at(rows, epoch) == "RoCoIn")
     epochs = len({r["epoch"] for r in rows})
     findings = [
         f"Paper: RoCoIn's test accuracy is consistently above the baselines during training. Here (validation accuracy: 10 % of the training set held out) RoCoIn is the best at {rocoin_wins} of {epochs} epochs; "
         f"last epoch: " + ", ".join(f"{k} {v['val_accuracy_pct']:.2f} %" for k, v in last.items()) + ".",
         "The losses are not comparable across schemes in absolute terms: the attention term sums over a different number of students per scheme.",
     ]
-    return ExperimentResult("fig2", f"Fig. 2: training curves of each scheme's students on {s.dataset}", setup_caption(s, trained=True), rows, plot, findings)
+    return ExperimentResult(
+        "fig2", f"Fig. 2: training curves of each scheme's students on {s.dataset}", setup_caption(s, trained=True), rows, plot, findings
+    )
 
 
 def _best_at(rows: list[dict[str, Any]], epoch: int) -> str:
@@ -173,7 +175,9 @@ def fig3(ws: Workspace) -> ExperimentResult:
                 values, groups, infeasible = [], [], 0
                 for f in range(s.fleets):
                     try:
-                        plan = make_plan(ws.fleet(success_prob=p, seed=s.seed + f), weights, catalog, scheme="rocoin", epsilon=eps, seed=s.seed)
+                        plan = make_plan(
+                            ws.fleet(success_prob=p, seed=s.seed + f), weights, catalog, scheme="rocoin", epsilon=eps, seed=s.seed
+                        )
                         values.append(plan.latency_s)
                         groups.append(plan.num_groups)
                     except InfeasiblePlanError:
@@ -197,9 +201,25 @@ def fig3(ws: Workspace) -> ExperimentResult:
         except InfeasiblePlanError as exc:
             logger.warning("fig3b: ε = %s is infeasible on the fleet: %s", eps, exc)
             continue
-        accuracy_rows.append({"panel": "b", "epsilon": eps, "groups": run.plan.num_groups, "failed_devices": 0, "accuracy_pct": pct(run.evaluation["accuracy"])})
+        accuracy_rows.append(
+            {
+                "panel": "b",
+                "epsilon": eps,
+                "groups": run.plan.num_groups,
+                "failed_devices": 0,
+                "accuracy_pct": pct(run.evaluation["accuracy"]),
+            }
+        )
         for f in run.evaluation["failures"]:
-            accuracy_rows.append({"panel": "b", "epsilon": eps, "groups": run.plan.num_groups, "failed_devices": f["fail_devices"], "accuracy_pct": pct(f["accuracy_mean"])})
+            accuracy_rows.append(
+                {
+                    "panel": "b",
+                    "epsilon": eps,
+                    "groups": run.plan.num_groups,
+                    "failed_devices": f["fail_devices"],
+                    "accuracy_pct": pct(f["accuracy_mean"]),
+                }
+            )
 
     accuracy_rows.sort(key=lambda r: (r["epsilon"], r["failed_devices"]))
 
@@ -210,7 +230,13 @@ def fig3(ws: Workspace) -> ExperimentResult:
             ax1.plot([r["success_prob"] for r in mine], [r["latency_s_mean"] for r in mine], marker="o", color=f"C{i}", label=f"ε = {eps}")
             acc = [r for r in accuracy_rows if r["epsilon"] == eps]
             if acc:
-                ax2.plot([r["failed_devices"] for r in acc], [r["accuracy_pct"] for r in acc], marker="o", color=f"C{i}", label=f"ε = {eps} ({acc[0]['groups']} groups)")
+                ax2.plot(
+                    [r["failed_devices"] for r in acc],
+                    [r["accuracy_pct"] for r in acc],
+                    marker="o",
+                    color=f"C{i}",
+                    label=f"ε = {eps} ({acc[0]['groups']} groups)",
+                )
         ax1.set_xlabel("mean device success probability")
         ax1.set_ylabel(f"planned latency T (s), mean of {s.fleets} fleets")
         ax1.legend()
@@ -221,7 +247,8 @@ def fig3(ws: Workspace) -> ExperimentResult:
     findings = _fig3_findings(s, latency_rows, accuracy_rows)
     caption = (
         f"(a) RoCoIn plans of {s.fleets} generated fleets per point ({s.devices} devices, heterogeneity {s.heterogeneity}), students counted from their shapes, "
-        f"synthetic filter activity with F = {filters}; points where every fleet is infeasible are omitted. (b) " + setup_caption(s, trained=True).replace(f"ε = {s.epsilon}; ", "")
+        f"synthetic filter activity with F = {filters}; points where every fleet is infeasible are omitted. (b) "
+        + setup_caption(s, trained=True).replace(f"ε = {s.epsilon}; ", "")
     )
     return ExperimentResult(
         "fig3",
@@ -247,14 +274,22 @@ def _fig3_findings(s: ExperimentSetup, latency_rows: list[dict], accuracy_rows: 
     lo, hi = min(s.epsilons), max(s.epsilons)
     mid_p = s.success_probs[len(s.success_probs) // 2]
     lat = {r["epsilon"]: r["latency_s_mean"] for r in latency_rows if r["success_prob"] == mid_p}
-    findings.append(f"Paper (3a): a larger ε lowers latency. Here at success {mid_p}: T = {lat.get(lo, float('nan')):.3f} s at ε = {lo} vs {lat.get(hi, float('nan')):.3f} s at ε = {hi}.")
+    findings.append(
+        f"Paper (3a): a larger ε lowers latency. Here at success {mid_p}: T = {lat.get(lo, float('nan')):.3f} s at ε = {lo} vs {lat.get(hi, float('nan')):.3f} s at ε = {hi}."
+    )
     infeasible = {r["epsilon"]: r["infeasible_fleets"] for r in latency_rows if r["success_prob"] == min(s.success_probs)}
-    findings.append(f"Paper: a very small ε can be infeasible. Here at success {min(s.success_probs)} infeasible fleets per ε: " + ", ".join(f"{k}: {v}/{s.fleets}" for k, v in infeasible.items()) + ".")
+    findings.append(
+        f"Paper: a very small ε can be infeasible. Here at success {min(s.success_probs)} infeasible fleets per ε: "
+        + ", ".join(f"{k}: {v}/{s.fleets}" for k, v in infeasible.items())
+        + "."
+    )
     worst = max(s.fail_counts)
     at_worst = {r["epsilon"]: r["accuracy_pct"] for r in accuracy_rows if r["failed_devices"] == worst}
     if len(at_worst) >= 2:
         findings.append(
-            f"Paper (3b): a smaller ε is more robust. Here with {worst} of {s.devices} devices failed: " + ", ".join(f"ε = {k}: {v:.2f} %" for k, v in sorted(at_worst.items())) + "."
+            f"Paper (3b): a smaller ε is more robust. Here with {worst} of {s.devices} devices failed: "
+            + ", ".join(f"ε = {k}: {v:.2f} %" for k, v in sorted(at_worst.items()))
+            + "."
         )
     return findings
 
@@ -267,7 +302,16 @@ def _failure_curves(ws: Workspace, *, known: bool) -> tuple[list[dict[str, Any]]
     runs = trained_runs(ws, known=known)
     rows = []
     for run in runs:
-        rows.append({"scheme": LABELS[run.scheme], "groups": run.plan.num_groups, "failed_devices": 0, "accuracy_pct": pct(run.evaluation["accuracy"]), "accuracy_std_pct": 0.0, "missing_groups_mean": 0.0})
+        rows.append(
+            {
+                "scheme": LABELS[run.scheme],
+                "groups": run.plan.num_groups,
+                "failed_devices": 0,
+                "accuracy_pct": pct(run.evaluation["accuracy"]),
+                "accuracy_std_pct": 0.0,
+                "missing_groups_mean": 0.0,
+            }
+        )
         for f in run.evaluation["failures"]:
             rows.append(
                 {
@@ -284,7 +328,15 @@ def _failure_curves(ws: Workspace, *, known: bool) -> tuple[list[dict[str, Any]]
         ax = fig.subplots(1, 1)
         for i, run in enumerate(runs):
             mine = [r for r in rows if r["scheme"] == LABELS[run.scheme]]
-            ax.errorbar([r["failed_devices"] for r in mine], [r["accuracy_pct"] for r in mine], yerr=[r["accuracy_std_pct"] for r in mine], marker="o", capsize=3, color=f"C{i}", label=f"{LABELS[run.scheme]} ({run.plan.num_groups} groups)")
+            ax.errorbar(
+                [r["failed_devices"] for r in mine],
+                [r["accuracy_pct"] for r in mine],
+                yerr=[r["accuracy_std_pct"] for r in mine],
+                marker="o",
+                capsize=3,
+                color=f"C{i}",
+                label=f"{LABELS[run.scheme]} ({run.plan.num_groups} groups)",
+            )
         ax.set_xlabel(f"failed devices (of {s.devices}), {s.trials} random draws each")
         ax.set_ylabel("test accuracy (%)")
         ax.legend()
@@ -303,7 +355,10 @@ def _failure_curves(ws: Workspace, *, known: bool) -> tuple[list[dict[str, Any]]
 def fig5(ws: Workspace) -> ExperimentResult:
     s = ws.setup
     rows, plot, findings = _failure_curves(ws, known=True)
-    caption = setup_caption(s, trained=True) + " Failure probabilities known: the planner sees each device's outage and every scheme trains failure-aware with its plan's group failure probabilities."
+    caption = (
+        setup_caption(s, trained=True)
+        + " Failure probabilities known: the planner sees each device's outage and every scheme trains failure-aware with its plan's group failure probabilities."
+    )
     return ExperimentResult("fig5", "Fig. 5: accuracy vs failed devices, failure probabilities known", caption, rows, plot, findings)
 
 
@@ -317,7 +372,11 @@ def fig6(ws: Workspace) -> ExperimentResult:
     worst = max(s.fail_counts)
     known = {LABELS[run.scheme]: run.evaluation for run in trained_runs(ws, known=True, train=False)}
     if known:
-        drops = [f"{r['scheme']} {pct(_accuracy_at(known[r['scheme']], worst)) - r['accuracy_pct']:+.2f}" for r in rows if r["failed_devices"] == worst and r["scheme"] in known]
+        drops = [
+            f"{r['scheme']} {pct(_accuracy_at(known[r['scheme']], worst)) - r['accuracy_pct']:+.2f}"
+            for r in rows
+            if r["failed_devices"] == worst and r["scheme"] in known
+        ]
         findings.append(f"Known (Fig. 5) minus unknown accuracy with {worst} failed, in points: " + ", ".join(drops) + ".")
     return ExperimentResult("fig6", "Fig. 6: accuracy vs failed devices, failure probabilities unknown", caption, rows, plot, findings)
 
@@ -364,7 +423,9 @@ def run_experiments(
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:
-            raise RocoinError(f"experiments {', '.join(n for n in names if n in TRAINED)} train students and need torch: pip install -e '.[train]'")
+            raise RocoinError(
+                f"experiments {', '.join(n for n in names if n in TRAINED)} train students and need torch: pip install -e '.[train]'"
+            )
     ws = Workspace(setup, cache_dir or output / "cache", device=device, fresh=fresh, progress=progress)
     written = {}
     for name in names:

@@ -25,19 +25,31 @@ def fig4(ws: Workspace) -> ExperimentResult:
             totals = []
             for f in range(s.fleets):
                 try:
-                    totals.append(resource_totals(make_plan(ws.fleet(seed=s.seed + f), weights, catalog, scheme="rocoin", epsilon=eps, seed=s.seed)))
+                    totals.append(
+                        resource_totals(make_plan(ws.fleet(seed=s.seed + f), weights, catalog, scheme="rocoin", epsilon=eps, seed=s.seed))
+                    )
                 except InfeasiblePlanError:
                     pass
                 advance()
             if totals:
                 mean = {k: float(np.mean([t[k] for t in totals])) for k in totals[0]}
-                rows.append({"epsilon": eps, "fleets": len(totals), **{k: round(v, 2) for k, v in mean.items()}, "valid_to_total_flops": round(mean["valid_mflops"] / mean["total_mflops"], 3)})
+                rows.append(
+                    {
+                        "epsilon": eps,
+                        "fleets": len(totals),
+                        **{k: round(v, 2) for k, v in mean.items()},
+                        "valid_to_total_flops": round(mean["valid_mflops"] / mean["total_mflops"], 3),
+                    }
+                )
 
     def plot(fig) -> None:
         ax1, ax2 = fig.subplots(1, 2)
         x = np.arange(len(rows))
         labels = [str(r["epsilon"]) for r in rows]
-        for ax, total, valid, unit in ((ax1, "total_mflops", "valid_mflops", "MFLOPs"), (ax2, "total_params_k", "valid_params_k", "k parameters")):
+        for ax, total, valid, unit in (
+            (ax1, "total_mflops", "valid_mflops", "MFLOPs"),
+            (ax2, "total_params_k", "valid_params_k", "k parameters"),
+        ):
             ax.bar(x - 0.2, [r[total] for r in rows], 0.4, label="S-Total (with replicas)")
             ax.bar(x + 0.2, [r[valid] for r in rows], 0.4, label="S-Valid (distinct students)")
             ax.set_xticks(x, labels)
@@ -51,10 +63,14 @@ def fig4(ws: Workspace) -> ExperimentResult:
         f"Here S-Valid/S-Total FLOPs goes {' → '.join(f'{r:.2f}' for r in ratios)} for ε = {' → '.join(str(r['epsilon']) for r in rows)}"
         + (" (agrees)." if all(b >= a - 1e-9 for a, b in zip(ratios, ratios[1:], strict=False)) else " (not monotone).")
     ]
-    caption = f"RoCoIn plans of {s.fleets} generated fleets per ε; " + setup_caption(s, trained=False) + f"; students {', '.join(s.students)} counted from their shapes; F = {filters}."
-    return ExperimentResult("fig4", "Fig. 4: FLOPs and parameters of all students (S-Total) vs distinct ones (S-Valid)", caption, rows, plot, findings)
-
-
+    caption = (
+        f"RoCoIn plans of {s.fleets} generated fleets per ε; "
+        + setup_caption(s, trained=False)
+        + f"; students {', '.join(s.students)} counted from their shapes; F = {filters}."
+    )
+    return ExperimentResult(
+        "fig4", "Fig. 4: FLOPs and parameters of all students (S-Total) vs distinct ones (S-Valid)", caption, rows, plot, findings
+    )
 
 
 # --- Fig. 7 -------------------------------------------------------------------------------------
@@ -94,7 +110,16 @@ def fig7(ws: Workspace) -> ExperimentResult:
         for i, (label, _, objective) in enumerate(variants):
             mine = [r for r in rows if r["scheme"] == label]
             style = "--" if objective == "minmax" else "-"
-            ax.errorbar([r["heterogeneity"] for r in mine], [r["latency_s_mean"] for r in mine], yerr=[r["latency_s_std"] for r in mine], marker="o", linestyle=style, capsize=3, color=f"C{i}", label=label)
+            ax.errorbar(
+                [r["heterogeneity"] for r in mine],
+                [r["latency_s_mean"] for r in mine],
+                yerr=[r["latency_s_std"] for r in mine],
+                marker="o",
+                linestyle=style,
+                capsize=3,
+                color=f"C{i}",
+                label=label,
+            )
         ax.set_xlabel("heterogeneity level (Table IV)")
         ax.set_ylabel(f"planned latency T (s), mean ± std of {s.fleets} fleets")
         ax.legend()
@@ -174,6 +199,6 @@ def scale(ws: Workspace) -> ExperimentResult:
         f"Generated fleets (heterogeneity {s.heterogeneity}, mean success {s.success_prob}), ε = {s.epsilon}; students counted from their shapes; synthetic filter activity, F = {filters}; "
         f"{s.sim_queries} simulated queries per plan with a deadline of {DEADLINE_FACTOR} × the plan's T; planning time measured on this machine."
     )
-    return ExperimentResult("scale", "Scale: planning time and simulated behaviour from 10 to 10,000 devices", caption, rows, plot, findings)
-
-
+    return ExperimentResult(
+        "scale", "Scale: planning time and simulated behaviour from 10 to 10,000 devices", caption, rows, plot, findings
+    )

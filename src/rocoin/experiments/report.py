@@ -39,7 +39,16 @@ class ExperimentResult:
         write_json_atomic(
             paths["json"],
             _nan_as_null(
-                {"name": self.name, "title": self.title, "caption": self.caption, "setup": setup, "elapsed_s": elapsed_s, "rows": self.rows, "findings": self.findings, **self.extra}
+                {
+                    "name": self.name,
+                    "title": self.title,
+                    "caption": self.caption,
+                    "setup": setup,
+                    "elapsed_s": elapsed_s,
+                    "rows": self.rows,
+                    "findings": self.findings,
+                    **self.extra,
+                }
             ),
         )
         self._write_png(paths["png"])

@@ -43,7 +43,9 @@ def assumed_outage_fleet(fleet: Fleet, outage: float) -> Fleet:
 class Workspace:
     """Produces (or reuses) the teacher, catalog, plans' students and evaluations for a setup."""
 
-    def __init__(self, setup: ExperimentSetup, cache_dir: Path, *, device: str | None = None, fresh: bool = False, progress: Progress = log_progress) -> None:
+    def __init__(
+        self, setup: ExperimentSetup, cache_dir: Path, *, device: str | None = None, fresh: bool = False, progress: Progress = log_progress
+    ) -> None:
         self.setup = setup
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +56,9 @@ class Workspace:
     def progress(self) -> Progress:
         return self.pipeline.progress
 
-    def fleet(self, *, heterogeneity: int | None = None, success_prob: float | None = None, seed: int | None = None, devices: int | None = None) -> Fleet:
+    def fleet(
+        self, *, heterogeneity: int | None = None, success_prob: float | None = None, seed: int | None = None, devices: int | None = None
+    ) -> Fleet:
         """The setup's generated fleet, or one with some settings changed (not cached: it is cheap)."""
         return steps.generate(self.setup, devices=devices, heterogeneity=heterogeneity, success_prob=success_prob, seed=seed)
 
@@ -103,7 +107,14 @@ class Workspace:
         with ``train=False`` only what is already cached (else ``None``)."""
         if not train and not self.students_path(plan, failure_aware=failure_aware)[0].exists():
             return None
-        return steps.students(self.pipeline, self.teacher_step(), plan, failure_aware=failure_aware, name=f"students {plan.scheme}", stem=f"students-{plan.scheme}")
+        return steps.students(
+            self.pipeline,
+            self.teacher_step(),
+            plan,
+            failure_aware=failure_aware,
+            name=f"students {plan.scheme}",
+            stem=f"students-{plan.scheme}",
+        )
 
     def students_summary(self, students: Done[StudentsFile]) -> dict[str, Any]:
         metadata = students.value.metadata

@@ -36,12 +36,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from rocoin import __version__
-from rocoin.data import DatasetInfo
-from rocoin.distillation.distill import Students
-from rocoin.distillation.students import DeviceStudent, StudentNetwork
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fileio import format_validation_error, write_json_atomic
-from rocoin.contracts.plan import Plan, load_plan
 from rocoin.contracts.manifest import (
     MANIFEST_NAME,
     GroupModel,
@@ -53,6 +49,10 @@ from rocoin.contracts.manifest import (
     load_manifest,
     verify_file,
 )
+from rocoin.contracts.plan import Plan, load_plan
+from rocoin.data import DatasetInfo
+from rocoin.distillation.distill import Students
+from rocoin.distillation.students import DeviceStudent, StudentNetwork
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,12 @@ def export_bundle(
     total = sum(m.size_bytes for m in [*manifest.groups, manifest.head])
     logger.info(
         "bundle %s: %d groups + head, %.1f kB of ONNX (opset %d), parity max |diff| %.2g, in %.1f s",
-        output_dir, len(manifest.groups), total / 1e3, opset, max(differences.values()), time.perf_counter() - started,
+        output_dir,
+        len(manifest.groups),
+        total / 1e3,
+        opset,
+        max(differences.values()),
+        time.perf_counter() - started,
     )
     return manifest
 
@@ -180,7 +185,12 @@ def _quantize(folder: Path, manifest: Manifest, calibration: np.ndarray, evaluat
             [originals / m.file for m in groups], [folder / m.file for m in groups], folder / HEAD_FILE, quantized, images, labels
         )
         write_json_atomic(folder / INT8_REPORT, report)
-        logger.info("int8: accuracy %.4f (fp32 %.4f), %.0f %% of the fp32 size", report["int8"]["accuracy"], report["fp32"]["accuracy"], 100 * report["int8"]["size_bytes"] / report["fp32"]["size_bytes"])
+        logger.info(
+            "int8: accuracy %.4f (fp32 %.4f), %.0f %% of the fp32 size",
+            report["int8"]["accuracy"],
+            report["fp32"]["accuracy"],
+            100 * report["int8"]["size_bytes"] / report["fp32"]["size_bytes"],
+        )
     shutil.rmtree(originals)
     return quantized
 
@@ -266,7 +276,11 @@ def _write_models(folder: Path, students: Students, opset: int) -> Manifest:
         )
         logger.info(
             "%s: %s for %d filters (devices %s), %.1f kB",
-            path.name, group.student, len(group.filters), ", ".join(group.devices), groups[-1].size_bytes / 1e3,
+            path.name,
+            group.student,
+            len(group.filters),
+            ", ".join(group.devices),
+            groups[-1].size_bytes / 1e3,
         )
     path = folder / HEAD_FILE
     _export_onnx(network.fc.eval(), torch.zeros((EXAMPLE_BATCH, plan.num_filters)), path, FEATURES_NAME, LOGITS_NAME, opset)
@@ -372,7 +386,9 @@ def check_parity(folder: Path, manifest: Manifest, network: StudentNetwork, batc
         what = "logits of the whole pipeline (groups' ONNX features through the head)"
         worst[manifest.head.file] = max(worst[manifest.head.file], _compare(logits, expected_logits, manifest.head.file, what))
     for name, difference in worst.items():
-        logger.info("parity %s: max |onnxruntime - torch| = %.3g over batches of %s", name, difference, ", ".join(str(len(x)) for x in batches))
+        logger.info(
+            "parity %s: max |onnxruntime - torch| = %.3g over batches of %s", name, difference, ", ".join(str(len(x)) for x in batches)
+        )
     return worst
 
 

@@ -74,9 +74,7 @@ def median_run_s(path: Path, input_name: str, image: np.ndarray) -> float:
     return statistics.median(times)
 
 
-def compare_pipelines(
-    fp32: list[Path], int8: list[Path], head: Path, manifest: Manifest, images: np.ndarray, labels: np.ndarray
-) -> dict:
+def compare_pipelines(fp32: list[Path], int8: list[Path], head: Path, manifest: Manifest, images: np.ndarray, labels: np.ndarray) -> dict:
     """Size, batch-1 model time (slowest group) and pipeline accuracy, fp32 against int8."""
     one = images[:1]
     report = {"images": len(images)}
@@ -88,7 +86,9 @@ def compare_pipelines(
             "accuracy": float((logits.argmax(axis=1) == labels).mean()),
         }
     report["agreement"] = float(
-        (pipeline_logits(fp32, head, manifest, images).argmax(axis=1) == pipeline_logits(int8, head, manifest, images).argmax(axis=1)).mean()
+        (
+            pipeline_logits(fp32, head, manifest, images).argmax(axis=1) == pipeline_logits(int8, head, manifest, images).argmax(axis=1)
+        ).mean()
     )
     return report
 
@@ -111,4 +111,7 @@ def int8_data(students_path: Path, data_dir: str | None = None, calibration_imag
     def normalise(images):
         return ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
 
-    return normalise(splits.train.images[:calibration_images]), (normalise(splits.test.images[:eval_images]), splits.test.labels[:eval_images])
+    return normalise(splits.train.images[:calibration_images]), (
+        normalise(splits.test.images[:eval_images]),
+        splits.test.labels[:eval_images],
+    )

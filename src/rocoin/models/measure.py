@@ -33,10 +33,10 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from rocoin.contracts.errors import RocoinError
-from rocoin.models.registry import create_model
 from rocoin.contracts.catalog import Catalog, StudentSpec
+from rocoin.contracts.errors import RocoinError
 from rocoin.models.analytic import DEFAULT_STUDENTS
+from rocoin.models.registry import create_model
 
 log = logging.getLogger(__name__)
 

@@ -15,16 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from rocoin.contracts.errors import RocoinError
-from rocoin.models.init import init_weights
 from rocoin.models.analytic import MOBILENETV2_SETTINGS
 from rocoin.models.analytic import _make_divisible as make_divisible
+from rocoin.models.init import init_weights
 
 STEM_CHANNELS = 32
 LAST_CHANNELS = 1280
 MAX_WIDTH_MULT = 4.0
 
 
-def conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1, *, activation: bool = True) -> nn.Sequential:
+def conv_bn(
+    in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1, *, activation: bool = True
+) -> nn.Sequential:
     """Conv (no bias, "same" padding) + BN (+ ReLU6)."""
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
@@ -58,9 +60,7 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """MobileNetV2-``width_mult``; ``forward_features`` ends after the last 1×1 conv-BN-ReLU6."""
 
-    def __init__(
-        self, width_mult: float = 1.0, *, in_channels: int = 3, num_classes: int = 10, drop_rate: float = 0.0
-    ) -> None:
+    def __init__(self, width_mult: float = 1.0, *, in_channels: int = 3, num_classes: int = 10, drop_rate: float = 0.0) -> None:
         super().__init__()
         if not 0 < width_mult <= MAX_WIDTH_MULT:
             raise RocoinError(f"MobileNetV2 width = {width_mult}: expected a multiplier in (0, {MAX_WIDTH_MULT:g}]")

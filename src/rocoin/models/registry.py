@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from rocoin.contracts.errors import RocoinError
+from rocoin.models.analytic import DEFAULT_STUDENTS
 from rocoin.models.mobilenetv2 import MAX_WIDTH_MULT, MobileNetV2
 from rocoin.models.wrn import WideResNet
-from rocoin.models.analytic import DEFAULT_STUDENTS
 
 #: Teachers used in the paper (CIFAR-10/100).
 TEACHERS = ("wrn-16-4", "wrn-28-10")

@@ -51,9 +51,7 @@ class PreActBasicBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-``depth``-``widen``; ``forward_features`` ends after the final BN-ReLU."""
 
-    def __init__(
-        self, depth: int, widen: int, *, in_channels: int = 3, num_classes: int = 10, drop_rate: float = 0.0
-    ) -> None:
+    def __init__(self, depth: int, widen: int, *, in_channels: int = 3, num_classes: int = 10, drop_rate: float = 0.0) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
             raise RocoinError(f"WRN depth = {depth}: expected 6n+4 (10, 16, 22, 28, 40, ...)")

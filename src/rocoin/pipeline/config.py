@@ -41,7 +41,9 @@ def _known_archs(names: tuple[str, ...]) -> tuple[str, ...]:
 # --- one definition per setting ------------------------------------------------------------------
 
 Arch = Annotated[str, AfterValidator(_known_arch), Field(description="Teacher architecture.")]
-Archs = Annotated[tuple[str, ...], AfterValidator(_known_archs), Field(description="Comma-separated student architectures (measured catalog).")]
+Archs = Annotated[
+    tuple[str, ...], AfterValidator(_known_archs), Field(description="Comma-separated student architectures (measured catalog).")
+]
 Epochs = Annotated[int, Field(ge=1)]
 BatchSize = Annotated[int, Field(ge=1)]
 Images = Annotated[int | None, Field(gt=0)]
@@ -114,7 +116,10 @@ class DemoConfig(Settings):
         default=100.0, gt=0.0, allow_inf_nan=False, description="Emulated devices' FLOP/s and rates × this, so a query takes milliseconds."
     )
     deadline_s: float | None = Field(
-        default=None, gt=0.0, allow_inf_nan=False, description="The source's per-query deadline (default: 2 × the plan's T / speedup + 50 ms)."
+        default=None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="The source's per-query deadline (default: 2 × the plan's T / speedup + 50 ms).",
     )
     seed: Seed = 0
     download_url: str | None = Field(default=None, description="Where to download Fashion-MNIST from (default: its official site).")

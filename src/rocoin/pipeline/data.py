@@ -68,7 +68,10 @@ def _installed(root: Path | None, data_dir: str | None, install: bool, say: Say)
     if not install:
         return None
     if not _can_apt_get():
-        say(f"not installing {DEBIAN_PACKAGE}: " + ("not running as root" if _is_debian() and shutil.which("apt-get") else "no apt-get (not Debian)"))
+        say(
+            f"not installing {DEBIAN_PACKAGE}: "
+            + ("not running as root" if _is_debian() and shutil.which("apt-get") else "no apt-get (not Debian)")
+        )
         return None
     if not _apt_install(say):
         return None
@@ -125,7 +128,9 @@ def _run_shown(command: list[str], say: Say) -> int:
     say("$ " + " ".join(command))
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True, errors="replace") as process:
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True, errors="replace"
+        ) as process:
             assert process.stdout is not None
             for line in process.stdout:
                 say("  " + line.rstrip())

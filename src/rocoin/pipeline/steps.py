@@ -74,7 +74,13 @@ def teacher_config(config: PipelineConfig):
     from rocoin.distillation.teacher import TeacherConfig
     from rocoin.distillation.training import DataConfig
 
-    data = DataConfig(dataset=config.dataset, data_dir=config.data_dir, max_train_images=config.max_train_images, max_test_images=config.max_test_images, split_seed=config.seed)
+    data = DataConfig(
+        dataset=config.dataset,
+        data_dir=config.data_dir,
+        max_train_images=config.max_train_images,
+        max_test_images=config.max_test_images,
+        split_seed=config.seed,
+    )
     return TeacherConfig(
         arch=config.teacher_arch, data=data, epochs=config.teacher_epochs, batch_size=config.teacher_batch_size,
         optimizer=config.teacher_optimizer, lr=config.teacher_lr, seed=config.seed,
@@ -137,7 +143,14 @@ def _clear_stale_resume(teacher_path: Path, config, *, fresh: bool, say: Callabl
 # --- fleet, activity, catalog, plan -------------------------------------------------------------
 
 
-def generate(config: PipelineConfig, *, devices: int | None = None, heterogeneity: int | None = None, success_prob: float | None = None, seed: int | None = None) -> Fleet:
+def generate(
+    config: PipelineConfig,
+    *,
+    devices: int | None = None,
+    heterogeneity: int | None = None,
+    success_prob: float | None = None,
+    seed: int | None = None,
+) -> Fleet:
     """The settings' generated fleet, or one with some of them changed."""
     from rocoin.profiles.generate import generate_fleet
 
@@ -241,13 +254,29 @@ def catalog(p: Pipeline, input_shape: tuple[int, ...], num_classes: int, *, name
     return p.cache.run(name, inputs, outputs, make, load)
 
 
-def plan(p: Pipeline, fleet_done: Done[Fleet], activity_done: Done[np.ndarray], catalog_done: Done[Catalog], *, scheme: str = "rocoin", name: str = "plan", stem: str = "plan") -> Done[Plan]:
+def plan(
+    p: Pipeline,
+    fleet_done: Done[Fleet],
+    activity_done: Done[np.ndarray],
+    catalog_done: Done[Catalog],
+    *,
+    scheme: str = "rocoin",
+    name: str = "plan",
+    stem: str = "plan",
+) -> Done[Plan]:
     from rocoin.contracts.plan import load_plan, save_plan
     from rocoin.planning import filter_graph as graph_of
     from rocoin.planning import make_plan
 
     c = p.config
-    inputs = {"fleet": fleet_done.key, "activations": activity_done.key, "catalog": catalog_done.key, "scheme": scheme, "epsilon": c.epsilon, "seed": c.seed}
+    inputs = {
+        "fleet": fleet_done.key,
+        "activations": activity_done.key,
+        "catalog": catalog_done.key,
+        "scheme": scheme,
+        "epsilon": c.epsilon,
+        "seed": c.seed,
+    }
     outputs = p.outputs(stem, ".json")
     path = p.path(outputs, step_key(inputs))
 
@@ -293,7 +322,14 @@ def students_inputs(teacher_key: str, plan_: Plan, config: PipelineConfig, *, fa
 
 
 def students(
-    p: Pipeline, teacher_done: Done[TeacherFile], plan_: Plan, *, failure_aware: bool = True, plan_path: Path | None = None, name: str = "students", stem: str = "students"
+    p: Pipeline,
+    teacher_done: Done[TeacherFile],
+    plan_: Plan,
+    *,
+    failure_aware: bool = True,
+    plan_path: Path | None = None,
+    name: str = "students",
+    stem: str = "students",
 ) -> Done[StudentsFile]:
     """Distil the plan's students from the teacher (failure-aware: with the plan's q_k)."""
     from rocoin.distillation.distill import Students, distill
@@ -306,7 +342,16 @@ def students(
     def make() -> StudentsFile:
         logger.info("distilling %d %s students (%d epochs) -> %s", plan_.num_groups, plan_.scheme, config.epochs, path)
         source = str(plan_path) if plan_path else "plan"
-        distill(teacher_done.value.path, plan_, config, path, plan_source=source, data_dir=p.config.data_dir, device=p.device, progress=p.progress)
+        distill(
+            teacher_done.value.path,
+            plan_,
+            config,
+            path,
+            plan_source=source,
+            data_dir=p.config.data_dir,
+            device=p.device,
+            progress=p.progress,
+        )
         return StudentsFile(path, Students(path).metadata)
 
     def load() -> StudentsFile:
@@ -345,13 +390,21 @@ def bundle(p: Pipeline, students_done: Done[StudentsFile], plan_path: Path, *, n
     return p.cache.run(name, inputs, [folder / "manifest.json"], make, load)
 
 
-def evaluation(p: Pipeline, students_done: Done[StudentsFile], fail_devices: list[int], *, name: str = "evaluation", stem: str = "evaluation") -> Done[dict[str, Any]]:
+def evaluation(
+    p: Pipeline, students_done: Done[StudentsFile], fail_devices: list[int], *, name: str = "evaluation", stem: str = "evaluation"
+) -> Done[dict[str, Any]]:
     """Accuracy in-process with every group, and with each count of failed devices
     (``trials`` random draws each)."""
     from rocoin.distillation.evaluate import evaluate_students
 
     c = p.config
-    inputs = {"students": students_done.key, "fail_devices": list(fail_devices), "trials": c.trials, "seed": c.seed, "test": c.max_test_images}
+    inputs = {
+        "students": students_done.key,
+        "fail_devices": list(fail_devices),
+        "trials": c.trials,
+        "seed": c.seed,
+        "test": c.max_test_images,
+    }
     outputs = p.outputs(stem, ".json")
     path = p.path(outputs, step_key(inputs))
 

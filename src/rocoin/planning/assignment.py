@@ -20,10 +20,10 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
 
-from rocoin.contracts.errors import InfeasiblePlanError
-from rocoin.contracts.latency import BITS_PER_VALUE
 from rocoin.contracts.catalog import CatalogArrays
+from rocoin.contracts.errors import InfeasiblePlanError
 from rocoin.contracts.fleet import FleetArrays
+from rocoin.contracts.latency import BITS_PER_VALUE
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,13 @@ each cluster merged into one group [decision] — merging only lowers ``q``.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 from scipy.spatial import cKDTree
 
 from rocoin.contracts.errors import InfeasiblePlanError
-from rocoin.planning.kmeans import kmeans
 from rocoin.contracts.fleet import FleetArrays
+from rocoin.planning.kmeans import kmeans
 
 #: θ values tried by the automatic search, as fractions of the largest possible distance.
 THETA_GRID_FRACTIONS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0)
@@ -161,7 +162,7 @@ def merge_unreliable(labels: np.ndarray, features: np.ndarray, outage: np.ndarra
         _, nearest = cKDTree(centroids).query(centroids[bad], k=2)
         parent = list(range(num_groups))
 
-        def find(a: int) -> int:
+        def find(a: int, parent: list[int] = parent) -> int:
             while parent[a] != a:
                 parent[a] = parent[parent[a]]
                 a = parent[a]

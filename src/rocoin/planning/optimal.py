@@ -44,10 +44,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
-from rocoin.contracts.latency import BITS_PER_VALUE, device_latency_s
 from rocoin.contracts.catalog import CatalogArrays
+from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
 from rocoin.contracts.fleet import FleetArrays
+from rocoin.contracts.latency import BITS_PER_VALUE, device_latency_s
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class OptimalSolution:
     latency_s: float
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _subset_pairs(num_devices: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All ``(mask, sub)`` with ``sub ⊆ mask`` and ``sub`` holding ``mask``'s lowest device,
     sorted by ``mask``; plus the start offset of every ``mask = 1..2^N−1`` in that list."""
@@ -100,8 +100,7 @@ def _subset_reduce(values: np.ndarray, start: float, op) -> np.ndarray:
 class _Model:
     """The fixed data of one instance; evaluates capacities and the grouping DP for a deadline."""
 
-    def __init__(self, fleet: FleetArrays, catalog: CatalogArrays, num_filters: int, epsilon: float,
-                 rho_min: float | None) -> None:
+    def __init__(self, fleet: FleetArrays, catalog: CatalogArrays, num_filters: int, epsilon: float, rho_min: float | None) -> None:
         self.fleet, self.catalog = fleet, catalog
         self.n, self.num_filters = len(fleet), num_filters
         self.full = (1 << self.n) - 1
@@ -161,8 +160,7 @@ class _Model:
         return bool(self.layers(capacity)[-1][self.full] >= self.num_filters)
 
 
-def _check_inputs(fleet: FleetArrays, catalog: CatalogArrays, num_filters: int, epsilon: float,
-                  rho_min: float | None) -> None:
+def _check_inputs(fleet: FleetArrays, catalog: CatalogArrays, num_filters: int, epsilon: float, rho_min: float | None) -> None:
     n = len(fleet)
     if n == 0:
         raise RocoinError("the exact solver needs at least one device; got 0")
@@ -186,8 +184,9 @@ def _check_inputs(fleet: FleetArrays, catalog: CatalogArrays, num_filters: int, 
         )
 
 
-def _explain_infeasible(model: _Model, fleet: FleetArrays, catalog: CatalogArrays, num_filters: int,
-                        epsilon: float, rho_min: float | None) -> InfeasiblePlanError:
+def _explain_infeasible(
+    model: _Model, fleet: FleetArrays, catalog: CatalogArrays, num_filters: int, epsilon: float, rho_min: float | None
+) -> InfeasiblePlanError:
     n = len(fleet)
     best_q = float(np.prod(fleet.outage))
     if best_q > epsilon * (1.0 + EPSILON_REL_TOL):
@@ -295,18 +294,17 @@ def solve_optimal(
     for m, size in zip(chosen, group_sizes):
         members = np.array([d for d in range(model.n) if m >> d & 1], dtype=int)
         ok = np.flatnonzero(per_student[m] >= size)
-        group_latency = np.array([
-            float(device_latency_s(fleet.flops[members], fleet.rate_bps[members], fleet.input_s[members],
-                                   catalog.flops[s], size).max())
-            for s in ok
-        ])
+        group_latency = np.array(
+            [
+                float(device_latency_s(fleet.flops[members], fleet.rate_bps[members], fleet.input_s[members], catalog.flops[s], size).max())
+                for s in ok
+            ]
+        )
         # most parameters first, then the lower latency, then catalog order
         pick = min(range(len(ok)), key=lambda i: (-catalog.params[ok[i]], group_latency[i], ok[i]))
         groups.append(members)
         students.append(int(ok[pick]))
         latencies.append(group_latency[pick])
     latency_s = max(latencies)
-    logger.info(
-        "exact solver: %d devices in %d groups, T = %.6g s", model.n, len(groups), latency_s
-    )
+    logger.info("exact solver: %d devices in %d groups, T = %.6g s", model.n, len(groups), latency_s)
     return OptimalSolution(groups=groups, sizes=group_sizes, students=students, latency_s=latency_s)

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
+from rocoin.contracts.catalog import Catalog, CatalogArrays
 from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
+from rocoin.contracts.fleet import Fleet, FleetArrays
+from rocoin.contracts.latency import device_latency_s
+from rocoin.contracts.plan import SCHEMES, GroupPlan, Plan, UnassignedDevice
 from rocoin.planning.assignment import Assignment, GroupCosts, match_greedy, match_minmax, match_paper
 from rocoin.planning.grouping import best_achievable_failure, group_devices, theta_grid
-from rocoin.contracts.latency import device_latency_s
 from rocoin.planning.partition import SpectralPartitioner, equal_sizes, proportional_sizes
-from rocoin.contracts.plan import SCHEMES, GroupPlan, Plan, UnassignedDevice
-from rocoin.contracts.catalog import Catalog, CatalogArrays
-from rocoin.contracts.fleet import Fleet, FleetArrays
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,9 @@ def _largest_fitting(students: CatalogArrays, memory_bytes: float, size: int, rh
     return int(candidates[np.argmax(students.params[candidates])])
 
 
-def _plan_no_replication(request: PlanRequest, scheme: str, sizes_for: Callable[[FleetArrays], list[int]], per_device_student: bool) -> Plan:
+def _plan_no_replication(
+    request: PlanRequest, scheme: str, sizes_for: Callable[[FleetArrays], list[int]], per_device_student: bool
+) -> Plan:
     arrays, extra = _baseline_devices(request, scheme)
     sizes = sizes_for(arrays)
     # Larger partitions to faster devices (harmless for NoNN, the point of HetNoNN).
@@ -288,9 +290,7 @@ def _build_plan(
     group_plans = []
     for k, (members, part, student) in enumerate(zip(groups, parts, students.tolist())):
         spec = request.catalog[names[student]]
-        latency = device_latency_s(
-            arrays.flops[members], arrays.rate_bps[members], arrays.input_s[members], spec.flops, len(part)
-        )
+        latency = device_latency_s(arrays.flops[members], arrays.rate_bps[members], arrays.input_s[members], spec.flops, len(part))
         _check_finite(arrays, members, latency, k)
         group_plans.append(
             GroupPlan(

@@ -79,9 +79,7 @@ def analytic_catalog(input_shape: tuple[int, int, int], num_classes: int, names:
     entries = {}
     for name in names:
         stats = arch_stats(name, input_shape, num_classes)
-        entries[name] = StudentSpec(
-            flops=float(stats.flops), memory_bytes=stats.memory_bytes, params=stats.params, out_dim=stats.out_dim
-        )
+        entries[name] = StudentSpec(flops=float(stats.flops), memory_bytes=stats.memory_bytes, params=stats.params, out_dim=stats.out_dim)
     return Catalog(entries)
 
 

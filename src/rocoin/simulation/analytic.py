@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from rocoin.contracts.errors import RocoinError
-from rocoin.contracts.plan import Plan
 from rocoin.contracts.fleet import Fleet
+from rocoin.contracts.plan import Plan
 from rocoin.simulation.montecarlo import check_timeout, member_arrays, summary_dict
 
 logger = logging.getLogger(__name__)

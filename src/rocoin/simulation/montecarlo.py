@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from rocoin.contracts.errors import RocoinError
-from rocoin.contracts.plan import Plan, plan_members
 from rocoin.contracts.fleet import Fleet
+from rocoin.contracts.plan import Plan, plan_members
 
 logger = logging.getLogger(__name__)
 

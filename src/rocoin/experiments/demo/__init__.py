@@ -31,4 +31,14 @@ from rocoin.experiments.demo.victims import Victims, choose_victims
 from rocoin.pipeline.config import DemoConfig
 from rocoin.pipeline.data import DataChoice, resolve_dataset
 
-__all__ = ["EVAL_TRIALS", "DataChoice", "DemoConfig", "DemoReport", "Victims", "choose_victims", "demo_config", "resolve_dataset", "run_demo"]
+__all__ = [
+    "EVAL_TRIALS",
+    "DataChoice",
+    "DemoConfig",
+    "DemoReport",
+    "Victims",
+    "choose_victims",
+    "demo_config",
+    "resolve_dataset",
+    "run_demo",
+]

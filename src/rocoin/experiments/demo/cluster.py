@@ -100,7 +100,9 @@ def run_cluster(
 
             with progress(f"queries (SIGKILL {len(victims.devices)} devices after {kill_index})", len(images)) as advance:
                 url = f"http://{state.source.http_address}"
-                log = asyncio.run(load.send_queries(url, images, concurrency=concurrency, kill_index=kill_index, kill=kill, advance=advance))
+                log = asyncio.run(
+                    load.send_queries(url, images, concurrency=concurrency, kill_index=kill_index, kill=kill, advance=advance)
+                )
         finally:
             cluster.stop()
     say(f"cluster stopped; worker logs in {state_dir}")

@@ -93,7 +93,10 @@ def phase_summary(log: QueryLog, labels: np.ndarray, part: slice, num_groups: in
             "p99": float(1e3 * np.percentile(latency, 99)),
             "mean": float(1e3 * latency.mean()),
         },
-        "source_latency_ms": {"p50": float(1e3 * np.percentile(log.source_latency_s[part], 50)), "p99": float(1e3 * np.percentile(log.source_latency_s[part], 99))},
+        "source_latency_ms": {
+            "p50": float(1e3 * np.percentile(log.source_latency_s[part], 50)),
+            "p99": float(1e3 * np.percentile(log.source_latency_s[part], 99)),
+        },
         "queries_per_s": float(len(latency) / wall_s) if wall_s > 0 else None,
         "queries_with_missing_groups": int(sum(1 for m in missing if m)),
         "missing_groups_mean": float(np.mean([len(m) for m in missing])),

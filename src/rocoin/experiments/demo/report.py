@@ -52,12 +52,28 @@ def _rows(r: dict[str, Any]) -> list[list[str]]:
     failed = s["random_failures"]
 
     def phase(label: str, p: dict[str, Any]) -> list[str]:
-        return [label, _pct(p["accuracy"]), f"{p['latency_ms']['p50']:.1f}", f"{p['latency_ms']['p99']:.1f}", str(p["queries"]), str(p["queries_with_missing_groups"]), f"{p['missing_groups_mean']:.3f}"]
+        return [
+            label,
+            _pct(p["accuracy"]),
+            f"{p['latency_ms']['p50']:.1f}",
+            f"{p['latency_ms']['p99']:.1f}",
+            str(p["queries"]),
+            str(p["queries_with_missing_groups"]),
+            f"{p['missing_groups_mean']:.3f}",
+        ]
 
     return [
         [f"teacher {t['arch']}", _pct(t["test_accuracy"]), "", "", "", "", ""],
         ["students, all groups", _pct(s["accuracy"]), "", "", "", "", "0"],
-        [f"students, {failed['fail_devices']} random failed", _pct(failed["accuracy_mean"]), "", "", "", "", f"{failed['missing_groups_mean']:.3f}"],
+        [
+            f"students, {failed['fail_devices']} random failed",
+            _pct(failed["accuracy_mean"]),
+            "",
+            "",
+            "",
+            "",
+            f"{failed['missing_groups_mean']:.3f}",
+        ],
         phase("runtime, before kill", rt["before"]),
         phase("runtime, after kill", rt["after"]),
     ]
@@ -126,7 +142,11 @@ def _accuracy_plot(out: Path, r: dict[str, Any]) -> str:
     bars = [
         ("teacher", r["teacher"]["test_accuracy"], "tab:grey"),
         ("students\nall groups\n(in-process)", r["students"]["accuracy"], "tab:green"),
-        (f"students\n{r['students']['random_failures']['fail_devices']} random failed\n(in-process)", r["students"]["random_failures"]["accuracy_mean"], "tab:olive"),
+        (
+            f"students\n{r['students']['random_failures']['fail_devices']} random failed\n(in-process)",
+            r["students"]["random_failures"]["accuracy_mean"],
+            "tab:olive",
+        ),
         ("runtime\nbefore kill", before["accuracy"], "tab:blue"),
         ("runtime\nafter kill", after["accuracy"], "tab:red"),
     ]
@@ -147,7 +167,15 @@ def _accuracy_plot(out: Path, r: dict[str, Any]) -> str:
     right.bar(groups + width / 2, share_after, width, color="tab:red", label=f"after ({after['queries']} queries)")
     expected = rt["expected_missing_share"]
     right.scatter(groups - width / 2, [100 * v for v in expected["before"]], marker="_", s=300, color="black", zorder=3)
-    right.scatter(groups + width / 2, [100 * v for v in expected["after"]], marker="_", s=300, color="black", zorder=3, label="model: every replica's answer lost")
+    right.scatter(
+        groups + width / 2,
+        [100 * v for v in expected["after"]],
+        marker="_",
+        s=300,
+        color="black",
+        zorder=3,
+        label="model: every replica's answer lost",
+    )
     right.set_xticks(groups, [f"group {k}\n{len(g['devices'])} dev." for k, g in enumerate(r["plan"]["groups"])], fontsize="small")
     right.set_ylabel("queries with the group missing (%)")
     right.set_ylim(0, 105)
@@ -190,7 +218,9 @@ def _plan_section(r: dict[str, Any]) -> list[str]:
             f"{100 * rt[phase]['queries_missing_group'][k] / max(1, rt[phase]['queries']):.1f} ({100 * expected[phase][k]:.1f})"
             for phase in ("before", "after")
         ]
-        lines.append(f"| {k}{lost} | {members} | {len(g['filters'])} | {g['student']} | {g['failure_prob']:.3g} | {g['latency_s']:.3g} | {shares[0]} | {shares[1]} |")
+        lines.append(
+            f"| {k}{lost} | {members} | {len(g['filters'])} | {g['student']} | {g['failure_prob']:.3g} | {g['latency_s']:.3g} | {shares[0]} | {shares[1]} |"
+        )
     lines += ["", f"T = {plan['latency_s']:.3g} s, P(every group answers) = {plan['p_complete']:.3f}, ε = {plan['epsilon']}."]
     lines += [f"Device {u['id']} has no student: {u['reason']}." for u in plan["unassigned"]] + [""]
     return lines

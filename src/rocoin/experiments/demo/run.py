@@ -70,7 +70,9 @@ class Offline:
 def run_offline(config: DemoConfig, *, say: Say, progress: Progress) -> Offline:
     """Steps 1-4: data, teacher, fleet, activity, catalog, plan, students, bundle, evaluation."""
     say("[1/6] data")
-    data = resolve_dataset(config.dataset, config.data_dir, install=config.install, download=config.download, download_url=config.download_url, say=say)
+    data = resolve_dataset(
+        config.dataset, config.data_dir, install=config.install, download=config.download, download_url=config.download_url, say=say
+    )
     say(f"data set: {data.name}, {data.how}")
     say(f"[2/6] teacher {config.teacher_arch}")
     cache = StepCache(config.output, fresh=config.fresh, say=say)
@@ -140,7 +142,9 @@ def run_demo(config: DemoConfig, *, say: Say = logger.info, progress: Progress =
     return report
 
 
-def _runtime_results(config: DemoConfig, offline: Offline, log: QueryLog, labels: np.ndarray, deadline_s: float, cluster_info: dict[str, Any]) -> dict[str, Any]:
+def _runtime_results(
+    config: DemoConfig, offline: Offline, log: QueryLog, labels: np.ndarray, deadline_s: float, cluster_info: dict[str, Any]
+) -> dict[str, Any]:
     plan, victims, count, kill_index = offline.plan, offline.victims, len(labels), log.kill_index
     return {
         "api": "KServe v2 REST",

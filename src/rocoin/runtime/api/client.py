@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 import numpy as np
@@ -119,7 +119,10 @@ async def http_infer(url: str, *, token: str | None = None, model: str = "rocoin
 
         async def infer(image: np.ndarray, query_id: str | None = None) -> Answer:
             datatype = "UINT8" if image.dtype == np.uint8 else "FP32"
-            body = {"id": query_id or uuid.uuid4().hex[:16], "inputs": [{"name": "input", "shape": list(image.shape), "datatype": datatype, "data": image.ravel().tolist()}]}
+            body = {
+                "id": query_id or uuid.uuid4().hex[:16],
+                "inputs": [{"name": "input", "shape": list(image.shape), "datatype": datatype, "data": image.ravel().tolist()}],
+            }
             try:
                 async with session.post(endpoint, json=body) as response:
                     reply = await response.json()
@@ -152,8 +155,18 @@ async def for_each(indices: Iterable[int], concurrency: int, call: Callable[[int
 
 
 #: gRPC codes that mean the request itself was refused, and those that mean the source was not there.
-_REFUSED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-_UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
+_REFUSED_CODES = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+)
+_UNAVAILABLE_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+)
 
 
 def _grpc_error(address: str, exc: grpc.aio.AioRpcError) -> Exception:

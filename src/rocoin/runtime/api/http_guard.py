@@ -74,8 +74,9 @@ import json
 import logging
 import secrets
 import sys
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -402,12 +403,16 @@ class _GuardedConnection(asyncio.Protocol):
         if length > limits.max_body_bytes:
             shown = length if len(digits) <= _MAX_LENGTH_DIGITS else f"a {len(digits)}-digit number of"
             raise _Refusal(
-                "max_body_bytes", 413, f"request body too large: {shown} bytes (Content-Length), at most max_body_bytes = {limits.max_body_bytes}"
+                "max_body_bytes",
+                413,
+                f"request body too large: {shown} bytes (Content-Length), at most max_body_bytes = {limits.max_body_bytes}",
             )
         return length
 
     def _too_many_header_bytes(self) -> _Refusal:
-        return _Refusal("max_header_bytes", 431, f"request header block is larger than max_header_bytes = {self._limits.max_header_bytes} bytes")
+        return _Refusal(
+            "max_header_bytes", 431, f"request header block is larger than max_header_bytes = {self._limits.max_header_bytes} bytes"
+        )
 
     # -- limits -----------------------------------------------------------------------------
 
@@ -452,7 +457,10 @@ class _GuardedConnection(asyncio.Protocol):
     def _body_timeout(self) -> None:
         if self._state is not _State.BODY:
             return
-        self._enter_closing("body_timeout", f"request body not complete within body_timeout_s = {self._limits.body_timeout_s} s ({self._remaining} bytes missing)")
+        self._enter_closing(
+            "body_timeout",
+            f"request body not complete within body_timeout_s = {self._limits.body_timeout_s} s ({self._remaining} bytes missing)",
+        )
         self._transport.close()
 
     def _refuse(self, refusal: _Refusal) -> bytes:

@@ -59,7 +59,9 @@ def model_metadata(input_shape: tuple[int, ...], num_classes: int) -> dict[str, 
 
 def check_shape(shape: Any, where: str = "inputs[0]") -> list[int]:
     """A tensor shape from a request: 1..:data:`MAX_INPUT_RANK` integers in 0..:data:`MAX_DIMENSION`."""
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIMENSION for d in shape):
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIMENSION for d in shape
+    ):
         raise ProtocolError(400, f"{where}.shape = {short_repr(shape)}: expected a list of integers in 0..{MAX_DIMENSION}")
     if not 1 <= len(shape) <= MAX_INPUT_RANK:
         raise ProtocolError(400, f"{where}.shape: {len(shape)} dimensions: expected 1..{MAX_INPUT_RANK} ((B, C, H, W) or (C, H, W))")

@@ -16,8 +16,9 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -78,7 +79,9 @@ def token_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
 class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call without ``authorization: Bearer <token>`` (UNAUTHENTICATED)."""
 
-    def __init__(self, token: str, *, what: str = "this device requires the source's token", open_methods: tuple[str, ...] = OPEN_METHOD_PREFIXES) -> None:
+    def __init__(
+        self, token: str, *, what: str = "this device requires the source's token", open_methods: tuple[str, ...] = OPEN_METHOD_PREFIXES
+    ) -> None:
         self._token = token
         self._what = what
         self._open = open_methods

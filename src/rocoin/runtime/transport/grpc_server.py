@@ -13,14 +13,15 @@ bad message of the stream.
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from rocoin.contracts.text import one_line
 from rocoin.runtime.transport.auth import OPEN_METHOD_PREFIXES, TokenInterceptor
 from rocoin.runtime.transport.keepalive import KEEPALIVE, Keepalive
-from rocoin.contracts.text import one_line
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rocoin.contracts.errors import UnavailableError
 

@@ -17,7 +17,9 @@ class SourceMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.queries = Counter("rocoin_queries", "Queries answered by the source", registry=r)
-        self.query_latency = Histogram("rocoin_query_latency_seconds", "End-to-end query latency at the source", buckets=LATENCY_BUCKETS_S, registry=r)
+        self.query_latency = Histogram(
+            "rocoin_query_latency_seconds", "End-to-end query latency at the source", buckets=LATENCY_BUCKETS_S, registry=r
+        )
         self.group_latency = Histogram(
             "rocoin_group_latency_seconds", "Time until a group's first answer", ["group"], buckets=LATENCY_BUCKETS_S, registry=r
         )
@@ -26,7 +28,10 @@ class SourceMetrics:
         self.device_up = Gauge("rocoin_device_up", "1 while the device is used, 0 while it is marked down", ["device"], registry=r)
         self.marked_down = Counter("rocoin_device_marked_down", "Times the device was marked down", ["device"], registry=r)
         self.device_refusals = Counter(
-            "rocoin_device_refusals", "Queries the device refused as invalid although the source had checked them (misconfigured device)", ["device"], registry=r
+            "rocoin_device_refusals",
+            "Queries the device refused as invalid although the source had checked them (misconfigured device)",
+            ["device"],
+            registry=r,
         )
 
 
@@ -35,7 +40,9 @@ class DeviceMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("rocoin_device_requests", "Infer calls by outcome", ["code"], registry=r)
-        self.run_time = Histogram("rocoin_device_run_seconds", "Time in the model (and emulation) per call", buckets=LATENCY_BUCKETS_S, registry=r)
+        self.run_time = Histogram(
+            "rocoin_device_run_seconds", "Time in the model (and emulation) per call", buckets=LATENCY_BUCKETS_S, registry=r
+        )
 
     def serve(self, listen: str) -> int:
         """Serve ``/metrics`` on ``listen`` (host:port; port 0 for any) in a thread; returns the port."""

@@ -39,7 +39,6 @@ class ServerTLS:
             return grpc.ssl_server_credentials(pair)
         return grpc.ssl_server_credentials(pair, root_certificates=_read(self.client_ca, "tls-client-ca"), require_client_auth=True)
 
-
     def ssl_context(self):
         """The same certificate for an HTTPS server (the source's REST API)."""
         import ssl
@@ -67,7 +66,9 @@ class ClientTLS:
         return grpc.ssl_channel_credentials(root_certificates=_read(self.ca, "tls-ca"), private_key=key, certificate_chain=cert)
 
 
-def server_tls(cert: str | os.PathLike[str] | None, key: str | os.PathLike[str] | None, client_ca: str | os.PathLike[str] | None = None) -> ServerTLS | None:
+def server_tls(
+    cert: str | os.PathLike[str] | None, key: str | os.PathLike[str] | None, client_ca: str | os.PathLike[str] | None = None
+) -> ServerTLS | None:
     """The :class:`ServerTLS` of a server's ``tls-cert``/``tls-key``/``tls-client-ca`` settings (``None``: plain)."""
     if cert is None and key is None:
         if client_ca is not None:
