@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 
 from conftest import device as profile
 from rocoin.contracts.fleet import Fleet
-from rocoin.runtime.device.worker import DeviceServer, start_device
+from rocoin.runtime.device.server import DeviceServer, start_device
 from rocoin.runtime.source.source import Source
 from rocoin.runtime.api.server import serve_source
 

@@ -30,13 +30,9 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from rocoin.contracts.errors import RocoinError  # noqa: E402
 from rocoin.contracts.plan import GroupPlan, Plan  # noqa: E402
 from rocoin.contracts.catalog import StudentSpec  # noqa: E402
-from rocoin.runtime.device.worker import (  # noqa: E402
-    DEVICE_SERVICE,
-    DeviceWorker,
-    Emulation,
-    start_device,
-    wait_ready_file,
-)
+from rocoin.runtime.device.emulation import Emulation  # noqa: E402
+from rocoin.runtime.device.server import start_device, wait_ready_file  # noqa: E402
+from rocoin.runtime.device.servicer import DEVICE_SERVICE, DeviceWorker  # noqa: E402
 from rocoin.contracts.manifest import (  # noqa: E402
     MANIFEST_NAME,
     GroupModel,
@@ -228,7 +224,7 @@ def test_serde_refuses_to_send_other_dtypes():
 @pytest.fixture(params=["event loop", "thread pool"])
 def model_runs_in(request, monkeypatch):
     """Both places a worker may run the model: inline for a fast model, else its thread pool."""
-    import rocoin.runtime.device.worker as device_module
+    import rocoin.runtime.device.servicer as device_module
 
     if request.param == "thread pool":
         monkeypatch.setattr(device_module, "INLINE_RUN_S", 0.0)
@@ -682,7 +678,7 @@ def test_a_worker_process_writes_its_ready_file_and_stops_on_sigterm(bundle, tmp
     code = (
         "import asyncio, logging, sys\n"
         "logging.basicConfig(level=logging.INFO)\n"
-        "from rocoin.runtime.device.worker import serve_device\n"
+        "from rocoin.runtime.device.server import serve_device\n"
         f"asyncio.run(serve_device({str(bundle)!r}, 'b', '127.0.0.1:0', ready_file={str(ready)!r}, insecure=True))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
@@ -711,7 +707,7 @@ def test_the_device_modules_import_without_torch_or_training_code():
     code = (
         "import sys\n"
         "sys.modules['torch'] = None  # any import of torch fails\n"
-        "import rocoin.runtime.device.worker, rocoin.runtime.transport.serde\n"
+        "import rocoin.runtime.device.server, rocoin.runtime.device.worker, rocoin.runtime.transport.serde\n"
         "training = ('rocoin.distillation', 'rocoin.models.wrn', 'rocoin.models.mobilenetv2', 'rocoin.models.registry', 'rocoin.data')\n"
         "bad = sorted(m for m, mod in sys.modules.items() if mod is not None and (m.split('.')[0] == 'torch' or m.startswith(training)))\n"
         "assert not bad, bad\n"
