@@ -26,7 +26,8 @@ from rocoin.runtime.cluster.local import LocalCluster  # noqa: E402
 from rocoin.contracts.manifest import MANIFEST_NAME, GroupModel, Manifest, ModelFile, Normalization, TensorSpec, file_sha256  # noqa: E402
 from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
 from rocoin.runtime.transport.serde import tensor_to_proto  # noqa: E402
-from rocoin.runtime.device.worker import Emulation, start_device  # noqa: E402
+from rocoin.runtime.device.emulation import Emulation  # noqa: E402
+from rocoin.runtime.device.server import start_device  # noqa: E402
 from rocoin.runtime.source.source import CANCEL_FLUSH_S, FAILURES_TO_MARK_DOWN, PROBE_INTERVAL_S, Source  # noqa: E402
 from test_device import _save, head_model, student_model  # noqa: E402
 

@@ -1,75 +1,65 @@
 """The source: broadcasts each query to every device, takes the first answer of each group, and
 runs the head — as soon as every group has answered, or at the deadline with the missing slots
 zero-filled (SPEC.md §1). Usable as a library (:class:`Source`) and served over gRPC
-(:func:`serve_source`).
+(:func:`rocoin.runtime.api.server.serve_source`).
 
-Transport: one long-lived channel per device (keepalive) carrying one ``InferStream`` stream.
-A query is one message to each device (serialised once), carrying the time left until the
-query's deadline as its ``timeout_s``; answers are matched to their query by id as they arrive.
-The replicas of a group that answered are told to drop the query with a ``cancel`` entry riding
-on their next message (or, when no query follows within :data:`CANCEL_FLUSH_S`, a message of
-its own). A stream message costs about half a unary gRPC call, which is most of the overhead on
-small students.
+The source wires three parts together, each in its own module: the links to the devices
+(:mod:`.link`: a gRPC stream per device, or any other :class:`~.link.DeviceLink`), the gather of
+each query's answers and the record of each device (:mod:`.gather`: which answer wins, which
+failures count, when a device is marked down or used again — pure decisions) and the head (an
+onnxruntime session here). It owns what has a clock or a side effect: the deadline timer, the
+health probes, the metrics and the log lines.
 
-A device whose stream breaks (the process died, the connection was lost) is marked down at once;
+A device whose link breaks (the process died, the connection was lost) is marked down at once;
 one whose answers fail or miss the deadline ``FAILURES_TO_MARK_DOWN`` times in a row is marked
-down too. No query waits for a down device, and a probe asks its gRPC health service every
-``PROBE_INTERVAL_S``; it is used again once SERVING (with a fresh stream if its stream broke).
-A device marked down for failures keeps its stream and still gets every query, on trial: an
-answer that comes before the head runs is used, and any answer brings it back at once — so a
-device that drops a few answers in a row (a flaky link) is not left out for a whole probe
-interval.
+down too. No query waits for a down device, and a probe asks its health every
+``PROBE_INTERVAL_S``; it is used again once healthy (with a fresh stream if its stream broke).
+A device marked down for failures keeps its stream and still gets every query, on trial (see
+:mod:`.gather`).
 
 Whose fault is it? The source checks every query before it sends it — the image batch against
 the manifest (FP32 values in [0, 1]; finite after normalisation), the id, the deadline — and
 answers the caller with :class:`RocoinError` (HTTP 400 / ``INVALID_ARGUMENT``). A device that
-still refuses a query as invalid (``INVALID_ARGUMENT``) is misconfigured, not down: its group
-misses that answer, the refusal is counted (``rocoin_device_refusals``) and logged, and it never
-counts towards marking the device down — else a client could knock every device out with three
-bad requests. Likewise a deadline miss counts against a device only when the query had at least
-the source's own deadline (a client may ask for 1 ms; no device meets that, and none should be
-marked down for it). A device answer with non-finite values is that device's failure; a head that
-still produces non-finite logits is a :class:`ServingError`, never a non-JSON number for the
-client.
+still refuses a query as invalid is counted (``rocoin_device_refusals``) and logged, never marked
+down for it (:mod:`.gather` says why). A head that still produces non-finite logits is a
+:class:`ServingError`, never a non-JSON number for the client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 import onnxruntime as ort
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rocoin.contracts.errors import RocoinError, ServingError
-from rocoin.contracts.text import short_repr
 from rocoin.contracts.fleet import Fleet
+from rocoin.contracts.manifest import Manifest, load_manifest, verify_file
+from rocoin.contracts.text import short_repr
+from rocoin.runtime.source.gather import FAILURES_TO_MARK_DOWN, REFUSAL_LOG_INTERVAL_S, DeviceState, Query, Verdict
+from rocoin.runtime.source.link import CANCEL_FLUSH_S, MAX_OUTBOX, DeviceLink, GrpcStreamLink, LinkFull
+from rocoin.runtime.source.messages import Answer, Request
+from rocoin.runtime.source.settings import DEFAULT_DEADLINE_S, MAX_DEADLINE_S, MIN_DEADLINE_S
 from rocoin.runtime.transport.auth import check_authentication, token_metadata
 from rocoin.runtime.transport.keepalive import KEEPALIVE, Keepalive
 from rocoin.runtime.transport.metrics import SourceMetrics
 from rocoin.runtime.transport.tls import ClientTLS
-from rocoin.contracts.manifest import Manifest, load_manifest, verify_file
-from rocoin.runtime.transport.protocol import rocoin_pb2
-from rocoin.runtime.transport.serde import tensor_from_proto, tensor_to_proto
+
+__all__ = [
+    "CANCEL_FLUSH_S", "DEFAULT_DEADLINE_S", "FAILURES_TO_MARK_DOWN", "FP32_INPUT_RANGE", "INITIAL_RECONNECT_BACKOFF_MS", "MAX_BATCH",
+    "MAX_CLIENT_ID_CHARS", "MAX_DEADLINE_S", "MAX_OUTBOX", "MAX_RECONNECT_BACKOFF_MS", "MESSAGE_SLACK_BYTES", "MIN_DEADLINE_S",
+    "PROBE_INTERVAL_S", "PROBE_TIMEOUT_S", "REFUSAL_LOG_INTERVAL_S", "DeviceState", "InferResult", "Source", "check_deadline",
+    "check_query_id",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-#: Default time the source waits for the groups of one query.
-DEFAULT_DEADLINE_S = 1.0
-#: Deadlines accepted, per query or as the default: shorter than a millisecond no device can
-#: answer (every group would be missing); longer than 5 minutes a lost device holds a caller
-#: (and the query's memory) for longer than any edge application waits.
-MIN_DEADLINE_S = 0.001
-MAX_DEADLINE_S = 300.0
-#: Consecutive failed calls after which a device is marked down.
-FAILURES_TO_MARK_DOWN = 3
 #: How often a down device's health service is asked whether it is back.
 PROBE_INTERVAL_S = 0.5
 #: Time limit of one health probe.
@@ -81,46 +71,12 @@ MAX_RECONNECT_BACKOFF_MS = 1_000
 MAX_BATCH = 64
 #: Slack over the tensor payload for protobuf framing.
 MESSAGE_SLACK_BYTES = 64 * 1024
-#: Longest a cancellation waits to ride on the next query's message before it is sent on its own.
-CANCEL_FLUSH_S = 0.005
-#: Messages waiting to be written to one device's stream; beyond, the device fails the query
-#: (a device that stopped reading must not make the source buffer without bound).
-MAX_OUTBOX = 256
 #: Longest query id a client may give (a UUID has 36 characters); the ids sent to devices add a
 #: per-query counter and stay within the devices' limit.
 MAX_CLIENT_ID_CHARS = 128
 #: FP32 images are 0..1 (uint8 images are 0..255): anything outside is a client's mistake (e.g.
 #: an already normalised image) and could overflow the normalisation.
 FP32_INPUT_RANGE = (0.0, 1.0)
-#: At most one WARNING per device this often about devices refusing queries as invalid.
-REFUSAL_LOG_INTERVAL_S = 10.0
-
-_STREAM_METHOD = "/rocoin.v1.Device/InferStream"
-
-
-@dataclass
-class DeviceState:
-    device_id: str
-    address: str
-    group: int
-    channel: grpc.aio.Channel | None = None
-    up: bool = True
-    consecutive_failures: int = 0
-    probe: asyncio.Task | None = None
-    failures: int = 0
-    answers: int = 0
-    #: the open stream, the queue of serialised messages for it, and its writer and reader tasks
-    stream: grpc.aio.StreamStreamCall | None = None
-    outbox: asyncio.Queue | None = None
-    tasks: tuple[asyncio.Task, ...] = ()
-    #: queries sent on the stream and not answered yet, by wire id, and whether they wait for it
-    #: (False while the device is down: it still gets queries, on trial, and nobody waits)
-    waiting: dict[str, tuple[_Query, bool]] = field(default_factory=dict)
-    #: wire ids whose answers are no longer wanted, to send with the next message
-    cancels: list[str] = field(default_factory=list)
-    #: queries the device refused as invalid although the source had checked them
-    refusals: int = 0
-    refusals_logged_at: float = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -132,65 +88,13 @@ class InferResult:
     latency_s: float
 
 
-class _Query:
-    """One query in flight: the groups' slots, and the calls it waits for in each group.
+@dataclass(eq=False)
+class _Replica:
+    """A device's record (pure, :mod:`.gather`), its link, and its health probe while it is down."""
 
-    A call is *counted* when the query waits for it (its device is up); a down device's call is
-    not, but its answer still fills an empty slot if it comes before the head runs.
-    """
-
-    __slots__ = ("wire_id", "query_id", "batch", "started", "slots", "answered_by", "open_calls", "pending", "undecided", "done", "expired", "fair")
-
-    def __init__(self, wire_id: str, query_id: str, batch: int, num_groups: int, started: float, done: asyncio.Future, fair: bool = True) -> None:
-        self.wire_id = wire_id
-        #: the deadline is one a healthy device must meet (the source's own, or longer): a miss is
-        #: the device's failure; a client's shorter deadline is the client's choice, not evidence
-        self.fair = fair
-        self.query_id = query_id
-        self.batch = batch
-        self.started = started
-        self.slots: list[np.ndarray | None] = [None] * num_groups
-        self.answered_by = [""] * num_groups
-        self.open_calls = [0] * num_groups  # counted calls not answered yet
-        self.pending = [False] * num_groups  # groups the query still waits for
-        self.undecided = 0  # how many of them
-        self.done = done
-        self.expired = False  # the deadline came before every group was decided
-
-    def expire(self) -> None:
-        if not self.done.done():
-            self.expired = True
-            self.done.set_result(None)
-
-    def start_waiting(self) -> None:
-        """After the query went out: wait for every group with a counted call."""
-        self.pending = [calls > 0 for calls in self.open_calls]
-        self.undecided = sum(self.pending)
-
-    def answered(self, group: int, features: np.ndarray, device_id: str, counted: bool) -> bool:
-        """Take a replica's answer; True when it filled the group's slot."""
-        if counted:
-            self.open_calls[group] -= 1
-        if self.slots[group] is not None:
-            return False
-        self.slots[group] = features
-        self.answered_by[group] = device_id
-        self._decided(group)
-        return True
-
-    def call_failed(self, group: int, counted: bool) -> None:
-        if counted:
-            self.open_calls[group] -= 1
-            if self.open_calls[group] == 0:
-                self._decided(group)  # no replica left to answer: stop waiting for this group
-
-    def _decided(self, group: int) -> None:
-        if not self.pending[group]:
-            return
-        self.pending[group] = False
-        self.undecided -= 1
-        if self.undecided == 0 and not self.done.done():
-            self.done.set_result(None)
+    state: DeviceState
+    link: DeviceLink | None = None
+    probe: asyncio.Task | None = None
 
 
 class Source:
@@ -226,13 +130,14 @@ class Source:
         plan = self.manifest.plan
         plan.check_fleet(fleet)
         by_id = {d.id: d for d in fleet.devices}
-        self.devices: list[DeviceState] = []
+        self._replicas: list[_Replica] = []
         for k, group in enumerate(plan.groups):
             for device_id in group.devices:
                 address = by_id[device_id].address
                 if not address:
                     raise RocoinError(f"fleet: device {device_id!r} has no address (host:port of its worker)")
-                self.devices.append(DeviceState(device_id, address, k))
+                self._replicas.append(_Replica(DeviceState(device_id, address, k)))
+        self.devices: list[DeviceState] = [r.state for r in self._replicas]
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         self._head = ort.InferenceSession(str(verify_file(bundle, self.manifest.head)), options, providers=["CPUExecutionProvider"])
@@ -247,7 +152,6 @@ class Source:
         self.max_message_bytes = payload + MESSAGE_SLACK_BYTES
         self._started = False
         self._sent = 0  # queries sent: makes every id on the wire unique
-        self._flush: asyncio.TimerHandle | None = None
 
     @property
     def ready(self) -> bool:
@@ -259,6 +163,16 @@ class Source:
         return len(self._filters)
 
     async def start(self) -> None:
+        for replica in self._replicas:
+            replica.link = self._connect(replica.state)
+            self._open(replica)
+            self.metrics.device_up.labels(replica.state.device_id).set(1 if replica.state.up else 0)
+        self._started = True
+
+    def _connect(self, device: DeviceState) -> DeviceLink:
+        """The link to ``device`` (called by :meth:`start`): a gRPC stream to its address. The one
+        place that knows the transport; a subclass may return any :class:`DeviceLink` (the unit
+        tests return in-memory ones)."""
         options = [
             *self.keepalive.client_options(),
             ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
@@ -267,25 +181,16 @@ class Source:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
         ]
-        for device in self.devices:
-            if self._credentials is not None:
-                device.channel = grpc.aio.secure_channel(device.address, self._credentials, options=options)
-            else:
-                device.channel = grpc.aio.insecure_channel(device.address, options=options)
-            self._open_stream(device)
-            self.metrics.device_up.labels(device.device_id).set(1 if device.up else 0)
-        self._started = True
+        return GrpcStreamLink(device.address, options=options, credentials=self._credentials, metadata=self._metadata, max_message_bytes=self.max_message_bytes)
 
     async def close(self) -> None:
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush = None
-        for device in self.devices:
-            if device.probe is not None:
-                device.probe.cancel()
-            self._close_stream(device)
-            if device.channel is not None:
-                await device.channel.close()
+        for replica in self._replicas:
+            if replica.probe is not None:
+                replica.probe.cancel()
+                replica.probe = None
+            replica.state.disconnected()  # what the device owed will not come
+            if replica.link is not None:
+                await replica.link.close()
         self._started = False
 
     async def __aenter__(self) -> Source:
@@ -334,20 +239,21 @@ class Source:
         self._sent += 1
         wire_id = f"{query_id}#{self._sent:x}"
         loop = asyncio.get_running_loop()
-        query = _Query(wire_id, query_id, x.shape[0], self.num_groups, started, loop.create_future(), fair=budget >= self.deadline_s)
-        message = rocoin_pb2.DeviceInferRequest(query_id=wire_id, input=tensor_to_proto(x), timeout_s=budget).SerializeToString()
-        for device in self.devices:
-            if device.outbox is not None:  # up, or down with its stream open: on trial
-                self._send(device, query, message)
+        done = loop.create_future()
+        query = Query(wire_id, query_id, x.shape[0], self.num_groups, started, fair=budget >= self.deadline_s, decided=functools.partial(_resolve, done))
+        request = Request(wire_id, x, budget)
+        for replica in self._replicas:
+            if replica.link is not None and replica.link.is_open:  # up, or down with its stream open: on trial
+                self._send(replica, query, request)
         query.start_waiting()
         if query.undecided:
             expire = loop.call_later(budget - (time.perf_counter() - started), query.expire)
             try:
-                await query.done
+                await done
             finally:  # also when the caller gave up on the query (cancelled): nobody failed then
                 expire.cancel()
                 self._settle(query)
-        missing = [k for k, s in enumerate(query.slots) if s is None]
+        missing = query.missing
         logits = self._head_run(x.shape[0], query.slots)
         if not np.isfinite(logits).all():
             logger.error("the head gave non-finite logits for query %s (groups missing: %s)", query_id, missing, extra={"query_id": query_id})
@@ -363,146 +269,73 @@ class Source:
             logger.debug("answered in %.4f s by %s", latency, ",".join(query.answered_by), extra={"query_id": query_id})
         return InferResult(query_id, logits, missing, query.answered_by, latency)
 
-    def _send(self, device: DeviceState, query: _Query, message: bytes) -> None:
-        if device.cancels:  # protobuf merges concatenated messages: the cancellations ride along
-            message += rocoin_pb2.DeviceInferRequest(cancel=device.cancels).SerializeToString()
-            device.cancels = []
+    def _send(self, replica: _Replica, query: Query, request: Request) -> None:
         try:
-            device.outbox.put_nowait(message)
-        except asyncio.QueueFull:
-            self._failed(device, f"{MAX_OUTBOX} messages waiting to be written: the device is not reading", query.query_id)
+            replica.link.send(request)
+        except LinkFull as full:
+            self._failed(replica, str(full), query.query_id)
             return
-        device.waiting[query.wire_id] = (query, device.up)
-        if device.up:
-            query.open_calls[device.group] += 1
+        replica.state.sent(query)
 
-    def _settle(self, query: _Query) -> None:
+    def _settle(self, query: Query) -> None:
         """After a query: devices still working on it are told to drop it; those whose group
         went unanswered until the deadline failed it."""
-        cancelled = False
-        for device in self.devices:
-            if device.waiting.pop(query.wire_id, None) is None:
+        for replica in self._replicas:
+            owed, failed = replica.state.settle(query)
+            if not owed:
                 continue
-            if device.outbox is not None:
-                device.cancels.append(query.wire_id)
-                cancelled = True
-            if query.expired and query.fair and query.slots[device.group] is None:
-                self._failed(device, "no answer by the deadline", query.query_id)  # may close its stream
-        if cancelled and self._flush is None:
-            self._flush = asyncio.get_running_loop().call_later(CANCEL_FLUSH_S, self._flush_cancels)
+            replica.link.cancel(query.wire_id)
+            if failed:
+                self._failed(replica, "no answer by the deadline", query.query_id)
 
-    def _flush_cancels(self) -> None:
-        self._flush = None
-        for device in self.devices:
-            if device.cancels and device.outbox is not None:
-                with contextlib.suppress(asyncio.QueueFull):
-                    device.outbox.put_nowait(rocoin_pb2.DeviceInferRequest(cancel=device.cancels).SerializeToString())
-            device.cancels = []
+    def _head_run(self, batch: int, slots: list[np.ndarray | None]) -> np.ndarray:
+        features = np.zeros((batch, self.manifest.plan.num_filters), dtype=np.float32)
+        for filters, values in zip(self._filters, slots):
+            if values is not None:
+                features[:, filters] = values
+        return self._head.run(None, {self._head_input: features})[0]
 
-    def _answer(self, device: DeviceState, reply: rocoin_pb2.DeviceInferResponse) -> None:
-        entry = device.waiting.pop(reply.query_id, None)
-        if entry is None:  # an answer after its query ended
-            if not device.up and not reply.error_code:
-                self._revive(device, "answers again")
-            return
-        query, counted = entry
-        if reply.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
-            self._refused(device, reply.error, query)
-            query.call_failed(device.group, counted)
-            return
-        if reply.error_code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and not query.fair:
-            query.call_failed(device.group, counted)  # it had no free slot within the client's short deadline
-            return
-        try:
-            if reply.error_code:
-                raise ValueError(f"{_code_name(reply.error_code)}: {reply.error[:300]}")
-            features = tensor_from_proto(reply.features, max_bytes=self.max_message_bytes)
-            expected = (query.batch, self._slot_sizes[device.group])
-            if features.shape != expected or features.dtype != np.float32:
-                raise ValueError(f"features {features.dtype}{features.shape}: expected float32{expected}")
-            if not np.isfinite(features).all():
-                raise ValueError("features: not finite (the device's model gave NaN or Inf)")
-        except ValueError as exc:
-            self._failed(device, str(exc), query.query_id)
-            query.call_failed(device.group, counted)
-            return
-        device.consecutive_failures = 0
-        device.answers += 1
-        if not device.up:
-            self._revive(device, "answers again")
-        if query.answered(device.group, features, device.device_id, counted):
-            self.metrics.group_latency.labels(str(device.group)).observe(time.perf_counter() - query.started)
+    # --- what the devices say, and what the source does about it --------------------------
 
-    # --- the device streams --------------------------------------------------------------
+    def _open(self, replica: _Replica) -> None:
+        replica.link.open(functools.partial(self._answer, replica), functools.partial(self._lost, replica))
 
-    def _open_stream(self, device: DeviceState) -> None:
-        call = device.channel.stream_stream(_STREAM_METHOD, request_serializer=_as_is, response_deserializer=rocoin_pb2.DeviceInferResponse.FromString)(
-            metadata=self._metadata
-        )
-        device.stream = call
-        device.outbox = asyncio.Queue(MAX_OUTBOX)
-        device.tasks = (asyncio.ensure_future(self._write(device, call, device.outbox)), asyncio.ensure_future(self._read(device, call)))
+    def _answer(self, replica: _Replica, answer: Answer) -> None:
+        device = replica.state
+        verdict: Verdict = device.take(answer, self._slot_sizes[device.group])
+        if verdict.refused is not None:
+            self._refused(replica, verdict.refused, verdict.query)
+        elif verdict.failure:
+            self._failed(replica, verdict.failure, verdict.query.query_id)
+        if verdict.revive:
+            self._revive(replica, "answers again")
+        if verdict.filled:
+            self.metrics.group_latency.labels(str(device.group)).observe(time.perf_counter() - verdict.query.started)
 
-    def _close_stream(self, device: DeviceState) -> None:
-        if device.stream is not None:
-            device.stream.cancel()
-        for task in device.tasks:
-            task.cancel()
-        device.stream, device.outbox, device.tasks = None, None, ()
-        device.cancels = []
-        waiting, device.waiting = device.waiting, {}
-        for query, counted in waiting.values():
-            query.call_failed(device.group, counted)
-
-    async def _write(self, device: DeviceState, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue) -> None:
-        try:
-            while True:
-                await call.write(await outbox.get())
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the stream ended under us (AioRpcError, or a write after the end)
-            self._stream_broken(device, call, _reason(exc))
-
-    async def _read(self, device: DeviceState, call: grpc.aio.StreamStreamCall) -> None:
-        try:
-            while True:
-                reply = await call.read()
-                if reply is grpc.aio.EOF:
-                    code = await call.code()
-                    raise ConnectionError(f"the device ended the stream ({code.name}: {await call.details()})")
-                self._answer(device, reply)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._stream_broken(device, call, _reason(exc))
-
-    def _stream_broken(self, device: DeviceState, call: grpc.aio.StreamStreamCall, reason: str) -> None:
-        if device.stream is not call:
-            return  # already handled (the reader and the writer both saw it)
-        device.failures += 1
+    def _lost(self, replica: _Replica, reason: str) -> None:
+        """The device's stream broke: a failure, and the device is marked down at once."""
+        device = replica.state
         self.metrics.device_failures.labels(device.device_id).inc()
         logger.warning("device %s: stream lost (%s)", device.device_id, reason)
-        self._close_stream(device)
-        self._mark_down(device)
+        device.lost()
+        self._mark_down(replica)
 
-    def _failed(self, device: DeviceState, reason: str, query_id: str) -> None:
-        device.failures += 1
-        device.consecutive_failures += 1
+    def _failed(self, replica: _Replica, reason: str, query_id: str) -> None:
+        device = replica.state
+        mark_down = device.failed()
         self.metrics.device_failures.labels(device.device_id).inc()
         logger.info("device %s failed: %s", device.device_id, reason, extra={"query_id": query_id, "device": device.device_id})
-        if device.up and device.consecutive_failures >= FAILURES_TO_MARK_DOWN:
+        if mark_down:
             logger.warning("device %s marked down after %d failed calls (%s)", device.device_id, device.consecutive_failures, reason)
-            self._mark_down(device)
+            self._mark_down(replica)
 
-    def _refused(self, device: DeviceState, reason: str, query: _Query) -> None:
+    def _refused(self, replica: _Replica, reason: str, query: Query) -> None:
         """A device refused a query the source had checked: misconfigured (another bundle?), and
         not the caller's fault nor a failure; counted and logged, at most one WARNING per
         :data:`REFUSAL_LOG_INTERVAL_S` per device."""
-        device.refusals += 1
+        device = replica.state
         self.metrics.device_refusals.labels(device.device_id).inc()
-        now = time.monotonic()
-        if now - device.refusals_logged_at >= REFUSAL_LOG_INTERVAL_S:
-            device.refusals_logged_at = now
+        if device.refused(time.monotonic()):
             logger.warning(
                 "device %s refused a checked query as invalid (%d so far; is it serving another bundle?): %s",
                 device.device_id,
@@ -511,47 +344,33 @@ class Source:
                 extra={"query_id": query.query_id},
             )
 
-    def _mark_down(self, device: DeviceState) -> None:
+    def _mark_down(self, replica: _Replica) -> None:
         """New queries stop waiting for the device (those in flight still do); probe its health.
         While its stream stays open it still gets every query, on trial: its first answer brings
         it back."""
-        if device.up:
-            device.up = False
-            self.metrics.device_up.labels(device.device_id).set(0)
-            self.metrics.marked_down.labels(device.device_id).inc()
-        if device.probe is None and self._started:
-            device.probe = asyncio.ensure_future(self._probe(device))
+        if replica.state.mark_down():
+            self.metrics.device_up.labels(replica.state.device_id).set(0)
+            self.metrics.marked_down.labels(replica.state.device_id).inc()
+        if replica.probe is None and self._started:
+            replica.probe = asyncio.ensure_future(self._probe(replica))
 
-    def _revive(self, device: DeviceState, why: str) -> None:
-        if device.probe is not None:
-            device.probe.cancel()
-            device.probe = None
-        if device.stream is None:
-            self._open_stream(device)
-        device.consecutive_failures = 0
-        device.up = True
-        self.metrics.device_up.labels(device.device_id).set(1)
-        logger.warning("device %s %s: used again", device.device_id, why)
+    def _revive(self, replica: _Replica, why: str) -> None:
+        if replica.probe is not None:
+            replica.probe.cancel()
+            replica.probe = None
+        if not replica.link.is_open:
+            self._open(replica)
+        replica.state.revive()
+        self.metrics.device_up.labels(replica.state.device_id).set(1)
+        logger.warning("device %s %s: used again", replica.state.device_id, why)
 
-    async def _probe(self, device: DeviceState) -> None:
-        stub = health_pb2_grpc.HealthStub(device.channel)
+    async def _probe(self, replica: _Replica) -> None:
         while True:
             await asyncio.sleep(PROBE_INTERVAL_S)
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S)
-            except grpc.aio.AioRpcError:
-                continue
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                device.probe = None
-                self._revive(device, "is healthy again")
+            if await replica.link.healthy(PROBE_TIMEOUT_S):
+                replica.probe = None
+                self._revive(replica, "is healthy again")
                 return
-
-    def _head_run(self, batch: int, slots: list[np.ndarray | None]) -> np.ndarray:
-        features = np.zeros((batch, self.manifest.plan.num_filters), dtype=np.float32)
-        for filters, values in zip(self._filters, slots):
-            if values is not None:
-                features[:, filters] = values
-        return self._head.run(None, {self._head_input: features})[0]
 
     def status(self) -> list[dict]:
         return [
@@ -578,15 +397,6 @@ def check_query_id(value: object) -> str:
     return value
 
 
-def _as_is(message: bytes) -> bytes:
-    return message
-
-
-def _code_name(value: int) -> str:
-    return next((code.name for code in grpc.StatusCode if code.value[0] == value), f"status {value}")
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc) or type(exc).__name__
+def _resolve(done: asyncio.Future) -> None:
+    if not done.done():
+        done.set_result(None)
