@@ -13,11 +13,11 @@ import logging
 import tempfile
 from pathlib import Path
 
-from rocoin.data import load_dataset
 from rocoin.contracts.fleet import load_fleet
+from rocoin.contracts.manifest import load_manifest
+from rocoin.data import load_dataset
 from rocoin.runtime.api.client import run_queries, run_queries_http
 from rocoin.runtime.cluster.local import LocalCluster
-from rocoin.contracts.manifest import load_manifest
 
 CONCURRENCY = (1, 8, 32)
 

@@ -68,8 +68,12 @@ def _cpu_s(pid: int) -> float:
 async def _measure(port: int, pid: int, messages: int) -> None:
     request = rocoin_pb2.DeviceInferRequest(query_id="q", input=tensor_to_proto(np.zeros((1, 1, 28, 28), np.float32)))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call_unary = channel.unary_unary(f"/{SERVICE}/Unary", rocoin_pb2.DeviceInferRequest.SerializeToString, rocoin_pb2.DeviceInferResponse.FromString)
-        stream = channel.stream_stream(f"/{SERVICE}/Stream", rocoin_pb2.DeviceInferRequest.SerializeToString, rocoin_pb2.DeviceInferResponse.FromString)()
+        call_unary = channel.unary_unary(
+            f"/{SERVICE}/Unary", rocoin_pb2.DeviceInferRequest.SerializeToString, rocoin_pb2.DeviceInferResponse.FromString
+        )
+        stream = channel.stream_stream(
+            f"/{SERVICE}/Stream", rocoin_pb2.DeviceInferRequest.SerializeToString, rocoin_pb2.DeviceInferResponse.FromString
+        )()
 
         async def unary_once() -> None:
             await call_unary(request, timeout=5)

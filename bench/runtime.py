@@ -31,9 +31,9 @@ import numpy as np
 import onnxruntime as ort
 
 from rocoin.contracts.fleet import Fleet, load_fleet
+from rocoin.contracts.manifest import load_manifest
 from rocoin.runtime.api.client import run_queries
 from rocoin.runtime.cluster.local import LocalCluster
-from rocoin.contracts.manifest import load_manifest
 from rocoin.simulation import simulate
 
 CONCURRENCY = (1, 8, 32)
@@ -107,7 +107,9 @@ def print_rows(title: str, rows: list[dict], slowest_model_s: float) -> None:
 
 def scaled(fleet: Fleet, speedup: float) -> Fleet:
     return Fleet(
-        devices=[d.model_copy(update={"flops": d.flops * speedup, "rate_bps": d.rate_bps * speedup, "address": None}) for d in fleet.devices],
+        devices=[
+            d.model_copy(update={"flops": d.flops * speedup, "rate_bps": d.rate_bps * speedup, "address": None}) for d in fleet.devices
+        ],
         input_bits=fleet.input_bits,
     )
 
@@ -129,7 +131,9 @@ def emulation_benchmark(bundle: Path, fleet: Fleet, state: Path, images, labels,
         queries = args.emulated_queries
         report = asyncio.run(run_queries(cluster.state.source.address, images[:queries], labels[:queries], concurrency=1))
     sim = simulate(plan, emulated_fleet, trials=100_000, timeout_s=args.deadline_s, random_state=0)
-    print(f"\n# emulation (FLOP/s and rates x{args.speedup:g}), {report['queries']} queries, vs rocoin simulate, deadline {args.deadline_s} s")
+    print(
+        f"\n# emulation (FLOP/s and rates x{args.speedup:g}), {report['queries']} queries, vs rocoin simulate, deadline {args.deadline_s} s"
+    )
     print(f"{'':>22} {'measured':>10} {'simulated':>10}")
     print(f"{'mean latency ms':>22} {1e3 * report['latency_s']['mean']:>10.1f} {1e3 * sim.latency_mean_s:>10.1f}")
     print(f"{'p50 latency ms':>22} {1e3 * report['latency_s']['p50']:>10.1f} {1e3 * sim.latency_p50_s:>10.1f}")
@@ -165,7 +169,9 @@ def main() -> None:
 
     test = load_dataset(manifest.dataset).test
     model_times = group_model_p50_s(args.bundle)
-    print(f"# bundle {args.bundle}: {len(manifest.groups)} groups, {len(manifest.plan.device_ids)} devices, deadline {args.deadline_s} s, {cores()} CPU cores")
+    print(
+        f"# bundle {args.bundle}: {len(manifest.groups)} groups, {len(manifest.plan.device_ids)} devices, deadline {args.deadline_s} s, {cores()} CPU cores"
+    )
     print("# group models, batch-1 onnxruntime p50 (ms): " + ", ".join(f"{1e3 * t:.2f}" for t in model_times))
     with tempfile.TemporaryDirectory() as state:
         if not args.skip_plain:

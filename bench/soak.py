@@ -45,17 +45,26 @@ import numpy as np
 
 from rocoin.contracts.fileio import write_json_atomic
 from rocoin.contracts.fleet import load_fleet
-from rocoin.runtime.cluster.local import LocalCluster
 from rocoin.contracts.manifest import load_manifest
+from rocoin.runtime.cluster.local import LocalCluster
 
 INFER = "/v2/models/rocoin/infer"
 #: Bad requests sent round-robin by the bad client: each must get a one-line 4xx.
 BAD_BODIES = {
-    "fp32 overflow": lambda shape: {"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": [3e38] * int(np.prod(shape))}]},
-    "fp32 near 1e36": lambda shape: {"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": [1e36] * int(np.prod(shape))}]},
-    "datatype a list": lambda shape: {"inputs": [{"name": "input", "shape": shape, "datatype": ["UINT8"], "data": [0] * int(np.prod(shape))}]},
+    "fp32 overflow": lambda shape: {
+        "inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": [3e38] * int(np.prod(shape))}]
+    },
+    "fp32 near 1e36": lambda shape: {
+        "inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": [1e36] * int(np.prod(shape))}]
+    },
+    "datatype a list": lambda shape: {
+        "inputs": [{"name": "input", "shape": shape, "datatype": ["UINT8"], "data": [0] * int(np.prod(shape))}]
+    },
     "70 dimensions": lambda shape: {"inputs": [{"name": "input", "shape": [1] * 70, "datatype": "UINT8", "data": [0]}]},
-    "id with a newline": lambda shape: {"id": "q\nrocoin: WARNING: device forged", "inputs": [{"name": "input", "shape": shape, "datatype": "UINT8", "data": [0] * int(np.prod(shape))}]},
+    "id with a newline": lambda shape: {
+        "id": "q\nrocoin: WARNING: device forged",
+        "inputs": [{"name": "input", "shape": shape, "datatype": "UINT8", "data": [0] * int(np.prod(shape))}],
+    },
     "deep JSON": lambda shape: "[" * 5000 + "]" * 5000,
     "not JSON": lambda shape: "{'inputs': ",
 }

@@ -8,15 +8,17 @@ import contextlib
 import json
 import tempfile
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from conftest import device as profile
+
 from rocoin.contracts.fleet import Fleet
+from rocoin.runtime.api.server import serve_source
 from rocoin.runtime.device.server import DeviceServer, start_device
 from rocoin.runtime.source.source import Source
-from rocoin.runtime.api.server import serve_source
 
 DEVICE_TOKEN = "device-token-0123456789abcdef"
 DEVICES = ("a", "b", "c")
@@ -52,7 +54,9 @@ async def serving_stack(bundle: Path, *, deadline_s: float = 2.0, api_token: str
         with tempfile.TemporaryDirectory() as folder:
             ready = Path(folder) / "source.ready.json"
             task = asyncio.ensure_future(
-                serve_source(source, "127.0.0.1:0", http_listen="127.0.0.1:0", api_token=api_token, ready_file=ready, stop=stop, **serve_options)
+                serve_source(
+                    source, "127.0.0.1:0", http_listen="127.0.0.1:0", api_token=api_token, ready_file=ready, stop=stop, **serve_options
+                )
             )
             while not ready.exists():
                 if task.done():

@@ -27,12 +27,8 @@ import onnxruntime as ort  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from rocoin.contracts.errors import RocoinError  # noqa: E402
-from rocoin.contracts.plan import GroupPlan, Plan  # noqa: E402
 from rocoin.contracts.catalog import StudentSpec  # noqa: E402
-from rocoin.runtime.device.emulation import Emulation  # noqa: E402
-from rocoin.runtime.device.server import start_device, wait_ready_file  # noqa: E402
-from rocoin.runtime.device.servicer import DEVICE_SERVICE, DeviceWorker  # noqa: E402
+from rocoin.contracts.errors import RocoinError  # noqa: E402
 from rocoin.contracts.manifest import (  # noqa: E402
     MANIFEST_NAME,
     GroupModel,
@@ -42,6 +38,10 @@ from rocoin.contracts.manifest import (  # noqa: E402
     TensorSpec,
     file_sha256,
 )
+from rocoin.contracts.plan import GroupPlan, Plan  # noqa: E402
+from rocoin.runtime.device.emulation import Emulation  # noqa: E402
+from rocoin.runtime.device.server import start_device, wait_ready_file  # noqa: E402
+from rocoin.runtime.device.servicer import DEVICE_SERVICE, DeviceWorker  # noqa: E402
 from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
 from rocoin.runtime.transport.serde import TensorError, tensor_from_proto, tensor_to_proto  # noqa: E402
 
@@ -260,25 +260,60 @@ def _bad_requests() -> list[tuple[str, rocoin_pb2.DeviceInferRequest, grpc.Statu
     inf[0, 0, 1, 1] = -np.inf
     proto = tensor_to_proto(good)
     return [
-        ("wrong shape", request(images(1)[:, :, :4, :]), grpc.StatusCode.INVALID_ARGUMENT, "input.shape: [1, 1, 4, 8]: expected (B, 1, 8, 8)"),
+        (
+            "wrong shape",
+            request(images(1)[:, :, :4, :]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input.shape: [1, 1, 4, 8]: expected (B, 1, 8, 8)",
+        ),
         ("wrong rank", request(good[0]), grpc.StatusCode.INVALID_ARGUMENT, "input.shape: [1, 8, 8]: expected (B, 1, 8, 8)"),
         ("wrong dtype", request((good * 0).astype(np.uint8)), grpc.StatusCode.INVALID_ARGUMENT, "input.dtype: 'uint8': expected 'float32'"),
-        ("garbage dtype", rocoin_pb2.DeviceInferRequest(input=rocoin_pb2.Tensor(shape=proto.shape, dtype="complex<x>", data=proto.data)),
-         grpc.StatusCode.INVALID_ARGUMENT, "input.dtype: 'complex<x>': expected 'float32'"),
+        (
+            "garbage dtype",
+            rocoin_pb2.DeviceInferRequest(input=rocoin_pb2.Tensor(shape=proto.shape, dtype="complex<x>", data=proto.data)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input.dtype: 'complex<x>': expected 'float32'",
+        ),
         ("NaN", request(nan), grpc.StatusCode.INVALID_ARGUMENT, "input.data: 1 NaN and 0 infinite values: expected finite values"),
         ("Inf", request(inf), grpc.StatusCode.INVALID_ARGUMENT, "input.data: 0 NaN and 1 infinite values: expected finite"),
-        ("empty batch", request(np.zeros((0, *INPUT_CHW), np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "input.shape[0]: 0: expected a batch size in 1..4"),
+        (
+            "empty batch",
+            request(np.zeros((0, *INPUT_CHW), np.float32)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input.shape[0]: 0: expected a batch size in 1..4",
+        ),
         ("batch too large", request(images(5)), grpc.StatusCode.INVALID_ARGUMENT, "input.shape[0]: 5: expected a batch size in 1..4"),
-        ("data too short", rocoin_pb2.DeviceInferRequest(input=rocoin_pb2.Tensor(shape=proto.shape, dtype="float32", data=proto.data[:-4])),
-         grpc.StatusCode.INVALID_ARGUMENT, "input.data: 252 bytes: expected 256"),
-        ("data too long", rocoin_pb2.DeviceInferRequest(input=rocoin_pb2.Tensor(shape=proto.shape, dtype="float32", data=proto.data + b"\0" * 4)),
-         grpc.StatusCode.INVALID_ARGUMENT, "input.data: 260 bytes: expected 256"),
-        ("negative dimension", rocoin_pb2.DeviceInferRequest(input=rocoin_pb2.Tensor(shape=[-1, 1, 8, 8], dtype="float32")),
-         grpc.StatusCode.INVALID_ARGUMENT, "input.shape[0]: -1: expected a batch size"),
+        (
+            "data too short",
+            rocoin_pb2.DeviceInferRequest(input=rocoin_pb2.Tensor(shape=proto.shape, dtype="float32", data=proto.data[:-4])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input.data: 252 bytes: expected 256",
+        ),
+        (
+            "data too long",
+            rocoin_pb2.DeviceInferRequest(input=rocoin_pb2.Tensor(shape=proto.shape, dtype="float32", data=proto.data + b"\0" * 4)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input.data: 260 bytes: expected 256",
+        ),
+        (
+            "negative dimension",
+            rocoin_pb2.DeviceInferRequest(input=rocoin_pb2.Tensor(shape=[-1, 1, 8, 8], dtype="float32")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input.shape[0]: -1: expected a batch size",
+        ),
         ("no input", rocoin_pb2.DeviceInferRequest(query_id="x"), grpc.StatusCode.INVALID_ARGUMENT, "input: missing"),
-        ("long query id", rocoin_pb2.DeviceInferRequest(query_id="x" * 1000, input=proto), grpc.StatusCode.INVALID_ARGUMENT, "query_id: 1000 characters"),
-        ("oversized message", rocoin_pb2.DeviceInferRequest(input=rocoin_pb2.Tensor(shape=[1, 1, 8, 8], dtype="float32", data=b"\0" * 200_000)),
-         grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        (
+            "long query id",
+            rocoin_pb2.DeviceInferRequest(query_id="x" * 1000, input=proto),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "query_id: 1000 characters",
+        ),
+        (
+            "oversized message",
+            rocoin_pb2.DeviceInferRequest(input=rocoin_pb2.Tensor(shape=[1, 1, 8, 8], dtype="float32", data=b"\0" * 200_000)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "",
+        ),
     ]
 
 
@@ -419,7 +454,9 @@ def test_stopping_answers_the_requests_in_progress_then_ends_the_streams_without
 
 
 def test_an_oversized_stream_message_ends_only_that_stream(bundle):
-    oversized = rocoin_pb2.DeviceInferRequest(query_id="big", input=rocoin_pb2.Tensor(shape=[1, 1, 8, 8], dtype="float32", data=b"\0" * 200_000))
+    oversized = rocoin_pb2.DeviceInferRequest(
+        query_id="big", input=rocoin_pb2.Tensor(shape=[1, 1, 8, 8], dtype="float32", data=b"\0" * 200_000)
+    )
 
     async def main():
         device = await start_device(bundle, "a", max_batch=4, insecure=True)
@@ -469,7 +506,10 @@ def test_the_stream_cancels_queued_requests_and_refuses_those_past_their_timeout
     assert late.query_id == "late" and late.error_code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     # the cancelled request never ran: the late one's refusal came when the first one ended
     assert 0.2 <= elapsed < 0.35
-    count = {code: registry.get_sample_value("rocoin_device_requests_total", {"code": code}) for code in ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT")}
+    count = {
+        code: registry.get_sample_value("rocoin_device_requests_total", {"code": code})
+        for code in ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT")
+    }
     assert count == {"OK": 1, "CANCELLED": 1, "DEADLINE_EXCEEDED": 1, "INVALID_ARGUMENT": 1}
 
 
@@ -527,9 +567,7 @@ def test_unknown_device_and_bad_options_are_refused(bundle, tmp_path):
 def test_emulation_from_a_fleet_file(tmp_path):
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text(
-        "devices:\n"
-        "  - {id: a, flops: 2.0e7, memory_bytes: 100000, rate_bps: 1000, outage: 0.2, downlink_bps: 1.0e6}\n"
-        "input_bits: 50000\n"
+        "devices:\n  - {id: a, flops: 2.0e7, memory_bytes: 100000, rate_bps: 1000, outage: 0.2, downlink_bps: 1.0e6}\ninput_bits: 50000\n"
     )
     assert Emulation.from_fleet(fleet, "a", seed=1) == Emulation(flops=2.0e7, rate_bps=1000.0, outage=0.2, input_s=0.05, seed=1)
     with pytest.raises(RocoinError, match="device-id = 'zz': not a device of the fleet"):
@@ -739,7 +777,11 @@ def test_a_device_with_a_token_refuses_calls_without_it(bundle):
         try:
             async with Client(device.address) as stub:
                 outcomes = {}
-                for label, metadata in (("none", None), ("wrong", token_metadata("another-token-of-16ch")), ("garbage", (("authorization", "Basic xyz"),))):
+                for label, metadata in (
+                    ("none", None),
+                    ("wrong", token_metadata("another-token-of-16ch")),
+                    ("garbage", (("authorization", "Basic xyz"),)),
+                ):
                     with pytest.raises(grpc.aio.AioRpcError) as info:
                         await stub.Infer(request(images(1)), timeout=5, metadata=metadata)
                     outcomes[label] = (info.value.code(), info.value.details())
@@ -865,6 +907,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(bundle, certs):
 
 def test_the_source_talks_mtls_with_a_token_to_every_device(bundle, certs):
     from conftest import device as profile
+
     from rocoin.contracts.fleet import Fleet
     from rocoin.runtime.source.source import Source
     from rocoin.runtime.transport.tls import ClientTLS, ServerTLS
@@ -902,12 +945,12 @@ def test_the_source_client_apis_with_token_and_tls(bundle, certs):
     import ssl
 
     import aiohttp
-
     from conftest import device as profile
+
     from rocoin.contracts.fleet import Fleet
-    from rocoin.runtime.transport.auth import token_metadata
-    from rocoin.runtime.source.source import Source
     from rocoin.runtime.api.server import serve_source
+    from rocoin.runtime.source.source import Source
+    from rocoin.runtime.transport.auth import token_metadata
     from rocoin.runtime.transport.tls import ServerTLS
 
     good = certs / "good"

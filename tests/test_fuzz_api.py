@@ -26,21 +26,29 @@ hypothesis = pytest.importorskip("hypothesis")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from serving import DEVICE_TOKEN, BackgroundStack, Stack  # noqa: E402
+from test_device import make_bundle  # noqa: E402
 
 from rocoin.runtime.transport.auth import token_metadata  # noqa: E402
 from rocoin.runtime.transport.protocol import inference_pb2 as pb  # noqa: E402
 from rocoin.runtime.transport.protocol import rocoin_pb2  # noqa: E402
-from serving import DEVICE_TOKEN, BackgroundStack, Stack  # noqa: E402
-from test_device import make_bundle  # noqa: E402
 
 REST_EXAMPLES = 250
 GRPC_EXAMPLES = 150
+
+
 def fuzz(examples: int) -> settings:
     """Fixed examples (derandomised: the same run every time, no example database)."""
     return settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 
+
 #: gRPC codes a malformed request may get: the client's fault, said in one line.
-CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE}
+CLIENT_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +69,9 @@ json_leaves = st.one_of(
     st.text(max_size=20),
     st.sampled_from(["UINT8", "FP32", "input", "rocoin", "\ud800", "q\nrocoin: WARNING: forged", "1" * 200]),
 )
-json_values = st.recursive(json_leaves, lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=30)
+json_values = st.recursive(
+    json_leaves, lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=30
+)
 shapes = st.lists(st.one_of(st.integers(min_value=-3, max_value=70), st.integers(min_value=-(2**70), max_value=2**70)), max_size=12)
 
 
@@ -79,7 +89,16 @@ def valid_rest_body(batch: int = 1) -> dict:
     return {"id": "fuzz", "inputs": [{"name": "input", "shape": [batch, 1, 8, 8], "datatype": "UINT8", "data": data}], "parameters": {}}
 
 
-REST_PATHS = [("id",), ("inputs",), ("inputs", 0), ("inputs", 0, "name"), ("inputs", 0, "shape"), ("inputs", 0, "datatype"), ("inputs", 0, "data"), ("parameters",)]
+REST_PATHS = [
+    ("id",),
+    ("inputs",),
+    ("inputs", 0),
+    ("inputs", 0, "name"),
+    ("inputs", 0, "shape"),
+    ("inputs", 0, "datatype"),
+    ("inputs", 0, "data"),
+    ("parameters",),
+]
 
 
 def _at(body: Any, path: tuple) -> tuple[Any, Any]:
@@ -104,7 +123,9 @@ def rest_bodies(draw) -> bytes:
     elif kind == "values":
         tensor = body["inputs"][0]
         tensor["datatype"] = draw(st.sampled_from(["UINT8", "FP32"]))
-        values = st.floats() | st.integers(min_value=-(2**40), max_value=2**40) | st.sampled_from([0.0, 1.0, 255, 256, -1, 3e38, 1e36, 1e-45])
+        values = (
+            st.floats() | st.integers(min_value=-(2**40), max_value=2**40) | st.sampled_from([0.0, 1.0, 255, 256, -1, 3e38, 1e36, 1e-45])
+        )
         tensor["data"] = draw(st.lists(values, min_size=len(tensor["data"]), max_size=len(tensor["data"])))
     elif kind == "shape":
         body["inputs"][0]["shape"] = draw(shapes)
@@ -278,7 +299,9 @@ def test_the_device_infer_rpc_under_fuzzing(stack):
 
     @st.composite
     def device_requests(draw) -> bytes:
-        base = rocoin_pb2.DeviceInferRequest(query_id="fuzz", input=rocoin_pb2.Tensor(shape=[1, 1, 8, 8], dtype="float32", data=np.zeros(64, "<f4").tobytes()))
+        base = rocoin_pb2.DeviceInferRequest(
+            query_id="fuzz", input=rocoin_pb2.Tensor(shape=[1, 1, 8, 8], dtype="float32", data=np.zeros(64, "<f4").tobytes())
+        )
         kind = draw(st.sampled_from(["id", "dtype", "shape", "data", "timeout", "cancel", "bytes"]))
         if kind == "id":
             base.query_id = draw(utf8_text | st.sampled_from(["x" * 300]))

@@ -14,33 +14,33 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 import time
 
 import grpc
 import numpy as np
-import sys
-
 import pytest
 
 pytest.importorskip("onnxruntime")
 aiohttp = pytest.importorskip("aiohttp")
 
 from conftest import device as profile  # noqa: E402
+from serving import DEVICE_TOKEN, serving_stack  # noqa: E402
+from test_device import make_bundle  # noqa: E402
+
 from rocoin.contracts.errors import RocoinError  # noqa: E402
-from rocoin.logs import TextFormatter  # noqa: E402
 from rocoin.contracts.fleet import Fleet  # noqa: E402
-from rocoin.runtime.transport.auth import token_metadata  # noqa: E402
+from rocoin.logs import TextFormatter  # noqa: E402
+from rocoin.runtime.api.http_limits import HttpLimits  # noqa: E402
 from rocoin.runtime.cluster.local import TOKEN_FILE, LocalCluster, wait_serving  # noqa: E402
 from rocoin.runtime.device.emulation import Emulation  # noqa: E402
 from rocoin.runtime.device.server import start_device  # noqa: E402
-from rocoin.runtime.api.http_limits import HttpLimits  # noqa: E402
+from rocoin.runtime.source.source import Source  # noqa: E402
+from rocoin.runtime.transport.auth import token_metadata  # noqa: E402
 from rocoin.runtime.transport.keepalive import KEEPALIVE, Keepalive  # noqa: E402
 from rocoin.runtime.transport.protocol import inference_pb2 as pb  # noqa: E402
 from rocoin.runtime.transport.protocol import inference_pb2_grpc, rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
 from rocoin.runtime.transport.serde import tensor_to_proto  # noqa: E402
-from rocoin.runtime.source.source import Source  # noqa: E402
-from serving import DEVICE_TOKEN, serving_stack  # noqa: E402
-from test_device import make_bundle  # noqa: E402
 
 INFER = "/v2/models/rocoin/infer"
 
@@ -64,7 +64,9 @@ def uint8_body(batch: int = 1, **overrides) -> dict:
 
 async def post(session, base: str, body, **kwargs) -> tuple[int, dict]:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    async with session.post(base + INFER, data=data, headers={"Content-Type": "application/json", **kwargs.pop("headers", {})}, **kwargs) as response:
+    async with session.post(
+        base + INFER, data=data, headers={"Content-Type": "application/json", **kwargs.pop("headers", {})}, **kwargs
+    ) as response:
         return response.status, json.loads(await response.text(), parse_constant=_no_constants)
 
 
@@ -87,13 +89,17 @@ def test_the_keepalive_options_of_both_sides_agree():
 
 
 def test_the_device_server_and_the_source_channels_use_the_keepalive_configuration(bundle, monkeypatch):
-    import rocoin.runtime.transport.grpc_server as grpc_server
     import rocoin.runtime.source.link as source_module
+    import rocoin.runtime.transport.grpc_server as grpc_server
 
     seen = {}
     real_server, real_channel = grpc.aio.server, grpc.aio.insecure_channel
     monkeypatch.setattr(grpc_server.grpc.aio, "server", lambda **kw: seen.setdefault("server", kw) and real_server(**kw))
-    monkeypatch.setattr(source_module.grpc.aio, "insecure_channel", lambda address, options: seen.setdefault("channel", options) and real_channel(address, options=options))
+    monkeypatch.setattr(
+        source_module.grpc.aio,
+        "insecure_channel",
+        lambda address, options: seen.setdefault("channel", options) and real_channel(address, options=options),
+    )
 
     async def main():
         device = await start_device(bundle, "a", token=DEVICE_TOKEN)
@@ -269,7 +275,19 @@ def test_a_worker_restarted_by_hand_with_the_clusters_token_file_is_used_again_a
         address = cluster.member("c").address
         cluster.kill_device("c")
         by_hand = subprocess.Popen(
-            [*rocoin_command(), "device", "serve", "--bundle", str(bundle), "--device-id", "c", "--listen", address, "--token-file", str(token_file)],
+            [
+                *rocoin_command(),
+                "device",
+                "serve",
+                "--bundle",
+                str(bundle),
+                "--device-id",
+                "c",
+                "--listen",
+                address,
+                "--token-file",
+                str(token_file),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env={k: v for k, v in os.environ.items() if k != "ROCOIN_DEVICE_TOKEN"},
@@ -335,7 +353,11 @@ MALFORMED_BODIES = [
     ("datatype a dict", uint8_body(datatype={"x": 1}), "datatype"),
     ("JSON 5,000 deep", b"[" * 5000 + b"]" * 5000, "nested"),
     ("shape of 70 dimensions", uint8_body(shape=[1] * 70, data=[0]), "dimensions"),
-    ("an integer of 400 digits", "{\"inputs\": [{\"name\": \"input\", \"shape\": [1, 1, 8, 8], \"datatype\": \"UINT8\", \"data\": [1" + "0" * 400 + "]}]}", "data"),
+    (
+        "an integer of 400 digits",
+        '{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": [1' + "0" * 400 + "]}]}",
+        "data",
+    ),
     ("a lone surrogate id", '{"id": "\\ud800", ' + json.dumps(uint8_body())[1:], "id"),
     ("an id with a newline", {"id": "q\nrocoin: WARNING: device a marked down", **uint8_body()}, "id"),
     ("a shape entry of 1e400", '{"inputs": [{"name": "input", "shape": [1' + "0" * 400 + '], "datatype": "UINT8", "data": [0]}]}', "shape"),
@@ -356,12 +378,19 @@ def test_malformed_rest_requests_get_one_line_4xx_and_log_one_line_without_a_tra
     assert not [r for r in caplog.records if r.exc_info], "a client error logged a traceback"
     assert len([r for r in caplog.records if r.name == "rocoin.runtime.api.http"]) == len(MALFORMED_BODIES)
     formatted = [TextFormatter().format(r) for r in caplog.records]
-    assert all("\n" not in line for line in formatted) and not any(line.startswith("rocoin: WARNING: device a marked down") for line in formatted)
+    assert all("\n" not in line for line in formatted) and not any(
+        line.startswith("rocoin: WARNING: device a marked down") for line in formatted
+    )
 
 
 def test_malformed_grpc_messages_get_invalid_argument_never_unknown(bundle, caplog):
     tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="UINT8", shape=[1] * 1000)
-    good = pb.ModelInferRequest(model_name="rocoin", id="MARK", inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="UINT8", shape=[1, 1, 8, 8])], raw_input_contents=[bytes(64)])
+    good = pb.ModelInferRequest(
+        model_name="rocoin",
+        id="MARK",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="UINT8", shape=[1, 1, 8, 8])],
+        raw_input_contents=[bytes(64)],
+    )
     not_utf8 = good.SerializeToString().replace(b"MARK", b"\xff\xfeAB")
 
     async def main():
@@ -371,10 +400,18 @@ def test_malformed_grpc_messages_get_invalid_argument_never_unknown(bundle, capl
             raw_model_infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
             raw_source_infer = channel.unary_unary("/rocoin.v1.Source/Infer")
             for label, call in (
-                ("1,000 dimensions", lambda: stub.ModelInfer(pb.ModelInferRequest(model_name="rocoin", inputs=[tensor], raw_input_contents=[b"\x00"]))),
+                (
+                    "1,000 dimensions",
+                    lambda: stub.ModelInfer(pb.ModelInferRequest(model_name="rocoin", inputs=[tensor], raw_input_contents=[b"\x00"])),
+                ),
                 ("non-UTF-8 id", lambda: raw_model_infer(not_utf8)),
                 ("truncated message", lambda: raw_source_infer(b"\x0a\xff\xff")),
-                ("deadline inf", lambda: rocoin_pb2_grpc.SourceStub(channel).Infer(rocoin_pb2.SourceInferRequest(input=tensor_to_proto(np.zeros((1, 1, 8, 8), np.uint8)), deadline_s=float("inf")))),
+                (
+                    "deadline inf",
+                    lambda: rocoin_pb2_grpc.SourceStub(channel).Infer(
+                        rocoin_pb2.SourceInferRequest(input=tensor_to_proto(np.zeros((1, 1, 8, 8), np.uint8)), deadline_s=float("inf"))
+                    ),
+                ),
             ):
                 try:
                     await call()
@@ -395,9 +432,9 @@ def test_a_malformed_message_on_a_device_stream_is_answered_and_the_stream_goes_
         device = await start_device(bundle, "a", token=DEVICE_TOKEN)
         try:
             async with grpc.aio.insecure_channel(device.address) as channel:
-                call = channel.stream_stream("/rocoin.v1.Device/InferStream", response_deserializer=rocoin_pb2.DeviceInferResponse.FromString)(
-                    metadata=token_metadata(DEVICE_TOKEN)
-                )
+                call = channel.stream_stream(
+                    "/rocoin.v1.Device/InferStream", response_deserializer=rocoin_pb2.DeviceInferResponse.FromString
+                )(metadata=token_metadata(DEVICE_TOKEN))
                 await call.write(b"\x0a\x02\xff\xfe")  # query_id: 2 bytes that are not UTF-8
                 good = rocoin_pb2.DeviceInferRequest(query_id="ok", input=tensor_to_proto(np.zeros((1, 1, 8, 8), np.float32)))
                 await call.write(good.SerializeToString())
@@ -413,7 +450,9 @@ def test_a_malformed_message_on_a_device_stream_is_answered_and_the_stream_goes_
 
 
 def test_text_logs_escape_client_strings():
-    record = logging.LogRecord("rocoin.runtime.source.source", logging.INFO, "", 0, "groups %s missing for %s", ([1], "q\r\nrocoin: WARNING: forged\x1b[2J"), None)
+    record = logging.LogRecord(
+        "rocoin.runtime.source.source", logging.INFO, "", 0, "groups %s missing for %s", ([1], "q\r\nrocoin: WARNING: forged\x1b[2J"), None
+    )
     record.query_id = "q\nrocoin: WARNING: device a1 marked down"
     line = TextFormatter().format(record)
     assert "\n" not in line and "\r" not in line and "\x1b" not in line
@@ -436,7 +475,12 @@ def test_absurd_deadlines_are_refused(bundle, deadline):
     code, details, missing = asyncio.run(main())
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "deadline_s" in details and missing == []
     with pytest.raises(RocoinError, match="deadline-s"):
-        Source(bundle, Fleet(devices=[profile(n, 20, 4, 300, 0.1, address="127.0.0.1:1") for n in ("a", "b", "c")]), deadline_s=deadline, insecure=True)
+        Source(
+            bundle,
+            Fleet(devices=[profile(n, 20, 4, 300, 0.1, address="127.0.0.1:1") for n in ("a", "b", "c")]),
+            deadline_s=deadline,
+            insecure=True,
+        )
 
 
 # --------------------------------------------------------------- 7. small ones
@@ -448,7 +492,12 @@ def test_the_bearer_scheme_is_case_insensitive_and_the_kserve_probes_are_open(bu
     async def main():
         async with serving_stack(bundle, api_token=api_token) as stack:
             async with aiohttp.ClientSession() as session:
-                statuses = [(await post(session, f"http://{stack.http_address}", uint8_body(), headers={"Authorization": f"{scheme} {api_token}"}))[0] for scheme in ("Bearer", "bearer", "BEARER")]
+                statuses = [
+                    (await post(session, f"http://{stack.http_address}", uint8_body(), headers={"Authorization": f"{scheme} {api_token}"}))[
+                        0
+                    ]
+                    for scheme in ("Bearer", "bearer", "BEARER")
+                ]
             async with grpc.aio.insecure_channel(stack.grpc_address) as channel:
                 stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
                 live, ready = await stub.ServerLive(pb.ServerLiveRequest()), await stub.ServerReady(pb.ServerReadyRequest())
@@ -465,7 +514,26 @@ def test_the_bearer_scheme_is_case_insensitive_and_the_kserve_probes_are_open(bu
 def test_the_start_up_log_names_https_for_a_tls_listener(bundle, tmp_path, caplog):
     from rocoin.runtime.transport.tls import ServerTLS
 
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(tmp_path / "k.pem"),
+            "-out",
+            str(tmp_path / "c.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
 
     async def main():
         async with serving_stack(bundle, tls=ServerTLS(tmp_path / "c.pem", tmp_path / "k.pem")):

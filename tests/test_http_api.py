@@ -12,12 +12,12 @@ pytest.importorskip("aiohttp")
 pytest.importorskip("onnxruntime")
 
 import aiohttp  # noqa: E402
-
 from conftest import device as profile  # noqa: E402
+from test_device import make_bundle, start_device  # noqa: E402
+
 from rocoin.contracts.fleet import Fleet  # noqa: E402
 from rocoin.runtime.api.http import start_http  # noqa: E402
 from rocoin.runtime.source.source import Source  # noqa: E402
-from test_device import make_bundle, start_device  # noqa: E402
 
 
 def run_with_server(bundle, scenario, *, token=None):
@@ -95,14 +95,56 @@ def test_health_metadata_and_infer(bundle):
         ("/v2/models/rocoin/infer", b"{garbage", {"Content-Type": "application/json"}, 400, "not valid JSON"),
         ("/v2/models/rocoin/infer", b"", {"Content-Type": "application/json"}, 400, "not valid JSON"),
         ("/v2/models/rocoin/infer", {"inputs": []}, {}, 400, "inputs: expected a list with one tensor"),
-        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [1, 2, 8, 8], "datatype": "UINT8", "data": [0] * 128}]}, {}, 400, "expected (B, 1, 8, 8)"),
-        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT64", "data": [0] * 64}]}, {}, 400, "datatype = 'INT64'"),
-        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [float("nan")] + [0.0] * 63}]}, {}, 400, "NaN or Inf"),
-        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": [0] * 10}]}, {}, 400, "10 values but shape"),
-        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [0, 1, 8, 8], "datatype": "UINT8", "data": []}]}, {}, 400, "empty tensor"),
-        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": [300] * 64}]}, {}, 400, "0..255"),
+        (
+            "/v2/models/rocoin/infer",
+            {"inputs": [{"name": "input", "shape": [1, 2, 8, 8], "datatype": "UINT8", "data": [0] * 128}]},
+            {},
+            400,
+            "expected (B, 1, 8, 8)",
+        ),
+        (
+            "/v2/models/rocoin/infer",
+            {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT64", "data": [0] * 64}]},
+            {},
+            400,
+            "datatype = 'INT64'",
+        ),
+        (
+            "/v2/models/rocoin/infer",
+            {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [float("nan")] + [0.0] * 63}]},
+            {},
+            400,
+            "NaN or Inf",
+        ),
+        (
+            "/v2/models/rocoin/infer",
+            {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": [0] * 10}]},
+            {},
+            400,
+            "10 values but shape",
+        ),
+        (
+            "/v2/models/rocoin/infer",
+            {"inputs": [{"name": "input", "shape": [0, 1, 8, 8], "datatype": "UINT8", "data": []}]},
+            {},
+            400,
+            "empty tensor",
+        ),
+        (
+            "/v2/models/rocoin/infer",
+            {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "UINT8", "data": [300] * 64}]},
+            {},
+            400,
+            "0..255",
+        ),
         ("/v2/models/rocoin/infer", b"\x00" * 16, {"Inference-Header-Content-Length": "8"}, 400, "send JSON tensors"),
-        ("/v2/models/rocoin/infer", {"inputs": [{"name": "input", "shape": [100, 1, 8, 8], "datatype": "UINT8", "data": [0] * 6400}]}, {}, 400, "expected 1..64"),
+        (
+            "/v2/models/rocoin/infer",
+            {"inputs": [{"name": "input", "shape": [100, 1, 8, 8], "datatype": "UINT8", "data": [0] * 6400}]},
+            {},
+            400,
+            "expected 1..64",
+        ),
     ],
 )
 def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(bundle, path, body, headers, status, message):
@@ -122,7 +164,9 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(bundle, path,
 
 def test_an_oversized_body_is_refused(bundle):
     async def scenario(session, base, devices):
-        async with session.post(base + "/v2/models/rocoin/infer", data=b"[" + b"0," * 2_000_000 + b"0]", headers={"Content-Type": "application/json"}) as response:
+        async with session.post(
+            base + "/v2/models/rocoin/infer", data=b"[" + b"0," * 2_000_000 + b"0]", headers={"Content-Type": "application/json"}
+        ) as response:
             return response.status, await response.json()
 
     status, body = run_with_server(bundle, scenario)
@@ -165,7 +209,7 @@ def test_a_device_counts_its_requests_and_serves_metrics(bundle):
             async with Client(device.address) as stub:
                 await stub.Infer(request(np.zeros((1, 1, 8, 8), dtype=np.float32)), timeout=5)
                 bad = np.zeros((1, 2, 8, 8), dtype=np.float32)
-                with pytest.raises(Exception):
+                with pytest.raises(Exception):  # noqa: B017 - any refusal will do: the test is about the metrics
                     await stub.Infer(request(bad), timeout=5)
             port = device.worker.metrics.serve("127.0.0.1:0")
             return await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())

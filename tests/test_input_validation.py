@@ -9,20 +9,20 @@ import math
 
 import numpy as np
 import pytest
+from conftest import device, small_catalog
 from typer.testing import CliRunner
 
-from conftest import device, small_catalog
-from rocoin.contracts import fileio
-from rocoin.contracts.text import short_repr
 from rocoin.cli.main import app
+from rocoin.contracts import fileio
+from rocoin.contracts.catalog import StudentSpec, load_catalog
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fileio import load_document, validate, write_json_atomic
-from rocoin.planning import make_plan
-from rocoin.planning.activations import load_activations
-from rocoin.contracts.plan import GroupPlan, Plan, load_plan, save_plan
-from rocoin.contracts.catalog import StudentSpec, load_catalog
 from rocoin.contracts.fleet import DeviceProfile, Fleet, load_fleet
 from rocoin.contracts.manifest import MANIFEST_NAME, load_manifest
+from rocoin.contracts.plan import GroupPlan, Plan, load_plan, save_plan
+from rocoin.contracts.text import short_repr
+from rocoin.planning import make_plan
+from rocoin.planning.activations import load_activations
 
 runner = CliRunner()
 GOOD = {"id": "cam-1", "flops": 2.5e7, "memory_bytes": 1048576, "rate_bps": 300000, "outage": 0.15}
@@ -137,13 +137,7 @@ def test_the_cli_reports_a_deep_fleet_in_one_line(tmp_path, act):
 def test_a_duplicate_yaml_key_names_the_key_and_its_line(tmp_path):
     path = tmp_path / "fleet.yaml"
     path.write_text(
-        "devices:\n"
-        "  - id: cam-1\n"
-        "    flops: 2.5e7\n"
-        "    memory_bytes: 1048576\n"
-        "    flops: 9.9e9\n"
-        "    rate_bps: 300000\n"
-        "    outage: 0.15\n"
+        "devices:\n  - id: cam-1\n    flops: 2.5e7\n    memory_bytes: 1048576\n    flops: 9.9e9\n    rate_bps: 300000\n    outage: 0.15\n"
     )
     message = one_line_error(load_fleet, path)
     assert "duplicate key 'flops'" in message and "line 5" in message and "line 3" in message
@@ -168,7 +162,9 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
 @pytest.mark.parametrize("name", ["plan.json", "catalog.json"])
 def test_a_duplicate_json_key_names_the_key_and_its_line(tmp_path, name):
     path = tmp_path / name
-    path.write_text('{\n  "s": {\n    "flops": 1e6,\n    "memory_bytes": 1000,\n    "params": 10,\n    "out_dim": 4,\n    "flops": 1e9\n  }\n}\n')
+    path.write_text(
+        '{\n  "s": {\n    "flops": 1e6,\n    "memory_bytes": 1000,\n    "params": 10,\n    "out_dim": 4,\n    "flops": 1e9\n  }\n}\n'
+    )
     message = one_line_error(load_document, path)
     assert "duplicate key 'flops'" in message and "line 7" in message and "line 3" in message
     assert "duplicate key 'flops'" in one_line_error(load_catalog, path)
@@ -258,7 +254,11 @@ def test_absurd_input_sizes_are_refused(bits):
 
 
 def test_profile_bounds_keep_realistic_values():
-    validate(Fleet, {"devices": [{**GOOD, "flops": 1e15, "rate_bps": 1e12, "downlink_bps": 1.0, "memory_bytes": 2**40}], "input_bits": 2**33}, "f")
+    validate(
+        Fleet,
+        {"devices": [{**GOOD, "flops": 1e15, "rate_bps": 1e12, "downlink_bps": 1.0, "memory_bytes": 2**40}], "input_bits": 2**33},
+        "f",
+    )
     validate(Fleet, {"devices": [{**{k: v for k, v in GOOD.items() if k != "outage"}, "snr_db": -5.0, "bandwidth_hz": 1e6}]}, "f")
 
 
@@ -424,12 +424,21 @@ def manifest_data(channels: int = 1) -> dict:
 
     def model(name: str, inp: list[int], out: list[int]) -> dict:
         return {
-            "file": name, "sha256": "0" * 64, "size_bytes": 10,
-            "input": {"name": "image", "shape": inp, "dtype": "float32"}, "output": {"name": "features", "shape": out, "dtype": "float32"},
+            "file": name,
+            "sha256": "0" * 64,
+            "size_bytes": 10,
+            "input": {"name": "image", "shape": inp, "dtype": "float32"},
+            "output": {"name": "features", "shape": out, "dtype": "float32"},
         }
 
     groups = [
-        {**model(f"group{k}.onnx", [channels, 8, 8], [len(g.filters)]), "group": k, "student": "tiny", "devices": g.devices, "filters": g.filters}
+        {
+            **model(f"group{k}.onnx", [channels, 8, 8], [len(g.filters)]),
+            "group": k,
+            "student": "tiny",
+            "devices": g.devices,
+            "filters": g.filters,
+        }
         for k, g in enumerate(plan.groups)
     ]
     return {

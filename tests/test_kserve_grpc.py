@@ -11,12 +11,13 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from conftest import device as profile  # noqa: E402
+from test_device import make_bundle, start_device  # noqa: E402
+
 from rocoin.contracts.fleet import Fleet  # noqa: E402
 from rocoin.runtime.api import kserve_grpc  # noqa: E402
+from rocoin.runtime.source.source import Source  # noqa: E402
 from rocoin.runtime.transport.protocol import inference_pb2 as pb  # noqa: E402
 from rocoin.runtime.transport.protocol import inference_pb2_grpc  # noqa: E402
-from rocoin.runtime.source.source import Source  # noqa: E402
-from test_device import make_bundle, start_device  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,12 @@ def with_service(bundle, scenario):
 
 
 def raw_request(images: np.ndarray, **overrides) -> pb.ModelInferRequest:
-    fields = dict(model_name="rocoin", id="q7", inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="UINT8", shape=list(images.shape))], raw_input_contents=[images.tobytes()])
+    fields = dict(
+        model_name="rocoin",
+        id="q7",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="UINT8", shape=list(images.shape))],
+        raw_input_contents=[images.tobytes()],
+    )
     fields.update(overrides)
     return pb.ModelInferRequest(**fields)
 
@@ -65,7 +71,14 @@ def test_health_metadata_and_raw_infer(bundle):
         typed = await stub.ModelInfer(
             pb.ModelInferRequest(
                 model_name="rocoin",
-                inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="UINT8", shape=[2, 1, 8, 8], contents=pb.InferTensorContents(uint_contents=images.ravel().tolist()))],
+                inputs=[
+                    pb.ModelInferRequest.InferInputTensor(
+                        name="input",
+                        datatype="UINT8",
+                        shape=[2, 1, 8, 8],
+                        contents=pb.InferTensorContents(uint_contents=images.ravel().tolist()),
+                    )
+                ],
             )
         )
         return live, ready, model_ready, server_meta, meta, raw, typed
@@ -85,9 +98,27 @@ def test_health_metadata_and_raw_infer(bundle):
         ({"model_name": "other"}, grpc.StatusCode.NOT_FOUND, "unknown model 'other'"),
         ({"raw_input_contents": [b"\x00" * 10]}, grpc.StatusCode.INVALID_ARGUMENT, "10 values but shape"),
         ({"inputs": []}, grpc.StatusCode.INVALID_ARGUMENT, "expected one named 'input'"),
-        ({"inputs": [pb.ModelInferRequest.InferInputTensor(name="input", datatype="INT8", shape=[1, 1, 8, 8])]}, grpc.StatusCode.INVALID_ARGUMENT, "datatype = 'INT8'"),
-        ({"inputs": [pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 1, 8, 8])], "raw_input_contents": [np.full(64, np.nan, "<f4").tobytes()]}, grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
-        ({"inputs": [pb.ModelInferRequest.InferInputTensor(name="input", datatype="UINT8", shape=[1, 3, 8, 8])], "raw_input_contents": [bytes(192)]}, grpc.StatusCode.INVALID_ARGUMENT, "expected (B, 1, 8, 8)"),
+        (
+            {"inputs": [pb.ModelInferRequest.InferInputTensor(name="input", datatype="INT8", shape=[1, 1, 8, 8])]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "datatype = 'INT8'",
+        ),
+        (
+            {
+                "inputs": [pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, 1, 8, 8])],
+                "raw_input_contents": [np.full(64, np.nan, "<f4").tobytes()],
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "NaN or Inf",
+        ),
+        (
+            {
+                "inputs": [pb.ModelInferRequest.InferInputTensor(name="input", datatype="UINT8", shape=[1, 3, 8, 8])],
+                "raw_input_contents": [bytes(192)],
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "expected (B, 1, 8, 8)",
+        ),
     ],
 )
 def test_bad_requests_get_a_clear_status_and_the_service_keeps_serving(bundle, overrides, code, message):

@@ -17,19 +17,19 @@ pytest.importorskip("grpc_health")
 
 import grpc  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-
 from conftest import device  # noqa: E402
-from rocoin.contracts.plan import GroupPlan, Plan  # noqa: E402
+from test_device import _save, head_model, student_model  # noqa: E402
+
 from rocoin.contracts.catalog import StudentSpec  # noqa: E402
 from rocoin.contracts.fleet import Fleet  # noqa: E402
-from rocoin.runtime.cluster.local import LocalCluster  # noqa: E402
 from rocoin.contracts.manifest import MANIFEST_NAME, GroupModel, Manifest, ModelFile, Normalization, TensorSpec, file_sha256  # noqa: E402
-from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
-from rocoin.runtime.transport.serde import tensor_to_proto  # noqa: E402
+from rocoin.contracts.plan import GroupPlan, Plan  # noqa: E402
+from rocoin.runtime.cluster.local import LocalCluster  # noqa: E402
 from rocoin.runtime.device.emulation import Emulation  # noqa: E402
 from rocoin.runtime.device.server import start_device  # noqa: E402
 from rocoin.runtime.source.source import CANCEL_FLUSH_S, FAILURES_TO_MARK_DOWN, PROBE_INTERVAL_S, Source  # noqa: E402
-from test_device import _save, head_model, student_model  # noqa: E402
+from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
+from rocoin.runtime.transport.serde import tensor_to_proto  # noqa: E402
 
 INPUT_CHW = (1, 8, 8)
 CLASSES = ["zero", "one", "two"]
@@ -68,10 +68,22 @@ def make_bundle(folder: Path, groups=GROUPS) -> Path:
         class_names=CLASSES,
         normalization=Normalization(mean=[0.5], std=[0.25]),
         groups=[
-            GroupModel(**entry(f"group{k}.onnx"), input=TensorSpec(name="image", shape=list(INPUT_CHW)), output=TensorSpec(name="features", shape=[len(f)]), group=k, student="tiny", devices=d, filters=f)
+            GroupModel(
+                **entry(f"group{k}.onnx"),
+                input=TensorSpec(name="image", shape=list(INPUT_CHW)),
+                output=TensorSpec(name="features", shape=[len(f)]),
+                group=k,
+                student="tiny",
+                devices=d,
+                filters=f,
+            )
             for k, (d, f) in enumerate(groups)
         ],
-        head=ModelFile(**entry("head.onnx"), input=TensorSpec(name="pooled", shape=[NUM_FILTERS]), output=TensorSpec(name="logits", shape=[len(CLASSES)])),
+        head=ModelFile(
+            **entry("head.onnx"),
+            input=TensorSpec(name="pooled", shape=[NUM_FILTERS]),
+            output=TensorSpec(name="logits", shape=[len(CLASSES)]),
+        ),
         rocoin_version="0.1.0",
     )
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest.model_dump(mode="json")))
@@ -200,7 +212,9 @@ def test_a_stalled_device_costs_at_most_the_deadline(tmp_path):
             live = ["a1", "a2", "b1", "b2"]
             with LocalCluster(bundle, fleet_for(groups), tmp_path / "state", with_source=False, devices=live) as running:
                 fleet = with_addresses(running)
-                fleet = Fleet(devices=[d if d.id != "stall" else d.model_copy(update={"address": f"127.0.0.1:{port}"}) for d in fleet.devices])
+                fleet = Fleet(
+                    devices=[d if d.id != "stall" else d.model_copy(update={"address": f"127.0.0.1:{port}"}) for d in fleet.devices]
+                )
                 async with Source(bundle, fleet, deadline_s=DEADLINE_S, token=running.token) as source:
                     stalled = next(d for d in source.devices if d.device_id == "stall")
                     for i in range(5):
@@ -234,7 +248,9 @@ class FlakyDevice(rocoin_pb2_grpc.DeviceServicer):
             seen += 1
             if seen > self.silent:
                 features = tensor_to_proto(np.zeros((request.input.shape[0], self.width), np.float32))
-                await context.write(rocoin_pb2.DeviceInferResponse(query_id=request.query_id, device_id="flaky", group=2, features=features))
+                await context.write(
+                    rocoin_pb2.DeviceInferResponse(query_id=request.query_id, device_id="flaky", group=2, features=features)
+                )
 
 
 def test_a_device_marked_down_is_used_again_as_soon_as_it_answers(tmp_path):
@@ -249,7 +265,10 @@ def test_a_device_marked_down_is_used_again_as_soon_as_it_answers(tmp_path):
         devices = {name: await start_device(bundle, name, insecure=True) for name in ("a1", "a2", "b1", "b2")}
         try:
             fleet = Fleet(
-                devices=[d.model_copy(update={"address": devices[d.id].address if d.id in devices else f"127.0.0.1:{port}"}) for d in fleet_for(groups).devices]
+                devices=[
+                    d.model_copy(update={"address": devices[d.id].address if d.id in devices else f"127.0.0.1:{port}"})
+                    for d in fleet_for(groups).devices
+                ]
             )
             async with Source(bundle, fleet, deadline_s=0.2, insecure=True) as source:
                 flaky = next(d for d in source.devices if d.device_id == "flaky")
@@ -279,7 +298,9 @@ async def in_process_devices(bundle: Path, slow: set[str], slow_s: float, **opti
     devices = {}
     try:
         for name in (d.id for d in fleet_for().devices):
-            emulation = Emulation(flops=1e4 / slow_s, rate_bps=1e12, outage=0.0) if name in slow else None  # the bundle's student: 1e4 FLOPs
+            emulation = (
+                Emulation(flops=1e4 / slow_s, rate_bps=1e12, outage=0.0) if name in slow else None
+            )  # the bundle's student: 1e4 FLOPs
             devices[name] = await start_device(bundle, name, emulation=emulation, **options, insecure=True)
         yield devices, Fleet(devices=[d.model_copy(update={"address": devices[d.id].address}) for d in fleet_for().devices])
     finally:
@@ -354,7 +375,9 @@ def test_source_service_and_cli_on_a_cluster(tmp_path):
                 from rocoin.runtime.transport.serde import tensor_from_proto, tensor_to_proto
 
                 reply = await stub.Infer(rocoin_pb2.SourceInferRequest(input=tensor_to_proto(images)))
-                np.testing.assert_allclose(tensor_from_proto(reply.logits, max_bytes=1 << 20), expected_logits(bundle, images), rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(
+                    tensor_from_proto(reply.logits, max_bytes=1 << 20), expected_logits(bundle, images), rtol=1e-5, atol=1e-6
+                )
                 assert list(reply.missing_groups) == [] and len(reply.answered_by) == 3
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await stub.Infer(rocoin_pb2.SourceInferRequest(input=tensor_to_proto(np.zeros((1, 2, 8, 8), np.uint8))))
@@ -399,7 +422,20 @@ def test_device_profile_and_fleet_collect(tmp_path):
     with LocalCluster(bundle, fleet_for(), tmp_path / "state") as cluster:
         source = cluster.state.source.address
         for name in ("a1", "c1"):
-            result = run("device", "profile", "--bundle", bundle, "--device-id", name, "--source", source, "--address", "127.0.0.1:5999", "-o", tmp_path / f"{name}.yaml")
+            result = run(
+                "device",
+                "profile",
+                "--bundle",
+                bundle,
+                "--device-id",
+                name,
+                "--source",
+                source,
+                "--address",
+                "127.0.0.1:5999",
+                "-o",
+                tmp_path / f"{name}.yaml",
+            )
             assert result.exit_code == 0, result.output
             assert "MFLOP/s" in result.stdout
     result = run("fleet", "collect", tmp_path / "a1.yaml", tmp_path / "c1.yaml", "-o", tmp_path / "fleet.yaml")

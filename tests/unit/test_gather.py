@@ -197,7 +197,12 @@ class MemorySource(Source):
     """The real source, with its devices in this process."""
 
     def __init__(self, bundle: Path, replicas: dict[str, Replica], **options):
-        fleet = Fleet(devices=[DeviceProfile(id=d, flops=1e9, memory_bytes=1 << 24, rate_bps=1e6, outage=0.01, address=f"memory:{i + 1}") for i, d in enumerate(replicas)])
+        fleet = Fleet(
+            devices=[
+                DeviceProfile(id=d, flops=1e9, memory_bytes=1 << 24, rate_bps=1e6, outage=0.01, address=f"memory:{i + 1}")
+                for i, d in enumerate(replicas)
+            ]
+        )
         super().__init__(bundle, fleet, insecure=True, **options)
         self.replicas = replicas
 
@@ -238,7 +243,15 @@ def bundle(tmp_path_factory) -> Path:
         class_names=["zero", "one"],
         normalization=Normalization(mean=[0.0], std=[1.0]),
         groups=[
-            GroupModel(**entry(f"group{k}.onnx"), input=TensorSpec(name="image", shape=list(INPUT_CHW)), output=TensorSpec(name="features", shape=[len(f)]), group=k, student="tiny", devices=d, filters=f)
+            GroupModel(
+                **entry(f"group{k}.onnx"),
+                input=TensorSpec(name="image", shape=list(INPUT_CHW)),
+                output=TensorSpec(name="features", shape=[len(f)]),
+                group=k,
+                student="tiny",
+                devices=d,
+                filters=f,
+            )
             for k, (d, f) in enumerate(GROUPS)
         ],
         head=ModelFile(**entry("head.onnx"), input=TensorSpec(name="pooled", shape=[3]), output=TensorSpec(name="logits", shape=[2])),

@@ -28,11 +28,21 @@ from aiohttp import web
 
 from rocoin.contracts.errors import RocoinError, ServingError
 from rocoin.contracts.text import one_line, short_repr
-from rocoin.runtime.transport.auth import bearer_matches
 from rocoin.runtime.api.http_guard import GuardedHttpServer, serve_app
 from rocoin.runtime.api.http_limits import HttpLimits
-from rocoin.runtime.api.oip import DATATYPES, INPUT_NAME, MODEL_NAME, MODEL_VERSION, ProtocolError, check_model, images_from, model_metadata, server_metadata
+from rocoin.runtime.api.oip import (
+    DATATYPES,
+    INPUT_NAME,
+    MODEL_NAME,
+    MODEL_VERSION,
+    ProtocolError,
+    check_model,
+    images_from,
+    model_metadata,
+    server_metadata,
+)
 from rocoin.runtime.source.source import MAX_BATCH, Source
+from rocoin.runtime.transport.auth import bearer_matches
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +162,11 @@ class _Api:
     async def model_metadata(self, request: web.Request) -> web.Response:
         self._check_model(request)
         metadata = model_metadata(self.source.input_shape, len(self.source.manifest.class_names))
-        metadata["parameters"] = {"class_names": self.source.manifest.class_names, "groups": self.source.num_groups, "input_datatypes": sorted(DATATYPES)}
+        metadata["parameters"] = {
+            "class_names": self.source.manifest.class_names,
+            "groups": self.source.num_groups,
+            "input_datatypes": sorted(DATATYPES),
+        }
         return web.json_response(metadata)
 
     async def model_ready(self, request: web.Request) -> web.Response:
@@ -173,8 +187,7 @@ class _Api:
         missing = list(result.missing_groups)
         return web.json_response(
             dumps=_strict_dumps,
-            data=
-            {
+            data={
                 "model_name": MODEL_NAME,
                 "model_version": MODEL_VERSION,
                 "id": result.query_id,

@@ -10,15 +10,25 @@ one log line without a traceback; only a bug on our side is ``INTERNAL`` with a 
 
 from __future__ import annotations
 
-import numpy as np
 import grpc
+import numpy as np
 
 from rocoin.contracts.errors import RocoinError, ServingError
+from rocoin.runtime.api.oip import (
+    MAX_INPUT_VALUES,
+    MODEL_NAME,
+    MODEL_VERSION,
+    ProtocolError,
+    check_model,
+    check_shape,
+    images_from,
+    model_metadata,
+    server_metadata,
+)
+from rocoin.runtime.source.source import Source
 from rocoin.runtime.transport.grpc_server import refuse
-from rocoin.runtime.api.oip import MAX_INPUT_VALUES, MODEL_NAME, MODEL_VERSION, ProtocolError, check_model, check_shape, images_from, model_metadata, server_metadata
 from rocoin.runtime.transport.protocol import inference_pb2 as pb
 from rocoin.runtime.transport.protocol import inference_pb2_grpc
-from rocoin.runtime.source.source import Source
 
 _STATUS_TO_CODE = {404: grpc.StatusCode.NOT_FOUND, 401: grpc.StatusCode.UNAUTHENTICATED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}
 #: The KServe probes, open without the API token like the REST API's /v2/health/*.
@@ -49,7 +59,11 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         meta = model_metadata(self.source.input_shape, len(self.source.manifest.class_names))
         tensors = lambda items: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in items]  # noqa: E731
         return pb.ModelMetadataResponse(
-            name=meta["name"], versions=meta["versions"], platform=meta["platform"], inputs=tensors(meta["inputs"]), outputs=tensors(meta["outputs"])
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=tensors(meta["inputs"]),
+            outputs=tensors(meta["outputs"]),
         )
 
     async def ModelInfer(self, request, context):

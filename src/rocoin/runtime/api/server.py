@@ -20,13 +20,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rocoin.contracts.errors import RocoinError, ServingError
 from rocoin.contracts.fileio import write_json_atomic
 from rocoin.runtime.api import kserve_grpc
+from rocoin.runtime.source.source import Source
 from rocoin.runtime.transport.auth import OPEN_METHOD_PREFIXES
 from rocoin.runtime.transport.grpc_server import create_server, refuse
 from rocoin.runtime.transport.lifecycle import stop_on_signals
-from rocoin.runtime.transport.tls import ServerTLS
 from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc
 from rocoin.runtime.transport.serde import tensor_from_proto, tensor_to_proto
-from rocoin.runtime.source.source import Source
+from rocoin.runtime.transport.tls import ServerTLS
 
 if TYPE_CHECKING:  # the REST API needs aiohttp (the ``source`` extra); gRPC alone does not
     from rocoin.runtime.api.http_limits import HttpLimits
@@ -102,7 +102,9 @@ async def serve_source(
     if http_listen is not None:
         from rocoin.runtime.api.http import start_http
 
-        http_server = await start_http(source, http_listen, token=api_token, ssl_context=tls.ssl_context() if tls else None, limits=http_limits)
+        http_server = await start_http(
+            source, http_listen, token=api_token, ssl_context=tls.ssl_context() if tls else None, limits=http_limits
+        )
         http_address = http_server.address
         logger.info("source REST API (KServe v2) on %s://%s/v2", "https" if tls else "http", http_address)
     for name in ("", SERVICE_NAME):

@@ -64,8 +64,12 @@ def open_session(path: Path, model: GroupModel, intra_op_threads: int) -> ort.In
     outputs = {o.name: o for o in session.get_outputs()}
     for kind, spec, found in (("input", model.input, inputs), ("output", model.output, outputs)):
         if spec.name not in found:
-            raise RocoinError(f"{path}: the model has no {kind} named {spec.name!r} (it has {sorted(found)}); the manifest does not match it")
+            raise RocoinError(
+                f"{path}: the model has no {kind} named {spec.name!r} (it has {sorted(found)}); the manifest does not match it"
+            )
         dims = list(found[spec.name].shape)[1:]
         if len(dims) != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(dims, spec.shape)):
-            raise RocoinError(f"{path}: {kind} {spec.name!r} has shape {found[spec.name].shape}, the manifest says (B, {', '.join(map(str, spec.shape))})")
+            raise RocoinError(
+                f"{path}: {kind} {spec.name!r} has shape {found[spec.name].shape}, the manifest says (B, {', '.join(map(str, spec.shape))})"
+            )
     return session

@@ -181,7 +181,13 @@ async def serve_device(
         if ready_file is not None:
             write_json_atomic(
                 ready_file,
-                {"address": running.address, "port": running.port, "pid": os.getpid(), "device_id": device_id, "group": running.worker.group},
+                {
+                    "address": running.address,
+                    "port": running.port,
+                    "pid": os.getpid(),
+                    "device_id": device_id,
+                    "group": running.worker.group,
+                },
             )
         worker = running.worker
         logger.info(

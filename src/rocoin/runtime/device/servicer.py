@@ -286,7 +286,9 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         """One message of a stream: drop the requests it cancels, then its batch (None when it
         only cancels), or :class:`_Refused` when the stream cannot take it."""
         if len(request.cancel) > self.max_inflight:
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"cancel: {len(request.cancel)} query ids: expected at most {self.max_inflight}")
+            raise _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, f"cancel: {len(request.cancel)} query ids: expected at most {self.max_inflight}"
+            )
         for query_id in request.cancel:
             task = inflight.get(query_id)
             if task is not None:
@@ -296,7 +298,10 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         if request.query_id in inflight:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"query_id: {request.query_id[:40]!r}: already in flight on this stream")
         if len(inflight) >= self.max_inflight:
-            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(inflight)} requests in flight on this stream: expected at most {self.max_inflight}")
+            raise _Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(inflight)} requests in flight on this stream: expected at most {self.max_inflight}",
+            )
         if not (math.isfinite(request.timeout_s) and request.timeout_s >= 0):
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"timeout_s: {request.timeout_s!r}: expected seconds >= 0 (0: no limit)")
         return self._checked(request)
@@ -305,13 +310,19 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         """The request's batch, or :class:`_Refused` (INVALID_ARGUMENT) naming the field and value."""
         batch, problem = self.check_request(request)
         if batch is None:
-            logger.info("device %s rejected the query: %s", self.device_id, problem, extra={"query_id": request.query_id[:MAX_QUERY_ID_CHARS]})
+            logger.info(
+                "device %s rejected the query: %s", self.device_id, problem, extra={"query_id": request.query_id[:MAX_QUERY_ID_CHARS]}
+            )
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
         return batch
 
     def _error_reply(self, query_id: str, refused: _Refused) -> rocoin_pb2.DeviceInferResponse:
         return rocoin_pb2.DeviceInferResponse(
-            query_id=query_id[:MAX_QUERY_ID_CHARS], device_id=self.device_id, group=self.group, error_code=refused.code.value[0], error=refused.message
+            query_id=query_id[:MAX_QUERY_ID_CHARS],
+            device_id=self.device_id,
+            group=self.group,
+            error_code=refused.code.value[0],
+            error=refused.message,
         )
 
     async def _answer(self, query_id: str, batch: np.ndarray, expires: float | None = None) -> rocoin_pb2.DeviceInferResponse | None:
@@ -364,7 +375,9 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         expected = (batch.shape[0], self.output_size)
         if features.shape != expected or features.dtype != np.float32:
             logger.error("device %s: model gave %s %s, expected %s float32", self.device_id, features.shape, features.dtype, expected)
-            raise _Refused(grpc.StatusCode.INTERNAL, f"model output: shape {list(features.shape)} {features.dtype}: expected {list(expected)} float32")
+            raise _Refused(
+                grpc.StatusCode.INTERNAL, f"model output: shape {list(features.shape)} {features.dtype}: expected {list(expected)} float32"
+            )
         return features
 
     def _expected_shape(self) -> str:

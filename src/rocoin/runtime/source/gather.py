@@ -61,10 +61,32 @@ class Query:
     deadline came (:meth:`expire`).
     """
 
-    __slots__ = ("wire_id", "query_id", "batch", "started", "slots", "answered_by", "open_calls", "pending", "undecided", "fair", "expired", "done", "_decided_cb")
+    __slots__ = (
+        "wire_id",
+        "query_id",
+        "batch",
+        "started",
+        "slots",
+        "answered_by",
+        "open_calls",
+        "pending",
+        "undecided",
+        "fair",
+        "expired",
+        "done",
+        "_decided_cb",
+    )
 
     def __init__(
-        self, wire_id: str, query_id: str, batch: int, num_groups: int, started: float, *, fair: bool = True, decided: Callable[[], None] | None = None
+        self,
+        wire_id: str,
+        query_id: str,
+        batch: int,
+        num_groups: int,
+        started: float,
+        *,
+        fair: bool = True,
+        decided: Callable[[], None] | None = None,
     ) -> None:
         self.wire_id = wire_id
         self.query_id = query_id

@@ -124,9 +124,9 @@ class GrpcStreamLink(DeviceLink):
 
     def open(self, on_answer: OnAnswer, on_lost: OnLost) -> bool:
         self._on_answer, self._on_lost = on_answer, on_lost
-        call = self.channel.stream_stream(_STREAM_METHOD, request_serializer=_as_is, response_deserializer=rocoin_pb2.DeviceInferResponse.FromString)(
-            metadata=self._metadata
-        )
+        call = self.channel.stream_stream(
+            _STREAM_METHOD, request_serializer=_as_is, response_deserializer=rocoin_pb2.DeviceInferResponse.FromString
+        )(metadata=self._metadata)
         self._call = call
         self._outbox = asyncio.Queue(MAX_OUTBOX)
         self._tasks = (asyncio.ensure_future(self._write(call, self._outbox)), asyncio.ensure_future(self._read(call)))
@@ -138,7 +138,9 @@ class GrpcStreamLink(DeviceLink):
 
     def send(self, request: Request) -> None:
         if request.encoded is None:
-            request.encoded = rocoin_pb2.DeviceInferRequest(query_id=request.wire_id, input=tensor_to_proto(request.inputs), timeout_s=request.timeout_s).SerializeToString()
+            request.encoded = rocoin_pb2.DeviceInferRequest(
+                query_id=request.wire_id, input=tensor_to_proto(request.inputs), timeout_s=request.timeout_s
+            ).SerializeToString()
         message = request.encoded
         if self._cancels:  # protobuf merges concatenated messages: the cancellations ride along
             message += rocoin_pb2.DeviceInferRequest(cancel=self._cancels).SerializeToString()

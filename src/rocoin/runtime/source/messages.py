@@ -44,7 +44,9 @@ class Answer:
 
     __slots__ = ("wire_id", "code", "error", "_features")
 
-    def __init__(self, wire_id: str, features: np.ndarray | Callable[[], np.ndarray] | None = None, *, code: int = OK, error: str = "") -> None:
+    def __init__(
+        self, wire_id: str, features: np.ndarray | Callable[[], np.ndarray] | None = None, *, code: int = OK, error: str = ""
+    ) -> None:
         self.wire_id = wire_id
         self.code = code
         self.error = error

@@ -181,7 +181,13 @@ class Source:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
         ]
-        return GrpcStreamLink(device.address, options=options, credentials=self._credentials, metadata=self._metadata, max_message_bytes=self.max_message_bytes)
+        return GrpcStreamLink(
+            device.address,
+            options=options,
+            credentials=self._credentials,
+            metadata=self._metadata,
+            max_message_bytes=self.max_message_bytes,
+        )
 
     async def close(self) -> None:
         for replica in self._replicas:
@@ -240,7 +246,15 @@ class Source:
         wire_id = f"{query_id}#{self._sent:x}"
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        query = Query(wire_id, query_id, x.shape[0], self.num_groups, started, fair=budget >= self.deadline_s, decided=functools.partial(_resolve, done))
+        query = Query(
+            wire_id,
+            query_id,
+            x.shape[0],
+            self.num_groups,
+            started,
+            fair=budget >= self.deadline_s,
+            decided=functools.partial(_resolve, done),
+        )
         request = Request(wire_id, x, budget)
         for replica in self._replicas:
             if replica.link is not None and replica.link.is_open:  # up, or down with its stream open: on trial
@@ -256,7 +270,9 @@ class Source:
         missing = query.missing
         logits = self._head_run(x.shape[0], query.slots)
         if not np.isfinite(logits).all():
-            logger.error("the head gave non-finite logits for query %s (groups missing: %s)", query_id, missing, extra={"query_id": query_id})
+            logger.error(
+                "the head gave non-finite logits for query %s (groups missing: %s)", query_id, missing, extra={"query_id": query_id}
+            )
             raise ServingError("the model gave non-finite logits for this input; nothing to return")
         latency = time.perf_counter() - started
         self.metrics.queries.inc()
@@ -374,7 +390,15 @@ class Source:
 
     def status(self) -> list[dict]:
         return [
-            {"device": d.device_id, "group": d.group, "address": d.address, "up": d.up, "answers": d.answers, "failures": d.failures, "refusals": d.refusals}
+            {
+                "device": d.device_id,
+                "group": d.group,
+                "address": d.address,
+                "up": d.up,
+                "answers": d.answers,
+                "failures": d.failures,
+                "refusals": d.refusals,
+            }
             for d in self.devices
         ]
 
