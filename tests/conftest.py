@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -76,6 +79,10 @@ def write_fashion_mnist(directory, n_train: int = 300, n_test: int = 100, seed: 
 #: Each folder of tests is a depth, and a marker of the same name: ``pytest -m "not e2e"`` is the
 #: fast loop (no training beyond a few images, no fuzzing or soak), ``make test`` runs them all.
 LAYERS = ("unit", "integration", "e2e")
+# Tests of one depth reuse the fixtures-as-functions of another (``from test_device import
+# make_bundle``); with every folder on the path that works whichever folder pytest is given.
+for _layer in LAYERS:
+    sys.path.insert(0, str(Path(__file__).resolve().parent / _layer))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -50,7 +50,8 @@ class DeviceOptions(BaseModel):
 
 def run_device(options: DeviceOptions) -> None:
     """Serve the device of ``options`` until SIGTERM/SIGINT (see :func:`serve_device`)."""
-    from rocoin.runtime.device.worker import Emulation, serve_device
+    from rocoin.runtime.device.emulation import Emulation
+    from rocoin.runtime.device.server import serve_device
     from rocoin.runtime.transport.auth import load_token
     from rocoin.runtime.transport.tls import server_tls
 

@@ -25,14 +25,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fileio import write_json_atomic
 from rocoin.runtime.device.emulation import Emulation
-from rocoin.runtime.device.servicer import (
-    DEFAULT_INTRA_OP_THREADS,
-    DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_CONCURRENCY,
-    DEVICE_SERVICE,
-    MAX_QUEUED_CALLS,
-    DeviceWorker,
-)
+from rocoin.runtime.device.options import DEFAULT_INTRA_OP_THREADS, DEFAULT_MAX_BATCH, DEFAULT_MAX_CONCURRENCY
+from rocoin.runtime.device.servicer import DEVICE_SERVICE, MAX_QUEUED_CALLS, DeviceWorker
 from rocoin.runtime.transport.auth import check_authentication
 from rocoin.runtime.transport.grpc_server import create_server
 from rocoin.runtime.transport.keepalive import KEEPALIVE, Keepalive

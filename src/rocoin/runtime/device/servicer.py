@@ -50,6 +50,7 @@ import numpy as np
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.manifest import GroupModel, Manifest, load_manifest
 from rocoin.runtime.device.emulation import Emulation
+from rocoin.runtime.device.options import DEFAULT_INTRA_OP_THREADS, DEFAULT_MAX_BATCH, DEFAULT_MAX_CONCURRENCY  # one default per setting
 from rocoin.runtime.device.runner import ModelRunner
 from rocoin.runtime.transport.grpc_server import Malformed
 from rocoin.runtime.transport.metrics import DeviceMetrics
@@ -60,12 +61,6 @@ logger = logging.getLogger(__name__)
 
 #: The gRPC service name (also the name the health service reports).
 DEVICE_SERVICE = "rocoin.v1.Device"
-#: Largest batch one ``Infer`` may carry unless the worker is told otherwise.
-DEFAULT_MAX_BATCH = 64
-#: Calls that run the model (and their emulated delay) at the same time.
-DEFAULT_MAX_CONCURRENCY = 4
-#: onnxruntime intra-op threads (a small device has few cores; one leaves room for gRPC).
-DEFAULT_INTRA_OP_THREADS = 1
 #: Calls that may wait for a free slot on top of ``max_concurrency``; more get RESOURCE_EXHAUSTED.
 MAX_QUEUED_CALLS = 256
 #: Room in the gRPC message limits for everything but the tensor bytes (ids, shape, tags).

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -32,12 +31,11 @@ from rocoin.contracts.errors import RocoinError  # noqa: E402
 from rocoin.contracts.fleet import Fleet  # noqa: E402
 from rocoin.logs import TextFormatter  # noqa: E402
 from rocoin.runtime.api.http_limits import HttpLimits  # noqa: E402
-from rocoin.runtime.cluster.local import TOKEN_FILE, LocalCluster, wait_serving  # noqa: E402
 from rocoin.runtime.device.emulation import Emulation  # noqa: E402
 from rocoin.runtime.device.server import start_device  # noqa: E402
 from rocoin.runtime.source.source import Source  # noqa: E402
 from rocoin.runtime.transport.auth import token_metadata  # noqa: E402
-from rocoin.runtime.transport.keepalive import KEEPALIVE, Keepalive  # noqa: E402
+from rocoin.runtime.transport.keepalive import KEEPALIVE  # noqa: E402
 from rocoin.runtime.transport.protocol import inference_pb2 as pb  # noqa: E402
 from rocoin.runtime.transport.protocol import inference_pb2_grpc, rocoin_pb2, rocoin_pb2_grpc  # noqa: E402
 from rocoin.runtime.transport.serde import tensor_to_proto  # noqa: E402
@@ -113,46 +111,6 @@ def test_the_device_server_and_the_source_channels_use_the_keepalive_configurati
     asyncio.run(main())
     assert set(KEEPALIVE.server_options()) <= set(seen["server"]["options"])
     assert set(KEEPALIVE.client_options()) <= set(seen["channel"])
-
-
-def _idle_streams(bundle, client: Keepalive, server: Keepalive, idle_s: float):
-    """Devices whose servers permit ``server``'s pings, a source pinging at ``client``'s; idle for
-    ``idle_s``, then one query. Returns (times marked down, missing groups of the query)."""
-
-    async def main():
-        devices = [await start_device(bundle, n, token=DEVICE_TOKEN, keepalive=server) for n in ("a", "b", "c")]
-        try:
-            fleet = Fleet(devices=[profile(d.worker.device_id, 20, 4, 300, 0.1, address=d.address) for d in devices])
-            async with Source(bundle, fleet, deadline_s=2.0, token=DEVICE_TOKEN, keepalive=client) as source:
-                await asyncio.sleep(idle_s)
-                registry = source.metrics.registry
-                downs = sum(registry.get_sample_value("rocoin_device_marked_down_total", {"device": n}) or 0 for n in ("a", "b", "c"))
-                result = await source.infer(np.zeros((1, 1, 8, 8), dtype=np.uint8))
-                return downs, result.missing_groups
-        finally:
-            for d in devices:
-                await d.stop(0)
-
-    return asyncio.run(main())
-
-
-#: The default configuration 10x faster: a ping per second (gRPC core sends keepalive pings at
-#: most once a second, so it cannot go faster), 8 per stream while idle; a server with gRPC's
-#: default policy lets 2 early pings pass, then strikes twice, then GOAWAY (~6 s).
-SCALED = Keepalive(time_ms=KEEPALIVE.time_ms // 10, timeout_ms=KEEPALIVE.timeout_ms // 10)
-IDLE_S = 8.0
-
-
-def test_an_idle_cluster_keeps_its_streams_with_the_real_configuration_scaled_in_time(bundle):
-    downs, missing = _idle_streams(bundle, SCALED, SCALED, idle_s=IDLE_S)
-    assert downs == 0 and missing == []
-
-
-def test_a_server_that_does_not_permit_the_pings_drops_the_idle_streams(bundle):
-    """The control: what the idle cluster did before (device servers kept gRPC's ping policy)."""
-    strict = Keepalive(time_ms=600_000)  # permits one ping per 5 minutes, like gRPC's default
-    downs, _ = _idle_streams(bundle, SCALED, strict, idle_s=IDLE_S)
-    assert downs >= 1
 
 
 # --------------------------------------------------------------- 2. clients cannot knock devices out
@@ -263,53 +221,6 @@ def test_the_cli_device_worker_refuses_to_start_without_a_token(bundle, tmp_path
     args = [*rocoin_command(), "device", "serve", "--bundle", str(bundle), "--device-id", "a", "--listen", "127.0.0.1:0"]
     refused = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--insecure" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
-
-
-def test_a_worker_restarted_by_hand_with_the_clusters_token_file_is_used_again_and_refuses_strangers(bundle, tmp_path):
-    state = tmp_path / "state"
-    fleet = Fleet(devices=[profile(n, 20, 4, 300, 0.1) for n in ("a", "b", "c")])
-    with LocalCluster(bundle, fleet, state, with_source=False) as cluster:
-        token_file = state / TOKEN_FILE
-        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-        assert token_file.read_text().strip() == cluster.token
-        address = cluster.member("c").address
-        cluster.kill_device("c")
-        by_hand = subprocess.Popen(
-            [
-                *rocoin_command(),
-                "device",
-                "serve",
-                "--bundle",
-                str(bundle),
-                "--device-id",
-                "c",
-                "--listen",
-                address,
-                "--token-file",
-                str(token_file),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={k: v for k, v in os.environ.items() if k != "ROCOIN_DEVICE_TOKEN"},
-        )
-        try:
-            wait_serving(address, 30)
-
-            async def calls():
-                request = rocoin_pb2.DeviceInferRequest(query_id="q", input=tensor_to_proto(np.zeros((1, 1, 8, 8), dtype=np.float32)))
-                async with grpc.aio.insecure_channel(address) as channel:
-                    stub = rocoin_pb2_grpc.DeviceStub(channel)
-                    with pytest.raises(grpc.aio.AioRpcError) as stranger:
-                        await stub.Infer(request, timeout=5)
-                    reply = await stub.Infer(request, timeout=5, metadata=token_metadata(cluster.token))
-                return stranger.value.code(), reply.device_id
-
-            stranger, answered = asyncio.run(calls())
-        finally:
-            by_hand.terminate()
-            by_hand.wait(10)
-    assert stranger == grpc.StatusCode.UNAUTHENTICATED and answered == "c"
-    assert not token_file.exists()  # the secret goes with the cluster
 
 
 # --------------------------------------------------------------- 4. REST connection limits

@@ -51,7 +51,7 @@ STUDENT_FLOPS = 1.0e6
 GROUPS = [(["a"], [0, 2], 0.1), (["b", "c"], [1, 3, 4], 0.01)]
 NUM_FILTERS = 5
 CLASSES = ["zero", "one", "two"]
-SRC = Path(__file__).resolve().parent.parent / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 # --------------------------------------------------------------------------- the tiny bundle
@@ -745,7 +745,7 @@ def test_the_device_modules_import_without_torch_or_training_code():
     code = (
         "import sys\n"
         "sys.modules['torch'] = None  # any import of torch fails\n"
-        "import rocoin.runtime.device.server, rocoin.runtime.device.worker, rocoin.runtime.transport.serde\n"
+        "import rocoin.runtime.device.server, rocoin.runtime.device.options, rocoin.runtime.transport.serde\n"
         "training = ('rocoin.distillation', 'rocoin.models.wrn', 'rocoin.models.mobilenetv2', 'rocoin.models.registry', 'rocoin.data')\n"
         "bad = sorted(m for m, mod in sys.modules.items() if mod is not None and (m.split('.')[0] == 'torch' or m.startswith(training)))\n"
         "assert not bad, bad\n"
@@ -831,7 +831,7 @@ def certs(tmp_path_factory):
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
     root = tmp_path_factory.mktemp("certs")
-    script = Path(__file__).resolve().parent.parent / "scripts" / "make_certs.sh"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_certs.sh"
     for name in ("good", "other"):
         subprocess.run(["bash", str(script), str(root / name)], check=True, capture_output=True)
     return root
