@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from rocoin.contracts.catalog import Catalog
 from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
 from rocoin.contracts.fileio import write_text_atomic
 from rocoin.contracts.progress import Progress, log_progress
@@ -167,6 +168,29 @@ def fig3(ws: Workspace) -> ExperimentResult:
     failures per ε (trained students)."""
     s = ws.setup
     weights, catalog, filters = planner_inputs(s)
+    latency_rows = _fig3_latency_rows(ws, weights, catalog)
+    accuracy_rows = _fig3_accuracy_rows(ws)
+    plot = _fig3_plot(s, latency_rows, accuracy_rows)
+    findings = _fig3_findings(s, latency_rows, accuracy_rows)
+    caption = (
+        f"(a) RoCoIn plans of {s.fleets} generated fleets per point ({s.devices} devices, heterogeneity {s.heterogeneity}), students counted from their shapes, "
+        f"synthetic filter activity with F = {filters}; points where every fleet is infeasible are omitted. (b) "
+        + setup_caption(s, trained=True).replace(f"ε = {s.epsilon}; ", "")
+    )
+    return ExperimentResult(
+        "fig3",
+        "Fig. 3: (a) latency vs success probability, (b) accuracy under failures vs ε",
+        caption,
+        latency_rows + accuracy_rows,
+        plot,
+        findings,
+        table_columns=None,
+    )
+
+
+def _fig3_latency_rows(ws: Workspace, weights: np.ndarray, catalog: Catalog) -> list[dict[str, Any]]:
+    """Fig. 3(a): the planned latency T per ε and mean success probability, over generated fleets."""
+    s = ws.setup
     latency_rows = []
     total = len(s.epsilons) * len(s.success_probs) * s.fleets
     with ws.progress("fig3a: planning fleets", total) as advance:
@@ -194,6 +218,12 @@ def fig3(ws: Workspace) -> ExperimentResult:
                         "fleets": s.fleets,
                     }
                 )
+    return latency_rows
+
+
+def _fig3_accuracy_rows(ws: Workspace) -> list[dict[str, Any]]:
+    """Fig. 3(b): accuracy of RoCoIn's students per ε with 0..n devices failed."""
+    s = ws.setup
     accuracy_rows = []
     for eps in sorted(s.epsilons, key=lambda e: e == s.epsilon):  # the shared ε last: other experiments train it too
         try:
@@ -222,6 +252,11 @@ def fig3(ws: Workspace) -> ExperimentResult:
             )
 
     accuracy_rows.sort(key=lambda r: (r["epsilon"], r["failed_devices"]))
+    return accuracy_rows
+
+
+def _fig3_plot(s: ExperimentSetup, latency_rows: list[dict[str, Any]], accuracy_rows: list[dict[str, Any]]) -> Callable[[Any], None]:
+    """Fig. 3's two panels, drawn onto a figure."""
 
     def plot(fig) -> None:
         ax1, ax2 = fig.subplots(1, 2)
@@ -244,21 +279,7 @@ def fig3(ws: Workspace) -> ExperimentResult:
         ax2.set_ylabel("accuracy (%)")
         ax2.legend()
 
-    findings = _fig3_findings(s, latency_rows, accuracy_rows)
-    caption = (
-        f"(a) RoCoIn plans of {s.fleets} generated fleets per point ({s.devices} devices, heterogeneity {s.heterogeneity}), students counted from their shapes, "
-        f"synthetic filter activity with F = {filters}; points where every fleet is infeasible are omitted. (b) "
-        + setup_caption(s, trained=True).replace(f"ε = {s.epsilon}; ", "")
-    )
-    return ExperimentResult(
-        "fig3",
-        "Fig. 3: (a) latency vs success probability, (b) accuracy under failures vs ε",
-        caption,
-        latency_rows + accuracy_rows,
-        plot,
-        findings,
-        table_columns=None,
-    )
+    return plot
 
 
 def _fig3_findings(s: ExperimentSetup, latency_rows: list[dict], accuracy_rows: list[dict]) -> list[str]:
