@@ -182,9 +182,10 @@ def test_baselines_follow_spec_section_5(two_tier_fleet):
     assert by_device["strong-a"].student == "large" and by_device["weak-a"].student == "small"
     assert len(by_device["strong-a"].filters) > len(by_device["weak-a"].filters)
     greedy = make_plan(two_tier_fleet, weights, catalog, scheme="rocoin-g", epsilon=0.05)
-    assert sorted(len(g.devices) for g in greedy.groups) == [2, 2]
-    strong = next(g for g in greedy.groups if "strong-a" in g.devices)
-    assert len(strong.filters) >= max(len(g.filters) for g in greedy.groups)
+    rocoin = make_plan(two_tier_fleet, weights, catalog, scheme="rocoin", epsilon=0.05)
+    # RoCoIn-G is RoCoIn's grouping, partition and student family with a greedy matching (Tables II/III).
+    assert sorted(map(sorted, (g.devices for g in greedy.groups))) == sorted(map(sorted, (g.devices for g in rocoin.groups)))
+    assert sorted(map(sorted, (g.filters for g in greedy.groups))) == sorted(map(sorted, (g.filters for g in rocoin.groups)))
 
 
 def test_more_devices_than_filters_leaves_baseline_devices_idle_with_a_reason():

@@ -138,6 +138,32 @@ def equal_sizes(num_filters: int, k: int) -> list[int]:
     return [base + 1] * extra + [base] * (k - extra)
 
 
+def normalized_cut_value(weights: np.ndarray, parts: list[np.ndarray]) -> float:
+    """Eq. 3 of the paper: ``Ncut = Σ_k cut(P_k, V \\ P_k) / vol(P_k)`` of a partition of the filter
+    graph, with ``vol(P_k)`` the sum of its filters' degrees. 0 when no edge is cut; at most ``K``.
+    The spectral partition minimises a relaxation of it; this is the value of the result."""
+    weights = np.asarray(weights, dtype=float)
+    weights = (weights + weights.T) / 2.0
+    degree = weights.sum(axis=1)
+    value = 0.0
+    for part in parts:
+        volume = float(degree[part].sum())
+        if volume > 0:
+            value += (volume - float(weights[np.ix_(part, part)].sum())) / volume
+    return value
+
+
+def random_partition(sizes: list[int] | np.ndarray, *, random_state: int | np.random.Generator | None = None) -> list[np.ndarray]:
+    """Filters dealt at random into parts of ``sizes`` (the baseline of a partition that ignores the graph)."""
+    order = np.random.default_rng(random_state).permutation(int(np.sum(sizes)))
+    return [np.sort(p) for p in np.split(order, np.cumsum(sizes)[:-1])]
+
+
+def contiguous_partition(sizes: list[int] | np.ndarray) -> list[np.ndarray]:
+    """Filters split in index order into parts of ``sizes`` (the naive split)."""
+    return np.split(np.arange(int(np.sum(sizes))), np.cumsum(sizes)[:-1])
+
+
 def proportional_sizes(num_filters: int, weights: np.ndarray) -> list[int]:
     """Sizes proportional to ``weights`` (largest remainder), at least one filter each."""
     weights = np.asarray(weights, dtype=float)

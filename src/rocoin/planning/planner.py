@@ -148,8 +148,7 @@ def _plan_rocoin(request: PlanRequest, *, greedy: bool = False, scheme: str = "r
         costs = GroupCosts.build(arrays, groups, sizes, request.students, request.rho_min)
         try:
             if greedy:
-                strength = np.array([arrays.flops[g].min() for g in groups])
-                assignment = match_greedy(costs, sizes, strength, request.rho_min)
+                assignment = match_greedy(costs, request.rho_min)
             elif request.objective == "minmax":
                 assignment = match_minmax(costs, request.rho_min)
             else:
