@@ -92,11 +92,17 @@ def test_fig3_has_both_panels_and_fig7_every_heterogeneity_level(experiments):
     fig3 = rows_of(out, "fig3")
     assert len([r for r in fig3 if r["panel"] == "a"]) == len(setup.epsilons) * len(setup.success_probs)
     assert {float(r["epsilon"]) for r in fig3 if r["panel"] == "b"} <= set(setup.epsilons)
+    for r in (r for r in fig3 if r["panel"] == "a" and r["mean_latency_s"]):
+        assert 0 < float(r["planned_latency_s"]) and float(r["mean_latency_s"]) <= float(r["deadline_s"])
     fig7 = rows_of(out, "fig7")
-    assert sorted({int(r["heterogeneity"]) for r in fig7}) == list(range(6))
+    assert sorted({int(r["level"]) for r in fig7}) == list(range(6))
+    assert {r["scheme"] for r in fig7} == {"rocoin", "rocoin-g", "nonn", "hetnonn", "rocoin-minmax"}
+    for r in fig7:  # the paper's quantity beside planned T; a missing group waits at most until the deadline
+        assert float(r["mean_latency_s"]) <= float(r["deadline_s"]) and float(r["planned_latency_s"]) > 0
     fig4 = rows_of(out, "fig4")
     for r in fig4:  # replicas: all deployed students cost at least the distinct ones
         assert float(r["total_mflops"]) >= float(r["valid_mflops"]) > 0
+        assert float(r["ncut"]) < min(float(r["ncut_random"]), float(r["ncut_contiguous"]))
 
 
 def test_scale_plans_every_fleet_size(experiments):

@@ -169,3 +169,15 @@ def test_int8_catalog_shrinks_the_weights_only():
     for name, spec in fp32.items():
         assert int8[name].memory_bytes == spec.memory_bytes - 3 * spec.params
         assert int8[name].flops == spec.flops and int8[name].params == spec.params
+
+
+def test_the_rate_unit_reads_table_iv_as_kbit_or_bit_per_second():
+    from rocoin.profiles.generate import generate_fleet
+
+    kbps = generate_fleet(200, 5, random_state=3)
+    bps = generate_fleet(200, 5, rate_unit="bps", random_state=3)
+    assert 50e3 <= min(d.rate_bps for d in kbps.devices) and max(d.rate_bps for d in kbps.devices) <= 550e3
+    assert 50 <= min(d.rate_bps for d in bps.devices) and max(d.rate_bps for d in bps.devices) <= 550
+    assert [d.flops for d in bps.devices] == [d.flops for d in kbps.devices]  # only the rates change
+    with pytest.raises(RocoinError, match="rate-unit = 'mbps': expected one of kbps, bps"):
+        generate_fleet(3, rate_unit="mbps")

@@ -30,6 +30,9 @@ def experiment_command(
     trials: int | None = typer.Option(None, "--trials", help="Random failure draws per number of failed devices."),
     fleets: int | None = typer.Option(None, "--fleets", help="Generated fleets per point of the planner-only figures."),
     seed: int | None = typer.Option(None, "--seed"),
+    rate_unit: str | None = typer.Option(
+        None, "--rate-unit", help="Table IV's rates read as kbps (kbit/s, the default) or bps (bit/s, as printed)."
+    ),
     fresh: bool = typer.Option(False, "--fresh", help="Retrain and recompute instead of reusing the cache."),
 ) -> None:
     """Reproduce the paper's evaluation: each NAME writes a CSV/JSON of its numbers, a PNG plot and a Markdown section."""
@@ -52,6 +55,7 @@ def experiment_command(
         trials=trials,
         fleets=fleets,
         seed=seed,
+        rate_unit=rate_unit,
     )
     written = run_experiments(wanted, setup, output, device=device, fresh=fresh, progress=rich_progress)
     for name, paths in written.items():

@@ -70,6 +70,9 @@ def fleet_generate(
     success_spread: float = typer.Option(0.1, "--success-spread", help="Half-width of the success-probability range."),
     input_bits: int | None = typer.Option(None, "--input-bits", help="Size of one broadcast input (e.g. 6272 for 28×28×8 bit)."),
     downlink_bps: float | None = typer.Option(None, "--downlink-bps", help="Downlink rate of every device for the input broadcast."),
+    rate_unit: str = typer.Option(
+        "kbps", "--rate-unit", help="Unit of Table IV's rates: kbps (kbit/s, SPEC.md's reading) or bps (bit/s, as the table prints)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     output: Path = typer.Option(..., "--output", "-o", help="Fleet file to write (YAML; .json for JSON)."),
 ) -> None:
@@ -85,6 +88,7 @@ def fleet_generate(
         success_spread=success_spread,
         input_bits=input_bits,
         downlink_bps=downlink_bps,
+        rate_unit=rate_unit,
         random_state=seed,
     )
     if output.suffix.lower() == ".json":

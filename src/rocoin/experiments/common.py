@@ -28,8 +28,30 @@ DATASET_SHAPES = {
     "cifar100": ((3, 32, 32), 100),
     "digits": ((1, 8, 8), 10),
 }
-#: The deadline of the simulated queries in ``scale``: this multiple of the plan's failure-free T.
+#: The deadline of simulated queries: this multiple of the largest failure-free T of the plans
+#: compared on a fleet (``scale``: of the one plan), so every plan can answer complete in time.
 DEADLINE_FACTOR = 1.5
+#: A finding says "lower" only when the mean paired difference exceeds this many standard errors.
+SIGNIFICANT_SE = 2.0
+
+
+def simulated_latency(plans: dict[str, Plan], fleet, trials: int, seed: int) -> tuple[float, dict[str, float]]:
+    """The paper's latency of each plan on ``fleet``: the mean over ``trials`` simulated queries
+    under independent device outages, a group with no surviving replica waiting until the deadline,
+    which is :data:`DEADLINE_FACTOR` × the largest planned T of ``plans``. Returns (deadline, means)."""
+    from rocoin.simulation import simulate
+
+    deadline = DEADLINE_FACTOR * max(p.latency_s for p in plans.values())
+    means = {k: simulate(p, fleet, trials=trials, timeout_s=deadline, random_state=seed).latency_mean_s for k, p in plans.items()}
+    return deadline, means
+
+
+def paired_gap(better: list[float], worse: list[float]) -> tuple[float, float]:
+    """Mean of ``worse - better`` over paired samples (fleets) and its standard error."""
+    diff = np.asarray(worse, dtype=float) - np.asarray(better, dtype=float)
+    if len(diff) < 2:
+        return float(diff.mean()) if len(diff) else float("nan"), float("inf")
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
 @dataclass

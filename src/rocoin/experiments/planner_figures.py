@@ -8,10 +8,34 @@ import time
 import numpy as np
 
 from rocoin.contracts.errors import InfeasiblePlanError
-from rocoin.experiments.common import DEADLINE_FACTOR, LABELS, MINMAX_LABEL, SCHEMES, planner_inputs, resource_totals, setup_caption
+from rocoin.experiments.common import (
+    DEADLINE_FACTOR,
+    LABELS,
+    MINMAX_LABEL,
+    SCHEMES,
+    SIGNIFICANT_SE,
+    paired_gap,
+    planner_inputs,
+    resource_totals,
+    setup_caption,
+    simulated_latency,
+)
 from rocoin.experiments.report import ExperimentResult
 from rocoin.experiments.workspace import Workspace
 from rocoin.planning import make_plan
+from rocoin.planning.partition import contiguous_partition, normalized_cut_value, random_partition
+
+
+def ncut_values(weights: np.ndarray, plan, *, random_state: int) -> dict[str, float]:
+    """Eq. 3 of the plan's partitions, and of a random and a contiguous partition of the same sizes."""
+    parts = [np.asarray(g.filters) for g in plan.groups]
+    sizes = [len(p) for p in parts]
+    return {
+        "ncut": normalized_cut_value(weights, parts),
+        "ncut_random": normalized_cut_value(weights, random_partition(sizes, random_state=random_state)),
+        "ncut_contiguous": normalized_cut_value(weights, contiguous_partition(sizes)),
+    }
+
 
 # --- Fig. 4 -------------------------------------------------------------------------------------
 
@@ -25,9 +49,8 @@ def fig4(ws: Workspace) -> ExperimentResult:
             totals = []
             for f in range(s.fleets):
                 try:
-                    totals.append(
-                        resource_totals(make_plan(ws.fleet(seed=s.seed + f), weights, catalog, scheme="rocoin", epsilon=eps, seed=s.seed))
-                    )
+                    plan = make_plan(ws.fleet(seed=s.seed + f), weights, catalog, scheme="rocoin", epsilon=eps, seed=s.seed)
+                    totals.append({**resource_totals(plan), **ncut_values(weights, plan, random_state=s.seed + f)})
                 except InfeasiblePlanError:
                     pass
                 advance()
@@ -37,7 +60,7 @@ def fig4(ws: Workspace) -> ExperimentResult:
                     {
                         "epsilon": eps,
                         "fleets": len(totals),
-                        **{k: round(v, 2) for k, v in mean.items()},
+                        **{k: round(v, 4 if k.startswith("ncut") else 2) for k, v in mean.items()},
                         "valid_to_total_flops": round(mean["valid_mflops"] / mean["total_mflops"], 3),
                     }
                 )
@@ -58,10 +81,17 @@ def fig4(ws: Workspace) -> ExperimentResult:
             ax.legend()
 
     ratios = [r["valid_to_total_flops"] for r in rows]
+    below = sum(1 for r in rows if r["ncut"] < min(r["ncut_random"], r["ncut_contiguous"]))
     findings = [
+        f"The normalised cut (eq. 3) of RoCoIn's partitions is below that of random and of contiguous partitions of the same sizes at "
+        f"{below} of {len(rows)} ε values (means over fleets: "
+        + "; ".join(
+            f"ε = {r['epsilon']}: {r['ncut']:.3f} vs {r['ncut_random']:.3f} random, {r['ncut_contiguous']:.3f} contiguous" for r in rows
+        )
+        + ").",
         "Paper: a smaller ε buys failure resilience with more replicas, i.e. lower resource utilisation (S-Valid / S-Total). "
         f"Here S-Valid/S-Total FLOPs goes {' → '.join(f'{r:.2f}' for r in ratios)} for ε = {' → '.join(str(r['epsilon']) for r in rows)}"
-        + (" (agrees)." if all(b >= a - 1e-9 for a, b in zip(ratios, ratios[1:], strict=False)) else " (not monotone).")
+        + (" (agrees)." if all(b >= a - 1e-9 for a, b in zip(ratios, ratios[1:], strict=False)) else " (not monotone)."),
     ]
     caption = (
         f"RoCoIn plans of {s.fleets} generated fleets per ε; "
@@ -75,68 +105,116 @@ def fig4(ws: Workspace) -> ExperimentResult:
 
 # --- Fig. 7 -------------------------------------------------------------------------------------
 
+#: Fig. 7's series: (scheme key in the CSV, planner scheme, objective); rocoin-minmax is our addition.
+FIG7_SERIES = (*((x, x, "paper") for x in SCHEMES), ("rocoin-minmax", "rocoin", "minmax"))
+FIG7_LABELS = {**LABELS, "rocoin-minmax": MINMAX_LABEL}
+
 
 def fig7(ws: Workspace) -> ExperimentResult:
+    """Latency vs heterogeneity, as the paper measures it: the mean latency of simulated queries
+    under device failures (deadline: 1.5 × the largest planned T on the fleet), beside planned T."""
     s = ws.setup
     weights, catalog, filters = planner_inputs(s)
-    variants = [(LABELS[x], x, "paper") for x in SCHEMES] + [(MINMAX_LABEL, "rocoin", "minmax")]
-    rows = []
-    with ws.progress("fig7: planning fleets", 6 * s.fleets * len(variants)) as advance:
+    samples = _fig7_samples(ws, weights, catalog)
+    rows = [_fig7_row(level, key, samples[level][key]) for level in range(6) for key, _, _ in FIG7_SERIES]
+    findings = _fig7_findings(s, samples, rows)
+    caption = (
+        f"{s.fleets} generated fleets per level ({s.devices} devices, mean success {s.success_prob}, rates in {s.rate_unit}), "
+        f"ε = {s.epsilon}; students {', '.join(s.students)} counted from their shapes; synthetic filter activity, F = {filters}. "
+        f"Left: mean latency of {s.latency_trials} simulated queries per fleet under independent outages, a missing group waiting "
+        f"until the deadline ({DEADLINE_FACTOR} × the largest planned T of the compared plans on that fleet). Right: planned T."
+    )
+    return ExperimentResult("fig7", "Fig. 7: latency vs heterogeneity level", caption, rows, _fig7_plot(s, rows), findings)
+
+
+def _fig7_samples(ws: Workspace, weights: np.ndarray, catalog) -> dict[int, dict[str, list[tuple[float, float, float]]]]:
+    """Per level and series: one (mean simulated latency, planned T, deadline) per fleet where every series has a plan."""
+    s = ws.setup
+    samples: dict[int, dict[str, list[tuple[float, float, float]]]] = {level: {k: [] for k, _, _ in FIG7_SERIES} for level in range(6)}
+    with ws.progress("fig7: planning and simulating fleets", 6 * s.fleets) as advance:
         for level in range(6):
-            latencies: dict[str, list[float]] = {label: [] for label, _, _ in variants}
             for f in range(s.fleets):
                 fleet = ws.fleet(heterogeneity=level, seed=s.seed + f)
-                for label, scheme, objective in variants:
-                    try:
-                        plan = make_plan(fleet, weights, catalog, scheme=scheme, epsilon=s.epsilon, objective=objective, seed=s.seed)
-                        latencies[label].append(plan.latency_s)
-                    except InfeasiblePlanError:
-                        pass
-                    advance()
-            for label, _, _ in variants:
-                values = latencies[label]
-                rows.append(
-                    {
-                        "heterogeneity": level,
-                        "scheme": label,
-                        "latency_s_mean": round(float(np.mean(values)), 4) if values else float("nan"),
-                        "latency_s_std": round(float(np.std(values)), 4) if values else float("nan"),
-                        "fleets": len(values),
+                try:
+                    plans = {
+                        key: make_plan(fleet, weights, catalog, scheme=scheme, epsilon=s.epsilon, objective=objective, seed=s.seed)
+                        for key, scheme, objective in FIG7_SERIES
                     }
-                )
+                except InfeasiblePlanError:
+                    advance()
+                    continue  # compared on the same fleets only
+                deadline, means = simulated_latency(plans, fleet, s.latency_trials, s.seed + f)
+                for key, plan in plans.items():
+                    samples[level][key].append((means[key], plan.latency_s, deadline))
+                advance()
+    return samples
 
+
+def _fig7_row(level: int, key: str, values: list[tuple[float, float, float]]) -> dict:
+    mean, planned, deadline = (np.array([v[i] for v in values]) for i in range(3)) if values else (np.array([np.nan]),) * 3
+    return {
+        "level": level,
+        "scheme": key,
+        "mean_latency_s": round(float(mean.mean()), 4),
+        "planned_latency_s": round(float(planned.mean()), 4),
+        "mean_latency_s_std": round(float(mean.std()), 4),
+        "planned_latency_s_std": round(float(planned.std()), 4),
+        "deadline_s": round(float(deadline.mean()), 4),
+        "fleets": len(values),
+    }
+
+
+def _fig7_plot(s, rows: list[dict]):
     def plot(fig) -> None:
-        ax = fig.subplots(1, 1)
-        for i, (label, _, objective) in enumerate(variants):
-            mine = [r for r in rows if r["scheme"] == label]
-            style = "--" if objective == "minmax" else "-"
-            ax.errorbar(
-                [r["heterogeneity"] for r in mine],
-                [r["latency_s_mean"] for r in mine],
-                yerr=[r["latency_s_std"] for r in mine],
-                marker="o",
-                linestyle=style,
-                capsize=3,
-                color=f"C{i}",
-                label=label,
-            )
-        ax.set_xlabel("heterogeneity level (Table IV)")
-        ax.set_ylabel(f"planned latency T (s), mean ± std of {s.fleets} fleets")
-        ax.legend()
+        axes = fig.subplots(1, 2)
+        for ax, column, label in (
+            (axes[0], "mean_latency_s", f"mean latency of simulated queries (s), {s.fleets} fleets"),
+            (axes[1], "planned_latency_s", f"planned latency T (s), mean ± std of {s.fleets} fleets"),
+        ):
+            for i, (key, _, objective) in enumerate(FIG7_SERIES):
+                mine = [r for r in rows if r["scheme"] == key]
+                ax.errorbar(
+                    [r["level"] for r in mine],
+                    [r[column] for r in mine],
+                    yerr=[r[f"{column}_std"] for r in mine],
+                    marker="o",
+                    linestyle="--" if objective == "minmax" else "-",
+                    capsize=3,
+                    color=f"C{i}",
+                    label=FIG7_LABELS[key],
+                )
+            ax.set_xlabel("heterogeneity level (Table IV)")
+            ax.set_ylabel(label)
+            ax.legend()
 
-    at = {(r["scheme"], r["heterogeneity"]): r["latency_s_mean"] for r in rows}
-    paper_labels = [LABELS[x] for x in SCHEMES]
-    best_at = sum(1 for level in range(6) if at[("RoCoIn", level)] <= min(at[(x, level)] for x in paper_labels) * 1.0001)
-    worst_at5 = max(paper_labels, key=lambda x: at[(x, 5)])
-    minmax_gain = 1 - at[(MINMAX_LABEL, 5)] / at[("NoNN", 5)]
-    findings = [
-        f"Paper: latency grows with heterogeneity; NoNN suffers most, RoCoIn is lowest at every level. Here RoCoIn's T goes {at[('RoCoIn', 0)]:.3f} → {at[('RoCoIn', 5)]:.3f} s, "
-        f"NoNN's {at[('NoNN', 0)]:.3f} → {at[('NoNN', 5)]:.3f} s; RoCoIn (eq. 5 weights) is lowest at {best_at} of 6 levels; the slowest at level 5 is {worst_at5}.",
-        f"RoCoIn with the minmax objective (the exact bottleneck assignment, our addition) is {minmax_gain:.0%} below NoNN at level 5 "
-        f"({at[(MINMAX_LABEL, 5)]:.3f} vs {at[('NoNN', 5)]:.3f} s): it gives the slow groups the smaller student, where the eq. 5 weight ρ/T prefers the larger one (with no accuracy floor ρ_min it takes the smaller student wherever that lowers T).",
+    return plot
+
+
+def _fig7_findings(s, samples: dict, rows: list[dict]) -> list[str]:
+    at = {(r["scheme"], r["level"]): r for r in rows}
+    lowest = []
+    for level in range(6):
+        rocoin = [v[0] for v in samples[level]["rocoin"]]
+        gaps = [paired_gap(rocoin, [v[0] for v in samples[level][other]]) for other in ("nonn", "hetnonn")]
+        if rocoin and all(gap > SIGNIFICANT_SE * se for gap, se in gaps):
+            lowest.append(level)
+    planned_lowest = sum(
+        1
+        for level in range(6)
+        if at[("rocoin", level)]["planned_latency_s"] < min(at[(x, level)]["planned_latency_s"] for x in ("nonn", "hetnonn"))
+    )
+    grows = all(at[(k, 5)]["mean_latency_s"] > at[(k, 0)]["mean_latency_s"] for k in ("rocoin", "nonn", "hetnonn"))
+    return [
+        f"Paper: latency grows with heterogeneity. Here the mean simulated latency of RoCoIn goes {at[('rocoin', 0)]['mean_latency_s']:.3f} → "
+        f"{at[('rocoin', 5)]['mean_latency_s']:.3f} s, NoNN's {at[('nonn', 0)]['mean_latency_s']:.3f} → {at[('nonn', 5)]['mean_latency_s']:.3f} s, "
+        f"HetNoNN's {at[('hetnonn', 0)]['mean_latency_s']:.3f} → {at[('hetnonn', 5)]['mean_latency_s']:.3f} s"
+        + (" (agrees)." if grows else " (does not grow for every scheme)."),
+        f"Paper: RoCoIn has the lowest latency at every level, NoNN the highest. Here RoCoIn's mean simulated latency is below both NoNN's and "
+        f"HetNoNN's by more than {SIGNIFICANT_SE:g} standard errors of the paired per-fleet difference at {len(lowest)} of 6 levels "
+        f"({', '.join(map(str, lowest)) or 'none'}); at level 5: RoCoIn {at[('rocoin', 5)]['mean_latency_s']:.3f}, NoNN "
+        f"{at[('nonn', 5)]['mean_latency_s']:.3f}, HetNoNN {at[('hetnonn', 5)]['mean_latency_s']:.3f}, RoCoIn-G {at[('rocoin-g', 5)]['mean_latency_s']:.3f} s. "
+        f"With planned T instead (failure-free), RoCoIn is strictly lowest at {planned_lowest} of 6 levels.",
     ]
-    caption = f"{s.fleets} generated fleets per level ({s.devices} devices, mean success {s.success_prob}), ε = {s.epsilon}; students {', '.join(s.students)} counted from their shapes; synthetic filter activity, F = {filters}."
-    return ExperimentResult("fig7", "Fig. 7: latency vs heterogeneity level", caption, rows, plot, findings)
 
 
 # --- scale --------------------------------------------------------------------------------------
@@ -169,6 +247,7 @@ def scale(ws: Workspace) -> ExperimentResult:
                         "sim_latency_p99_s": round(sim.latency_p99_s, 4),
                         "p_all_groups": round(sim.p_complete, 4),
                         "missing_groups_mean": round(sim.missing_groups_mean, 3),
+                        **{k: round(v, 4) for k, v in ncut_values(weights, plan, random_state=s.seed).items()},
                     }
                 )
                 advance()

@@ -31,6 +31,9 @@ class ExperimentSetup(PipelineConfig):
     fleets: int = Field(default=20, ge=1, description="generated fleets averaged per point of the planner-only figures")
     scale_devices: tuple[int, ...] = (10, 100, 1000, 10000)
     sim_queries: int = Field(default=20000, ge=1)
+    latency_trials: int = Field(
+        default=100, ge=1, description="simulated queries per fleet for the mean latency of Figs. 3(a) and 7 (the paper's 100 trials)"
+    )
 
     @field_validator("epsilons")
     @classmethod
@@ -61,6 +64,7 @@ PRESETS: dict[str, dict] = {
         "fleets": 2,
         "scale_devices": (10, 100),
         "sim_queries": 500,
+        "latency_trials": 20,
     },
     "default": {},
     "paper": {

@@ -81,6 +81,9 @@ class PipelineConfig(Settings):
     devices: Devices = 10
     heterogeneity: Heterogeneity = 4
     success_prob: SuccessProb = 0.8
+    rate_unit: Literal["kbps", "bps"] = Field(
+        default="kbps", description="how to read Table IV's rates: kbps (kbit/s, SPEC.md's reading) or bps (bit/s, as printed)"
+    )
     epsilon: Epsilon = 0.05
     trials: Trials = 30
     seed: Seed = 0

@@ -158,6 +158,7 @@ def generate(
         devices or config.devices,
         config.heterogeneity if heterogeneity is None else heterogeneity,
         config.success_prob if success_prob is None else success_prob,
+        rate_unit=config.rate_unit,
         random_state=config.seed if seed is None else seed,
     )
 

@@ -13,13 +13,17 @@ from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fleet import DeviceProfile, Fleet
 from rocoin.models.analytic import DEFAULT_STUDENTS, arch_stats
 
-#: Table IV of the paper: width of the FLOP/s range (MFLOP/s) and of the rate range (kbit/s)
-#: for heterogeneity levels 0..5.
+#: Table IV of the paper: width of the FLOP/s range (MFLOP/s) and of the rate range (in the
+#: table's rate unit, see :data:`RATE_UNITS`) for heterogeneity levels 0..5.
 HETEROGENEITY_FLOPS_RANGE_M = (0.0, 10.0, 15.0, 20.0, 25.0, 30.0)
 HETEROGENEITY_RATE_RANGE_KBPS = (0.0, 100.0, 200.0, 300.0, 400.0, 500.0)
-#: Centres of the generated ranges [decision: the paper's 10-30 MFLOP/s and 100-500 kbit/s].
+#: Centres of the generated ranges [decision: the paper's 10-30 MFLOP/s and 100-500 (unit) rates].
 CENTER_FLOPS = 20e6
 CENTER_RATE_BPS = 300e3
+#: How to read Table IV's rates, "100-500 bps": ``kbps`` (SPEC.md's assumption, the default: 100-500
+#: kbit/s) or ``bps`` (as printed: 100-500 bit/s). bit/s per unit of the table.
+RATE_UNITS = {"kbps": 1e3, "bps": 1.0}
+DEFAULT_RATE_UNIT = "kbps"
 #: Memory [decision: the paper gives none]: log-uniform around 4 MiB, wider with heterogeneity.
 CENTER_MEMORY_BYTES = 4 * 1024 * 1024
 MEMORY_SPREAD_PER_LEVEL = 0.5
@@ -33,12 +37,14 @@ def generate_fleet(
     success_spread: float = 0.1,
     input_bits: int | None = None,
     downlink_bps: float | None = None,
+    rate_unit: str = DEFAULT_RATE_UNIT,
     random_state: int | np.random.Generator | None = None,
 ) -> Fleet:
     """A fleet like the paper's simulations (Table IV), with the assumptions of SPEC.md §7.
 
-    - FLOP/s uniform in ``20 MFLOP/s ± W_f/2`` and rate uniform in ``300 kbit/s ± W_r/2``, with
-      ``(W_f, W_r)`` the Table IV widths of ``heterogeneity`` (0: identical devices; 5: widest).
+    - FLOP/s uniform in ``20 MFLOP/s ± W_f/2`` and rate uniform in ``300 ± W_r/2`` units, with
+      ``(W_f, W_r)`` the Table IV widths of ``heterogeneity`` (0: identical devices; 5: widest)
+      and the unit ``rate_unit`` (``kbps``: kbit/s, the default; ``bps``: bit/s, as printed).
     - memory log-uniform in ``[4 MiB / g, 4 MiB · g]`` with ``g = 1 + 0.5 · heterogeneity``.
     - success probability ``1 - outage`` uniform in ``success_prob ± success_spread``, clipped to
       ``[0.01, 0.999]`` (the fleet's mean success probability is ``success_prob`` unless clipped).
@@ -51,11 +57,14 @@ def generate_fleet(
         raise RocoinError(f"success-prob = {success_prob}: expected a probability in (0, 1]")
     if not 0.0 <= success_spread < 1.0:
         raise RocoinError(f"success-spread = {success_spread}: expected a value in [0, 1)")
+    if rate_unit not in RATE_UNITS:
+        raise RocoinError(f"rate-unit = {rate_unit!r}: expected one of {', '.join(RATE_UNITS)}")
+    per_unit = RATE_UNITS[rate_unit]
     rng = np.random.default_rng(random_state)
     width_f = HETEROGENEITY_FLOPS_RANGE_M[heterogeneity] * 1e6
-    width_r = HETEROGENEITY_RATE_RANGE_KBPS[heterogeneity] * 1e3
+    width_r = HETEROGENEITY_RATE_RANGE_KBPS[heterogeneity] * per_unit
     flops = CENTER_FLOPS + rng.uniform(-0.5, 0.5, num_devices) * width_f
-    rate = CENTER_RATE_BPS + rng.uniform(-0.5, 0.5, num_devices) * width_r
+    rate = CENTER_RATE_BPS / 1e3 * per_unit + rng.uniform(-0.5, 0.5, num_devices) * width_r
     spread = 1.0 + MEMORY_SPREAD_PER_LEVEL * heterogeneity
     memory = CENTER_MEMORY_BYTES * np.exp(rng.uniform(-1.0, 1.0, num_devices) * math.log(spread))
     success = np.clip(success_prob + rng.uniform(-1.0, 1.0, num_devices) * success_spread, 0.01, 0.999)
