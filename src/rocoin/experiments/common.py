@@ -122,7 +122,7 @@ def resource_totals(plan: Plan) -> dict[str, float]:
 
 
 def setup_caption(s: ExperimentSetup, *, trained: bool) -> str:
-    fleet = f"N = {s.devices} generated devices, heterogeneity level {s.heterogeneity} (Table IV; FLOP/s 20 M ± half the range, rates in kbit/s), mean success probability {s.success_prob}"
+    fleet = f"N = {s.devices} generated devices, heterogeneity level {s.heterogeneity} (Table IV; FLOP/s 20 M ± half the range, rates in {'kbit/s' if s.rate_unit == 'kbps' else 'bit/s, as Table IV prints them'}), mean success probability {s.success_prob}"
     if not trained:
         return fleet
     teacher_images = f"first {s.max_train_images:,}" if s.max_train_images else "all"
