@@ -76,6 +76,10 @@ def test_failure_curves_cover_zero_to_half_the_fleet_for_every_scheme(experiment
         # NoNN has no replicas: every failed device is a missing group
         nonn = [(int(r["failed_devices"]), float(r["missing_groups_mean"])) for r in rows if r["scheme"] == "NoNN"]
         assert all(missing == failed for failed, missing in nonn)
+    # Fig. 5: the paper's setting (no dropped slots) plus failure-aware training as extra series.
+    fig5 = {r["scheme"] for r in rows_of(out, "fig5")}
+    assert fig5 == {"RoCoIn", "RoCoIn-G", "HetNoNN", "NoNN", "RoCoIn + FA", "NoNN + FA"}
+    assert not any("+ FA" in r["scheme"] for r in rows_of(out, "fig6"))
 
 
 def test_training_curves_have_one_point_per_epoch_and_scheme(experiments):

@@ -62,16 +62,33 @@ class Run:
     plan: Plan
     students: Done[StudentsFile]
     evaluation: dict[str, Any]
+    failure_aware: bool = False
+
+    @property
+    def label(self) -> str:
+        """The scheme's name, with " + FA" for failure-aware training (our addition)."""
+        return LABELS[self.scheme] + (FA_SUFFIX if self.failure_aware else "")
+
+
+#: Marks the series of students trained failure-aware (with dropped slots), which the paper does not do.
+FA_SUFFIX = " + FA"
 
 
 def trained_runs(
-    ws: Workspace, *, known: bool, schemes: tuple[str, ...] = SCHEMES, epsilon: float | None = None, train: bool = True
+    ws: Workspace,
+    *,
+    known: bool,
+    schemes: tuple[str, ...] = SCHEMES,
+    epsilon: float | None = None,
+    train: bool = True,
+    failure_aware: bool = False,
 ) -> list[Run]:
     """Plan and distill each scheme on the setup's fleet.
 
-    ``known``: the planner sees each device's outage and the students are trained failure-aware
-    with the plan's group failure probabilities (Fig. 5). Otherwise the planner assumes every
-    device fails with the fleet's nominal ``1 − success_prob`` and training ignores failures (Fig. 6).
+    ``known``: the planner sees each device's outage (Table II, Figs. 2, 3, 5); otherwise it
+    assumes every device fails with the fleet's nominal ``1 − success_prob`` (Fig. 6). Students
+    are trained as the paper does, without dropped slots, unless ``failure_aware`` (our addition:
+    slots dropped with the plan's group failure probabilities; needs ``known``).
     ``train=False`` returns only the runs whose students are already cached.
     """
     s = ws.setup
@@ -82,9 +99,9 @@ def trained_runs(
     runs = []
     for scheme in schemes:
         plan = make_plan(fleet, weights, catalog, scheme=scheme, epsilon=epsilon or s.epsilon, seed=s.seed)
-        students = ws.students(plan, failure_aware=known, train=train)
+        students = ws.students(plan, failure_aware=failure_aware and known, train=train)
         if students is not None:
-            runs.append(Run(scheme, plan, students, ws.evaluation(students)))
+            runs.append(Run(scheme, plan, students, ws.evaluation(students), failure_aware=failure_aware and known))
     return runs
 
 
