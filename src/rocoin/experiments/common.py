@@ -46,6 +46,26 @@ def simulated_latency(plans: dict[str, Plan], fleet, trials: int, seed: int) -> 
     return deadline, means
 
 
+def accuracy_verdict(
+    a_pct: float, b_pct: float, test_images: int, *, a_std_pct: float = 0.0, b_std_pct: float = 0.0, trials: int = 1
+) -> str:
+    """Whether accuracy ``a`` is above ``b`` by more than :data:`SIGNIFICANT_SE` standard errors of
+    the difference: "agrees", "does not agree" (below by as much) or "within noise (± x points)".
+
+    The standard error combines the test sample (binomial, as if the two were measured on
+    different images: conservative) and, for accuracies averaged over random failure draws, the
+    spread of the draws (``std / sqrt(trials)`` each)."""
+    p = min(max((a_pct + b_pct) / 200.0, 0.0), 1.0)
+    sampling = 100.0 * np.sqrt(2.0 * p * (1.0 - p) / max(test_images, 1))
+    draws = np.hypot(a_std_pct, b_std_pct) / np.sqrt(max(trials, 1))
+    margin = SIGNIFICANT_SE * float(np.hypot(sampling, draws))
+    if a_pct - b_pct > margin:
+        return "agrees"
+    if b_pct - a_pct > margin:
+        return "does not agree"
+    return f"within noise: ± {margin:.2f} points"
+
+
 def paired_gap(better: list[float], worse: list[float]) -> tuple[float, float]:
     """Mean of ``worse - better`` over paired samples (fleets) and its standard error."""
     diff = np.asarray(worse, dtype=float) - np.asarray(better, dtype=float)

@@ -29,6 +29,7 @@ from rocoin.experiments.common import (  # noqa: F401 - Run, SCHEMES: part of th
     SCHEMES,
     SIGNIFICANT_SE,
     Run,
+    accuracy_verdict,
     describe_students,
     paired_gap,
     pct,
@@ -102,7 +103,8 @@ def table2(ws: Workspace) -> ExperimentResult:
         )
         best_baseline = max((by[k] for k in ("NoNN", "HetNoNN", "RoCoIn-G") if k in by), key=lambda r: r["accuracy_pct"], default=None)
         if best_baseline:
-            verdict = "agrees" if by["RoCoIn"]["accuracy_pct"] >= best_baseline["accuracy_pct"] else "does not agree"
+            test_images = next(run.evaluation["test_images"] for run in runs if run.scheme == "rocoin")
+            verdict = accuracy_verdict(by["RoCoIn"]["accuracy_pct"], best_baseline["accuracy_pct"], test_images)
             findings.append(
                 f"Paper: RoCoIn is the most accurate distributed scheme. Here RoCoIn {by['RoCoIn']['accuracy_pct']:.2f} % vs best other {best_baseline['scheme']} {best_baseline['accuracy_pct']:.2f} % ({verdict})."
             )
@@ -419,12 +421,26 @@ def _failure_curves(
 
     worst = max(s.fail_counts)
     at_all = {r["scheme"]: r["accuracy_pct"] for r in rows if r["failed_devices"] == worst}
+    std = {r["scheme"]: r["accuracy_std_pct"] for r in rows if r["failed_devices"] == worst}
     at = {k: v for k, v in at_all.items() if k in main}
-    best_other = max((v for k, v in at.items() if k != "RoCoIn"), default=float("nan"))
+    best_other_name = max((k for k in at if k != "RoCoIn"), key=lambda k: at[k], default=None)
+    best_other = at[best_other_name] if best_other_name else float("nan")
+    verdict = (
+        accuracy_verdict(
+            at["RoCoIn"],
+            best_other,
+            runs[0].evaluation["test_images"],
+            a_std_pct=std["RoCoIn"],
+            b_std_pct=std[best_other_name],
+            trials=s.trials,
+        )
+        if "RoCoIn" in at and best_other_name
+        else "not measured"
+    )
     findings = [
         f"With {worst} of {s.devices} devices failed: " + ", ".join(f"{k} {v:.2f} %" for k, v in at_all.items()) + ".",
         f"Paper: RoCoIn degrades least (CIFAR-10 > 88 % with half failed). Here RoCoIn {at.get('RoCoIn', float('nan')):.2f} % vs best baseline {best_other:.2f} %"
-        + (" (agrees)." if at.get("RoCoIn", -1) >= best_other else " (does not agree)."),
+        + f" ({verdict}).",
     ]
     return rows, plot, findings
 
