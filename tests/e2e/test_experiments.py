@@ -200,3 +200,10 @@ def test_a_setting_with_no_feasible_fleet_is_written_as_json_null(tmp_path):
     )
     paths = result.write(tmp_path, {}, 0.0)
     assert json.loads(paths["json"].read_text())["rows"][0]["latency_s_mean"] is None
+
+
+def test_table3_says_which_configuration_it_ran(experiments):
+    out, _ = experiments
+    data = json.loads((out / "table3" / "table3.json").read_text())
+    assert "CIFAR-100 is not present here" in data["caption"]  # no CIFAR-100 files in the test's data folder
+    assert {r["scheme"] for r in data["rows"]} >= {"Teacher", "RoCoIn", "RoCoIn-G", "NoNN", "HetNoNN"}

@@ -362,6 +362,46 @@ def _fig3_findings(
     return findings
 
 
+# --- Table III ---------------------------------------------------------------------------------
+
+#: The paper's CIFAR-100 configuration (§V-A): teacher WRN-28-10, students WRN-16-3, WRN-16-2, WRN-22-1.
+TABLE3_PAPER = {"dataset": "cifar100", "teacher_arch": "wrn-28-10", "students": ("wrn-16-3", "wrn-16-2", "wrn-22-1")}
+#: Where CIFAR-100 is absent: the same family one width step down (WRN-16-3 → 16-2, 16-2 → 16-1), on
+#: the setup's dataset and teacher; a CPU trains it in minutes.
+TABLE3_SCALED_STUDENTS = ("wrn-16-2", "wrn-16-1", "wrn-22-1")
+
+
+def table3_setup(s: ExperimentSetup) -> tuple[ExperimentSetup, str]:
+    """Table III's settings: the paper's on CIFAR-100 when its files are present (or the setup
+    asks for it), else the scaled family on the setup's data; and a sentence saying which."""
+    from rocoin.data import load_dataset
+
+    if s.dataset == "cifar100" or s.size == "paper":
+        try:
+            load_dataset("cifar100", Path(s.data_dir) if s.data_dir else None)
+        except RocoinError:
+            pass
+        else:
+            return s.model_copy(
+                update=TABLE3_PAPER
+            ), "The paper's CIFAR-100 configuration: teacher WRN-28-10, students WRN-16-3, WRN-16-2, WRN-22-1."
+    scaled = s.model_copy(update={"students": TABLE3_SCALED_STUDENTS if s.size != "quick" else s.students})
+    return scaled, (
+        f"CIFAR-100 is not present here: the paper's family (WRN-16-3, WRN-16-2, WRN-22-1 under a WRN-28-10 teacher) scaled to the CPU budget, "
+        f"students {', '.join(scaled.students)} under the {scaled.teacher_arch} teacher on {scaled.dataset}."
+    )
+
+
+def table3(ws: Workspace) -> ExperimentResult:
+    """Table III: Table II's comparison with the paper's CIFAR-100 student family."""
+    setup, note = table3_setup(ws.setup)
+    result = table2(ws.derived(setup))
+    return ExperimentResult(
+        "table3", f"Table III: students of each scheme, the paper's CIFAR-100 family ({setup.dataset})", note + " " + result.caption,
+        result.rows, result.plot, result.findings,
+    )  # fmt: skip
+
+
 # --- Fig. 5 / Fig. 6 ----------------------------------------------------------------------------
 
 
@@ -495,6 +535,7 @@ def _accuracy_at(evaluation: dict[str, Any], failed: int) -> float:
 
 EXPERIMENTS: dict[str, Callable[[Workspace], ExperimentResult]] = {
     "table2": table2,
+    "table3": table3,
     "fig2": fig2,
     "fig3": fig3,
     "fig4": fig4,

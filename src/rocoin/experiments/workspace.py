@@ -11,6 +11,8 @@ worst train the same thing twice.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,14 @@ class Workspace:
     @property
     def progress(self) -> Progress:
         return self.pipeline.progress
+
+    def derived(self, setup: ExperimentSetup) -> Workspace:
+        """A workspace for other settings that shares this one's cache folder, ``fresh`` and device."""
+        other = copy.copy(self)
+        other.setup = setup
+        other.pipeline = dataclasses.replace(self.pipeline, config=setup)
+        other._teacher = None
+        return other
 
     def fleet(
         self, *, heterogeneity: int | None = None, success_prob: float | None = None, seed: int | None = None, devices: int | None = None
