@@ -66,7 +66,9 @@ def main() -> None:
         + "\n".join(verdict)
         + "\n\nFig. 3(a)'s mean simulated latency falls from the lowest to the highest success probability for every ε under: "
         + (", ".join(u for u in UNITS if falling[u]) or "neither")
-        + ". Decision: the experiments read the table as printed (`bps`, `ExperimentSetup.rate_unit`); the fleet generator, "
+        + ". The paper is inconsistent: its §V-A text says the rates are in kbps, its Table IV prints bps."
+        " Decision: the experiments read the table as printed (`bps`, `ExperimentSetup.rate_unit`), the reading that reproduces"
+        " the trend the paper shows; the fleet generator, "
         "`rocoin fleet generate` and the demo keep kbit/s (`--rate-unit` switches), realistic links for a deployment.\n",
     )
     print((args.out / "rate-unit.md").read_text())
