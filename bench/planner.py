@@ -1,6 +1,7 @@
 """Planner benchmark: planning time per scheme for 10 to 10,000 devices (F = 256).
 
-Run: ``make bench`` or ``.venv/bin/python bench/planner.py [--repeats R] [--sizes 10,100,...]``.
+Run: ``make bench`` or ``.venv/bin/python bench/planner.py [--repeats R] [--sizes 10,100,...] [--out FILE]``.
+What it prints is also written to ``--out`` (default ``docs/bench/planner.txt``, the README's source).
 Prints the time per plan (best of R), the time per device, the log-log slope between sizes
 (the measured complexity), the gap of the heuristics to the exact optimum on 10-device fleets,
 and the simulator's speed. The filter graph is built once per run and not counted: the planner
@@ -10,13 +11,18 @@ receives it (``rocoin plan`` builds it from ACT.npy before planning).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import math
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+from rocoin.contracts.fileio import write_text_atomic
 from rocoin.planning import filter_graph, make_plan, synthetic_activations
 from rocoin.profiles.generate import default_catalog, generate_fleet
 from rocoin.simulation import simulate
@@ -39,7 +45,27 @@ def main() -> None:
     parser.add_argument("--filters", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epsilon", type=float, default=0.05)
+    parser.add_argument("--out", type=Path, default=Path("docs/bench/planner.txt"), help="also write the report here")
     args = parser.parse_args()
+    lines: list[str] = []
+    with contextlib.redirect_stdout(Tee(sys.stdout, lines)):
+        run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out, "".join(lines))
+
+
+class Tee(io.TextIOBase):
+    """A stream that writes to ``stream`` and keeps a copy in ``lines``."""
+
+    def __init__(self, stream, lines: list[str]) -> None:
+        self.stream, self.lines = stream, lines
+
+    def write(self, text: str) -> int:
+        self.lines.append(text)
+        return self.stream.write(text)
+
+
+def run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.ERROR)  # baselines warn about idle devices at every size
     sizes = [int(s) for s in args.sizes.split(",")]
     catalog = default_catalog((3, 32, 32))
