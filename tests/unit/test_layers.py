@@ -45,25 +45,9 @@ ALLOWED: dict[str, set[str]] = {
         "runtime.source",
         "runtime.api",
         "runtime.cluster",
-    },
-    "experiments": {
-        "contracts",
-        "logs",
-        "models",
-        "data",
-        "profiles",
-        "planning",
-        "simulation",
-        "distillation",
-        "export",
-        "runtime.transport",
-        "runtime.device",
-        "runtime.source",
-        "runtime.api",
-        "runtime.cluster",
-        "pipeline",
-    },
+    },  # fmt: skip
 }
+ALLOWED["experiments"] = ALLOWED["pipeline"] | {"pipeline"}
 #: The command line sits on top and may import anything.
 TOP = "cli"
 

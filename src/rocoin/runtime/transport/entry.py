@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -27,8 +26,9 @@ M = TypeVar("M", bound=BaseModel)
 def run_entry_point(model: type[M], run: Callable[[M], None], what: str, argv: list[str] | None = None) -> int:
     """Parse ``--options FILE`` (JSON or YAML of ``model``), configure INFO logging, call ``run``.
 
-    Returns the exit code: 0; 2 for bad options or input, or a peer that cannot be reached; 1 for
-    a server that failed a valid request (each one ``error:`` line on stderr, as the CLI does).
+    Returns 0 (or 130 when interrupted). On an error it exits with one ``error:`` line on stderr,
+    as the CLI does: code 2 for bad options or input or a peer that cannot be reached, 1 for a
+    server that failed a valid request.
     """
     from rocoin.logs import configure
 
@@ -41,8 +41,8 @@ def run_entry_point(model: type[M], run: Callable[[M], None], what: str, argv: l
         options = load_validated(model, args.options, f"{model.__name__} (see {model.__module__})")
         run(options)
     except (RocoinError, UnavailableError, ServingError) as exc:
-        print(f"error: {one_line(str(exc), 2000)}", file=sys.stderr)
-        return 1 if isinstance(exc, ServingError) else 2
+        # argparse is this entry point's command line: its exit writes the one error line to stderr.
+        parser.exit(1 if isinstance(exc, ServingError) else 2, f"error: {one_line(str(exc), 2000)}\n")
     except KeyboardInterrupt:
         return 130
     return 0
