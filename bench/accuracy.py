@@ -1,6 +1,6 @@
 """Accuracy benchmark on Fashion-MNIST: teacher, RoCoIn / NoNN / HetNoNN students, and failures.
 
-Run: ``.venv/bin/python bench/accuracy.py [--out results/bench-accuracy]``. Finished steps are
+Run: ``.venv/bin/python bench/accuracy.py [--out results/bench-accuracy] [--docs docs/bench/accuracy]``. Finished steps are
 reused when rerun (rocoin.pipeline's step cache, ``steps.json``; delete the folder, or pass
 --fresh, to redo them). The default budget is sized for about 35 minutes on a 2-core CPU: a
 WRN-16-2 teacher for 4 epochs, each scheme's students for 2 epochs, on the full training split
@@ -41,6 +41,7 @@ class AccuracyBench(PipelineConfig):
     out: Path = Field(default=Path("results/bench-accuracy"), description="folder for every step's output and results.{json,md}")
     student_max_train_images: int | None = Field(default=None, gt=0, description="training images of the students (None: the teacher's)")
     fresh: bool = Field(default=False, description="redo every step instead of reusing the finished ones")
+    docs: Path | None = Field(default=Path("docs/bench/accuracy"), description="also write results.{json,md} here (the README's source)")
 
 
 def parse_args() -> AccuracyBench:
@@ -54,6 +55,7 @@ def parse_args() -> AccuracyBench:
         kind = str if name in ("students", "teacher_arch") else float if isinstance(info.default, float) else int
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=info.description)
     parser.add_argument("--fresh", action="store_true", help=fields["fresh"].description)
+    parser.add_argument("--docs", type=Path, default=fields["docs"].default, help=fields["docs"].description)
     args = vars(parser.parse_args())
     args["students"] = tuple(args["students"].split(","))
     return AccuracyBench(**args)
@@ -96,9 +98,11 @@ def main() -> None:
         write_json_atomic(bench.out / "results.json", {**results, "timings_s": _timings(cache), "args": settings})
     results["timings_s"] = _timings(cache)
     results["total_s"] = time.perf_counter() - started
-    write_json_atomic(bench.out / "results.json", {**results, "args": settings})
     table = markdown_table(results)
-    write_text_atomic(bench.out / "results.md", table)
+    for folder in (bench.out, bench.docs) if bench.docs else (bench.out,):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / "results.json", {**results, "args": settings})
+        write_text_atomic(folder / "results.md", table)
     print(table)
 
 

@@ -11,18 +11,15 @@ receives it (``rocoin plan`` builds it from ACT.npy before planning).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import logging
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from report import report_to
 
-from rocoin.contracts.fileio import write_text_atomic
 from rocoin.planning import filter_graph, make_plan, synthetic_activations
 from rocoin.profiles.generate import default_catalog, generate_fleet
 from rocoin.simulation import simulate
@@ -47,22 +44,8 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=0.05)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/planner.txt"), help="also write the report here")
     args = parser.parse_args()
-    lines: list[str] = []
-    with contextlib.redirect_stdout(Tee(sys.stdout, lines)):
+    with report_to(args.out):
         run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out, "".join(lines))
-
-
-class Tee(io.TextIOBase):
-    """A stream that writes to ``stream`` and keeps a copy in ``lines``."""
-
-    def __init__(self, stream, lines: list[str]) -> None:
-        self.stream, self.lines = stream, lines
-
-    def write(self, text: str) -> int:
-        self.lines.append(text)
-        return self.stream.write(text)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from report import report_to
 
 from rocoin.contracts.fleet import Fleet, load_fleet
 from rocoin.contracts.manifest import load_manifest
@@ -154,29 +155,31 @@ def main() -> None:
     parser.add_argument("--emulated-queries", type=int, default=300)
     parser.add_argument("--skip-plain", action="store_true", help="only the emulation comparison")
     parser.add_argument("--cpus", type=int, default=None, help="run everything on the first N CPU cores (Linux): latency against cores")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench/runtime.txt"), help="also write the report here (the README's source)")
     args = parser.parse_args()
-    if args.cpus is not None:  # the cluster's processes inherit it
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpus])
-    logging.basicConfig(level=logging.ERROR)
-    if not (args.bundle / "manifest.json").exists():
-        from rocoin.export import export_bundle
+    with report_to(args.out):
+        if args.cpus is not None:  # the cluster's processes inherit it
+            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpus])
+        logging.basicConfig(level=logging.ERROR)
+        if not (args.bundle / "manifest.json").exists():
+            from rocoin.export import export_bundle
 
-        args.bundle.parent.mkdir(parents=True, exist_ok=True)
-        export_bundle(args.students, args.bundle)
-    manifest = load_manifest(args.bundle)
-    fleet = load_fleet(args.fleet)
-    from rocoin.data import load_dataset
+            args.bundle.parent.mkdir(parents=True, exist_ok=True)
+            export_bundle(args.students, args.bundle)
+        manifest = load_manifest(args.bundle)
+        fleet = load_fleet(args.fleet)
+        from rocoin.data import load_dataset
 
-    test = load_dataset(manifest.dataset).test
-    model_times = group_model_p50_s(args.bundle)
-    print(
-        f"# bundle {args.bundle}: {len(manifest.groups)} groups, {len(manifest.plan.device_ids)} devices, deadline {args.deadline_s} s, {cores()} CPU cores"
-    )
-    print("# group models, batch-1 onnxruntime p50 (ms): " + ", ".join(f"{1e3 * t:.2f}" for t in model_times))
-    with tempfile.TemporaryDirectory() as state:
-        if not args.skip_plain:
-            plain_benchmark(args.bundle, fleet, Path(state) / "plain", test.images, test.labels, args, max(model_times))
-        emulation_benchmark(args.bundle, fleet, Path(state) / "emulated", test.images, test.labels, args)
+        test = load_dataset(manifest.dataset).test
+        model_times = group_model_p50_s(args.bundle)
+        print(
+            f"# bundle {args.bundle}: {len(manifest.groups)} groups, {len(manifest.plan.device_ids)} devices, deadline {args.deadline_s} s, {cores()} CPU cores"
+        )
+        print("# group models, batch-1 onnxruntime p50 (ms): " + ", ".join(f"{1e3 * t:.2f}" for t in model_times))
+        with tempfile.TemporaryDirectory() as state:
+            if not args.skip_plain:
+                plain_benchmark(args.bundle, fleet, Path(state) / "plain", test.images, test.labels, args, max(model_times))
+            emulation_benchmark(args.bundle, fleet, Path(state) / "emulated", test.images, test.labels, args)
 
 
 if __name__ == "__main__":
