@@ -219,6 +219,17 @@ def test_cifar100_python_archive(tmp_path):
     np.testing.assert_array_equal(splits.test.labels, tfine)
 
 
+def test_dataset_present_looks_without_reading(tmp_path, monkeypatch):
+    assert not ds.dataset_present("cifar100", tmp_path)
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"not read")  # present, even if a load would refuse it
+    assert ds.dataset_present("CIFAR-100", tmp_path) and not ds.dataset_present("cifar10", tmp_path)
+    (tmp_path / "cifar-10-batches-bin").mkdir()
+    assert ds.dataset_present("cifar10", tmp_path)
+    monkeypatch.setattr(ds, "FASHION_MNIST_SYSTEM_DIRS", ())
+    assert not ds.dataset_present("fashion-mnist", tmp_path)
+    assert ds.dataset_present("digits", tmp_path)  # shipped with scikit-learn
+
+
 @pytest.mark.parametrize("archive", [False, True], ids=["directory", "archive"])
 def test_cifar10_binary(tmp_path, archive):
     rng = np.random.default_rng(4)

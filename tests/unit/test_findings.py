@@ -1,4 +1,4 @@
-"""A finding's tolerance is smaller than the effect it claims (issue 13, item 7)."""
+"""A finding's tolerance is smaller than the effect it claims (issue 13, item 7); Table III's configuration."""
 
 from __future__ import annotations
 
@@ -21,3 +21,20 @@ def test_a_paired_gap_has_a_standard_error_from_the_spread_of_its_differences():
     assert gap == 0.5 and se == 0.0  # the same shift on every fleet: no doubt at all
     gap, se = paired_gap([1.0, 2.0], [3.0, 2.0])
     assert gap == 1.0 and se == 1.0
+
+
+def test_table3_runs_the_papers_cifar100_family_where_the_files_are(tmp_path):
+    from rocoin.experiments.paper import TABLE3_PAPER, TABLE3_SCALED_STUDENTS, table3_setup
+    from rocoin.experiments.setup import make_setup
+
+    asked = make_setup("default", dataset="cifar100", data_dir=str(tmp_path))
+    setup, note = table3_setup(asked)
+    assert "not present" in note and setup.students == TABLE3_SCALED_STUDENTS
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"")  # only looked at, not read
+    setup, note = table3_setup(asked)
+    assert (setup.dataset, setup.teacher_arch, setup.students) == (
+        TABLE3_PAPER["dataset"],
+        "wrn-28-10",
+        ("wrn-16-3", "wrn-16-2", "wrn-22-1"),
+    )
+    assert note.startswith("The paper's CIFAR-100 configuration")

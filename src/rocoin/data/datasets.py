@@ -151,6 +151,18 @@ def load_dataset(
     return splits
 
 
+def dataset_present(name: str, data_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Whether :func:`load_dataset` would find ``name``'s files without downloading: a look at the
+    file system that reads nothing (scikit-learn's digits ship with it, so they are always present)."""
+    key = canonical_name(name)
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if key in ("cifar10", "cifar100"):
+        return bool(_cifar_found(_CIFAR[key], root))
+    if key == "fashion-mnist":
+        return fashion_mnist_folder(root) is not None
+    return True
+
+
 def split_validation(train: ArrayDataset, fraction: float = 0.1, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
     """Split off a random ``fraction`` of ``train`` as a validation set: ``(train, val)``.
 
@@ -228,7 +240,8 @@ def download_file(url: str, dest: str | os.PathLike[str], md5: str, *, timeout: 
 # CIFAR: finding the files (the formats are read by rocoin.data.cifar)
 
 
-def _load_cifar(spec: _CifarSpec, root: Path, download: bool, base_url: str | None) -> DatasetSplits:
+def _cifar_candidates(spec: _CifarSpec, root: Path) -> list[tuple[Path, str, Callable[..., Any]]]:
+    """Where a CIFAR data set may be under ``root``, in order: (path, format, reader)."""
     candidates = [
         (root / spec.py_dir, "python", _iter_dir),
         (root / spec.py_archive, "python", _iter_tar),
@@ -237,11 +250,17 @@ def _load_cifar(spec: _CifarSpec, root: Path, download: bool, base_url: str | No
     ]
     if root.name in (spec.py_dir, spec.bin_dir):  # data_dir is the extracted folder itself
         candidates.insert(0, (root, "python" if root.name == spec.py_dir else "binary", _iter_dir))
+    return candidates
 
-    def exists(path: Path, reader: Callable[..., Any]) -> bool:
-        return path.is_dir() if reader is _iter_dir else path.is_file()
 
-    found = [c for c in candidates if exists(c[0], c[2])]
+def _cifar_found(spec: _CifarSpec, root: Path) -> list[tuple[Path, str, Callable[..., Any]]]:
+    """The candidates of :func:`_cifar_candidates` that exist (a folder, or an archive file)."""
+    return [c for c in _cifar_candidates(spec, root) if (c[0].is_dir() if c[2] is _iter_dir else c[0].is_file())]
+
+
+def _load_cifar(spec: _CifarSpec, root: Path, download: bool, base_url: str | None) -> DatasetSplits:
+    candidates = _cifar_candidates(spec, root)
+    found = _cifar_found(spec, root)
     if not found and download:
         download_dataset(spec.name, root, base_url=base_url)
         found = [(root / spec.py_archive, "python", _iter_tar)]

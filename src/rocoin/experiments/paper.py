@@ -377,17 +377,12 @@ TABLE3_SCALED_STUDENTS = ("wrn-16-2", "wrn-16-1", "wrn-22-1")
 def table3_setup(s: ExperimentSetup) -> tuple[ExperimentSetup, str]:
     """Table III's settings: the paper's on CIFAR-100 when its files are present (or the setup
     asks for it), else the scaled family on the setup's data; and a sentence saying which."""
-    from rocoin.data import load_dataset
+    from rocoin.data import dataset_present
 
-    if s.dataset == "cifar100" or s.size == "paper":
-        try:
-            load_dataset("cifar100", Path(s.data_dir) if s.data_dir else None)
-        except RocoinError:
-            pass
-        else:
-            return s.model_copy(
-                update=TABLE3_PAPER
-            ), "The paper's CIFAR-100 configuration: teacher WRN-28-10, students WRN-16-3, WRN-16-2, WRN-22-1."
+    if (s.dataset == "cifar100" or s.size == "paper") and dataset_present("cifar100", s.data_dir):
+        return s.model_copy(
+            update=TABLE3_PAPER
+        ), "The paper's CIFAR-100 configuration: teacher WRN-28-10, students WRN-16-3, WRN-16-2, WRN-22-1."
     scaled = s.model_copy(update={"students": TABLE3_SCALED_STUDENTS if s.size != "quick" else s.students})
     return scaled, (
         f"CIFAR-100 is not present here: the paper's family (WRN-16-3, WRN-16-2, WRN-22-1 under a WRN-28-10 teacher) scaled to the CPU budget, "
