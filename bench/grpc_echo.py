@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from report import report_to
 
 from rocoin.runtime.transport.protocol import rocoin_pb2
 from rocoin.runtime.transport.serde import tensor_to_proto
@@ -98,12 +99,16 @@ async def _measure(port: int, pid: int, messages: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument(
+        "--out", type=Path, default=Path("docs/bench/grpc-echo.txt"), help="also write the report here (the README's source)"
+    )
     args = parser.parse_args()
     ready: multiprocessing.Queue = multiprocessing.Queue()
     server = multiprocessing.Process(target=_serve, args=(ready,), daemon=True)
     server.start()
     try:
-        asyncio.run(_measure(ready.get(timeout=30), server.pid, args.messages))
+        with report_to(args.out):
+            asyncio.run(_measure(ready.get(timeout=30), server.pid, args.messages))
     finally:
         server.kill()
 
