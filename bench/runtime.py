@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--speedup", type=float, default=100.0, help="FLOP/s and rate multiplier for the emulated run")
     parser.add_argument("--emulated-queries", type=int, default=300)
     parser.add_argument("--skip-plain", action="store_true", help="only the emulation comparison")
+    parser.add_argument("--skip-emulation", action="store_true", help="only the plain benchmark")
     parser.add_argument("--cpus", type=int, default=None, help="run everything on the first N CPU cores (Linux): latency against cores")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/runtime.txt"), help="also write the report here (the README's source)")
     args = parser.parse_args()
@@ -179,7 +180,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as state:
             if not args.skip_plain:
                 plain_benchmark(args.bundle, fleet, Path(state) / "plain", test.images, test.labels, args, max(model_times))
-            emulation_benchmark(args.bundle, fleet, Path(state) / "emulated", test.images, test.labels, args)
+            if not args.skip_emulation:
+                emulation_benchmark(args.bundle, fleet, Path(state) / "emulated", test.images, test.labels, args)
 
 
 if __name__ == "__main__":
