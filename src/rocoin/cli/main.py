@@ -284,6 +284,60 @@ def plan_command(
     err.print(f"wrote {output}")
 
 
+#: Moves listed one by one in the replan summary before the rest is counted.
+SUMMARY_MAX_MOVES = 10
+
+
+@app.command("replan")
+@clean_errors
+def replan_command(
+    plan_path: Path = typer.Argument(..., metavar="PLAN", help="plan.json to re-plan: its students and partitions stay."),
+    fleet_path: Path = typer.Option(
+        ..., "--fleet", help="The live fleet (YAML or JSON): plan devices missing from it are gone, devices not in the plan are new."
+    ),
+    epsilon: float | None = typer.Option(None, "--epsilon", help="Reliability target ε (default: the plan's)."),
+    margin: float | None = typer.Option(
+        None,
+        "--margin",
+        help="Hysteresis: devices move only when a re-plan is better by more than this, relatively (default 0.05).",
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="New plan.json to write."),
+) -> None:
+    """Re-assign a changed fleet's devices to a plan's groups (students and partitions fixed): lowest
+    T with ε in every group (else the highest P(every group answers)), few moves, no thrash."""
+    from rocoin.contracts.fleet import load_fleet
+    from rocoin.contracts.plan import load_plan, save_plan
+    from rocoin.planning.replan import replan
+
+    plan = load_plan(plan_path)
+    fleet = load_fleet(fleet_path)
+    result = replan(plan, fleet, epsilon=epsilon, **({} if margin is None else {"margin": margin}))
+    save_plan(result.plan, output)
+    print_replan_summary(result)
+    err.print(f"wrote {output}", markup=False, highlight=False)
+
+
+def print_replan_summary(result) -> None:
+    before, after = result.objective_before, result.objective_after
+
+    def group(k: int | None) -> str:
+        return "standby" if k is None else f"group {k}"
+
+    moves = ", ".join(f"{m.device}: {group(m.from_group)} -> {group(m.to_group)}" for m in result.moves[:SUMMARY_MAX_MOVES])
+    if len(result.moves) > SUMMARY_MAX_MOVES:
+        moves += f", +{len(result.moves) - SUMMARY_MAX_MOVES} more"
+    lines = [
+        f"replan: {'kept the current assignment' if result.kept_current else 're-planned'}"
+        f" ({'exact' if result.exact else 'heuristic'} search, best T found {result.objective_best.latency_s:.4g} s)",
+        f"T: {before.latency_s:.4g} s -> {after.latency_s:.4g} s; P(all groups answer): {before.p_complete:.4f} -> {after.p_complete:.4f}",
+        f"epsilon = {result.plan.epsilon:g}: {'met in every group' if result.epsilon_met else 'NOT met in every group (P maximised)'}",
+        f"moves: {len(result.moves)}" + (f" ({moves})" if moves else "") + f"; added {len(result.added)}, removed {len(result.removed)},"
+        f" {len(result.plan.unassigned)} on standby",
+    ]
+    for line in lines:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def print_plan_summary(plan) -> None:
     table = Table(
         title=f"{plan.scheme} plan: {plan.num_groups} groups, T = {plan.latency_s:.4g} s, "

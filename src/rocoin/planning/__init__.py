@@ -5,5 +5,6 @@ The plan it writes is a contract (:mod:`rocoin.contracts.plan`); this package ho
 
 from rocoin.planning.partition import filter_graph, synthetic_activations
 from rocoin.planning.planner import make_plan
+from rocoin.planning.replan import Replan, replan
 
-__all__ = ["filter_graph", "make_plan", "synthetic_activations"]
+__all__ = ["Replan", "filter_graph", "make_plan", "replan", "synthetic_activations"]
