@@ -181,3 +181,15 @@ def test_the_rate_unit_reads_table_iv_as_kbit_or_bit_per_second():
     assert [d.flops for d in bps.devices] == [d.flops for d in kbps.devices]  # only the rates change
     with pytest.raises(RocoinError, match="rate-unit = 'mbps': expected one of kbps, bps"):
         generate_fleet(3, rate_unit="mbps")
+
+
+def test_a_fleet_given_by_its_channel_saves_and_loads_again(tmp_path):
+    from rocoin.contracts.fleet import save_fleet
+
+    channel = {k: v for k, v in GOOD.items() if k != "outage"} | {"snr_db": 20.0, "bandwidth_hz": 1e6}
+    fleet = Fleet(devices=[channel])
+    save_fleet(fleet, tmp_path / "fleet.yaml")  # the dump holds the derived outage beside the channel
+    again = load_fleet(tmp_path / "fleet.yaml")
+    assert again.devices[0].outage == fleet.devices[0].outage and again.devices[0].snr_db == 20.0
+    # an outage that disagrees with the channel is still refused
+    assert "not both" in fleet_error([{**channel, "outage": 0.5}])

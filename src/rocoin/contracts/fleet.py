@@ -107,7 +107,7 @@ class DeviceProfile(BaseModel):
         has_outage = data.get("outage") is not None
         has_snr = data.get("snr_db") is not None
         has_bw = data.get("bandwidth_hz") is not None
-        if has_outage and (has_snr or has_bw):
+        if has_outage and (has_snr or has_bw) and not _outage_matches_channel(data):
             raise ValueError("give either outage or snr_db with bandwidth_hz, not both")
         if not has_outage:
             if not (has_snr and has_bw):
@@ -128,6 +128,16 @@ class DeviceProfile(BaseModel):
                     )
                 data = {**data, "outage": p}
         return data
+
+
+def _outage_matches_channel(data: dict[str, Any]) -> bool:
+    """Whether a profile that gives both ``outage`` and the channel (``snr_db``, ``bandwidth_hz``)
+    gives the very outage the channel implies: what a saved profile holds, so it loads again."""
+    try:
+        rate, bw, snr, outage = (float(data[k]) for k in ("rate_bps", "bandwidth_hz", "snr_db", "outage"))
+        return math.isclose(outage, rayleigh_outage(rate, bw, snr), rel_tol=1e-9, abs_tol=1e-12)
+    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError):
+        return False
 
 
 class Fleet(BaseModel):
