@@ -433,17 +433,9 @@ class MembershipRegistry:
         self._count = self._conn.execute("SELECT count(*) FROM members").fetchone()[0]
 
     @classmethod
-    def open(
-        cls,
-        state_dir: str | os.PathLike[str],
-        *,
-        clock: Callable[[], float] = time.time,
-        grace_s: float = DEFAULT_GRACE_S,
-        max_devices: int = DEFAULT_MAX_DEVICES,
-        max_events: int = DEFAULT_MAX_EVENTS,
-    ) -> MembershipRegistry:
-        """Open (or create) the registry of ``state_dir``."""
-        return cls(state_dir, clock=clock, grace_s=grace_s, max_devices=max_devices, max_events=max_events)
+    def open(cls, state_dir: str | os.PathLike[str], **options: Any) -> MembershipRegistry:
+        """Open (or create) the registry of ``state_dir``; ``options`` as for the constructor."""
+        return cls(state_dir, **options)
 
     # --- opening ----------------------------------------------------------------------------
 
