@@ -82,7 +82,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -227,17 +227,7 @@ class Member:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (for the REST API and ``rocoin fleet status``); no credential."""
-        return {
-            "device_id": self.device_id,
-            "state": self.state,
-            "group": self.group,
-            "model_sha256": self.model_sha256,
-            "address": self.address,
-            "joined_at": self.joined_at,
-            "last_seen": self.last_seen,
-            "state_since": self.state_since,
-            "profile": _profile_dict(self.profile),
-        }
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"profile": _profile_dict(self.profile)}
 
 
 @dataclass(frozen=True)
@@ -254,15 +244,7 @@ class Event:
     details: dict[str, Any] = field(hash=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "ts": self.ts,
-            "kind": self.kind,
-            "device_id": self.device_id,
-            "membership": self.membership,
-            "reason": self.reason,
-            "details": dict(self.details),
-        }
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"details": dict(self.details)}
 
 
 @dataclass(frozen=True)
@@ -380,13 +362,8 @@ def _check_profile(value: object) -> DeviceProfile:
 
 
 def _profile_dict(profile: DeviceProfile) -> dict[str, Any]:
-    """The profile as given, in a form that validates again: a profile given by its channel
-    (``snr_db``, ``bandwidth_hz``) keeps those and drops the ``outage`` computed from them (the
-    validator refuses both)."""
-    data = profile.model_dump(mode="json", exclude_none=True)
-    if "snr_db" in data and "bandwidth_hz" in data:
-        data.pop("outage", None)
-    return data
+    """The profile as JSON that validates again (a channel-given profile keeps its derived outage)."""
+    return profile.model_dump(mode="json", exclude_none=True)
 
 
 def _profile_json(profile: DeviceProfile) -> str:
