@@ -151,6 +151,32 @@ def test_the_cache_key_follows_what_changes_the_students(experiments):
     assert [d.flops for d in unknown.devices] == [d.flops for d in fleet.devices]
 
 
+def test_plans_with_the_same_groups_share_students_unless_trained_failure_aware(experiments):
+    from rocoin.experiments.common import same_assignment, trained_runs
+
+    out, _ = experiments
+    ws = Workspace(make_setup("quick", dataset="digits"), out / "cache")
+    known = {run.scheme: run for run in trained_runs(ws, known=True, train=False)}
+    unknown = trained_runs(ws, known=False, train=False)
+    assert {run.scheme for run in unknown} == set(known)  # all cached: Fig. 6 trained nothing of its own
+    for run in unknown:
+        twin = known[run.trained_for.scheme]
+        if run.shares_students:
+            assert same_assignment(run.plan, twin.plan) and run.trained_for == twin.plan
+            assert run.students.key == twin.students.key and run.evaluation == twin.evaluation
+            assert run.plan != twin.plan  # reported with its own (assumed) failure probabilities
+        else:
+            assert run.trained_for == run.plan and not same_assignment(run.plan, twin.plan)
+            assert run.students.key != twin.students.key
+    assert known["nonn"].shares_students is False
+    assert next(run for run in unknown if run.scheme == "nonn").shares_students  # no replicas: outages change nothing
+    if same_assignment(known["rocoin"].plan, known["rocoin-g"].plan):
+        assert known["rocoin-g"].students.key == known["rocoin"].students.key
+        assert "RoCoIn-G (from RoCoIn's known-outage plan)" in (out / "fig5" / "fig5.md").read_text()
+    fa = trained_runs(ws, known=True, schemes=("rocoin",), failure_aware=True, train=False)
+    assert fa and fa[0].students.key != known["rocoin"].students.key and not fa[0].shares_students
+
+
 def test_unknown_experiment_and_bad_settings_give_one_line_and_exit_2(tmp_path):
     for args, needle in (
         (["experiment", "fig9", "--quick"], "fig9"),

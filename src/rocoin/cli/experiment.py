@@ -31,7 +31,7 @@ def experiment_command(
     fleets: int | None = typer.Option(None, "--fleets", help="Generated fleets per point of the planner-only figures."),
     seed: int | None = typer.Option(None, "--seed"),
     rate_unit: str | None = typer.Option(
-        None, "--rate-unit", help="Table IV's rates read as kbps (kbit/s, the default) or bps (bit/s, as printed)."
+        None, "--rate-unit", help="Table IV's rates read as bps (bit/s, as printed: the default) or kbps (kbit/s)."
     ),
     fresh: bool = typer.Option(False, "--fresh", help="Retrain and recompute instead of reusing the cache."),
 ) -> None:

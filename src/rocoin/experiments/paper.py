@@ -35,6 +35,7 @@ from rocoin.experiments.common import (  # noqa: F401 - Run, SCHEMES: part of th
     paired_gap,
     pct,
     planner_inputs,
+    same_assignment,
     setup_caption,
     simulated_latency,
     trained_runs,
@@ -415,7 +416,9 @@ def _failure_curves(
     s = ws.setup
     runs = trained_runs(ws, known=known)
     main = {run.label for run in runs}
+    started = time.perf_counter()
     runs += trained_runs(ws, known=known, schemes=extra, failure_aware=True) if extra else []
+    extra_s = time.perf_counter() - started
     rows = []
     for run in runs:
         rows.append(
@@ -464,6 +467,14 @@ def _failure_curves(
     std = {r["scheme"]: r["accuracy_std_pct"] for r in rows if r["failed_devices"] == worst}
     at = {k: v for k, v in at_all.items() if k in main}
     findings = [f"With {worst} of {s.devices} devices failed: " + ", ".join(f"{k} {v:.2f} %" for k, v in at_all.items()) + "."]
+    if extra:
+        findings.append(f"The + FA series (our addition) took {extra_s:.0f} s of this figure's time (training, or loading from the cache).")
+    shared = [f"{run.label} (from {LABELS[run.trained_for.scheme]}'s known-outage plan)" for run in runs if run.shares_students and run.trained_for]
+    if shared:
+        findings.append(
+            "Distilled once: these plans have the groups of a plan with known outages, and students trained without dropped slots"
+            " depend only on the groups, so they share its students and failure draws: " + ", ".join(shared) + "."
+        )
     if "RoCoIn" not in at:
         return rows, plot, findings
 
@@ -484,20 +495,11 @@ def _failure_curves(
     by_label = {run.label: run for run in runs}
     greedy = LABELS["rocoin-g"]
     if greedy in at:
-        if _same_assignment(by_label["RoCoIn"].plan, by_label[greedy].plan):
+        if same_assignment(by_label["RoCoIn"].plan, by_label[greedy].plan):
             findings.append(f"{greedy} found the same groups, partition and students as RoCoIn on this fleet: the same accuracy.")
         else:
             findings.append(f"RoCoIn {at['RoCoIn']:.2f} % vs {greedy} {at[greedy]:.2f} % ({verdict(greedy)}).")
     return rows, plot, findings
-
-
-def _same_assignment(a: Plan, b: Plan) -> bool:
-    """Whether two plans have the same groups (devices, filters, student)."""
-
-    def key(plan: Plan) -> list[tuple]:
-        return sorted((tuple(g.devices), tuple(g.filters), g.student) for g in plan.groups)
-
-    return key(a) == key(b)
 
 
 def fig5(ws: Workspace) -> ExperimentResult:
