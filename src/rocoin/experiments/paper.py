@@ -22,7 +22,6 @@ import numpy as np
 from rocoin.contracts.catalog import Catalog
 from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
 from rocoin.contracts.fileio import write_text_atomic
-from rocoin.contracts.plan import Plan
 from rocoin.contracts.progress import Progress, log_progress
 from rocoin.experiments.common import (  # noqa: F401 - Run, SCHEMES: part of this module's API
     FA_SUFFIX,
@@ -469,7 +468,11 @@ def _failure_curves(
     findings = [f"With {worst} of {s.devices} devices failed: " + ", ".join(f"{k} {v:.2f} %" for k, v in at_all.items()) + "."]
     if extra:
         findings.append(f"The + FA series (our addition) took {extra_s:.0f} s of this figure's time (training, or loading from the cache).")
-    shared = [f"{run.label} (from {LABELS[run.trained_for.scheme]}'s known-outage plan)" for run in runs if run.shares_students and run.trained_for]
+    shared = [
+        f"{run.label} (from {LABELS[run.trained_for.scheme]}'s known-outage plan)"
+        for run in runs
+        if run.shares_students and run.trained_for
+    ]
     if shared:
         findings.append(
             "Distilled once: these plans have the groups of a plan with known outages, and students trained without dropped slots"
