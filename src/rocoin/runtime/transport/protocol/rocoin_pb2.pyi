@@ -46,6 +46,90 @@ class DeviceInferResponse(_message.Message):
     error: str
     def __init__(self, query_id: _Optional[str] = ..., device_id: _Optional[str] = ..., group: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
+class JoinHello(_message.Message):
+    __slots__ = ("device_id", "profile_json", "cached_models", "protocol")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
+    CACHED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    profile_json: str
+    cached_models: _containers.RepeatedScalarFieldContainer[str]
+    protocol: int
+    def __init__(self, device_id: _Optional[str] = ..., profile_json: _Optional[str] = ..., cached_models: _Optional[_Iterable[str]] = ..., protocol: _Optional[int] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("group", "model_json", "send_model", "epoch", "student_flops")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_JSON_FIELD_NUMBER: _ClassVar[int]
+    SEND_MODEL_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    group: int
+    model_json: str
+    send_model: bool
+    epoch: int
+    student_flops: float
+    def __init__(self, group: _Optional[int] = ..., model_json: _Optional[str] = ..., send_model: _Optional[bool] = ..., epoch: _Optional[int] = ..., student_flops: _Optional[float] = ...) -> None: ...
+
+class ModelChunk(_message.Message):
+    __slots__ = ("sha256", "offset", "data")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    offset: int
+    data: bytes
+    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class HealthCheck(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: str
+    def __init__(self, nonce: _Optional[str] = ...) -> None: ...
+
+class SourceMessage(_message.Message):
+    __slots__ = ("assign", "chunk", "request", "health")
+    ASSIGN_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    assign: Assignment
+    chunk: ModelChunk
+    request: DeviceInferRequest
+    health: HealthCheck
+    def __init__(self, assign: _Optional[_Union[Assignment, _Mapping]] = ..., chunk: _Optional[_Union[ModelChunk, _Mapping]] = ..., request: _Optional[_Union[DeviceInferRequest, _Mapping]] = ..., health: _Optional[_Union[HealthCheck, _Mapping]] = ...) -> None: ...
+
+class ModelReady(_message.Message):
+    __slots__ = ("sha256", "epoch", "error")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    epoch: int
+    error: str
+    def __init__(self, sha256: _Optional[str] = ..., epoch: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("nonce", "model_sha256")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    nonce: str
+    model_sha256: str
+    def __init__(self, nonce: _Optional[str] = ..., model_sha256: _Optional[str] = ...) -> None: ...
+
+class DeviceMessage(_message.Message):
+    __slots__ = ("hello", "answer", "ready", "health")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    hello: JoinHello
+    answer: DeviceInferResponse
+    ready: ModelReady
+    health: HealthReply
+    def __init__(self, hello: _Optional[_Union[JoinHello, _Mapping]] = ..., answer: _Optional[_Union[DeviceInferResponse, _Mapping]] = ..., ready: _Optional[_Union[ModelReady, _Mapping]] = ..., health: _Optional[_Union[HealthReply, _Mapping]] = ...) -> None: ...
+
 class SourceInferRequest(_message.Message):
     __slots__ = ("query_id", "input", "deadline_s")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]

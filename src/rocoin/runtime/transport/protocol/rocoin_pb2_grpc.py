@@ -142,6 +142,78 @@ class Device:
             _registered_method=True)
 
 
+class FleetStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Join = channel.stream_stream(
+                '/rocoin.v1.Fleet/Join',
+                request_serializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.DeviceMessage.SerializeToString,
+                response_deserializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.SourceMessage.FromString,
+                _registered_method=True)
+
+
+class FleetServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Join(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FleetServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Join': grpc.stream_stream_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.DeviceMessage.FromString,
+                    response_serializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.SourceMessage.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rocoin.v1.Fleet', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rocoin.v1.Fleet', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Fleet:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Join(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rocoin.v1.Fleet/Join',
+            rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.DeviceMessage.SerializeToString,
+            rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.SourceMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class SourceStub:
     """Missing associated documentation comment in .proto file."""
 
