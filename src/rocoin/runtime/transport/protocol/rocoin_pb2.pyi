@@ -47,16 +47,18 @@ class DeviceInferResponse(_message.Message):
     def __init__(self, query_id: _Optional[str] = ..., device_id: _Optional[str] = ..., group: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class JoinHello(_message.Message):
-    __slots__ = ("device_id", "profile_json", "cached_models", "protocol")
+    __slots__ = ("device_id", "profile_json", "cached_models", "protocol", "device_key")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
     CACHED_MODELS_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_KEY_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     profile_json: str
     cached_models: _containers.RepeatedScalarFieldContainer[str]
     protocol: int
-    def __init__(self, device_id: _Optional[str] = ..., profile_json: _Optional[str] = ..., cached_models: _Optional[_Iterable[str]] = ..., protocol: _Optional[int] = ...) -> None: ...
+    device_key: str
+    def __init__(self, device_id: _Optional[str] = ..., profile_json: _Optional[str] = ..., cached_models: _Optional[_Iterable[str]] = ..., protocol: _Optional[int] = ..., device_key: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("group", "model_json", "send_model", "epoch", "student_flops")
