@@ -148,6 +148,9 @@ def source_serve(
     http_body_timeout_s: float = flag(SourceOptions, "http_body_timeout_s", "--http-body-timeout-s"),
     http_idle_timeout_s: float = flag(SourceOptions, "http_idle_timeout_s", "--http-idle-timeout-s"),
     http_max_connections: int = flag(SourceOptions, "http_max_connections", "--http-max-connections"),
+    joins: bool = flag(SourceOptions, "joins", "--joins"),
+    state_dir: Path | None = flag(SourceOptions, "state_dir", "--state-dir"),
+    grace_s: float = flag(SourceOptions, "grace_s", "--grace-s"),
 ) -> None:
     """Serve queries: broadcast to every device, first answer per group, head at completion or deadline."""
     options = _options(SourceOptions, locals())

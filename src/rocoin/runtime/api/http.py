@@ -90,6 +90,7 @@ def create_app(source: Source, *, token: str | None = None) -> web.Application:
     app.router.add_post("/v2/models/{model}/infer", api.infer)
     app.router.add_post("/v2/models/{model}/versions/{version}/infer", api.infer)
     app.router.add_get("/metrics", api.metrics)
+    app.router.add_get("/v2/fleet", api.fleet)
     return app
 
 
@@ -148,6 +149,10 @@ class _Api:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return web.Response(body=generate_latest(self.source.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def fleet(self, request: web.Request) -> web.Response:
+        """The membership and the device-to-group assignment (rocoin's extension of the API)."""
+        return web.json_response(self.source.fleet_status(), dumps=_strict_dumps)
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"live": True})

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rocoin.contracts.errors import RocoinError
 from rocoin.runtime.api import http_limits as limits
+from rocoin.runtime.source.registry import DEFAULT_GRACE_S
 from rocoin.runtime.source.settings import DEFAULT_DEADLINE_S
 
 #: Where the source's gRPC API listens unless told otherwise.
@@ -49,6 +50,14 @@ class SourceOptions(BaseModel):
     )
     http_idle_timeout_s: float = Field(limits.DEFAULT_IDLE_TIMEOUT_S, description="REST: seconds an idle connection stays open.")
     http_max_connections: int = Field(limits.DEFAULT_MAX_CONNECTIONS, description="REST: open connections; one more gets 503.")
+    joins: bool = Field(
+        False,
+        description="Let devices dial the source (rocoin device join; admitted with the device token or mTLS) and re-plan as they come and go.",
+    )
+    state_dir: Path | None = Field(None, description="With --joins: where the membership registry is kept (membership.sqlite3).")
+    grace_s: float = Field(
+        DEFAULT_GRACE_S, gt=0, description="With --joins: seconds a device may be away before it is gone and re-planned."
+    )
 
 
 def run_source(options: SourceOptions) -> None:
@@ -62,9 +71,12 @@ def run_source(options: SourceOptions) -> None:
     if options.tls_ca is None and (options.tls_cert or options.tls_key):
         raise RocoinError("tls-cert/tls-key need --tls-ca (the CA that signed the devices' certificates)")
     tls = ClientTLS(options.tls_ca, options.tls_cert, options.tls_key) if options.tls_ca else None
+    device_token = load_token(options.token_file)
+    if options.joins and options.state_dir is None:
+        raise RocoinError("state-dir: required with --joins (the membership registry is kept there)")
     source = Source(
-        options.bundle, load_fleet(options.fleet), deadline_s=options.deadline_s, token=load_token(options.token_file), tls=tls,
-        insecure=options.insecure,
+        options.bundle, load_fleet(options.fleet), deadline_s=options.deadline_s, token=device_token, tls=tls,
+        insecure=options.insecure, joins=options.joins,
     )  # fmt: skip
     http_limits = None
     if options.http_listen is not None:
@@ -79,6 +91,6 @@ def run_source(options: SourceOptions) -> None:
     asyncio.run(
         serve_source(
             source, options.listen, http_listen=options.http_listen, api_token=api_token, tls=api_tls, ready_file=options.ready_file,
-            http_limits=http_limits,
+            http_limits=http_limits, device_token=device_token, state_dir=options.state_dir, grace_s=options.grace_s,
         )
     )  # fmt: skip

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rocoin.contracts.errors import RocoinError, ServingError
 from rocoin.contracts.fileio import write_json_atomic
 from rocoin.runtime.api import kserve_grpc
+from rocoin.runtime.source.join_service import DEFAULT_MAX_STREAMS, JoinService
 from rocoin.runtime.source.source import Source
 from rocoin.runtime.transport.auth import OPEN_METHOD_PREFIXES
 from rocoin.runtime.transport.grpc_server import create_server, refuse
@@ -40,6 +41,25 @@ MAX_CONCURRENT_QUERIES = 64
 SERVICE_NAME = "rocoin.v1.Source"
 #: Calls that need no API token: health, and the KServe liveness/readiness probes.
 OPEN_API_METHODS = (*OPEN_METHOD_PREFIXES, *kserve_grpc.HEALTH_METHODS)
+
+
+#: The Join service's methods: open to the API's token interceptor (the service checks the device token).
+JOIN_PREFIX = "/rocoin.v1.Fleet/"
+
+
+def _membership(source: Source, state_dir: str | Path | None, grace_s: float | None):
+    from rocoin.runtime.source.membership import Membership
+    from rocoin.runtime.source.registry import MembershipRegistry
+
+    if state_dir is None:
+        raise RocoinError("state-dir: required when devices join (the membership registry is kept there)")
+    registry = MembershipRegistry.open(state_dir, **({"grace_s": grace_s} if grace_s is not None else {}))
+    restarted = registry.mark_all_suspect("the source restarted")  # they rejoin on their own, or are gone after the grace period
+    if restarted:
+        logger.info("membership: %d devices known from before; waiting for them to rejoin", len(restarted))
+    membership = Membership(source, registry)
+    source.membership_status = membership.status
+    return membership
 
 
 class SourceService(rocoin_pb2_grpc.SourceServicer):
@@ -74,19 +94,32 @@ async def serve_source(
     ready_file: str | Path | None = None,
     stop: asyncio.Event | None = None,
     http_limits: HttpLimits | None = None,
+    device_token: str | None = None,
+    state_dir: str | Path | None = None,
+    grace_s: float | None = None,
 ) -> None:
     """Serve ``source`` over gRPC (and the KServe v2 REST API on ``http_listen``) until ``stop``
     is set or SIGTERM/SIGINT arrives. ``api_token`` guards both client APIs (health stays open);
-    ``tls`` serves both over TLS; ``http_limits`` bounds the REST API's connections (default: ``HttpLimits`` defaults)."""
+    ``tls`` serves both over TLS; ``http_limits`` bounds the REST API's connections (default: ``HttpLimits`` defaults).
+
+    When ``source.joins``, devices may dial the source (``rocoin.v1.Fleet/Join`` on the same
+    port), admitted with ``device_token`` (or mTLS); their membership is kept in ``state_dir``
+    (required) and a device is gone after ``grace_s`` without its stream."""
+    membership = None
+    if source.joins:
+        membership = _membership(source, state_dir, grace_s)
     server = create_server(
         max_receive_bytes=source.max_message_bytes,
         max_send_bytes=source.max_message_bytes,
-        max_concurrent_rpcs=MAX_CONCURRENT_QUERIES,
+        max_concurrent_rpcs=MAX_CONCURRENT_QUERIES + (DEFAULT_MAX_STREAMS if membership is not None else 0),
         token=api_token,
         token_what="this source requires its API token",
-        open_methods=OPEN_API_METHODS,
+        open_methods=(*OPEN_API_METHODS, *((JOIN_PREFIX,) if membership is not None else ())),  # joins check the device token
         keepalive=source.keepalive,
     )
+    if membership is not None:
+        joins = JoinService(membership, token=device_token, tls_client_auth=tls is not None and tls.client_ca is not None)
+        server.add_generic_rpc_handlers((joins.handler(),))
     rocoin_pb2_grpc.add_SourceServicer_to_server(SourceService(source), server)
     kserve_grpc.add_to_server(source, server)  # inference.GRPCInferenceService on the same port
     health_servicer = health.aio.HealthServicer()
@@ -97,6 +130,8 @@ async def serve_source(
         raise RocoinError(f"listen = {listen!r}: cannot bind")
     address = f"{host}:{port}"
     await source.start()
+    if membership is not None:
+        await membership.start()
     await server.start()
     http_server, http_address = None, None
     if http_listen is not None:
@@ -122,4 +157,7 @@ async def serve_source(
         if http_server is not None:
             await http_server.close()
         await server.stop(SHUTDOWN_GRACE_S)
+        if membership is not None:
+            await membership.close()
+            membership.registry.close()
         await source.close()

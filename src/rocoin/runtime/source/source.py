@@ -32,6 +32,7 @@ import functools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,7 @@ class Source:
         tls: ClientTLS | None = None,
         insecure: bool = False,
         keepalive: Keepalive = KEEPALIVE,
+        joins: bool = False,
     ) -> None:
         check_deadline(deadline_s, "deadline-s")
         check_authentication(
@@ -129,15 +131,26 @@ class Source:
         self._credentials = tls.credentials() if tls is not None else None
         plan = self.manifest.plan
         plan.check_fleet(fleet)
+        self.bundle = bundle
+        self.fleet = fleet
+        #: which device serves which group now: the manifest's plan at start, then each re-plan's
+        self.plan = plan
+        #: devices dial the source (``rocoin device join``): plan devices without an address wait for them
+        self.joins = joins
+        #: called with (device id, group) when a device is marked down (the membership re-plans)
+        self.on_device_down: Callable[[str, int], None] | None = None
+        #: the membership and assignment (``/v2/fleet``) when devices join; None: :meth:`fleet_status`
+        self.membership_status: Callable[[], dict] | None = None
         by_id = {d.id: d for d in fleet.devices}
         self._replicas: list[_Replica] = []
         for k, group in enumerate(plan.groups):
             for device_id in group.devices:
                 address = by_id[device_id].address
-                if not address:
-                    raise RocoinError(f"fleet: device {device_id!r} has no address (host:port of its worker)")
-                self._replicas.append(_Replica(DeviceState(device_id, address, k)))
-        self.devices: list[DeviceState] = [r.state for r in self._replicas]
+                if not address and not joins:
+                    raise RocoinError(
+                        f"fleet: device {device_id!r} has no address (host:port of its worker); devices that dial the source need source serve --joins"
+                    )
+                self._replicas.append(_Replica(DeviceState(device_id, address or "", k)))
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         self._head = ort.InferenceSession(str(verify_file(bundle, self.manifest.head)), options, providers=["CPUExecutionProvider"])
@@ -154,6 +167,11 @@ class Source:
         self._sent = 0  # queries sent: makes every id on the wire unique
 
     @property
+    def devices(self) -> list[DeviceState]:
+        """Every replica the source sends queries to (or waits for), in group order of arrival."""
+        return [r.state for r in self._replicas]
+
+    @property
     def ready(self) -> bool:
         """Started, and every group has at least one device that is not marked down."""
         return self._started and all(any(d.up for d in self.devices if d.group == k) for k in range(self.num_groups))
@@ -164,10 +182,57 @@ class Source:
 
     async def start(self) -> None:
         for replica in self._replicas:
-            replica.link = self._connect(replica.state)
-            self._open(replica)
+            if replica.state.address:
+                replica.link = self._connect(replica.state)
+                self._open(replica)
+            else:  # a device that dials the source: down until it joins
+                replica.state.mark_down()
             self.metrics.device_up.labels(replica.state.device_id).set(1 if replica.state.up else 0)
         self._started = True
+
+    # --- a fleet that changes (rocoin.runtime.source.membership drives these) ------------------
+
+    def replica(self, device_id: str) -> _Replica | None:
+        return next((r for r in self._replicas if r.state.device_id == device_id), None)
+
+    async def attach(self, device_id: str, group: int, link: DeviceLink) -> None:
+        """``device_id`` serves ``group`` over ``link`` from now on (it answered a health check
+        with the group's model): a new replica, or the device's replica with a fresh link."""
+        replica = self.replica(device_id)
+        if replica is not None and replica.state.group != group:
+            await self.retire(device_id)
+            replica = None
+        if replica is None:
+            replica = _Replica(DeviceState(device_id, "", group))
+            self._replicas.append(replica)
+        elif replica.link is not None and replica.link is not link:
+            replica.state.disconnected()  # what the old stream owed will not come
+            await replica.link.close()
+        if replica.probe is not None:
+            replica.probe.cancel()
+            replica.probe = None
+        replica.link = link
+        self._open(replica)
+        replica.state.revive()
+        self.metrics.device_up.labels(device_id).set(1)
+
+    async def retire(self, device_id: str, *, close_link: bool = False) -> None:
+        """Stop using ``device_id`` for its group (moved, spare or gone): the queries that wait for
+        it stop waiting (not its failure), and no new query goes to it."""
+        replica = self.replica(device_id)
+        if replica is None:
+            return
+        self._replicas.remove(replica)
+        if replica.probe is not None:
+            replica.probe.cancel()
+            replica.probe = None
+        replica.state.disconnected()
+        if replica.link is not None:
+            if close_link:
+                await replica.link.close()
+            elif hasattr(replica.link, "serve_nothing"):
+                replica.link.serve_nothing()
+        self.metrics.device_up.labels(device_id).set(0)
 
     def _connect(self, device: DeviceState) -> DeviceLink:
         """The link to ``device`` (called by :meth:`start`): a gRPC stream to its address. The one
@@ -367,6 +432,8 @@ class Source:
         if replica.state.mark_down():
             self.metrics.device_up.labels(replica.state.device_id).set(0)
             self.metrics.marked_down.labels(replica.state.device_id).inc()
+            if self.on_device_down is not None:
+                self.on_device_down(replica.state.device_id, replica.state.group)
         if replica.probe is None and self._started:
             replica.probe = asyncio.ensure_future(self._probe(replica))
 
@@ -387,6 +454,15 @@ class Source:
                 replica.probe = None
                 self._revive(replica, "is healthy again")
                 return
+
+    def fleet_status(self) -> dict:
+        """The membership and the current assignment (``/v2/fleet``, ``rocoin fleet status``)."""
+        if self.membership_status is not None:
+            return self.membership_status()
+        groups = [
+            {"group": k, "live_replicas": [d.device_id for d in self.devices if d.group == k and d.up]} for k in range(self.num_groups)
+        ]
+        return {"groups": groups, "members": self.status(), "replans": 0, "history": []}
 
     def status(self) -> list[dict]:
         return [

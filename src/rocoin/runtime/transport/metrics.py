@@ -33,6 +33,13 @@ class SourceMetrics:
             ["device"],
             registry=r,
         )
+        # a fleet that changes (source serve --joins)
+        self.replans = Counter("rocoin_replans", "Re-plans of the device-to-group assignment, by trigger", ["trigger"], registry=r)
+        self.group_live_replicas = Gauge("rocoin_group_live_replicas", "Replicas of the group that are up", ["group"], registry=r)
+        self.group_failure_prob = Gauge(
+            "rocoin_group_failure_probability", "Product of the outage of the group's live replicas (1 with none)", ["group"], registry=r
+        )
+        self.joined_devices = Gauge("rocoin_joined_devices", "Devices connected over their own Join stream", registry=r)
 
 
 class DeviceMetrics:

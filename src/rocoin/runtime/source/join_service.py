@@ -1,0 +1,241 @@
+"""The source's ``rocoin.v1.Fleet/Join`` service: devices that dial the source (from behind NAT
+or a firewall: only the source needs a reachable port) keep one stream open on the source's gRPC
+port, and get their group, their model and their queries over it (the exchange is described in
+:mod:`rocoin.runtime.transport.join`).
+
+Admission, in order, each refusal one gRPC status with one line:
+
+1. **Who is it?** The device token (``authorization: Bearer …``, the *device* token, not the
+   client API's) — or, with mTLS, a client certificate whose common name is the device's id. The
+   API's token does not admit a device, nor the device token a client.
+2. **How many?** At most ``max_joins_per_s`` joins per second (token bucket with a burst of
+   :data:`JOIN_BURST`) and ``max_streams`` streams at once: ``RESOURCE_EXHAUSTED``.
+3. **The hello**, within :data:`HELLO_TIMEOUT_S`: the protocol version (``FAILED_PRECONDITION``),
+   the profile (a fleet entry without an address: ``INVALID_ARGUMENT`` naming the field), the
+   device key (``INVALID_ARGUMENT`` when missing).
+4. **The id's owner**: the registry binds an id to the first device key (or certificate) that
+   joined with it; another is ``PERMISSION_DENIED``. A device the source dials cannot be taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+
+import grpc
+from pydantic import ValidationError
+
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.fileio import format_validation_error
+from rocoin.contracts.fleet import DeviceProfile
+from rocoin.runtime.source.joined import JoinedLink
+from rocoin.runtime.source.membership import Membership
+from rocoin.runtime.source.registry import DeviceLimitError, IdentityError
+from rocoin.runtime.transport.auth import METADATA_KEY, bearer_matches
+from rocoin.runtime.transport.grpc_server import Malformed
+from rocoin.runtime.transport.join import JOIN_PROTOCOL
+from rocoin.runtime.transport.protocol import rocoin_pb2
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "rocoin.v1.Fleet"
+#: Joins admitted per second (sustained) and in a burst.
+DEFAULT_JOINS_PER_S = 20.0
+JOIN_BURST = 50
+#: Join streams open at once.
+DEFAULT_MAX_STREAMS = 256
+#: Time a device has to send its hello after opening the stream.
+HELLO_TIMEOUT_S = 10.0
+#: Longest profile JSON in a hello.
+MAX_PROFILE_CHARS = 4096
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Bucket:
+    """A token bucket: ``rate`` per second, at most ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.at = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+class JoinService:
+    """Admits devices to ``membership`` over their own streams."""
+
+    def __init__(
+        self,
+        membership: Membership,
+        *,
+        token: str | None,
+        tls_client_auth: bool = False,
+        max_joins_per_s: float = DEFAULT_JOINS_PER_S,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+    ) -> None:
+        if not token and not tls_client_auth:
+            logger.warning("the Join service admits devices WITHOUT AUTHENTICATION (no device token, no mTLS): anyone may join")
+        self.membership = membership
+        self.token = token
+        self.tls_client_auth = tls_client_auth
+        self.max_streams = max_streams
+        self._bucket = _Bucket(max_joins_per_s, JOIN_BURST)
+        self.streams = 0
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's handler for ``server.add_generic_rpc_handlers``."""
+        method = grpc.stream_stream_rpc_method_handler(
+            self.join, request_deserializer=rocoin_pb2.DeviceMessage.FromString, response_serializer=_as_is
+        )
+        return grpc.method_handlers_generic_handler(SERVICE, {"Join": method})
+
+    async def join(self, requests, context: grpc.aio.ServicerContext) -> None:
+        try:
+            peer_name = self._authenticate(context)
+            if self.streams >= self.max_streams:
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.streams} devices connected: at most {self.max_streams}")
+            if not self._bucket.take():
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many joins: try again later")
+            try:
+                first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"no hello within {HELLO_TIMEOUT_S:g} s") from None
+            if first is grpc.aio.EOF:
+                return
+            if isinstance(first, Malformed):
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, first.message("DeviceMessage"))
+            profile, credential = _hello(first, peer_name, context)
+        except _Refused as refused:
+            logger.warning("join refused (%s): %s", refused.code.name, refused.message)
+            await context.abort(refused.code, refused.message)
+            return
+        device_id = profile.id
+        link = JoinedLink(device_id, max_message_bytes=self.membership.source.max_message_bytes)
+        try:
+            admit = self.membership.admit(profile, credential, link, list(first.hello.cached_models))
+        except IdentityError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            return
+        except DeviceLimitError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            return
+        except RocoinError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        self.streams += 1
+        logger.info("device %s joined from %s", device_id, context.peer(), extra={"device": device_id})
+        reader = asyncio.ensure_future(self._read(context, link))
+        assigning = asyncio.ensure_future(admit)
+        reason = "the device closed the stream"
+        try:
+            while True:
+                message = await link.next_message()
+                if message is None:
+                    reason = "the source closed the stream"
+                    break
+                await context.write(message)
+        except asyncio.CancelledError:
+            reason = "the stream was cancelled"
+            raise
+        except Exception as exc:  # the write failed: the stream is gone
+            reason = f"write failed: {exc}"
+        finally:
+            self.streams -= 1
+            for task in (reader, assigning):
+                task.cancel()
+            link.broken(reason)
+            await self.membership.left(device_id, link, reason)
+            logger.info("device %s: join stream ended (%s)", device_id, reason, extra={"device": device_id})
+
+    async def _read(self, context: grpc.aio.ServicerContext, link: JoinedLink) -> None:
+        reason = "the device closed the stream"
+        try:
+            while (message := await context.read()) is not grpc.aio.EOF:
+                if isinstance(message, Malformed):
+                    raise RocoinError(message.message("DeviceMessage"))
+                link.received(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke, or the device sent something out of turn
+            reason = str(exc) or type(exc).__name__
+        link.broken(reason)
+        with contextlib.suppress(asyncio.QueueFull):
+            link._outbox.put_nowait(None)  # end the writer too
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The certificate's common name (mTLS), else None; :class:`_Refused` without the device token."""
+        auth = context.auth_context() or {}
+        names = [n.decode("utf-8", "replace") for n in auth.get("x509_common_name", [])]
+        if self.tls_client_auth and names:
+            return names[0]
+        if self.token:
+            given = next((v for k, v in (context.invocation_metadata() or ()) if k == METADATA_KEY), None)
+            if isinstance(given, bytes):
+                given = given.decode("latin-1")
+            if not bearer_matches(given, self.token):
+                reason = "missing token" if given is None else "wrong token"
+                raise _Refused(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: joining this source requires its device token")
+        elif self.tls_client_auth:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate: joining this source requires mTLS")
+        return None
+
+
+def _hello(message: rocoin_pb2.DeviceMessage, peer_name: str | None, context: grpc.aio.ServicerContext) -> tuple[DeviceProfile, str]:
+    """The profile and credential of a device's first message, or :class:`_Refused`."""
+    if message.WhichOneof("kind") != "hello":
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"first message: {message.WhichOneof('kind') or 'empty'}: expected a hello")
+    hello = message.hello
+    if hello.protocol != JOIN_PROTOCOL:
+        raise _Refused(
+            grpc.StatusCode.FAILED_PRECONDITION, f"protocol = {hello.protocol}: this source speaks join protocol {JOIN_PROTOCOL}"
+        )
+    if len(hello.profile_json) > MAX_PROFILE_CHARS:
+        raise _Refused(
+            grpc.StatusCode.INVALID_ARGUMENT, f"profile_json: {len(hello.profile_json)} characters: expected at most {MAX_PROFILE_CHARS}"
+        )
+    try:
+        raw = json.loads(hello.profile_json)
+        if not isinstance(raw, dict):
+            raise ValueError("expected a JSON object")
+        raw.setdefault("id", hello.device_id)
+        profile = DeviceProfile.model_validate(raw)
+    except ValidationError as exc:
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, format_validation_error(exc, "profile_json")) from None
+    except ValueError as exc:
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"profile_json: {exc}") from None
+    if profile.id != hello.device_id:
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"profile id {profile.id!r}: differs from device_id {hello.device_id!r}")
+    if profile.address is not None:
+        raise _Refused(
+            grpc.StatusCode.INVALID_ARGUMENT, "profile.address: a device that joins has no address (the source does not dial it)"
+        )
+    if peer_name is not None:
+        if peer_name != profile.id:
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED, f"device_id {profile.id!r}: the client certificate names {peer_name!r}")
+        pem = b"".join((context.auth_context() or {}).get("x509_pem_cert", []))
+        return profile, "x509-sha256:" + hashlib.sha256(pem).hexdigest()
+    if not hello.device_key:
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "device_key: missing: a joining device sends its own random key")
+    return profile, hello.device_key
+
+
+def _as_is(message: bytes) -> bytes:
+    return message

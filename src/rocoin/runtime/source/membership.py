@@ -1,0 +1,370 @@
+"""Who serves which group, while the fleet changes: devices join (:mod:`.join_service`), go away,
+come back; the source re-plans with the bundle's students and partition fixed
+(:func:`rocoin.planning.replan`) and moves devices between groups.
+
+:class:`Membership` ties three things together: the :class:`~.registry.MembershipRegistry` (the
+persisted record: profile, state, group, model hash), the links of the devices that dialed the
+source (:class:`~.joined.JoinedLink`) and the :class:`~.source.Source`'s replicas (who gets each
+query). The assignment lives here and in the registry, not in the bundle's manifest.
+
+Triggers of a re-plan, each logged with its reason and the objective before and after:
+
+- a device joins that the current plan does not name (a plan device goes back to its group);
+- a device is gone: suspect (its stream broke) for longer than the grace period; one that comes
+  back within it resumes its group and is not a membership change;
+- a group has no live replica (at once, without waiting for the grace period);
+- periodically (``check_interval_s``), a group whose failure probability is above the plan's ε.
+
+A moved device is sent the new group's model (if it lacks it), verifies and loads it, and counts
+for the new group only after a health check on its stream names the new model's hash; queries
+gathered meanwhile stay with the replicas they were sent to (:meth:`Source.retire` ends the old
+replica's part in them, as a non-failure). Devices the source dials keep their plan group: the
+source cannot send them a model (their worker loads its bundle at start), so a re-plan leaves
+them where they are (:data:`PINNED`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
+from rocoin.contracts.fleet import DeviceProfile, Fleet
+from rocoin.contracts.manifest import GroupModel
+from rocoin.planning.replan import DEFAULT_MARGIN, Replan, replan
+from rocoin.runtime.source.joined import JoinedLink
+from rocoin.runtime.source.registry import MembershipRegistry
+from rocoin.runtime.source.source import Source
+from rocoin.runtime.transport.join import SPARE
+
+logger = logging.getLogger(__name__)
+
+#: How often the membership looks for expired devices and groups above ε.
+CHECK_INTERVAL_S = 1.0
+
+
+@dataclass
+class ReplanRecord:
+    """One re-plan, as ``/v2/fleet`` and ``rocoin fleet status`` show it."""
+
+    at: float
+    trigger: str
+    reason: str
+    moves: list[dict[str, Any]]
+    latency_before_s: float
+    latency_after_s: float
+    p_complete_before: float
+    p_complete_after: float
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Joined:
+    link: JoinedLink
+    profile: DeviceProfile
+    cached: set[str] = field(default_factory=set)
+
+
+class Membership:
+    """The changing fleet of ``source``, recorded in ``registry``."""
+
+    def __init__(
+        self,
+        source: Source,
+        registry: MembershipRegistry,
+        *,
+        margin: float = DEFAULT_MARGIN,
+        check_interval_s: float = CHECK_INTERVAL_S,
+    ) -> None:
+        self.source = source
+        self.registry = registry
+        self.margin = margin
+        self.check_interval_s = check_interval_s
+        self.joined: dict[str, _Joined] = {}
+        self.history: list[ReplanRecord] = []
+        self.replans = 0
+        self._lock = asyncio.Lock()  # one assignment or re-plan at a time
+        self._task: asyncio.Task | None = None
+        self._pending: set[asyncio.Task] = set()
+        self._models = {m.group: m for m in source.manifest.groups}
+        self._replanned_for: tuple = ()  # the live fleet the last re-plan saw
+        source.on_device_down = self._device_down
+        for device in source.fleet.devices:  # the devices the source dials are members too
+            if device.address:
+                self.registry.join(device, credential=None)
+
+    async def start(self) -> None:
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def close(self) -> None:
+        for task in (self._task, *self._pending):
+            if task is not None:
+                task.cancel()
+        for task in (self._task, *self._pending):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for joined in list(self.joined.values()):
+            await joined.link.close()
+        self.joined.clear()
+
+    # --- a device's stream ----------------------------------------------------------------
+
+    def admit(self, profile: DeviceProfile, credential: str, link: JoinedLink, cached: list[str]) -> Coroutine[Any, Any, None]:
+        """A device dialed the source (``profile`` from its hello): register it now (the registry
+        raises :class:`~.registry.IdentityError` for another credential under its id, or
+        :class:`~.registry.DeviceLimitError`); the coroutine returned gives it its group, or keeps
+        it as a spare, once its stream is being written."""
+        self.registry.join(profile, credential=credential)
+        device_id = profile.id
+        old = self.joined.get(device_id)
+        self.joined[device_id] = _Joined(link, profile, set(cached))
+        if old is not None and old.link is not link:  # a new stream replaces the old one
+            self._spawn(old.link.close())
+        return self._place(device_id)
+
+    async def _place(self, device_id: str) -> None:
+        async with self._lock:
+            group = self._planned_group(device_id)
+            if group is not None:
+                await self._assign(device_id, group)
+            else:
+                await self._replan(f"device {device_id} joined")
+                if self.source.replica(device_id) is None and device_id in self.joined:
+                    await self._assign(device_id, SPARE)
+            self.update_metrics()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def left(self, device_id: str, link: JoinedLink, reason: str) -> None:
+        """A device's stream ended: suspect; gone after the grace period (see :meth:`_watch`)."""
+        joined = self.joined.get(device_id)
+        if joined is None or joined.link is not link:
+            return  # an older stream of a device that has rejoined
+        del self.joined[device_id]
+        with contextlib.suppress(RocoinError):
+            self.registry.mark_suspect(device_id, reason)
+
+    # --- assignment ------------------------------------------------------------------------
+
+    def _planned_group(self, device_id: str) -> int | None:
+        return next((k for k, g in enumerate(self.source.plan.groups) if device_id in g.devices), None)
+
+    async def _assign(self, device_id: str, group: int) -> None:
+        """Move a joined device to ``group`` (or make it a spare): its model, verified and
+        loaded, then a health check naming its hash, then queries."""
+        joined = self.joined.get(device_id)
+        if joined is None:
+            return
+        link = joined.link
+        current = self.source.replica(device_id)
+        if current is not None and current.state.group == group and current.link is link and current.state.up:
+            return
+        await self.source.retire(device_id)
+        if group == SPARE:
+            with contextlib.suppress(RocoinError, ConnectionError):
+                await link.assign(SPARE, None, None, send_model=False)
+            return
+        model: GroupModel = self._models[group]
+        started = time.perf_counter()
+        send = model.sha256 not in joined.cached
+        member = self.registry.get(device_id)
+        if member is not None and member.state == "serving" and member.group != group:
+            self.registry.assign(device_id, group, model.sha256)  # a move: joining until the health check
+        try:
+            sha = await link.assign(
+                group,
+                model,
+                self.source.bundle / model.file,
+                send_model=send,
+                student_flops=self.source.manifest.plan.catalog[model.student].flops,
+            )
+            if await link.check() != sha:
+                raise RocoinError(f"device {device_id}: its health check does not name group {group}'s model {sha[:12]}")
+        except (RocoinError, ConnectionError) as exc:
+            logger.warning("device %s: not assigned to group %d: %s", device_id, group, exc)
+            with contextlib.suppress(RocoinError):
+                self.registry.mark_suspect(device_id, str(exc))
+            return
+        joined.cached.add(sha)
+        self.registry.mark_serving(device_id, group, sha)
+        await self.source.attach(device_id, group, link)
+        logger.info(
+            "device %s serves group %d (%s model in %.2f s)",
+            device_id,
+            group,
+            "sent" if send else "cached",
+            time.perf_counter() - started,
+            extra={"device": device_id, "group": group},
+        )
+
+    # --- re-planning -----------------------------------------------------------------------
+
+    def live_fleet(self) -> Fleet | None:
+        """The devices that can serve now: dialed ones that are up, and joined ones with a stream."""
+        devices = []
+        for device in self.source.fleet.devices:
+            replica = self.source.replica(device.id)
+            if device.address and replica is not None and replica.state.up:
+                devices.append(device)
+        devices += [j.profile for j in self.joined.values() if j.link.connected]
+        if not devices:
+            return None
+        return Fleet(devices=devices, input_bits=self.source.fleet.input_bits)
+
+    async def _replan(self, trigger: str) -> Replan | None:
+        """Re-assign the live devices to the bundle's groups; move the joined ones."""
+        fleet = self.live_fleet()
+        if fleet is None:
+            logger.warning("replan (%s): no live device", trigger)
+            return None
+        started = time.perf_counter()
+        try:
+            result = replan(self.source.plan, fleet, margin=self.margin)
+        except InfeasiblePlanError as exc:
+            logger.warning("replan (%s): %s", trigger, exc)
+            return None
+        target = {d: k for k, g in enumerate(result.plan.groups) for d in g.devices}
+        moved = []
+        for device_id, joined in list(self.joined.items()):
+            if not joined.link.connected:
+                continue  # its stream just ended: it is leaving
+            want = target.get(device_id, SPARE)
+            replica = self.source.replica(device_id)
+            have = replica.state.group if replica is not None else SPARE
+            if want != have:
+                await self._assign(device_id, want)
+                moved.append({"device": device_id, "from": None if have == SPARE else have, "to": None if want == SPARE else want})
+        for move in result.moves:
+            if move.device not in self.joined and move.to_group is not None:
+                logger.info(
+                    "replan: device %s is dialed by the source and keeps its group (its worker loads its bundle at start)", move.device
+                )
+        self.source.plan = result.plan
+        self._replanned_for = self._fleet_key()
+        self.replans += 1
+        record = ReplanRecord(
+            at=time.time(),
+            trigger=trigger,
+            reason=result.reason,
+            moves=moved,
+            latency_before_s=result.objective_before.latency_s,
+            latency_after_s=result.objective_after.latency_s,
+            p_complete_before=result.objective_before.p_complete,
+            p_complete_after=result.objective_after.p_complete,
+            seconds=time.perf_counter() - started,
+        )
+        self.history = [*self.history[-99:], record]
+        self.source.metrics.replans.labels(_trigger_kind(trigger)).inc()
+        logger.warning(
+            "replan (%s): %d moves; T %.4g -> %.4g s, P(all groups) %.4f -> %.4f",
+            trigger,
+            len(moved),
+            record.latency_before_s,
+            record.latency_after_s,
+            record.p_complete_before,
+            record.p_complete_after,
+            extra={"trigger": trigger, "moves": moved},
+        )
+        return result
+
+    def _device_down(self, device_id: str, group: int) -> None:
+        """The source marked a device down: a group with no live replica is re-planned at once."""
+        if any(d.up for d in self.source.devices if d.group == group):
+            return
+        self._spawn(self._locked_replan(f"group {group} has no live replica (device {device_id} down)"))
+
+    async def _locked_replan(self, trigger: str) -> None:
+        async with self._lock:
+            try:
+                await self._replan(trigger)
+            except (RocoinError, ConnectionError) as exc:
+                logger.error("replan (%s) failed: %s", trigger, exc)
+            self.update_metrics()
+
+    async def _watch(self) -> None:
+        """Expire devices suspect beyond the grace period; re-plan when that changes the fleet
+        or a group is above ε."""
+        while True:
+            await asyncio.sleep(self.check_interval_s)
+            self.update_metrics()
+            try:
+                gone = self.registry.expire()
+                if gone:
+                    await self._locked_replan("gone: " + ", ".join(m.device_id for m in gone))
+                elif self._fleet_key() != self._replanned_for and self._above_epsilon():
+                    await self._locked_replan("a group is above its failure target")
+            except RocoinError as exc:
+                logger.error("membership check failed: %s", exc)
+
+    def _fleet_key(self) -> tuple:
+        """What a re-plan depends on: the live devices and who serves which group."""
+        fleet = self.live_fleet()
+        ids = tuple(sorted(d.id for d in fleet.devices)) if fleet is not None else ()
+        return ids, tuple(sorted((d.device_id, d.group, d.up) for d in self.source.devices))
+
+    def _above_epsilon(self) -> bool:
+        """A group whose live replicas fail together more often than ε, while a spare is live
+        that could help it (without a spare a re-plan could only take from other groups, which
+        the re-plan after the loss already weighed)."""
+        if not any(self.source.replica(d) is None and j.link.connected for d, j in self.joined.items()):
+            return False
+        return any(g["failure_prob"] > self.source.plan.epsilon for g in self.groups())
+
+    def update_metrics(self) -> None:
+        """The per-group gauges of ``/metrics``."""
+        metrics = self.source.metrics
+        for group in self.groups():
+            metrics.group_live_replicas.labels(str(group["group"])).set(len(group["live_replicas"]))
+            metrics.group_failure_prob.labels(str(group["group"])).set(group["failure_prob"])
+        metrics.joined_devices.set(len(self.joined))
+
+    def groups(self) -> list[dict[str, Any]]:
+        """Each group's live replicas and their joint failure probability (1 with none)."""
+        outage = {d.id: d.outage for d in self.source.fleet.devices} | {d: j.profile.outage for d, j in self.joined.items()}
+        groups = []
+        for k in range(self.source.num_groups):
+            live = [d.device_id for d in self.source.devices if d.group == k and d.up]
+            groups.append({"group": k, "live_replicas": live, "failure_prob": math.prod(outage.get(d, 1.0) for d in live)})
+        return groups
+
+    def status(self) -> dict[str, Any]:
+        """The membership and the current assignment (``/v2/fleet``, ``rocoin fleet status``)."""
+        replicas = {d.device_id: d for d in self.source.devices}
+        members = []
+        for member in self.registry.members():
+            replica = replicas.get(member.device_id)
+            entry = member.to_json()
+            entry["connected"] = member.device_id in self.joined or (member.dialed and replica is not None and replica.up)
+            entry["serving_group"] = replica.group if replica is not None and replica.up else None
+            members.append(entry)
+        return {
+            "groups": self.groups(),
+            "members": members,
+            "plan": {
+                "epsilon": self.source.plan.epsilon,
+                "latency_s": self.source.plan.latency_s,
+                "p_complete": self.source.plan.p_complete,
+            },
+            "replans": self.replans,
+            "history": [r.to_json() for r in self.history[-20:]],
+        }
+
+
+def _trigger_kind(trigger: str) -> str:
+    for kind in ("joined", "gone", "no live replica", "above"):
+        if kind in trigger:
+            return kind.replace(" ", "_")
+    return "other"

@@ -1,0 +1,252 @@
+"""Devices that dial the source (``rocoin.v1.Fleet/Join``), on loopback: the source admits them
+with the device token, binds each id to its device key, sends each its group's model in
+verified chunks, serves queries over their streams, and re-plans when a group loses its last
+replica. The device here is a scripted one (raw gRPC stream), so the source's side of the
+protocol is tested on its own; ``test_device_join.py`` tests the real device client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+import grpc  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from conftest import device  # noqa: E402
+from test_runtime import GROUPS, expected_logits, images_batch, make_bundle  # noqa: E402
+
+from rocoin.contracts.fleet import Fleet  # noqa: E402
+from rocoin.contracts.manifest import GroupModel  # noqa: E402
+from rocoin.runtime.api.server import serve_source  # noqa: E402
+from rocoin.runtime.source.source import Source  # noqa: E402
+from rocoin.runtime.transport.join import JOIN_METHOD, JOIN_PROTOCOL, SPARE  # noqa: E402
+from rocoin.runtime.transport.protocol import rocoin_pb2  # noqa: E402
+from rocoin.runtime.transport.serde import tensor_from_proto, tensor_to_proto  # noqa: E402
+
+TOKEN = "device-token-0123456789"
+DEADLINE_S = 0.5
+
+
+def profile_json(device_id: str, outage: float = 0.1) -> str:
+    return device(device_id, 20, 4, 300, outage).model_dump_json(exclude_none=True, exclude={"id"})
+
+
+class ScriptedDevice:
+    """A device that joins over a raw Join stream and answers as the protocol says."""
+
+    def __init__(self, address: str, device_id: str, *, key: str = "key-of-" + "x" * 16, token: str = TOKEN, cached: dict | None = None):
+        self.address, self.device_id, self.key, self.token = address, device_id, key, token
+        self.cache: dict[str, bytes] = dict(cached or {})
+        self.group = SPARE
+        self.sha = ""
+        self.session: ort.InferenceSession | None = None
+        self.chunks_received = 0
+        self.assigned = asyncio.Event()
+        self.ended: grpc.aio.AioRpcError | None = None
+        self.tamper = False
+        self.error: Exception | None = None
+        self._call = None
+        self._channel = None
+
+    async def run(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.address)
+        call = self._channel.stream_stream(
+            JOIN_METHOD,
+            request_serializer=rocoin_pb2.DeviceMessage.SerializeToString,
+            response_deserializer=rocoin_pb2.SourceMessage.FromString,
+        )(metadata=(("authorization", f"Bearer {self.token}"),))
+        self._call = call
+        hello = rocoin_pb2.JoinHello(
+            device_id=self.device_id, profile_json=profile_json(self.device_id), cached_models=list(self.cache), protocol=JOIN_PROTOCOL,
+            device_key=self.key,
+        )  # fmt: skip
+        await call.write(rocoin_pb2.DeviceMessage(hello=hello))
+        pending: tuple[rocoin_pb2.Assignment, GroupModel, bytearray] | None = None
+        try:
+            async for message in call:
+                kind = message.WhichOneof("kind")
+                if kind == "assign":
+                    a = message.assign
+                    if a.group == SPARE:
+                        self.group, self.sha, self.session = SPARE, "", None
+                        await call.write(rocoin_pb2.DeviceMessage(ready=rocoin_pb2.ModelReady(epoch=a.epoch)))
+                        self.assigned.set()
+                        continue
+                    model = GroupModel.model_validate_json(a.model_json)
+                    pending = (a, model, bytearray())
+                    if not a.send_model:
+                        await self._load(call, a, model, self.cache[model.sha256])
+                        pending = None
+                elif kind == "chunk":
+                    a, model, data = pending
+                    assert message.chunk.offset == len(data) and message.chunk.sha256 == model.sha256
+                    data += message.chunk.data
+                    self.chunks_received += 1
+                    if len(data) == model.size_bytes:
+                        await self._load(call, a, model, bytes(data))
+                        pending = None
+                elif kind == "request":
+                    r = message.request
+                    if not r.query_id:
+                        continue
+                    features = self.session.run(None, {"image": tensor_from_proto(r.input, max_bytes=1 << 20)})[0]
+                    reply = rocoin_pb2.DeviceInferResponse(
+                        query_id=r.query_id, device_id=self.device_id, group=self.group, features=tensor_to_proto(features)
+                    )
+                    await call.write(rocoin_pb2.DeviceMessage(answer=reply))
+                elif kind == "health":
+                    await call.write(
+                        rocoin_pb2.DeviceMessage(health=rocoin_pb2.HealthReply(nonce=message.health.nonce, model_sha256=self.sha))
+                    )
+        except grpc.aio.AioRpcError as exc:
+            self.ended = exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in the script: fail the test loudly
+            self.error = exc
+            raise
+
+    async def _load(self, call, a, model: GroupModel, data: bytes) -> None:
+        if self.tamper:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        if hashlib.sha256(data).hexdigest() != model.sha256:
+            await call.write(rocoin_pb2.DeviceMessage(ready=rocoin_pb2.ModelReady(epoch=a.epoch, error="SHA-256 does not match")))
+            return
+        self.cache[model.sha256] = data
+        self.session = ort.InferenceSession(data)
+        self.group, self.sha = a.group, model.sha256
+        await call.write(rocoin_pb2.DeviceMessage(ready=rocoin_pb2.ModelReady(sha256=model.sha256, epoch=a.epoch)))
+        self.assigned.set()
+
+    async def stop(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+
+
+@contextlib.asynccontextmanager
+async def joined_source(tmp_path: Path, fleet: Fleet | None = None, **options):
+    bundle = make_bundle(tmp_path / "bundle")
+    fleet = fleet or Fleet(devices=[device(d, 20, 4, 300, 0.1) for members, _ in GROUPS for d in members])
+    source = Source(bundle, fleet, deadline_s=DEADLINE_S, token=TOKEN, joins=True)
+    stop = asyncio.Event()
+    ready = tmp_path / "ready.json"
+    server = asyncio.ensure_future(
+        serve_source(source, "127.0.0.1:0", ready_file=ready, stop=stop, device_token=TOKEN, state_dir=tmp_path / "state", **options)
+    )
+    for _ in range(200):
+        if ready.exists() or server.done():
+            break
+        await asyncio.sleep(0.02)
+    if server.done():
+        server.result()
+    address = json.loads(ready.read_text())["address"]
+    devices: list[ScriptedDevice] = []
+    tasks: list[asyncio.Task] = []
+
+    def join(device_id: str, **kwargs) -> ScriptedDevice:
+        d = ScriptedDevice(address, device_id, **kwargs)
+        devices.append(d)
+        tasks.append(asyncio.ensure_future(d.run()))
+        return d
+
+    try:
+        yield source, join, bundle
+    finally:
+        for d in devices:
+            await d.stop()
+        stop.set()
+        await server
+        for t in tasks:
+            t.cancel()
+
+
+async def wait_for(condition, timeout_s: float = 10.0) -> None:
+    limit = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < limit, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_devices_that_dial_the_source_get_their_models_and_serve_queries(tmp_path):
+    async def main():
+        async with joined_source(tmp_path) as (source, join, bundle):
+            assert not source.ready  # no device has joined yet
+            devices = {d: join(d) for members, _ in GROUPS for d in members}
+            await wait_for(lambda: sum(d.up for d in source.devices) == len(devices))
+            for name, d in devices.items():
+                k = next(i for i, (members, _) in enumerate(GROUPS) if name in members)
+                assert d.group == k and d.chunks_received >= 1
+            images = images_batch(3)
+            result = await source.infer(images)
+            assert result.missing_groups == []
+            np.testing.assert_allclose(result.logits, expected_logits(bundle, images), rtol=1e-5, atol=1e-5)
+            status = source.fleet_status()
+            assert [len(g["live_replicas"]) for g in status["groups"]] == [len(m) for m, _ in GROUPS]
+            assert {m["device_id"]: m["state"] for m in status["members"]} == {d: "serving" for d in devices}
+
+    asyncio.run(main())
+
+
+def test_a_wrong_token_and_a_taken_id_are_refused(tmp_path):
+    async def main():
+        async with joined_source(tmp_path) as (source, join, _):
+            first = join("a1", key="first-key-" + "k" * 16)
+            await wait_for(lambda: first.assigned.is_set())
+            wrong = join("a2", token="not-the-device-token-0000")
+            thief = join("a1", key="another-key-" + "k" * 16)
+            await wait_for(lambda: wrong.ended is not None and thief.ended is not None)
+            assert wrong.ended.code() == grpc.StatusCode.UNAUTHENTICATED and "device token" in wrong.ended.details()
+            assert thief.ended.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert source.replica("a1").link is not None and source.replica("a1").state.up  # the owner still serves
+
+    asyncio.run(main())
+
+
+def test_a_device_that_refuses_a_tampered_model_never_serves(tmp_path):
+    async def main():
+        async with joined_source(tmp_path) as (source, join, _):
+            bad = ScriptedDevice  # noqa: F841 - for readability below
+            d = join("c1")
+            d.tamper = True
+            await asyncio.sleep(1.0)
+            replica = source.replica("c1")
+            assert replica is None or not replica.state.up
+            result = await source.infer(images_batch(1), deadline_s=0.2)
+            assert 2 in result.missing_groups
+
+    asyncio.run(main())
+
+
+def test_a_new_device_strengthens_the_weakest_group_and_a_lost_group_is_healed(tmp_path):
+    async def main():
+        async with joined_source(tmp_path) as (source, join, bundle):
+            devices = {d: join(d) for members, _ in GROUPS for d in members}
+            await wait_for(lambda: sum(d.up for d in source.devices) == len(devices))
+            extra = join("extra1")  # group 2 has one replica: the re-plan gives it a second
+            await wait_for(lambda: source.replica("extra1") is not None and source.replica("extra1").state.up)
+            assert extra.group == 2 and source.replica("extra1").state.group == 2
+            for name in ("a1", "a2"):  # group 0 loses both replicas
+                await devices[name].stop()
+            await wait_for(lambda: any(d.up and d.device_id not in ("a1", "a2") for d in source.devices if d.group == 0))
+            healer = next(d.device_id for d in source.devices if d.group == 0 and d.up)
+            assert healer in {"b1", "b2", "c1", "extra1"}
+            images = images_batch(5)
+            result = await source.infer(images)
+            assert result.missing_groups == [] and result.answered_by[0] == healer
+            np.testing.assert_allclose(result.logits, expected_logits(bundle, images), rtol=1e-5, atol=1e-5)
+            history = source.fleet_status()["history"]
+            heal = next(r for r in history if "no live replica" in r["trigger"])
+            assert {"device": healer, "to": 0} == {k: v for k, v in heal["moves"][0].items() if k != "from"}
+            assert all(any(d.up for d in source.devices if d.group == k) for k in range(3))
+
+    asyncio.run(main())
