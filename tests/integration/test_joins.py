@@ -149,7 +149,8 @@ async def joined_source(tmp_path: Path, fleet: Fleet | None = None, **options):
         await asyncio.sleep(0.02)
     if server.done():
         server.result()
-    address = json.loads(ready.read_text())["address"]
+    ready_info = json.loads(ready.read_text())
+    address = ready_info["address"]
     devices: list[ScriptedDevice] = []
     tasks: list[asyncio.Task] = []
 
@@ -159,6 +160,7 @@ async def joined_source(tmp_path: Path, fleet: Fleet | None = None, **options):
         tasks.append(asyncio.ensure_future(d.run()))
         return d
 
+    join.ready = ready_info  # addresses: gRPC, and REST when asked for
     try:
         yield source, join, bundle
     finally:
@@ -248,5 +250,69 @@ def test_a_new_device_strengthens_the_weakest_group_and_a_lost_group_is_healed(t
             heal = next(r for r in history if "no live replica" in r["trigger"])
             assert {"device": healer, "to": 0} == {k: v for k, v in heal["moves"][0].items() if k != "from"}
             assert all(any(d.up for d in source.devices if d.group == k) for k in range(3))
+
+    asyncio.run(main())
+
+
+def test_a_device_back_within_the_grace_period_resumes_its_group_without_a_download_or_a_replan(tmp_path):
+    async def main():
+        async with joined_source(tmp_path, grace_s=30.0) as (source, join, _):
+            devices = {d: join(d, key=f"key-{d}-" + "k" * 16) for members, _ in GROUPS for d in members}
+            await wait_for(lambda: sum(d.up for d in source.devices) == len(devices))
+            replans = source.fleet_status()["replans"]
+            for _ in range(3):  # a flapping device of a group with two replicas
+                old = devices["a1"]
+                await old.stop()
+                await wait_for(lambda: not source.replica("a1").state.up)
+                again = devices["a1"] = join("a1", key=old.key, cached=old.cache)
+                await wait_for(lambda: source.replica("a1") is not None and source.replica("a1").state.up)
+                assert again.group == 0 and again.chunks_received == 0  # its cached model is used
+            status = source.fleet_status()
+            assert status["replans"] == replans  # no thrash: nobody moved
+            assert {m["device_id"]: m["state"] for m in status["members"]}["a1"] == "serving"
+            result = await source.infer(images_batch(2))
+            assert result.missing_groups == []
+
+    asyncio.run(main())
+
+
+def test_a_device_away_longer_than_the_grace_period_is_gone_and_re_planned(tmp_path):
+    async def main():
+        async with joined_source(tmp_path, grace_s=0.3) as (source, join, _):
+            devices = {d: join(d) for members, _ in GROUPS for d in members}
+            await wait_for(lambda: sum(d.up for d in source.devices) == len(devices))
+            await devices["b1"].stop()
+            await wait_for(lambda: {m["device_id"]: m["state"] for m in source.fleet_status()["members"]}["b1"] == "gone", timeout_s=10)
+            await wait_for(lambda: any(r["trigger"] == "gone: b1" for r in source.fleet_status()["history"]))
+            assert all("b1" not in g.devices for g in source.plan.groups)  # the plan no longer counts on it
+            assert source.fleet_status()["groups"][1]["live_replicas"] == ["b2"]
+
+    asyncio.run(main())
+
+
+def test_fleet_status_and_metrics_show_the_membership(tmp_path):
+    from typer.testing import CliRunner
+
+    from rocoin.cli.main import app
+
+    async def main():
+        async with joined_source(tmp_path, http_listen="127.0.0.1:0") as (source, join, _):
+            devices = {d: join(d) for members, _ in GROUPS for d in members}
+            await wait_for(lambda: sum(d.up for d in source.devices) == len(devices))
+            http = join.ready["http_address"]
+            await devices["c1"].stop()  # group 2 loses its only replica: a device of a 2-replica group moves there
+            await wait_for(lambda: source.fleet_status()["groups"][2]["live_replicas"] not in ([], ["c1"]))
+            result = await asyncio.to_thread(CliRunner().invoke, app, ["fleet", "status", "--source", http])
+            assert result.exit_code == 0, result.output
+            assert "a1" in result.output and "serving" in result.output and "suspect" in result.output
+            as_json = await asyncio.to_thread(CliRunner().invoke, app, ["fleet", "status", "--source", http, "--json"])
+            status = json.loads(as_json.output)
+            assert sorted(len(g["live_replicas"]) for g in status["groups"]) == [1, 1, 2]
+            assert {m["device_id"]: m["state"] for m in status["members"]}["c1"] == "suspect"
+            import urllib.request
+
+            text = (await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://{http}/metrics").read())).decode()
+            assert 'rocoin_group_live_replicas{group="2"} 1.0' in text
+            assert 'rocoin_replans_total{trigger="no_live_replica"} 1.0' in text
 
     asyncio.run(main())

@@ -120,6 +120,46 @@ def fleet_collect(
     err.print(f"wrote {output}: {len(fleet.devices)} devices")
 
 
+@fleet_app.command("status")
+@clean_errors
+def fleet_status(
+    source: str = typer.Option(
+        ..., "--source", help="The source's REST API: host:port or http[s]://host:port (source serve --http-listen)."
+    ),
+    api_token_file: Path | None = typer.Option(None, "--api-token-file", help="The client API's token (default: $ROCOIN_API_TOKEN)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON document instead of tables."),
+) -> None:
+    """Show a running source's membership: each group's live replicas, each device's state, the last re-plans."""
+    from rocoin.runtime.api.client import fetch_fleet_status
+    from rocoin.runtime.transport.auth import API_TOKEN_ENV, load_token
+
+    status = fetch_fleet_status(source, token=load_token(api_token_file, env=API_TOKEN_ENV))
+    if as_json:
+        out.print_json(data=status)
+        return
+    groups = Table(title=f"groups ({status.get('replans', 0)} re-plans)")
+    for column in ("group", "live replicas", "failure prob."):
+        groups.add_column(column)
+    for g in status.get("groups", []):
+        groups.add_row(str(g["group"]), ", ".join(g["live_replicas"]) or "-", f"{g['failure_prob']:.3g}" if "failure_prob" in g else "")
+    out.print(groups)
+    members = Table(title="devices")
+    for column in ("device", "state", "group", "serving", "connected", "model"):
+        members.add_column(column)
+    for m in status.get("members", []):
+        members.add_row(
+            str(m.get("device_id", m.get("device"))),
+            str(m.get("state", "up" if m.get("up") else "down")),
+            str(m.get("group")),
+            str(m.get("serving_group", m.get("group") if m.get("up") else None)),
+            str(m.get("connected", m.get("up"))),
+            (m.get("model_sha256") or "")[:12],
+        )
+    out.print(members)
+    for record in status.get("history", [])[-5:]:
+        out.print(f"re-plan ({record['trigger']}): {len(record['moves'])} moves; {record['reason']}")
+
+
 @fleet_app.command("show")
 @clean_errors
 def fleet_show(fleet_path: Path = typer.Argument(..., metavar="FLEET", help="Fleet file (YAML or JSON).")) -> None:

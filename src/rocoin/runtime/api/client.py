@@ -200,3 +200,33 @@ def _summary(latencies, source_latencies, predictions, missing, labels, elapsed:
     if labels is not None:
         report["accuracy"] = float((predictions == np.asarray(labels)).mean())
     return report
+
+
+#: Longest fleet status document the client reads.
+MAX_STATUS_BYTES = 16 * 1024 * 1024
+
+
+def fetch_fleet_status(url: str, *, token: str | None = None, timeout_s: float = 10.0) -> dict:
+    """``GET /v2/fleet`` of the source's REST API at ``url`` (``http[s]://host:port`` or
+    ``host:port``): the membership and the device-to-group assignment."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    base = url if "://" in url else f"http://{url}"
+    request = urllib.request.Request(base.rstrip("/") + "/v2/fleet", headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            body = reply.read(MAX_STATUS_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read(2000).decode("utf-8", "replace")
+        raise (RocoinError if exc.code < 500 else ServingError)(f"{base}/v2/fleet: HTTP {exc.code}: {detail[:300]}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UnavailableError(f"{base}/v2/fleet: cannot reach the source's REST API ({reason})") from None
+    if len(body) > MAX_STATUS_BYTES:
+        raise ServingError(f"{base}/v2/fleet: more than {MAX_STATUS_BYTES} bytes")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ServingError(f"{base}/v2/fleet: not JSON") from None

@@ -64,7 +64,8 @@ class ReplanRecord:
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """JSON-ready: an infinite latency (a group with no replica) is ``null``."""
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in self.__dict__.items()}
 
 
 @dataclass
