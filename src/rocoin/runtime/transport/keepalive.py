@@ -13,6 +13,11 @@ options and the server options come from the same :class:`Keepalive`: the server
 at half the client's interval (timers on a loaded machine fire early or late), with and without
 calls in flight, and the client keeps pinging an idle stream (``max_pings_without_data`` 0: no
 cap on pings between data frames).
+
+A device that dials the source (``rocoin device join``) reverses the roles: it is the client and
+pings the source, and the source's server pings it back on the same schedule
+(:meth:`Keepalive.server_options`), so each side notices a black-holed link within
+``time_ms + timeout_ms``.
 """
 
 from __future__ import annotations
@@ -61,8 +66,12 @@ class Keepalive:
         ]
 
     def server_options(self) -> list[tuple[str, int]]:
-        """Server options that accept :meth:`client_options`' pings, with and without calls."""
+        """Server options that accept :meth:`client_options`' pings, with and without calls, and
+        ping the clients on the same schedule: a device that dialed the source (a Join stream)
+        and vanished without a FIN is noticed by the source within ``time_ms + timeout_ms`` too."""
         return [
+            ("grpc.keepalive_time_ms", self.time_ms),
+            ("grpc.keepalive_timeout_ms", self.timeout_ms),
             ("grpc.keepalive_permit_without_calls", 1),
             # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS: the key does not say "recv"; a
             # misspelt key is silently ignored (the tests run the real policy scaled in time)
