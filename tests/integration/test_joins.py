@@ -316,3 +316,25 @@ def test_fleet_status_and_metrics_show_the_membership(tmp_path):
             assert 'rocoin_replans_total{trigger="no_live_replica"} 1.0' in text
 
     asyncio.run(main())
+
+
+def test_a_restarted_source_keeps_its_registry_and_takes_its_devices_back(tmp_path):
+    async def main():
+        keys = {d: f"key-{d}-" + "k" * 16 for members, _ in GROUPS for d in members}
+        async with joined_source(tmp_path) as (source, join, _):
+            devices = {d: join(d, key=keys[d]) for d in keys}
+            await wait_for(lambda: sum(d.up for d in source.devices) == len(devices))
+            caches = {d: dev.cache for d, dev in devices.items()}
+        (tmp_path / "ready.json").unlink()
+        async with joined_source(tmp_path) as (source, join, _):  # the same state directory
+            status = source.fleet_status()
+            assert {m["device_id"]: m["state"] for m in status["members"]} == {d: "suspect" for d in keys}
+            thief = join("a1", key="not-the-key-of-a1-" + "k" * 16)
+            again = {d: join(d, key=keys[d], cached=caches[d]) for d in keys}
+            await wait_for(lambda: sum(d.up for d in source.devices) == len(again))
+            await wait_for(lambda: thief.ended is not None)
+            assert thief.ended.code() == grpc.StatusCode.PERMISSION_DENIED  # the binding survived the restart
+            assert all(dev.chunks_received == 0 for dev in again.values())  # their cached models were reused
+            assert (await source.infer(images_batch(4))).missing_groups == []
+
+    asyncio.run(main())
