@@ -132,6 +132,14 @@ class DeviceMessage(_message.Message):
     health: HealthReply
     def __init__(self, hello: _Optional[_Union[JoinHello, _Mapping]] = ..., answer: _Optional[_Union[DeviceInferResponse, _Mapping]] = ..., ready: _Optional[_Union[ModelReady, _Mapping]] = ..., health: _Optional[_Union[HealthReply, _Mapping]] = ...) -> None: ...
 
+class AssignMessage(_message.Message):
+    __slots__ = ("assign", "chunk")
+    ASSIGN_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    assign: Assignment
+    chunk: ModelChunk
+    def __init__(self, assign: _Optional[_Union[Assignment, _Mapping]] = ..., chunk: _Optional[_Union[ModelChunk, _Mapping]] = ...) -> None: ...
+
 class SourceInferRequest(_message.Message):
     __slots__ = ("query_id", "input", "deadline_s")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]

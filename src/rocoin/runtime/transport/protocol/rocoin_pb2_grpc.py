@@ -39,6 +39,16 @@ class DeviceStub:
                 request_serializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.DeviceInferRequest.SerializeToString,
                 response_deserializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.DeviceInferResponse.FromString,
                 _registered_method=True)
+        self.Assign = channel.stream_unary(
+                '/rocoin.v1.Device/Assign',
+                request_serializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.AssignMessage.SerializeToString,
+                response_deserializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.ModelReady.FromString,
+                _registered_method=True)
+        self.Check = channel.unary_unary(
+                '/rocoin.v1.Device/Check',
+                request_serializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.HealthCheck.SerializeToString,
+                response_deserializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.HealthReply.FromString,
+                _registered_method=True)
         self.InferStream = channel.stream_stream(
                 '/rocoin.v1.Device/InferStream',
                 request_serializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.DeviceInferRequest.SerializeToString,
@@ -51,6 +61,22 @@ class DeviceServicer:
 
     def Infer(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Assign(self, request_iterator, context):
+        """The source moves a device it dials to another group (the fleet changed): the first message is
+        the Assignment, then the model's chunks when `send_model`; the device verifies and loads the
+        model, swaps it in between queries and answers as a joined device does (rocoin device join).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Check(self, request, context):
+        """A health check that names the model the device serves (before a moved device counts).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -70,6 +96,16 @@ def add_DeviceServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.DeviceInferRequest.FromString,
                     response_serializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.DeviceInferResponse.SerializeToString,
+            ),
+            'Assign': grpc.stream_unary_rpc_method_handler(
+                    servicer.Assign,
+                    request_deserializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.AssignMessage.FromString,
+                    response_serializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.ModelReady.SerializeToString,
+            ),
+            'Check': grpc.unary_unary_rpc_method_handler(
+                    servicer.Check,
+                    request_deserializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.HealthCheck.FromString,
+                    response_serializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.HealthReply.SerializeToString,
             ),
             'InferStream': grpc.stream_stream_rpc_method_handler(
                     servicer.InferStream,
@@ -104,6 +140,60 @@ class Device:
             '/rocoin.v1.Device/Infer',
             rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.DeviceInferRequest.SerializeToString,
             rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.DeviceInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Assign(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/rocoin.v1.Device/Assign',
+            rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.AssignMessage.SerializeToString,
+            rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.ModelReady.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Check(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rocoin.v1.Device/Check',
+            rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.HealthCheck.SerializeToString,
+            rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.HealthReply.FromString,
             options,
             channel_credentials,
             insecure,
