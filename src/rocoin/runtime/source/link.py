@@ -39,6 +39,10 @@ CANCEL_FLUSH_S = 0.005
 MAX_OUTBOX = 256
 
 _STREAM_METHOD = "/rocoin.v1.Device/InferStream"
+_ASSIGN_METHOD = "/rocoin.v1.Device/Assign"
+_CHECK_METHOD = "/rocoin.v1.Device/Check"
+#: Longest a dialed device may take to receive, verify and load a model.
+ASSIGN_TIMEOUT_S = 120.0
 
 #: ``on_answer(answer)``: an answer came; ``on_lost(reason)``: the stream broke (once per stream).
 OnAnswer = Callable[[Answer], None]
@@ -174,6 +178,56 @@ class GrpcStreamLink(DeviceLink):
     async def close(self) -> None:
         self._close_stream()
         await self.channel.close()
+
+    async def assign(self, group: int, model, model_path, *, send_model: bool, student_flops: float = 0.0) -> str:
+        """Move the device to ``group`` (``Device.Assign``): the assignment, then the model's
+        chunks when ``send_model`` (else the device takes the model from its bundle or cache);
+        returns the hash it verified and loaded. :class:`RocoinError` when it refuses or fails."""
+        from rocoin.contracts.errors import RocoinError
+        from rocoin.runtime.transport.join import MODEL_CHUNK_BYTES
+
+        assignment = rocoin_pb2.Assignment(
+            group=group, model_json=model.model_dump_json(), send_model=send_model, epoch=1, student_flops=student_flops
+        )
+
+        async def messages():
+            yield rocoin_pb2.AssignMessage(assign=assignment)
+            if send_model:
+                with open(model_path, "rb") as f:
+                    offset = 0
+                    while chunk := f.read(MODEL_CHUNK_BYTES):
+                        yield rocoin_pb2.AssignMessage(chunk=rocoin_pb2.ModelChunk(sha256=model.sha256, offset=offset, data=chunk))
+                        offset += len(chunk)
+
+        call = self.channel.stream_unary(
+            _ASSIGN_METHOD,
+            request_serializer=rocoin_pb2.AssignMessage.SerializeToString,
+            response_deserializer=rocoin_pb2.ModelReady.FromString,
+        )
+        try:
+            reply = await call(messages(), metadata=self._metadata, timeout=ASSIGN_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise RocoinError(f"device {self.address}: Assign failed ({_reason(exc)})") from None
+        if reply.error or reply.sha256 != model.sha256:
+            raise RocoinError(f"device {self.address} refused group {group}'s model: {reply.error[:300] or reply.sha256[:12]}")
+        return reply.sha256
+
+    async def check(self, timeout_s: float = 2.0) -> str | None:
+        """``Device.Check``: the hash of the model the device serves, or None when it does not answer."""
+        call = self.channel.unary_unary(
+            _CHECK_METHOD,
+            request_serializer=rocoin_pb2.HealthCheck.SerializeToString,
+            response_deserializer=rocoin_pb2.HealthReply.FromString,
+        )
+        try:
+            reply = await call(rocoin_pb2.HealthCheck(nonce="check"), metadata=self._metadata, timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return None
+        return reply.model_sha256
+
+    def serve_nothing(self) -> None:
+        """Close the stream (without ``on_lost``) before a move: the channel stays for Assign."""
+        self._close_stream()
 
     def _close_stream(self) -> None:
         if self._call is not None:

@@ -98,6 +98,9 @@ class Membership:
         self._pending: set[asyncio.Task] = set()
         self._models = {m.group: m for m in source.manifest.groups}
         self._replanned_for: tuple = ()  # the live fleet the last re-plan saw
+        #: the models a dialed device has (its bundle holds every group's), by device
+        self._dialed_cache: dict[str, set[str]] = {}
+        self._models_in_bundle = {m.sha256 for m in source.manifest.groups}
         source.on_device_down = self._device_down
         for device in source.fleet.devices:  # the devices the source dials are members too
             if device.address:
@@ -164,13 +167,18 @@ class Membership:
         return next((k for k, g in enumerate(self.source.plan.groups) if device_id in g.devices), None)
 
     async def _assign(self, device_id: str, group: int) -> None:
-        """Move a joined device to ``group`` (or make it a spare): its model, verified and
-        loaded, then a health check naming its hash, then queries."""
+        """Move a device to ``group`` (a joined one may also become a spare): its model,
+        verified and loaded, then a health check naming its hash, then queries. A joined device
+        gets the model over its stream; one the source dials over ``Device.Assign``, taking the
+        model from its own bundle (every group's model is in it) unless it lacks it."""
         joined = self.joined.get(device_id)
-        if joined is None:
-            return
-        link = joined.link
         current = self.source.replica(device_id)
+        if joined is not None:
+            link, cached = joined.link, joined.cached
+        elif current is not None and hasattr(current.link, "assign") and group != SPARE:
+            link, cached = current.link, self._dialed_cache.setdefault(device_id, set(self._models_in_bundle))
+        else:
+            return
         if current is not None and current.state.group == group and current.link is link and current.state.up:
             return
         await self.source.retire(device_id)
@@ -180,7 +188,7 @@ class Membership:
             return
         model: GroupModel = self._models[group]
         started = time.perf_counter()
-        send = model.sha256 not in joined.cached
+        send = model.sha256 not in cached
         member = self.registry.get(device_id)
         if member is not None and member.state == "serving" and member.group != group:
             self.registry.assign(device_id, group, model.sha256)  # a move: joining until the health check
@@ -199,7 +207,7 @@ class Membership:
             with contextlib.suppress(RocoinError):
                 self.registry.mark_suspect(device_id, str(exc))
             return
-        joined.cached.add(sha)
+        cached.add(sha)
         self.registry.mark_serving(device_id, group, sha)
         await self.source.attach(device_id, group, link)
         logger.info(
@@ -248,11 +256,14 @@ class Membership:
             if want != have:
                 await self._assign(device_id, want)
                 moved.append({"device": device_id, "from": None if have == SPARE else have, "to": None if want == SPARE else want})
-        for move in result.moves:
-            if move.device not in self.joined and move.to_group is not None:
-                logger.info(
-                    "replan: device %s is dialed by the source and keeps its group (its worker loads its bundle at start)", move.device
-                )
+        for device in fleet.devices:  # the devices the source dials: moved over Device.Assign, never made spares
+            if device.id in self.joined or device.id not in target:
+                continue
+            replica = self.source.replica(device.id)
+            if replica is not None and replica.state.group != target[device.id]:
+                have = replica.state.group
+                await self._assign(device.id, target[device.id])
+                moved.append({"device": device.id, "from": have, "to": target[device.id]})
         self.source.plan = result.plan
         self._replanned_for = self._fleet_key()
         self.replans += 1
