@@ -50,6 +50,7 @@ import numpy as np
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.manifest import GroupModel, Manifest, load_manifest
 from rocoin.runtime.device.emulation import Emulation
+from rocoin.runtime.device.models import ModelCache, ModelReceiver
 from rocoin.runtime.device.options import DEFAULT_INTRA_OP_THREADS, DEFAULT_MAX_BATCH, DEFAULT_MAX_CONCURRENCY  # one default per setting
 from rocoin.runtime.device.runner import ModelRunner
 from rocoin.runtime.transport.grpc_server import Malformed
@@ -101,30 +102,40 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         max_batch: int = DEFAULT_MAX_BATCH,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         intra_op_threads: int = DEFAULT_INTRA_OP_THREADS,
+        model: GroupModel | None = None,
+        student_flops: float = 0.0,
+        models: ModelCache | None = None,
     ) -> None:
+        """``bundle`` holds ``device_id``'s group model (from its manifest); or, with ``model``
+        (a manifest entry), ``bundle`` is the folder holding that file and ``student_flops``
+        its FLOPs per image (for emulation). ``models``: where models sent by the source
+        (``Assign``) are kept (default: a ``models`` folder beside the bundle's files)."""
         for name, value in (("max_batch", max_batch), ("max_concurrency", max_concurrency), ("intra_op_threads", intra_op_threads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RocoinError(f"{name.replace('_', '-')} = {value!r}: expected an integer >= 1")
         self.bundle = Path(bundle)
         self.device_id = device_id
         self.metrics = DeviceMetrics()
-        self.manifest: Manifest = load_manifest(self.bundle)
-        self.model: GroupModel = self.manifest.group_of(device_id)
-        self.group = self.model.group
+        self.manifest: Manifest | None = None
+        if model is None:
+            self.manifest = load_manifest(self.bundle)
+            model = self.manifest.group_of(device_id)
+            student_flops = self.manifest.plan.catalog[model.student].flops
+        self.models = models
         self.max_batch = max_batch
         self.max_concurrency = max_concurrency
         self.emulation = emulation
-        self.input_shape = tuple(self.model.input.shape)  # (C, H, W)
-        self.output_size = len(self.model.filters)
+        self.intra_op_threads = intra_op_threads
+        self.input_shape = tuple(model.input.shape)  # (C, H, W)
         itemsize = DTYPES[_FLOAT32].itemsize
         self.max_input_bytes = math.prod(self.input_shape) * itemsize * max_batch
-        #: gRPC message limits: the largest valid request/response plus the envelope.
+        #: gRPC message limits: the largest valid request/response plus the envelope (any group's
+        #: partition, when the manifest says how large they can be: the device may be moved)
+        widest = self.manifest.plan.num_filters if self.manifest is not None else len(model.filters)
         self.max_request_bytes = self.max_input_bytes + MESSAGE_SLACK_BYTES
-        self.max_response_bytes = self.output_size * itemsize * max_batch + MESSAGE_SLACK_BYTES
-        student_flops = self.manifest.plan.catalog[self.model.student].flops
-        self.target_s = emulation.latency_s(student_flops, self.output_size) if emulation else 0.0
+        self.max_response_bytes = widest * itemsize * max_batch + MESSAGE_SLACK_BYTES
         self._rng = random.Random(emulation.seed if emulation else None)
-        self._runner = ModelRunner(self.bundle, self.model, intra_op_threads)
+        self.serve(self.bundle, model, student_flops)
         self._slots = asyncio.Semaphore(max_concurrency)
         self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix=f"rocoin-{device_id}")
         #: requests one InferStream may have queued or running
@@ -133,9 +144,51 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
-        #: the model's batch-1 time here (a warm-up run at start): decides whether a request runs
-        #: on the event loop (short) or in the thread pool (long enough to stall other calls)
-        self.run_s_per_image = self._runner.time_one_image()
+
+    def serve(self, folder: Path, model: GroupModel, student_flops: float) -> None:
+        """Serve ``model`` (its file in ``folder``, checked against the entry: size, SHA-256,
+        input and output) from the next request on; requests already running finish on the
+        model they started with. :class:`RocoinError` (and the old model stays) when it fails."""
+        if tuple(model.input.shape) != self.input_shape:
+            raise RocoinError(f"model input {model.input.shape}: this device serves inputs of shape {list(self.input_shape)}")
+        runner = ModelRunner(folder, model, self.intra_op_threads)
+        self._runner, self.model, self.group = runner, model, model.group
+        self.output_size = len(model.filters)
+        self.target_s = self.emulation.latency_s(student_flops, self.output_size) if self.emulation else 0.0
+        #: the model's batch-1 time here (a warm-up run): decides whether a request runs on the
+        #: event loop (short) or in the thread pool (long enough to stall other calls)
+        self.run_s_per_image = runner.time_one_image()
+
+    async def Assign(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> rocoin_pb2.ModelReady:
+        """The source moves this device to another group: an ``Assignment``, then the model's
+        chunks (or none: the model is taken from the bundle or the cache after verifying it)."""
+
+        models = self.models or ModelCache(self.bundle / "models")
+        receiver: ModelReceiver | None = None
+        try:
+            async for message in request_iterator:
+                if isinstance(message, Malformed):
+                    raise RocoinError(message.message("AssignMessage"))
+                kind = message.WhichOneof("kind")
+                if kind == "assign" and receiver is None:
+                    receiver = ModelReceiver(models, message.assign, extra_folders=[self.bundle])
+                elif kind == "chunk" and receiver is not None:
+                    receiver.add(message.chunk)
+                else:
+                    raise RocoinError(f"Assign: unexpected {kind or 'empty'} message")
+            if receiver is None:
+                raise RocoinError("Assign: no assignment")
+            folder, model, flops = receiver.finish()
+            self.serve(folder, model, flops)
+        except RocoinError as exc:
+            logger.warning("device %s: refused the assignment: %s", self.device_id, exc)
+            return rocoin_pb2.ModelReady(epoch=receiver.epoch if receiver else 0, error=str(exc)[:500])
+        logger.warning("device %s now serves group %d (model %s)", self.device_id, self.group, self.model.sha256[:12])
+        return rocoin_pb2.ModelReady(sha256=self.model.sha256, epoch=receiver.epoch)
+
+    async def Check(self, request: rocoin_pb2.HealthCheck, context: grpc.aio.ServicerContext) -> rocoin_pb2.HealthReply:
+        """A health check naming the model this device serves."""
+        return rocoin_pb2.HealthReply(nonce=request.nonce[:64], model_sha256=self.model.sha256)
 
     def _begin(self) -> None:
         self._active += 1
