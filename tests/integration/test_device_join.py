@@ -182,3 +182,24 @@ def test_a_dialed_device_is_moved_with_assign_and_reports_its_model(tmp_path):
 
 
 _ = grpc
+
+
+def test_device_join_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from rocoin.cli.main import app
+
+    monkeypatch.delenv("ROCOIN_DEVICE_TOKEN", raising=False)
+    entry = tmp_path / "entry.yaml"
+    entry.write_text("id: other\nflops: 2.0e7\nmemory_bytes: 4194304\nrate_bps: 300000\noutage: 0.1\n")
+    base = ["device", "join", "--source", "127.0.0.1:1"]
+    for args, needle in (
+        ([*base], "--device-id"),
+        ([*base, "--id", "a1"], "no token"),
+        ([*base, "--id", "a1", "--insecure"], "--profile"),
+        ([*base, "--id", "a1", "--insecure", "--profile", str(tmp_path / "missing.yaml")], "not found"),
+        ([*base, "--id", "a1", "--insecure", "--profile", str(entry)], "differs from --device-id"),
+    ):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert needle in result.output and "Traceback" not in result.output

@@ -13,7 +13,7 @@ from rich.table import Table
 from rocoin.cli.common import clean_errors, flag, out, require
 from rocoin.contracts.errors import RocoinError
 from rocoin.runtime.api.options import SourceOptions
-from rocoin.runtime.device.options import DeviceOptions
+from rocoin.runtime.device.options import DeviceOptions, JoinOptions
 
 device_app = typer.Typer(help="Run a device worker (onnxruntime + gRPC; no torch needed).", no_args_is_help=True)
 source_app = typer.Typer(help="Run the source: broadcasts queries, gathers groups, runs the head.", no_args_is_help=True)
@@ -93,6 +93,34 @@ def device_serve(
 
     _server_logging()
     run_device(options)
+
+
+@device_app.command("join")
+@clean_errors
+def device_join(
+    source: str = flag(JoinOptions, "source", "--source"),
+    device_id: str = flag(JoinOptions, "device_id", "--device-id", "--id"),
+    profile: Path | None = flag(JoinOptions, "profile", "--profile"),
+    measure: bool = flag(JoinOptions, "measure", "--measure"),
+    cache_dir: Path = flag(JoinOptions, "cache_dir", "--cache-dir"),
+    emulate: bool = flag(JoinOptions, "emulate", "--emulate"),
+    max_batch: int = flag(JoinOptions, "max_batch", "--max-batch"),
+    max_concurrency: int = flag(JoinOptions, "max_concurrency", "--max-concurrency"),
+    threads: int = flag(JoinOptions, "threads", "--threads"),
+    token_file: Path | None = flag(JoinOptions, "token_file", "--token-file"),
+    tls_ca: Path | None = flag(JoinOptions, "tls_ca", "--tls-ca"),
+    tls_cert: Path | None = flag(JoinOptions, "tls_cert", "--tls-cert"),
+    tls_key: Path | None = flag(JoinOptions, "tls_key", "--tls-key"),
+    insecure: bool = flag(JoinOptions, "insecure", "--insecure"),
+) -> None:
+    """Dial the source (from behind NAT: no port opened here), get a group and its model, and serve it until SIGTERM/SIGINT."""
+    options = _options(JoinOptions, locals())
+    require("onnxruntime", "device")
+    require("grpc", "device")
+    from rocoin.runtime.device.options import run_join
+
+    _server_logging()
+    run_join(options)
 
 
 def _options(model, values: dict):

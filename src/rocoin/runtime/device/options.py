@@ -76,3 +76,61 @@ def run_device(options: DeviceOptions) -> None:
             metrics_listen=options.metrics_listen,
         )
     )
+
+
+class JoinOptions(BaseModel):
+    """Everything a device that dials the source can be told (``rocoin device join``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="host:port of the source's gRPC port (source serve --joins).")
+    device_id: str = Field(description="This device's id (bound to its device key on its first join).")
+    profile: Path | None = Field(None, description="Its fleet entry (YAML/JSON, no address); without it, --measure.")
+    measure: bool = Field(False, description="Measure FLOP/s (a numpy benchmark), free memory and the link to the source.")
+    cache_dir: Path = Field(Path("rocoin-device"), description="Where received models (by SHA-256) and the device key are kept.")
+    emulate: bool = Field(False, description="Behave like its profile: compute and link delays, random drops.")
+    max_batch: int = Field(DEFAULT_MAX_BATCH, description="Largest image batch accepted.")
+    max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, description="Requests run at once.")
+    threads: int = Field(DEFAULT_INTRA_OP_THREADS, description="onnxruntime intra-op threads.")
+    token_file: Path | None = Field(None, description="File with the source's device token (default: $ROCOIN_DEVICE_TOKEN).")
+    tls_ca: Path | None = Field(None, description="Talk TLS to the source, verifying it against this CA.")
+    tls_cert: Path | None = Field(None, description="This device's certificate for mTLS (its common name must be the device id).")
+    tls_key: Path | None = Field(None, description="Private key of --tls-cert.")
+    insecure: bool = Field(False, description="Join without a token or mTLS (refused otherwise).")
+
+
+def run_join(options: JoinOptions) -> None:
+    """Join the source of ``options`` and serve until SIGTERM/SIGINT (see :mod:`.join`)."""
+    from rocoin.contracts.fileio import load_validated
+    from rocoin.contracts.fleet import DeviceProfile, check_device_id
+    from rocoin.runtime.device.join import JoinClient, serve_joined
+    from rocoin.runtime.transport.auth import check_authentication, load_token
+    from rocoin.runtime.transport.tls import ClientTLS
+
+    check_device_id(options.device_id)
+    token = load_token(options.token_file)
+    check_authentication(
+        f"device {options.device_id}",
+        token=token,
+        tls_client_auth=options.tls_cert is not None,
+        insecure=options.insecure,
+        risk="it joins a source that admits anyone",
+    )
+    if (options.profile is None) == (not options.measure):
+        raise RocoinError("profile: give --profile ENTRY.yaml or --measure (one of them)")
+    if options.profile is not None:
+        profile = load_validated(DeviceProfile, options.profile, "a fleet entry")
+        if profile.id != options.device_id:
+            raise RocoinError(f"profile {options.profile}: id {profile.id!r} differs from --device-id {options.device_id!r}")
+    else:
+        from rocoin.runtime.device.profiling import measure_join_profile
+
+        profile = measure_join_profile(options.device_id, options.source, threads=options.threads)
+    if options.tls_ca is None and (options.tls_cert or options.tls_key):
+        raise RocoinError("tls-cert/tls-key need --tls-ca (the CA that signed the source's certificate)")
+    client = JoinClient(
+        options.source, profile.model_copy(update={"address": None}), options.cache_dir, token=token,
+        tls=ClientTLS(options.tls_ca, options.tls_cert, options.tls_key) if options.tls_ca else None, emulate=options.emulate,
+        max_batch=options.max_batch, max_concurrency=options.max_concurrency, intra_op_threads=options.threads,
+    )  # fmt: skip
+    asyncio.run(serve_joined(client))

@@ -113,3 +113,35 @@ def profile_device(device_id: str, bundle: str | Path, source: str, *, address: 
         outage=round(max(loss, MIN_OUTAGE), 6),
         address=address,
     )
+
+
+#: Size of the generic benchmark's square matrices (a joining device has no bundle to time).
+GENERIC_MATMUL_N = 256
+
+
+def measure_generic_flops(*, runs: int = MODEL_RUNS) -> float:
+    """Median FLOP/s of a float32 ``N×N`` matrix product with numpy (``2·N³`` FLOPs each): the
+    generic workload of a device that has no bundle yet (``rocoin device join --measure``)."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(GENERIC_MATMUL_N, GENERIC_MATMUL_N)).astype(np.float32)
+    b = rng.normal(size=(GENERIC_MATMUL_N, GENERIC_MATMUL_N)).astype(np.float32)
+    for _ in range(WARMUP_RUNS):
+        a @ b
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - started)
+    return 2.0 * GENERIC_MATMUL_N**3 / statistics.median(times)
+
+
+def measure_join_profile(device_id: str, source: str, *, threads: int = 1) -> DeviceProfile:
+    """A joining device's fleet entry: the generic FLOP/s, free memory, the link to the source."""
+    rate_bps, loss = measure_link(source)
+    return DeviceProfile(
+        id=device_id,
+        flops=round(measure_generic_flops(), 1),
+        memory_bytes=available_memory_bytes(),
+        rate_bps=round(rate_bps, 1),
+        outage=round(max(loss, MIN_OUTAGE), 6),
+    )
