@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-runtime", action="store_true", help="only the re-plan times")
     parser.add_argument("--trials", type=int, default=5, help="group deaths (and model transfers) measured")
+    parser.add_argument("--bundle", type=Path, default=Path("results/bench-runtime/bundle"), help="bundle served (its fleet.yaml beside it)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/fleet.txt"), help="also write the report here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -71,7 +72,7 @@ def main() -> None:
         if not args.skip_runtime:
             from fleet_runtime import recovery_and_transfer
 
-            asyncio.run(recovery_and_transfer(args.trials))
+            asyncio.run(recovery_and_transfer(args.trials, args.bundle))
 
 
 if __name__ == "__main__":
