@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import math
 import platform
@@ -44,12 +45,12 @@ def replan_times(sizes: list[int], repeats: int, filters: int = 64) -> None:
         fleet = generate_fleet(n, 3, 0.8, random_state=n)
         half = Fleet(devices=fleet.devices[: max(2, n // 2)])
         plan = make_plan(half, weights, catalog, scheme="rocoin" if n <= 1000 else "hetnonn", epsilon=0.05)
-        join_s, joined = best_time(lambda: replan(plan, fleet), repeats)
+        join_s, joined = best_time(functools.partial(replan, plan, fleet), repeats)
         churned = Fleet(devices=[d for i, d in enumerate(fleet.devices) if i % 10 != 3])
-        churn_s, _ = best_time(lambda: replan(joined.plan, churned), repeats)
+        churn_s, _ = best_time(functools.partial(replan, joined.plan, churned), repeats)
         dead = set(joined.plan.groups[0].devices)
         survivors = Fleet(devices=[d for d in fleet.devices if d.id not in dead])
-        lost_s, healed = best_time(lambda: replan(joined.plan, survivors), repeats)
+        lost_s, healed = best_time(functools.partial(replan, joined.plan, survivors), repeats)
         print(
             f"{n:>8} {joined.plan.num_groups:>6} {join_s * 1e3:>7.1f}ms {churn_s * 1e3:>7.1f}ms {lost_s * 1e3:>9.1f}ms"
             f" {len(healed.moves):>11} {str(healed.exact):>6}"
@@ -62,7 +63,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-runtime", action="store_true", help="only the re-plan times")
     parser.add_argument("--trials", type=int, default=5, help="group deaths (and model transfers) measured")
-    parser.add_argument("--bundle", type=Path, default=Path("results/bench-runtime/bundle"), help="bundle served (its fleet.yaml beside it)")
+    parser.add_argument(
+        "--bundle", type=Path, default=Path("results/bench-runtime/bundle"), help="bundle served (its fleet.yaml beside it)"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/fleet.txt"), help="also write the report here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)

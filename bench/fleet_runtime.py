@@ -51,7 +51,9 @@ async def recovery_and_transfer(trials: int, bundle: Path = Path("results/bench-
         root = Path(tmp)
         source = Source(bundle, Fleet(devices=list(profiles.values())), deadline_s=1.0, token=TOKEN, joins=True)
         stop = asyncio.Event()
-        server = asyncio.ensure_future(serve_source(source, "127.0.0.1:0", ready_file=root / "ready.json", stop=stop, device_token=TOKEN, state_dir=root / "state"))
+        server = asyncio.ensure_future(
+            serve_source(source, "127.0.0.1:0", ready_file=root / "ready.json", stop=stop, device_token=TOKEN, state_dir=root / "state")
+        )
         await _wait(lambda: (root / "ready.json").exists() or server.done())
         address = json.loads((root / "ready.json").read_text())["address"]
 

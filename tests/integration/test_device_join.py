@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from pathlib import Path
 
 import grpc
@@ -203,3 +204,44 @@ def test_device_join_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert needle in result.output and "Traceback" not in result.output
+
+
+def test_a_local_cluster_of_joining_processes_heals_a_group_killed_whole(tmp_path):
+    from test_runtime import fleet_for, make_bundle
+
+    from rocoin.contracts.fleet import Fleet
+    from rocoin.runtime.api.client import fetch_fleet_status
+    from rocoin.runtime.cluster.local import LocalCluster
+
+    bundle = make_bundle(tmp_path / "bundle")
+    fleet = Fleet(devices=[*fleet_for().devices, device("spare", 20, 4, 300, 0.1)])
+    with LocalCluster(bundle, fleet, tmp_path / "state", joins=True, spares=["spare"]) as cluster:
+        http = cluster.state.source.http_address
+        before = fetch_fleet_status(http)
+        group = next(g for g in before["groups"] if len(g["live_replicas"]) == 2)
+        for victim in group["live_replicas"]:
+            cluster.kill_device(victim)  # SIGKILL: the whole group is gone
+        killed = time.monotonic()
+        while True:
+            live = fetch_fleet_status(http)["groups"][group["group"]]["live_replicas"]
+            if live and not set(live) & set(group["live_replicas"]):
+                break
+            assert time.monotonic() - killed < 15, live
+            time.sleep(0.05)
+        result = asyncio.run(_one_query(cluster.state.source.address))
+        assert result.missing_groups == []
+        assert not any((tmp_path / "state").glob("*.entry.yaml.tmp*"))
+
+
+async def _one_query(address: str):
+    from rocoin.runtime.api.client import run_queries  # noqa: F401 - the client module is what users call
+
+    channel = grpc.aio.insecure_channel(address)
+    from rocoin.runtime.transport.protocol import rocoin_pb2_grpc
+    from rocoin.runtime.transport.serde import tensor_to_proto
+
+    try:
+        stub = rocoin_pb2_grpc.SourceStub(channel)
+        return await stub.Infer(rocoin_pb2.SourceInferRequest(input=tensor_to_proto(images_batch(3))), timeout=10)
+    finally:
+        await channel.close()

@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import BaseModel
 
 from rocoin.contracts.errors import RocoinError, UnavailableError
-from rocoin.contracts.fileio import write_json_atomic
+from rocoin.contracts.fileio import write_json_atomic, write_text_atomic
 from rocoin.contracts.fleet import Fleet, load_fleet, save_fleet
 from rocoin.contracts.manifest import load_manifest
 from rocoin.runtime.api.options import SourceOptions
@@ -79,6 +79,7 @@ class ClusterState:
 
 #: The runtime entry points a cluster starts (each takes ``--options FILE`` of its options model).
 DEVICE_ENTRY_POINT = "rocoin.runtime.device"
+JOIN_ENTRY_POINT = "rocoin.runtime.device.join_main"
 SOURCE_ENTRY_POINT = "rocoin.runtime.api"
 
 
@@ -95,17 +96,31 @@ class LocalCluster:
         devices: list[str] | None = None,
         token: str | None = None,
         http: bool = False,
+        joins: bool = False,
+        spares: list[str] | None = None,
+        grace_s: float | None = None,
     ) -> None:
-        """``devices``: the plan devices to start (default: all); the others keep the fleet's address."""
+        """``devices``: the plan devices to start (default: all); the others keep the fleet's address.
+
+        ``joins``: the devices dial the source (``rocoin device join``, no port of their own) and the
+        source re-plans as they come and go (its membership in ``STATE/membership``); ``spares``:
+        ids of the fleet's devices outside the plan that join too (the re-plan decides their use)."""
         self.bundle = Path(bundle).resolve()
         self.manifest = load_manifest(self.bundle)
         self.fleet = fleet if isinstance(fleet, Fleet) else load_fleet(fleet)
-        self.manifest.plan.check_fleet(self.fleet)
+        spare_ids = set(spares or [])
+        self.manifest.plan.check_fleet(Fleet(devices=[d for d in self.fleet.devices if d.id not in spare_ids]) if spare_ids else self.fleet)
         self.state_dir = Path(state_dir).resolve()
         self.emulate = emulate
         self.deadline_s = deadline_s
         self.with_source = with_source
-        self.http = http
+        self.http = http or joins  # a joined cluster is watched through /v2/fleet
+        self.joins = joins
+        self.grace_s = grace_s
+        self.spares = list(spares or [])
+        unknown_spares = sorted(set(self.spares) - set(self.fleet.ids))
+        if unknown_spares:
+            raise RocoinError(f"spare {unknown_spares[0]!r} is not in the fleet")
         plan_devices = self.manifest.plan.device_ids
         unknown = sorted(set(devices or []) - set(plan_devices))
         if unknown:
@@ -128,6 +143,8 @@ class LocalCluster:
         original = self.state_dir / "fleet-profiles.yaml"
         save_fleet(self.fleet, original)
         write_secret(self.token_file, self.token)
+        if self.joins:
+            return self._start_joined(original, timeout_s)
         try:
             for device_id in plan_devices:
                 self._spawn_device(device_id, "127.0.0.1:0", original)
@@ -151,6 +168,58 @@ class LocalCluster:
             raise
         write_json_atomic(self.state_dir / STATE_FILE, self.state.to_json())
         return self.state
+
+    def _start_joined(self, profiles: Path, timeout_s: float) -> ClusterState:
+        """The source first (it admits devices), then every device dialing it; ready once every
+        device counts for a group or is a spare."""
+        from rocoin.runtime.api.client import fetch_fleet_status
+
+        planned = [d for d in self.fleet.devices if d.id not in self.spares]  # spares bring their own profile when they join
+        fleet = Fleet(devices=[d.model_copy(update={"address": None}) for d in planned], input_bits=self.fleet.input_bits)
+        fleet_path = self.state_dir / "fleet.yaml"
+        save_fleet(fleet, fleet_path)
+        self.state = ClusterState(bundle=str(self.bundle), fleet=str(fleet_path))
+        try:
+            self._spawn_source(fleet_path)
+            self.state.source = self._await_ready("source", timeout_s)
+            wait_serving(self.state.source.address, timeout_s)
+            for device_id in [*self.device_ids, *self.spares]:
+                self._spawn_joined(device_id)
+                self.state.devices.append(Member(device_id, "", self.processes[device_id].pid, str(self.state_dir / f"{device_id}.log")))
+            wanted = set(self.device_ids) | set(self.spares)
+            limit = time.monotonic() + timeout_s
+            while True:
+                status = fetch_fleet_status(self.state.source.http_address)
+                settled = {m["device_id"] for m in status["members"] if m["serving_group"] is not None or m.get("spare")}
+                if wanted <= settled and not status.get("busy"):
+                    break
+                for name in wanted:
+                    if self.processes[name].poll() is not None:
+                        raise UnavailableError(
+                            f"{name}: exited with {self.processes[name].returncode}; its log ends: {_tail(self.state_dir / f'{name}.log')}"
+                        )
+                if time.monotonic() > limit:
+                    raise UnavailableError(f"devices {sorted(wanted - settled)} did not join within {timeout_s:g} s")
+                time.sleep(READY_POLL_S)
+        except BaseException:
+            self.stop()
+            raise
+        write_json_atomic(self.state_dir / STATE_FILE, self.state.to_json())
+        return self.state
+
+    def _spawn_joined(self, device_id: str) -> None:
+        import yaml
+
+        from rocoin.runtime.device.options import JoinOptions
+
+        entry = self.state_dir / f"{device_id}.entry.yaml"
+        profile = next(d for d in self.fleet.devices if d.id == device_id)
+        write_text_atomic(entry, yaml.safe_dump(profile.model_dump(mode="json", exclude_none=True, exclude={"address"}), sort_keys=False))
+        options = JoinOptions(
+            source=self.state.source.address, device_id=device_id, profile=entry, cache_dir=self.state_dir / "devices" / device_id,
+            token_file=self.token_file, emulate=self.emulate,
+        )  # fmt: skip
+        self._spawn(device_id, JOIN_ENTRY_POINT, options)
 
     def _ready_file(self, name: str) -> Path:
         return self.state_dir / f"{name}.ready.json"
@@ -179,9 +248,12 @@ class LocalCluster:
         self._spawn(device_id, DEVICE_ENTRY_POINT, options)
 
     def _spawn_source(self, fleet_path: Path) -> None:
+        joins = {"joins": True, "state_dir": self.state_dir / "membership"} if self.joins else {}
+        if self.joins and self.grace_s is not None:
+            joins["grace_s"] = self.grace_s
         options = SourceOptions(
             bundle=self.bundle, fleet=fleet_path, listen="127.0.0.1:0", token_file=self.token_file, ready_file=self._ready_file("source"),
-            http_listen="127.0.0.1:0" if self.http else None, **({"deadline_s": self.deadline_s} if self.deadline_s else {}),
+            http_listen="127.0.0.1:0" if self.http else None, **({"deadline_s": self.deadline_s} if self.deadline_s else {}), **joins,
         )  # fmt: skip
         self._spawn("source", SOURCE_ENTRY_POINT, options)
 
@@ -211,6 +283,11 @@ class LocalCluster:
     def restart_device(self, device_id: str, timeout_s: float = STARTUP_TIMEOUT_S) -> Member:
         """Start a killed device again on the same address, so the source finds it again."""
         old = self.member(device_id)
+        if self.joins:  # it dials the source again, its model cached
+            self._spawn_joined(device_id)
+            old.pid = self.processes[device_id].pid
+            write_json_atomic(self.state_dir / STATE_FILE, self.state.to_json())
+            return old
         self._spawn_device(device_id, old.address, self.state_dir / "fleet-profiles.yaml")
         new = self._await_ready(device_id, timeout_s)
         wait_serving(new.address, timeout_s)

@@ -98,6 +98,10 @@ class Membership:
         self._pending: set[asyncio.Task] = set()
         self._models = {m.group: m for m in source.manifest.groups}
         self._replanned_for: tuple = ()  # the live fleet the last re-plan saw
+        #: joined devices told to serve no group for now
+        self.spares: set[str] = set()
+        #: devices that joined (or are dialed) since the source started
+        self._seen: set[str] = {d.id for d in source.fleet.devices if d.address}
         #: the models a dialed device has (its bundle holds every group's), by device
         self._dialed_cache: dict[str, set[str]] = {}
         self._models_in_bundle = {m.sha256 for m in source.manifest.groups}
@@ -132,6 +136,7 @@ class Membership:
         device_id = profile.id
         old = self.joined.get(device_id)
         self.joined[device_id] = _Joined(link, profile, set(cached))
+        self._seen.add(device_id)
         if old is not None and old.link is not link:  # a new stream replaces the old one
             self._spawn(old.link.close())
         return self._place(device_id)
@@ -141,6 +146,8 @@ class Membership:
             group = self._planned_group(device_id)
             if group is not None:
                 await self._assign(device_id, group)
+            elif self._unseen():  # the plan's own devices are still coming: a spare until they are here
+                await self._assign(device_id, SPARE)
             else:
                 await self._replan(f"device {device_id} joined")
                 if self.source.replica(device_id) is None and device_id in self.joined:
@@ -158,10 +165,15 @@ class Membership:
         if joined is None or joined.link is not link:
             return  # an older stream of a device that has rejoined
         del self.joined[device_id]
+        self.spares.discard(device_id)
         with contextlib.suppress(RocoinError):
             self.registry.mark_suspect(device_id, reason)
 
     # --- assignment ------------------------------------------------------------------------
+
+    def _unseen(self) -> list[str]:
+        """Devices of the current plan that have not joined since the source started."""
+        return [d for g in self.source.plan.groups for d in g.devices if d not in self._seen]
 
     def _planned_group(self, device_id: str) -> int | None:
         return next((k for k, g in enumerate(self.source.plan.groups) if device_id in g.devices), None)
@@ -182,9 +194,11 @@ class Membership:
         if current is not None and current.state.group == group and current.link is link and current.state.up:
             return
         await self.source.retire(device_id)
+        self.spares.discard(device_id)
         if group == SPARE:
             with contextlib.suppress(RocoinError, ConnectionError):
                 await link.assign(SPARE, None, None, send_model=False)
+                self.spares.add(device_id)
             return
         model: GroupModel = self._models[group]
         started = time.perf_counter()
@@ -361,6 +375,7 @@ class Membership:
             entry = member.to_json()
             entry["connected"] = member.device_id in self.joined or (member.dialed and replica is not None and replica.up)
             entry["serving_group"] = replica.group if replica is not None and replica.up else None
+            entry["spare"] = member.device_id in self.spares and member.device_id in self.joined
             members.append(entry)
         return {
             "groups": self.groups(),
@@ -371,6 +386,7 @@ class Membership:
                 "p_complete": self.source.plan.p_complete,
             },
             "replans": self.replans,
+            "busy": self._lock.locked(),  # an assignment or a re-plan is under way
             "history": [r.to_json() for r in self.history[-20:]],
         }
 
