@@ -82,7 +82,7 @@ def test_the_demo_writes_a_report_with_sane_numbers(first_run):
     assert "![latency](latency.png)" in (out / "report.md").read_text()
 
 
-def test_queries_after_the_kill_miss_the_lost_group(first_run):
+def test_a_group_lost_to_the_kill_is_healed_by_a_re_plan(first_run):
     out, _ = first_run
     r = json.loads((out / "results.json").read_text())
     rt = r["runtime"]
@@ -94,10 +94,20 @@ def test_queries_after_the_kill_miss_the_lost_group(first_run):
     rows = list(csv.DictReader((out / "queries.csv").open()))
     after = [row for row in rows if row["phase"] == "after"]
     assert len(after) == rt["after"]["queries"] > 0
-    for row in after:
-        assert lost <= {int(k) for k in row["missing_groups"].split()}, row
-    assert rt["after"]["queries_with_missing_groups"] == rt["after"]["queries"]
-    assert rt["after"]["missing_groups_mean"] >= len(lost) > rt["before"]["missing_groups_mean"]
+    healing = rt["healing"]
+    # the source saw the group's last replica go, re-planned at once and moved a survivor into it
+    assert any(m["to"] in lost for record in healing["heal_replans"] for m in record["moves"]), healing["heal_replans"]
+    assert 0 < healing["recovered_after_s"] < 10
+    healed_at = rt["kill_at_s"] + healing["recovered_after_s"]
+    late = [row for row in after if float(row["sent_s"]) >= healed_at]
+    assert late and abs(healing["after_recovery"]["queries"] - len(late)) <= 1  # sent_s is rounded in the CSV
+    # from then on the lost groups answer again (missing only when an emulated outage drops the new replica's answer)
+    still = sum(lost <= {int(k) for k in row["missing_groups"].split()} for row in late)
+    assert still < len(late)
+    assert 0 <= healing["predicted_complete_share"] <= 1
+    assert (
+        "every group back" in (out / "report.md").read_text() or "first query with every group present" in (out / "report.md").read_text()
+    )
     # the cluster is gone: every worker and the source stopped, no state left behind
     assert not (out / "cluster" / "cluster.json").exists()
     assert all(_dead(pid) for pid in rt["pids"].values())

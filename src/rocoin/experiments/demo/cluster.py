@@ -83,7 +83,8 @@ def run_cluster(
     if state_dir.is_dir():
         for old_log in state_dir.glob("*.log"):
             old_log.unlink()
-    cluster = LocalCluster(bundle, emulated_fleet(fleet, speedup), state_dir, emulate=True, deadline_s=deadline_s, http=True)
+    # the devices dial the source (as devices behind NAT would), so it can move them and heal a lost group
+    cluster = LocalCluster(bundle, emulated_fleet(fleet, speedup), state_dir, emulate=True, deadline_s=deadline_s, http=True, joins=True)
     started = time.perf_counter()
     with sigterm_as_interrupt():
         try:
@@ -103,7 +104,12 @@ def run_cluster(
                 log = asyncio.run(
                     load.send_queries(url, images, concurrency=concurrency, kill_index=kill_index, kill=kill, advance=advance)
                 )
+            from rocoin.runtime.api.client import fetch_fleet_status
+
+            membership = fetch_fleet_status(state.source.http_address)
         finally:
             cluster.stop()
     say(f"cluster stopped; worker logs in {state_dir}")
-    return log, {"startup_s": startup_s, "runtime_s": time.perf_counter() - started, "cluster_logs": str(state_dir), "pids": pids}
+    info = {"startup_s": startup_s, "runtime_s": time.perf_counter() - started, "cluster_logs": str(state_dir), "pids": pids}
+    info["membership"] = {"replans": membership["replans"], "history": membership["history"], "groups": membership["groups"]}
+    return log, info

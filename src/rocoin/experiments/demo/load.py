@@ -81,9 +81,11 @@ async def send_queries(
     return log
 
 
-def phase_summary(log: QueryLog, labels: np.ndarray, part: slice, num_groups: int, wall_s: float) -> dict[str, Any]:
+def phase_summary(log: QueryLog, labels: np.ndarray, part: slice | np.ndarray, num_groups: int, wall_s: float) -> dict[str, Any]:
+    """Accuracy, latency and missing groups of the queries ``part`` (a slice, or a mask or indices)."""
+    part = np.arange(len(log.latency_s))[part]
     latency = log.latency_s[part]
-    missing = log.missing[part]
+    missing = [log.missing[i] for i in part]
     counts = [sum(k in m for m in missing) for k in range(num_groups)]
     return {
         "queries": int(len(latency)),
@@ -102,6 +104,35 @@ def phase_summary(log: QueryLog, labels: np.ndarray, part: slice, num_groups: in
         "missing_groups_mean": float(np.mean([len(m) for m in missing])),
         "queries_missing_group": counts,
     }
+
+
+def healing_summary(log: QueryLog, labels: np.ndarray, num_groups: int, membership: dict[str, Any]) -> dict[str, Any]:
+    """After the kill: when the first query came back with every group present (the source
+    re-planned and a surviving device took the lost group over), and the queries sent from then
+    on, with what the re-plan's outage model predicted for them (P(every group answers))."""
+    after = np.arange(log.kill_index, len(log.latency_s))
+    done_s = log.sent_s[after] + log.latency_s[after]
+    complete = np.array([not log.missing[i] for i in after], dtype=bool)
+    heals = [r for r in membership.get("history", []) if "no live replica" in r["trigger"] or r["trigger"].startswith("gone")]
+    result: dict[str, Any] = {
+        "replans": membership.get("replans", 0),
+        "heal_replans": heals,
+        "predicted_complete_share": heals[-1]["p_complete_after"] if heals else None,
+        "recovered_after_s": None,
+        "after_recovery": None,
+    }
+    if not complete.any():
+        return result
+    first = float(done_s[complete].min())
+    result["recovered_after_s"] = first - log.kill_s
+    healed = after[log.sent_s[after] >= first]
+    if len(healed) >= 2:
+        part = np.zeros(len(log.latency_s), dtype=bool)
+        part[healed] = True
+        summary = phase_summary(log, labels, part, num_groups, 0.0)
+        summary["complete_share"] = 1.0 - summary["queries_with_missing_groups"] / summary["queries"]
+        result["after_recovery"] = summary
+    return result
 
 
 def write_queries_csv(path: Path, log: QueryLog, labels: np.ndarray) -> None:

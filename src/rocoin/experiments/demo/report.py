@@ -76,6 +76,7 @@ def _rows(r: dict[str, Any]) -> list[list[str]]:
         ],
         phase("runtime, before kill", rt["before"]),
         phase("runtime, after kill", rt["after"]),
+        *([phase("runtime, after healing", rt["healing"]["after_recovery"])] if rt.get("healing", {}).get("after_recovery") else []),
     ]
 
 
@@ -91,8 +92,22 @@ def _caption(r: dict[str, Any]) -> str:
         f"teacher and students in-process on {s['test_images']} test images ({s['random_failures']['trials']} random draws of failed devices);"
         f" runtime: {rt['queries']} test images through the source's {rt['api']} API, {rt['concurrency']} in flight, deadline"
         f" {1e3 * rt['deadline_s']:.0f} ms; SIGKILL {', '.join(rt['victims'])} after query {rt['kill_after_queries']} ({_lost(rt['lost_groups'])})."
-        " 'with missing': queries answered with some group missing (zero-filled)."
+        " 'with missing': queries answered with some group missing (zero-filled)." + _healing_caption(rt.get("healing"))
     )
+
+
+def _healing_caption(h: dict[str, Any] | None) -> str:
+    """The source's re-plan after the kill: when every group answered again, what the model predicted."""
+    if not h or h.get("recovered_after_s") is None:
+        return ""
+    text = f" The source re-planned ({len(h['heal_replans'])} re-plan(s) after losses); the first query with every group present came back {1e3 * h['recovered_after_s']:.0f} ms after the kill."
+    healed = h.get("after_recovery")
+    if healed and h.get("predicted_complete_share") is not None:
+        text += (
+            f" After healing, {100 * healed['complete_share']:.1f} % of the queries had every group (the re-plan's outage model:"
+            f" {100 * h['predicted_complete_share']:.1f} %)."
+        )
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,6 +139,16 @@ def _latency_plot(out: Path, r: dict[str, Any], log: QueryLog) -> str:
     ax.scatter(index[complete], ms[complete], s=3, color="tab:blue", label="every group answered")
     ax.scatter(index[~complete], ms[~complete], s=3, color="tab:orange", label="groups missing (zero-filled)")
     ax.axvline(log.kill_index - 0.5, color="tab:red", linestyle="--", label=f"SIGKILL {', '.join(rt['victims'])}")
+    healing = rt.get("healing") or {}
+    if healing.get("recovered_after_s") is not None:
+        healed_at = log.kill_s + healing["recovered_after_s"]
+        first = int(np.searchsorted(np.sort(log.sent_s[log.kill_index :]), healed_at)) + log.kill_index
+        ax.axvline(
+            first - 0.5,
+            color="tab:green",
+            linestyle="--",
+            label=f"healed: every group back {1e3 * healing['recovered_after_s']:.0f} ms after the kill",
+        )
     ax.axhline(1e3 * rt["deadline_s"], color="grey", linestyle=":", label=f"deadline {1e3 * rt['deadline_s']:.0f} ms")
     ax.set_ylim(0, 1.15 * max(float(ms.max()), 1e3 * rt["deadline_s"]))
     ax.set_xlabel("query (in the order sent)")
@@ -150,6 +175,9 @@ def _accuracy_plot(out: Path, r: dict[str, Any]) -> str:
         ("runtime\nbefore kill", before["accuracy"], "tab:blue"),
         ("runtime\nafter kill", after["accuracy"], "tab:red"),
     ]
+    healed = (rt.get("healing") or {}).get("after_recovery")
+    if healed:
+        bars.append(("runtime\nafter healing", healed["accuracy"], "tab:purple"))
     positions = np.arange(len(bars))
     left.bar(positions, [100 * b[1] for b in bars], color=[b[2] for b in bars])
     for x, (_, value, _) in zip(positions, bars, strict=True):

@@ -16,7 +16,7 @@ from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fileio import write_json_atomic, write_text_atomic
 from rocoin.contracts.progress import Progress, log_progress
 from rocoin.experiments.demo.cluster import default_deadline_s, run_cluster
-from rocoin.experiments.demo.load import WARMUP_QUERIES, QueryLog, phase_summary, write_queries_csv
+from rocoin.experiments.demo.load import WARMUP_QUERIES, QueryLog, healing_summary, phase_summary, write_queries_csv
 from rocoin.experiments.demo.report import DemoReport, plots
 from rocoin.experiments.demo.victims import Victims, choose_victims, expected_missing
 from rocoin.pipeline import steps
@@ -161,6 +161,7 @@ def _runtime_results(
         "expected_missing_share": expected_missing(plan, offline.fleet, victims),
         "before": phase_summary(log, labels, slice(0, kill_index), plan.num_groups, log.phase_s[0]),
         "after": phase_summary(log, labels, slice(kill_index, count), plan.num_groups, log.phase_s[1]),
+        "healing": healing_summary(log, labels, plan.num_groups, cluster_info["membership"]),
         **cluster_info,
     }
 

@@ -221,19 +221,25 @@ class JoinClient:
                         if receiver is not None:
                             receiver.abort()
                         receiver = None
+                        assigned = True
+                        if message.assign.group == SPARE:  # no model: serve nothing until the next assignment
+                            self.group = SPARE
+                            logger.warning("device %s: a spare (no group for now)", self.device_id)
+                            await send(rocoin_pb2.DeviceMessage(ready=_ready(message.assign.epoch)))
+                            self.assigned.set()
+                            continue
                         try:
                             receiver = ModelReceiver(self.cache, message.assign)
                         except RocoinError as exc:
-                            await send(_ready(message.assign.epoch, error=str(exc)))
+                            await send(rocoin_pb2.DeviceMessage(ready=_ready(message.assign.epoch, error=str(exc))))
                             continue
-                        assigned = True
                     elif kind == "chunk":
                         if receiver is None:
                             continue
                         try:
                             receiver.add(message.chunk)
                         except RocoinError as exc:
-                            await send(_ready(receiver.epoch, error=str(exc)))
+                            await send(rocoin_pb2.DeviceMessage(ready=_ready(receiver.epoch, error=str(exc))))
                             receiver = None
                             continue
                     elif kind == "request":
@@ -277,10 +283,6 @@ class JoinClient:
     def _load(self, receiver: ModelReceiver) -> rocoin_pb2.ModelReady:
         """Verify the received (or cached) model and serve it; the ``ModelReady`` to answer."""
         started = time.perf_counter()
-        if receiver.group == SPARE:
-            self.group = SPARE
-            logger.warning("device %s: a spare (no group for now)", self.device_id)
-            return _ready(receiver.epoch)
         try:
             folder, model, flops = receiver.finish()
             if self.worker is None:

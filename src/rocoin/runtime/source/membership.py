@@ -100,6 +100,7 @@ class Membership:
         self._replanned_for: tuple = ()  # the live fleet the last re-plan saw
         #: joined devices told to serve no group for now
         self.spares: set[str] = set()
+        self._started = time.monotonic()
         #: devices that joined (or are dialed) since the source started
         self._seen: set[str] = {d.id for d in source.fleet.devices if d.address}
         #: the models a dialed device has (its bundle holds every group's), by device
@@ -150,7 +151,7 @@ class Membership:
                 await self._assign(device_id, SPARE)
             else:
                 await self._replan(f"device {device_id} joined")
-                if self.source.replica(device_id) is None and device_id in self.joined:
+                if self._serving_group(device_id) == SPARE and device_id in self.joined:
                     await self._assign(device_id, SPARE)
             self.update_metrics()
 
@@ -172,8 +173,19 @@ class Membership:
     # --- assignment ------------------------------------------------------------------------
 
     def _unseen(self) -> list[str]:
-        """Devices of the current plan that have not joined since the source started."""
+        """Devices of the current plan that have not joined since the source started, within
+        the grace period after the start (one that never comes is then simply gone)."""
+        if time.monotonic() - self._started > self.registry.grace_s:
+            return []
         return [d for g in self.source.plan.groups for d in g.devices if d not in self._seen]
+
+    def _serving_group(self, device_id: str) -> int:
+        """The group a joined device serves over its current stream (``SPARE``: none; a plan
+        device's placeholder, waiting for it to join, does not count)."""
+        replica, joined = self.source.replica(device_id), self.joined.get(device_id)
+        if replica is None or joined is None or replica.link is not joined.link:
+            return SPARE
+        return replica.state.group
 
     def _planned_group(self, device_id: str) -> int | None:
         return next((k for k, g in enumerate(self.source.plan.groups) if device_id in g.devices), None)
@@ -265,8 +277,7 @@ class Membership:
             if not joined.link.connected:
                 continue  # its stream just ended: it is leaving
             want = target.get(device_id, SPARE)
-            replica = self.source.replica(device_id)
-            have = replica.state.group if replica is not None else SPARE
+            have = self._serving_group(device_id)
             if want != have:
                 await self._assign(device_id, want)
                 moved.append({"device": device_id, "from": None if have == SPARE else have, "to": None if want == SPARE else want})
@@ -330,7 +341,7 @@ class Membership:
                 gone = self.registry.expire()
                 if gone:
                     await self._locked_replan("gone: " + ", ".join(m.device_id for m in gone))
-                elif self._fleet_key() != self._replanned_for and self._above_epsilon():
+                elif not self._unseen() and self._fleet_key() != self._replanned_for and self._above_epsilon():
                     await self._locked_replan("a group is above its failure target")
             except RocoinError as exc:
                 logger.error("membership check failed: %s", exc)
