@@ -179,6 +179,8 @@ def source_serve(
     joins: bool = flag(SourceOptions, "joins", "--joins"),
     state_dir: Path | None = flag(SourceOptions, "state_dir", "--state-dir"),
     grace_s: float = flag(SourceOptions, "grace_s", "--grace-s"),
+    keepalive_time_ms: int = flag(SourceOptions, "keepalive_time_ms", "--keepalive-time-ms"),
+    keepalive_timeout_ms: int = flag(SourceOptions, "keepalive_timeout_ms", "--keepalive-timeout-ms"),
 ) -> None:
     """Serve queries: broadcast to every device, first answer per group, head at completion or deadline."""
     options = _options(SourceOptions, locals())

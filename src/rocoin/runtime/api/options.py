@@ -16,6 +16,7 @@ from rocoin.contracts.errors import RocoinError
 from rocoin.runtime.api import http_limits as limits
 from rocoin.runtime.source.registry import DEFAULT_GRACE_S
 from rocoin.runtime.source.settings import DEFAULT_DEADLINE_S
+from rocoin.runtime.transport.keepalive import DEFAULT_TIME_MS, DEFAULT_TIMEOUT_MS, Keepalive
 
 #: Where the source's gRPC API listens unless told otherwise.
 DEFAULT_SOURCE_LISTEN = "127.0.0.1:50051"
@@ -58,6 +59,12 @@ class SourceOptions(BaseModel):
     grace_s: float = Field(
         DEFAULT_GRACE_S, gt=0, description="With --joins: seconds a device may be away before it is gone and re-planned."
     )
+    keepalive_time_ms: int = Field(
+        DEFAULT_TIME_MS,
+        ge=100,
+        description="Ping each device's connection this often (a black-holed device is noticed within time + timeout).",
+    )
+    keepalive_timeout_ms: int = Field(DEFAULT_TIMEOUT_MS, ge=100, description="A ping not acknowledged within this closes the connection.")
 
 
 def run_source(options: SourceOptions) -> None:
@@ -77,6 +84,7 @@ def run_source(options: SourceOptions) -> None:
     source = Source(
         options.bundle, load_fleet(options.fleet), deadline_s=options.deadline_s, token=device_token, tls=tls,
         insecure=options.insecure, joins=options.joins,
+        keepalive=Keepalive(time_ms=options.keepalive_time_ms, timeout_ms=options.keepalive_timeout_ms),
     )  # fmt: skip
     http_limits = None
     if options.http_listen is not None:
