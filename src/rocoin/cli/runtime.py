@@ -106,7 +106,7 @@ def device_join(
     emulate: bool = flag(JoinOptions, "emulate", "--emulate"),
     max_batch: int = flag(JoinOptions, "max_batch", "--max-batch"),
     max_concurrency: int = flag(JoinOptions, "max_concurrency", "--max-concurrency"),
-    threads: int = flag(JoinOptions, "threads", "--threads"),
+    threads: int = flag(JoinOptions, "threads", "--threads", "--intra-op-threads"),
     token_file: Path | None = flag(JoinOptions, "token_file", "--token-file"),
     tls_ca: Path | None = flag(JoinOptions, "tls_ca", "--tls-ca"),
     tls_cert: Path | None = flag(JoinOptions, "tls_cert", "--tls-cert"),

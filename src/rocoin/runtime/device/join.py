@@ -119,6 +119,7 @@ class JoinClient:
         self.profile = profile
         self.device_id = profile.id
         self.cache = ModelCache(Path(cache_dir) / "models", max_models)
+        self.cache.drop_partial()  # a download cut short by a crash or a kill
         self.key = device_key(Path(cache_dir))
         self.token = token
         self.tls = tls
@@ -136,6 +137,7 @@ class JoinClient:
         self.downloads = 0  # models received in chunks
         self._stopping = asyncio.Event()
         self._call = None
+        self._session_assigned = False  # the current (or last) stream got an assignment
 
     @property
     def model_sha256(self) -> str:
@@ -152,9 +154,9 @@ class JoinClient:
         attempt = 0
         try:
             while not self._stopping.is_set():
+                self._session_assigned = False
                 try:
-                    if await self._session():
-                        attempt = 0
+                    await self._session()
                 except asyncio.CancelledError:
                     if self._stopping.is_set():  # stop() cancelled the call
                         break
@@ -164,7 +166,10 @@ class JoinClient:
                         raise RocoinError(
                             f"the source {self.source} refused device {self.device_id} ({exc.code().name}: {exc.details()})"
                         ) from None
-                    logger.info("device %s: join stream ended (%s: %s)", self.device_id, exc.code().name, exc.details())
+                    logger.warning("device %s: join stream ended (%s: %s)", self.device_id, exc.code().name, exc.details())
+                finally:
+                    if self._session_assigned:  # the source took this device: start the backoff over
+                        attempt = 0
                 if self._stopping.is_set():
                     break
                 wait = backoff_s(attempt, self._rng)
@@ -186,12 +191,11 @@ class JoinClient:
             return grpc.aio.secure_channel(self.source, self.tls.credentials(), options=options)
         return grpc.aio.insecure_channel(self.source, options=options)
 
-    async def _session(self) -> bool:
-        """One stream, until it ends; True when the source assigned something on it."""
-        assigned = False
+    async def _session(self) -> None:
+        """One stream, until it ends (:attr:`_session_assigned` tells whether the source assigned something on it)."""
         writing = asyncio.Lock()
         stream: _Stream | None = None
-        serving: asyncio.Task | None = None
+        streams: set[asyncio.Task] = set()  # InferStream of the worker(s) of this stream
         receiver: ModelReceiver | None = None
         async with self._channel() as channel:
             call = channel.stream_stream(
@@ -221,17 +225,23 @@ class JoinClient:
                         if receiver is not None:
                             receiver.abort()
                         receiver = None
-                        assigned = True
+                        if not self._session_assigned:
+                            logger.warning("device %s: joined %s", self.device_id, self.source)
+                        self._session_assigned = True
                         if message.assign.group == SPARE:  # no model: serve nothing until the next assignment
                             self.group = SPARE
                             logger.warning("device %s: a spare (no group for now)", self.device_id)
                             await send(rocoin_pb2.DeviceMessage(ready=_ready(message.assign.epoch)))
                             self.assigned.set()
                             continue
+                        logger.warning(
+                            "device %s: assigned group %d (model %s)", self.device_id, message.assign.group,
+                            "follows" if message.assign.send_model else "from the cache",
+                        )  # fmt: skip
                         try:
                             receiver = ModelReceiver(self.cache, message.assign)
                         except RocoinError as exc:
-                            await send(rocoin_pb2.DeviceMessage(ready=_ready(message.assign.epoch, error=str(exc))))
+                            await send(rocoin_pb2.DeviceMessage(ready=self._refused(message.assign.group, message.assign.epoch, exc)))
                             continue
                     elif kind == "chunk":
                         if receiver is None:
@@ -239,7 +249,7 @@ class JoinClient:
                         try:
                             receiver.add(message.chunk)
                         except RocoinError as exc:
-                            await send(rocoin_pb2.DeviceMessage(ready=_ready(receiver.epoch, error=str(exc))))
+                            await send(rocoin_pb2.DeviceMessage(ready=self._refused(receiver.group, receiver.epoch, exc)))
                             receiver = None
                             continue
                     elif kind == "request":
@@ -261,10 +271,18 @@ class JoinClient:
                         continue
                     if receiver is not None and receiver.complete:
                         done, receiver = receiver, None
-                        reply = self._load(done)
+                        before = self.worker
+                        reply = await asyncio.to_thread(self._load, done)  # hashing, loading: queries running go on
+                        if self.worker is not before and stream is not None:  # a new worker (another input shape)
+                            stream.requests.put_nowait(grpc.aio.EOF)  # the old one finishes what it runs, then ends
+                            if before is not None:
+                                before.close()
+                            stream = None
                         if reply.error == "" and self.worker is not None and stream is None:
                             stream = _Stream(send)
                             serving = asyncio.ensure_future(self.worker.InferStream(None, stream))
+                            streams.add(serving)
+                            serving.add_done_callback(streams.discard)
                         await send(rocoin_pb2.DeviceMessage(ready=reply))
                         if not reply.error:
                             self.assigned.set()
@@ -274,35 +292,42 @@ class JoinClient:
                     receiver.abort()
                 if stream is not None:
                     stream.requests.put_nowait(grpc.aio.EOF)
-                if serving is not None:
-                    serving.cancel()
+                for task in list(streams):
+                    task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await serving
-        return assigned
+                        await task
 
     def _load(self, receiver: ModelReceiver) -> rocoin_pb2.ModelReady:
-        """Verify the received (or cached) model and serve it; the ``ModelReady`` to answer."""
+        """Verify the received (or cached) model and serve it; the ``ModelReady`` to answer (runs
+        in a thread: the swap itself is one assignment in :meth:`DeviceWorker.serve`)."""
         started = time.perf_counter()
         try:
             folder, model, flops = receiver.finish()
-            if self.worker is None:
+            verified_s = time.perf_counter() - started
+            if self.worker is None or tuple(model.input.shape) != self.worker.input_shape:
                 self.worker = DeviceWorker(
                     folder, self.device_id, model=model, student_flops=flops, emulation=self.emulation, **self.worker_options
                 )
             else:
                 self.worker.serve(folder, model, flops)
-        except RocoinError as exc:
-            logger.error("device %s: refused group %d's model: %s", self.device_id, receiver.group, exc)
-            self.group = SPARE if self.worker is None else self.group
-            return _ready(receiver.epoch, error=str(exc))
+        except Exception as exc:  # RocoinError, and whatever onnxruntime or the disk raise: one line, the stream goes on
+            return self._refused(receiver.group, receiver.epoch, exc)
         if receiver.send_model:
             self.downloads += 1
         self.group = receiver.group
         logger.warning(
-            "device %s serves group %d (model %s, %s, ready in %.2f s)",
-            self.device_id, self.group, model.sha256[:12], "received" if receiver.send_model else "cached", time.perf_counter() - started,
+            "device %s serves group %d (model %s %s and verified in %.2f s, loaded in %.2f s)",
+            self.device_id, self.group, model.sha256[:12], "received" if receiver.send_model else "from the cache",
+            verified_s, time.perf_counter() - started - verified_s,
         )  # fmt: skip
         return _ready(receiver.epoch, sha256=model.sha256)
+
+    def _refused(self, group: int, epoch: int, exc: Exception) -> rocoin_pb2.ModelReady:
+        """A refused assignment: the device serves nothing (it was moved off its old group) until the next one."""
+        line = " ".join(str(exc).split()) or type(exc).__name__
+        logger.error("device %s: refused group %d's model: %s", self.device_id, group, line)
+        self.group = SPARE
+        return _ready(epoch, error=line)
 
 
 def _ready(epoch: int, *, sha256: str = "", error: str = "") -> rocoin_pb2.ModelReady:

@@ -31,6 +31,8 @@ from rocoin.runtime.transport.protocol import rocoin_pb2
 #: Models a device keeps by default (a rejoin or a move back finds its model here).
 DEFAULT_MAX_MODELS = 8
 _SUFFIX = ".onnx"
+#: Name pattern of a download in progress (in the cache folder, renamed once verified).
+_PARTIAL = ".incoming-*.part"
 
 
 class ModelCache:
@@ -41,6 +43,12 @@ class ModelCache:
             raise RocoinError(f"max-models = {max_models}: expected at least 1")
         self.folder = Path(folder)
         self.max_models = max_models
+
+    def drop_partial(self) -> None:
+        """Delete downloads left by a device that was killed while receiving (never loaded)."""
+        if self.folder.is_dir():
+            for path in self.folder.glob(_PARTIAL):
+                path.unlink(missing_ok=True)
 
     def path(self, sha256: str) -> Path:
         return self.folder / f"{sha256}{_SUFFIX}"
@@ -96,8 +104,11 @@ class ModelReceiver:
         self._hash = hashlib.sha256()
         self.received = 0
         if self.send_model:
-            cache.folder.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=cache.folder, prefix=".incoming-", suffix=".part")
+            try:
+                cache.folder.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(dir=cache.folder, prefix=".incoming-", suffix=".part")
+            except OSError as exc:
+                raise RocoinError(f"model cache {cache.folder}: {exc.strerror or exc}") from None
             self._file, self._temporary = os.fdopen(fd, "wb"), Path(name)
 
     def add(self, chunk: rocoin_pb2.ModelChunk) -> None:
@@ -111,7 +122,10 @@ class ModelReceiver:
                 raise RocoinError(f"chunk offset {chunk.offset}: expected {self.received} (chunks come in order)")
             if self.received + len(chunk.data) > self.model.size_bytes:
                 raise RocoinError(f"chunks: more than the model's {self.model.size_bytes} bytes")
-            self._file.write(chunk.data)
+            try:
+                self._file.write(chunk.data)
+            except OSError as exc:  # a full disk: refused like a bad chunk, the device goes on
+                raise RocoinError(f"model cache {self.cache.folder}: {exc.strerror or exc}") from None
             self._hash.update(chunk.data)
             self.received += len(chunk.data)
         except RocoinError:

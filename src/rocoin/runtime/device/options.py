@@ -118,6 +118,9 @@ def run_join(options: JoinOptions) -> None:
     )
     if (options.profile is None) == (not options.measure):
         raise RocoinError("profile: give --profile ENTRY.yaml or --measure (one of them)")
+    if options.tls_ca is None and (options.tls_cert or options.tls_key):
+        raise RocoinError("tls-cert/tls-key need --tls-ca (the CA that signed the source's certificate)")
+    tls = ClientTLS(options.tls_ca, options.tls_cert, options.tls_key) if options.tls_ca else None
     if options.profile is not None:
         profile = load_validated(DeviceProfile, options.profile, "a fleet entry")
         if profile.id != options.device_id:
@@ -125,12 +128,12 @@ def run_join(options: JoinOptions) -> None:
     else:
         from rocoin.runtime.device.profiling import measure_join_profile
 
-        profile = measure_join_profile(options.device_id, options.source, threads=options.threads)
-    if options.tls_ca is None and (options.tls_cert or options.tls_key):
-        raise RocoinError("tls-cert/tls-key need --tls-ca (the CA that signed the source's certificate)")
+        profile = measure_join_profile(
+            options.device_id, options.source, threads=options.threads, credentials=tls.credentials() if tls else None
+        )
     client = JoinClient(
         options.source, profile.model_copy(update={"address": None}), options.cache_dir, token=token,
-        tls=ClientTLS(options.tls_ca, options.tls_cert, options.tls_key) if options.tls_ca else None, emulate=options.emulate,
+        tls=tls, emulate=options.emulate,
         max_batch=options.max_batch, max_concurrency=options.max_concurrency, intra_op_threads=options.threads,
     )  # fmt: skip
     asyncio.run(serve_joined(client))

@@ -72,9 +72,11 @@ def available_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def measure_link(source: str) -> tuple[float, float]:
-    """(uplink bit/s, loss rate) towards the source at ``source`` (host:port)."""
-    with grpc.insecure_channel(source) as channel:
+def measure_link(source: str, credentials: grpc.ChannelCredentials | None = None) -> tuple[float, float]:
+    """(uplink bit/s, loss rate) towards the source at ``source`` (host:port); ``credentials``:
+    a TLS channel (a source that serves TLS), else plain."""
+    channel = grpc.secure_channel(source, credentials) if credentials is not None else grpc.insecure_channel(source)
+    with channel:
         health = health_pb2_grpc.HealthStub(channel)
         failures = 0
         for _ in range(PROBES):
@@ -135,9 +137,12 @@ def measure_generic_flops(*, runs: int = MODEL_RUNS) -> float:
     return 2.0 * GENERIC_MATMUL_N**3 / statistics.median(times)
 
 
-def measure_join_profile(device_id: str, source: str, *, threads: int = 1) -> DeviceProfile:
-    """A joining device's fleet entry: the generic FLOP/s, free memory, the link to the source."""
-    rate_bps, loss = measure_link(source)
+def measure_join_profile(
+    device_id: str, source: str, *, threads: int = 1, credentials: grpc.ChannelCredentials | None = None
+) -> DeviceProfile:
+    """A joining device's fleet entry: the generic FLOP/s, free memory, the link to the source
+    (over TLS with ``credentials``)."""
+    rate_bps, loss = measure_link(source, credentials)
     return DeviceProfile(
         id=device_id,
         flops=round(measure_generic_flops(), 1),

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -77,13 +78,30 @@ INLINE_RUN_S = 0.001
 _FLOAT32 = "float32"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Serving:
+    """What one request runs on, taken once when it starts: a model swapped in meanwhile
+    (:meth:`DeviceWorker.serve`) does not change the runner, the checks or the group of its answer."""
+
+    runner: ModelRunner
+    model: GroupModel
+    output_size: int
+    target_s: float  # emulated time of one request (0: no emulation)
+    run_s_per_image: float  # the model's batch-1 time here (a warm-up run)
+
+    @property
+    def group(self) -> int:
+        return self.model.group
+
+
 class _Refused(Exception):
     """A request the worker will not answer with features: a gRPC status code and why."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, group: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.group = group  # the group the request was run for (None: the one served now)
 
 
 class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
@@ -152,12 +170,42 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         if tuple(model.input.shape) != self.input_shape:
             raise RocoinError(f"model input {model.input.shape}: this device serves inputs of shape {list(self.input_shape)}")
         runner = ModelRunner(folder, model, self.intra_op_threads)
-        self._runner, self.model, self.group = runner, model, model.group
-        self.output_size = len(model.filters)
-        self.target_s = self.emulation.latency_s(student_flops, self.output_size) if self.emulation else 0.0
-        #: the model's batch-1 time here (a warm-up run): decides whether a request runs on the
-        #: event loop (short) or in the thread pool (long enough to stall other calls)
-        self.run_s_per_image = runner.time_one_image()
+        output_size = len(model.filters)
+        self._serving = _Serving(
+            runner=runner,
+            model=model,
+            output_size=output_size,
+            target_s=self.emulation.latency_s(student_flops, output_size) if self.emulation else 0.0,
+            run_s_per_image=runner.time_one_image(),
+        )  # one assignment: a request sees the old model or the new one, never a mix
+
+    @property
+    def model(self) -> GroupModel:
+        """The manifest entry of the model served now."""
+        return self._serving.model
+
+    @property
+    def group(self) -> int:
+        return self._serving.group
+
+    @property
+    def output_size(self) -> int:
+        return self._serving.output_size
+
+    @property
+    def run_s_per_image(self) -> float:
+        """The model's batch-1 time here: decides whether a request runs on the event loop
+        (short) or in the thread pool (long enough to stall other calls)."""
+        return self._serving.run_s_per_image
+
+    @property
+    def target_s(self) -> float:
+        """The emulated time of one request (0 without emulation)."""
+        return self._serving.target_s
+
+    @target_s.setter
+    def target_s(self, value: float) -> None:
+        self._serving = dataclasses.replace(self._serving, target_s=value)
 
     async def Assign(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> rocoin_pb2.ModelReady:
         """The source moves this device to another group: an ``Assignment``, then the model's
@@ -213,7 +261,7 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
 
     def run_model(self, batch: np.ndarray) -> np.ndarray:
         """The group's features of a checked ``(B, C, H, W)`` float32 batch (blocking)."""
-        return self._runner.run(batch)
+        return self._serving.runner.run(batch)
 
     def check_request(self, request: rocoin_pb2.DeviceInferRequest) -> tuple[np.ndarray | None, str]:
         """``(batch, "")`` for a valid request, else ``(None, message)`` naming the field and the value."""
@@ -368,7 +416,7 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         return rocoin_pb2.DeviceInferResponse(
             query_id=query_id[:MAX_QUERY_ID_CHARS],
             device_id=self.device_id,
-            group=self.group,
+            group=refused.group if refused.group is not None else self.group,
             error_code=refused.code.value[0],
             error=refused.message,
         )
@@ -383,14 +431,15 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "the device is shutting down")
         await self._slots.acquire()  # a cancellation here (deadline, source) has nothing to undo
         started = time.perf_counter()
+        serving = self._serving  # the model this request runs on, even if another is swapped in meanwhile
         release = True
         try:
             if expires is not None and asyncio.get_running_loop().time() > expires:
                 raise _Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's timeout passed while it waited for a free slot")
-            if batch.shape[0] * self.run_s_per_image <= INLINE_RUN_S:
-                features = self._run_checked(query_id, batch)  # shorter than a hop to the thread pool
+            if batch.shape[0] * serving.run_s_per_image <= INLINE_RUN_S:
+                features = self._run_checked(serving, query_id, batch)  # shorter than a hop to the thread pool
             else:
-                work = asyncio.get_running_loop().run_in_executor(self._executor, self._run_checked, query_id, batch)
+                work = asyncio.get_running_loop().run_in_executor(self._executor, self._run_checked, serving, query_id, batch)
                 try:
                     features = await asyncio.shield(work)
                 except asyncio.CancelledError:
@@ -398,10 +447,10 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
                     work.add_done_callback(lambda _: self._slots.release())
                     release = False
                     raise
-            if self.emulation is not None and await self.emulation.hold(self.target_s, started, self._rng):
+            if self.emulation is not None and await self.emulation.hold(serving.target_s, started, self._rng):
                 if self.emulation.drop == "silent":
                     return None
-                raise _Refused(grpc.StatusCode.UNAVAILABLE, "emulated outage")
+                raise _Refused(grpc.StatusCode.UNAVAILABLE, "emulated outage", serving.group)
             compute_s = time.perf_counter() - started
         finally:
             if release:
@@ -410,21 +459,23 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         self.metrics.run_time.observe(compute_s)
         logger.debug("device %s answered in %.4f s", self.device_id, compute_s, extra={"query_id": query_id[:MAX_QUERY_ID_CHARS]})
         return rocoin_pb2.DeviceInferResponse(
-            query_id=query_id, device_id=self.device_id, group=self.group, features=tensor_to_proto(features), compute_s=compute_s
+            query_id=query_id, device_id=self.device_id, group=serving.group, features=tensor_to_proto(features), compute_s=compute_s
         )
 
-    def _run_checked(self, query_id: str, batch: np.ndarray) -> np.ndarray:
-        """:meth:`run_model` with its failures and a wrong output turned into INTERNAL refusals."""
+    def _run_checked(self, serving: _Serving, query_id: str, batch: np.ndarray) -> np.ndarray:
+        """``serving``'s model on a checked batch, its failures and a wrong output turned into INTERNAL refusals."""
         try:
-            features = self.run_model(batch)
+            features = serving.runner.run(batch)
         except Exception as exc:  # onnxruntime's own error types
             logger.exception("device %s: the model failed on query %r", self.device_id, query_id[:MAX_QUERY_ID_CHARS])
-            raise _Refused(grpc.StatusCode.INTERNAL, f"model run failed: {' '.join(str(exc).split())[:300]}") from None
-        expected = (batch.shape[0], self.output_size)
+            raise _Refused(grpc.StatusCode.INTERNAL, f"model run failed: {' '.join(str(exc).split())[:300]}", serving.group) from None
+        expected = (batch.shape[0], serving.output_size)
         if features.shape != expected or features.dtype != np.float32:
             logger.error("device %s: model gave %s %s, expected %s float32", self.device_id, features.shape, features.dtype, expected)
             raise _Refused(
-                grpc.StatusCode.INTERNAL, f"model output: shape {list(features.shape)} {features.dtype}: expected {list(expected)} float32"
+                grpc.StatusCode.INTERNAL,
+                f"model output: shape {list(features.shape)} {features.dtype}: expected {list(expected)} float32",
+                serving.group,
             )
         return features
 

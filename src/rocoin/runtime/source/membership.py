@@ -318,8 +318,16 @@ class Membership:
         return result
 
     def _device_down(self, device_id: str, group: int) -> None:
-        """The source marked a device down: a group with no live replica is re-planned at once."""
+        """The source marked a device down: a group with no live replica is re-planned at once —
+        when the device is gone (its stream broke). One marked down for missed answers while its
+        stream stays open is still the best the fleet has (its outage is in the model): the
+        source keeps it on trial, and a re-plan could not do better."""
         if any(d.up for d in self.source.devices if d.group == group):
+            return
+        replica, joined = self.source.replica(device_id), self.joined.get(device_id)
+        if joined is not None and joined.link.connected:
+            return
+        if joined is None and replica is not None and replica.link is not None and replica.link.is_open:
             return
         self._spawn(self._locked_replan(f"group {group} has no live replica (device {device_id} down)"))
 
