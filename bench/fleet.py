@@ -13,26 +13,16 @@ import argparse
 import asyncio
 import functools
 import logging
-import math
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
+from planner import best_time
 from report import report_to
 
 from rocoin.contracts.fleet import Fleet
 from rocoin.planning import filter_graph, make_plan, replan, synthetic_activations
 from rocoin.profiles.generate import default_catalog, generate_fleet
-
-
-def best_time(func, repeats: int) -> tuple[float, object]:
-    best, result = math.inf, None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = func()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def replan_times(sizes: list[int], repeats: int, filters: int = 64) -> None:
