@@ -6,23 +6,34 @@ the source refuses its token."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 from conftest import device
 from test_joins import TOKEN, joined_source, wait_for
-from test_runtime import GROUPS, expected_logits, images_batch
+from test_runtime import GROUPS, INPUT_CHW, expected_logits, images_batch
 
 from rocoin.contracts.errors import RocoinError
-from rocoin.contracts.manifest import load_manifest
+from rocoin.contracts.fleet import DeviceProfile
+from rocoin.contracts.manifest import GroupModel, load_manifest
 from rocoin.runtime.device.join import JoinClient, backoff_s, device_key
 from rocoin.runtime.device.models import ModelCache, ModelReceiver
-from rocoin.runtime.transport.join import INITIAL_JOIN_BACKOFF_S, MAX_JOIN_BACKOFF_S, MODEL_CHUNK_BYTES
-from rocoin.runtime.transport.protocol import rocoin_pb2
+from rocoin.runtime.transport.join import (
+    INITIAL_JOIN_BACKOFF_S,
+    JOIN_PROTOCOL,
+    MAX_JOIN_BACKOFF_S,
+    MAX_MODEL_BYTES,
+    MODEL_CHUNK_BYTES,
+)
+from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc
+from rocoin.runtime.transport.serde import tensor_from_proto, tensor_to_proto
 
 PLAN_DEVICES = [d for members, _ in GROUPS for d in members]
 
@@ -245,3 +256,366 @@ async def _one_query(address: str):
         return await stub.Infer(rocoin_pb2.SourceInferRequest(input=tensor_to_proto(images_batch(3))), timeout=10)
     finally:
         await channel.close()
+
+
+# --------------------------------------------------------------------------- against a fake source
+# A scripted ``rocoin.v1.Fleet`` servicer: the tests below say what the source sends and check what
+# the device answers, message by message, without the real source (its membership and gather).
+
+
+class FakeStream:
+    """One Join stream as the fake source sees it."""
+
+    def __init__(self, hello: rocoin_pb2.JoinHello) -> None:
+        self.hello = hello
+        self.outbox: asyncio.Queue = asyncio.Queue()  # SourceMessage, None (end OK) or a StatusCode (abort)
+        self.inbox: asyncio.Queue = asyncio.Queue()  # DeviceMessage after the hello
+
+    def send(self, **kind) -> None:
+        self.outbox.put_nowait(rocoin_pb2.SourceMessage(**kind))
+
+    def end(self, code: grpc.StatusCode | None = None) -> None:
+        self.outbox.put_nowait(code)
+
+    async def expect(self, kind: str, timeout_s: float = 10.0):
+        message = await asyncio.wait_for(self.inbox.get(), timeout_s)
+        assert message.WhichOneof("kind") == kind, message
+        return getattr(message, kind)
+
+    def assign(self, group: int, model: GroupModel | None, epoch: int, *, data: bytes | None = None, chunk: int = 97) -> None:
+        """An assignment; with ``data``, the model's bytes follow in ``chunk``-byte chunks."""
+        self.send(
+            assign=rocoin_pb2.Assignment(
+                group=group, model_json=model.model_dump_json() if model else "", send_model=data is not None, epoch=epoch
+            )
+        )
+        for offset in range(0, len(data or b""), chunk):
+            self.send(chunk=rocoin_pb2.ModelChunk(sha256=model.sha256, offset=offset, data=data[offset : offset + chunk]))
+
+    async def ready(self, epoch: int) -> rocoin_pb2.ModelReady:
+        ready = await self.expect("ready")
+        assert ready.epoch == epoch
+        return ready
+
+    async def health(self) -> str:
+        nonce = f"n{random.random()}"
+        self.send(health=rocoin_pb2.HealthCheck(nonce=nonce))
+        reply = await self.expect("health")
+        assert reply.nonce == nonce
+        return reply.model_sha256
+
+    async def query(self, query_id: str, batch: np.ndarray) -> rocoin_pb2.DeviceInferResponse:
+        self.send(request=rocoin_pb2.DeviceInferRequest(query_id=query_id, input=tensor_to_proto(batch)))
+        answer = await self.expect("answer")
+        assert answer.query_id == query_id
+        return answer
+
+
+class FakeSource(rocoin_pb2_grpc.FleetServicer):
+    def __init__(self) -> None:
+        self.streams: asyncio.Queue[FakeStream] = asyncio.Queue()
+        self.opened = 0
+
+    async def Join(self, request_iterator, context):
+        self.opened += 1
+        if dict(context.invocation_metadata()).get("authorization") != f"Bearer {TOKEN}":
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no or a wrong device token")
+        first = await context.read()
+        stream = FakeStream(first.hello)
+        self.streams.put_nowait(stream)
+
+        async def read():
+            while (message := await context.read()) is not grpc.aio.EOF:
+                stream.inbox.put_nowait(message)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (message := await stream.outbox.get()) is not None:
+                if isinstance(message, grpc.StatusCode):
+                    await context.abort(message, "the fake source broke the stream")
+                await context.write(message)
+        finally:
+            reader.cancel()
+
+    async def next_stream(self, timeout_s: float = 10.0) -> FakeStream:
+        return await asyncio.wait_for(self.streams.get(), timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def fake_source(tmp_path: Path, **client_options):
+    """The fake source on 127.0.0.1 (port 0), a bundle, and a JoinClient of device a1 running against it."""
+    from test_runtime import make_bundle
+
+    bundle = make_bundle(tmp_path / "bundle")
+    fake = FakeSource()
+    server = grpc.aio.server()
+    rocoin_pb2_grpc.add_FleetServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    options = {"token": TOKEN, "seed": 1, **client_options}
+    client = JoinClient(f"127.0.0.1:{port}", device("a1", 20, 4, 300, 0.1), tmp_path / "device", **options)
+    task = asyncio.ensure_future(client.run())
+    try:
+        yield fake, client, task, bundle
+    finally:
+        client.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
+        await server.stop(0)
+
+
+def features_of(bundle: Path, model: GroupModel, batch: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(bundle / model.file)).run(None, {"image": batch})[0]
+
+
+def features(answer: rocoin_pb2.DeviceInferResponse) -> np.ndarray:
+    return tensor_from_proto(answer.features, max_bytes=1 << 20)
+
+
+def a_batch(seed: int, size: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(size, *INPUT_CHW)).astype(np.float32)
+
+
+def test_with_a_fake_source_the_device_joins_gets_its_model_in_chunks_serves_it_and_moves(tmp_path):
+    async def main():
+        async with fake_source(tmp_path) as (fake, client, _, bundle):
+            manifest = load_manifest(bundle)
+            stream = await fake.next_stream()
+            hello = stream.hello
+            assert hello.device_id == "a1" and hello.protocol == JOIN_PROTOCOL and list(hello.cached_models) == []
+            assert len(hello.device_key) >= 32
+            profile = DeviceProfile.model_validate({"id": "a1", **json.loads(hello.profile_json)})
+            assert profile == device("a1", 20, 4, 300, 0.1) and "address" not in hello.profile_json
+            assert await stream.health() == ""  # nothing served yet
+
+            first = manifest.groups[1]
+            data = (bundle / first.file).read_bytes()
+            stream.assign(1, first, epoch=1, data=data)  # many 97-byte chunks
+            ready = await stream.ready(1)
+            assert ready.error == "" and ready.sha256 == first.sha256
+            assert client.cache.path(first.sha256).read_bytes() == data and client.downloads == 1
+            assert await stream.health() == first.sha256
+            batch = a_batch(0)
+            answer = await stream.query("q1", batch)
+            assert answer.error_code == 0 and answer.group == 1 and answer.device_id == "a1"
+            np.testing.assert_allclose(features(answer), features_of(bundle, first, batch), rtol=1e-6, atol=1e-6)
+            bad = await stream.query("q2", a_batch(0)[:, :, :4])  # the worker's own checks: an answer with the error
+            assert bad.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "input.shape" in bad.error
+            assert not bad.HasField("features")
+
+            second = manifest.groups[2]  # moved: the new model swaps in, answers name the new group
+            stream.assign(2, second, epoch=2, data=(bundle / second.file).read_bytes(), chunk=MODEL_CHUNK_BYTES)
+            assert (await stream.ready(2)).sha256 == second.sha256
+            answer = await stream.query("q3", batch)
+            assert answer.group == 2
+            np.testing.assert_allclose(features(answer), features_of(bundle, second, batch), rtol=1e-6, atol=1e-6)
+
+            stream.assign(-1, None, epoch=3)  # a spare: serves nothing
+            spare = await stream.ready(3)
+            assert spare.sha256 == "" and spare.error == ""
+            assert await stream.health() == ""
+            refused = await stream.query("q4", batch)
+            assert refused.error_code == grpc.StatusCode.UNAVAILABLE.value[0] and not refused.HasField("features")
+
+    asyncio.run(main())
+
+
+def test_with_a_fake_source_a_rejoin_after_a_broken_stream_takes_the_model_from_the_cache(tmp_path):
+    async def main():
+        async with fake_source(tmp_path) as (fake, client, _, bundle):
+            model = load_manifest(bundle).groups[0]
+            stream = await fake.next_stream()
+            stream.assign(0, model, epoch=1, data=(bundle / model.file).read_bytes())
+            assert (await stream.ready(1)).sha256 == model.sha256
+            stream.end(grpc.StatusCode.UNAVAILABLE)  # the connection broke
+            again = await fake.next_stream()
+            assert list(again.hello.cached_models) == [model.sha256] and again.hello.device_key == stream.hello.device_key
+            again.assign(0, model, epoch=1)  # send_model=False: the device has it
+            assert (await again.ready(1)).sha256 == model.sha256
+            assert client.downloads == 1 and client.sessions == 2
+            batch = a_batch(1, 3)
+            answer = await again.query("q", batch)
+            np.testing.assert_allclose(features(answer), features_of(bundle, model, batch), rtol=1e-6, atol=1e-6)
+            assert await again.health() == model.sha256
+
+    asyncio.run(main())
+
+
+def tampered(data: bytes, model: GroupModel, case: str) -> tuple[GroupModel, list[rocoin_pb2.ModelChunk]]:
+    """A model entry and the chunks a broken or malicious source sends for it."""
+
+    def chunks(body: bytes, sha: str = model.sha256, skip: int = 0) -> list[rocoin_pb2.ModelChunk]:
+        return [rocoin_pb2.ModelChunk(sha256=sha, offset=o + skip, data=body[o : o + 50]) for o in range(0, len(body), 50)]
+
+    if case == "one byte changed":
+        return model, chunks(data[:-1] + bytes([data[-1] ^ 1]))
+    if case == "longer than its size":
+        return model.model_copy(update={"size_bytes": len(data) - 1}), chunks(data)
+    if case == "an offset skipped":
+        return model, chunks(data[:50]) + chunks(data[100:], skip=100)
+    if case == "a chunk of another model":
+        return model, chunks(data[:50]) + chunks(data[50:], sha="e" * 64)
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("one byte changed", "SHA-256"),
+        ("longer than its size", "more than"),
+        ("an offset skipped", "offset 100: expected 50"),
+        ("a chunk of another model", "for model"),
+    ],
+)
+def test_with_a_fake_source_a_bad_model_is_refused_never_served_and_the_stream_goes_on(tmp_path, case, needle):
+    async def main():
+        async with fake_source(tmp_path) as (fake, client, _, bundle):
+            model = load_manifest(bundle).groups[0]
+            data = (bundle / model.file).read_bytes()
+            stream = await fake.next_stream()
+            entry, chunks = tampered(data, model, case)
+            stream.send(assign=rocoin_pb2.Assignment(group=0, model_json=entry.model_dump_json(), send_model=True, epoch=1))
+            for chunk in chunks:
+                stream.send(chunk=chunk)
+            ready = await stream.ready(1)
+            assert needle in ready.error and "\n" not in ready.error and ready.sha256 == ""
+            assert await stream.health() == ""
+            answer = await stream.query("q", a_batch(2))
+            assert answer.error_code == grpc.StatusCode.UNAVAILABLE.value[0] and not answer.HasField("features")
+            assert client.cache.hashes() == [] and not list(client.cache.folder.glob(".incoming-*"))  # nothing kept
+            stream.assign(0, model, epoch=2, data=data)  # the same stream: a good model is taken
+            assert (await stream.ready(2)).sha256 == model.sha256
+            assert (await stream.query("q2", a_batch(2))).error_code == 0
+            assert client.sessions == 1
+
+    asyncio.run(main())
+
+
+def test_with_a_fake_source_a_model_neither_sent_nor_cached_or_too_large_is_refused(tmp_path):
+    async def main():
+        async with fake_source(tmp_path) as (fake, client, _, bundle):
+            model = load_manifest(bundle).groups[0]
+            stream = await fake.next_stream()
+            stream.assign(0, model, epoch=1)  # send_model=False but the cache is empty
+            assert "not in this device's cache" in (await stream.ready(1)).error
+            huge = model.model_copy(update={"size_bytes": MAX_MODEL_BYTES + 1})
+            stream.send(assign=rocoin_pb2.Assignment(group=0, model_json=huge.model_dump_json(), send_model=True, epoch=2))
+            assert "at most" in (await stream.ready(2)).error
+            stream.send(assign=rocoin_pb2.Assignment(group=0, model_json='{"group": 0}', send_model=True, epoch=3))
+            assert "model_json" in (await stream.ready(3)).error
+            assert client.worker is None and client.sessions == 1
+
+    asyncio.run(main())
+
+
+def test_with_a_fake_source_a_wrong_token_stops_the_device_at_once(tmp_path):
+    async def main():
+        async with fake_source(tmp_path, token="a-wrong-token-0123456789") as (fake, client, task, _):
+            with pytest.raises(RocoinError, match="UNAUTHENTICATED: no or a wrong device token") as error:
+                await asyncio.wait_for(task, 10)
+            assert "\n" not in str(error.value)
+            assert fake.opened == 1 and client.sessions == 1  # no retry loop
+
+    asyncio.run(main())
+
+
+def test_the_backoff_starts_over_once_a_stream_was_assigned_even_if_it_broke(tmp_path, monkeypatch):
+    import rocoin.runtime.device.join as join
+
+    attempts: list[int] = []
+    monkeypatch.setattr(join, "backoff_s", lambda attempt, rng: attempts.append(attempt) or 0.01)
+
+    async def main():
+        async with fake_source(tmp_path) as (fake, client, _, _):
+            for _ in range(3):  # refused before any assignment: the backoff grows
+                (await fake.next_stream()).end(grpc.StatusCode.UNAVAILABLE)
+            stream = await fake.next_stream()
+            stream.assign(-1, None, epoch=1)
+            await stream.ready(1)
+            stream.end(grpc.StatusCode.UNAVAILABLE)  # assigned, then broken: start over
+            (await fake.next_stream()).end(grpc.StatusCode.UNAVAILABLE)
+            await fake.next_stream()
+            assert attempts == [0, 1, 2, 0, 1]
+
+    asyncio.run(main())
+
+
+def test_stop_ends_a_device_waiting_to_dial_again(tmp_path):
+    async def main():
+        client = JoinClient("127.0.0.1:1", device("a1", 20, 4, 300, 0.1), tmp_path / "device", token=TOKEN, seed=1)
+        task = asyncio.ensure_future(client.run())  # nobody listens there: it keeps dialing
+        await wait_for(lambda: client.sessions >= 2)
+        client.stop()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+
+
+def test_a_partial_download_left_by_a_killed_device_is_deleted_when_it_starts_again(tmp_path):
+    models = tmp_path / "device" / "models"
+    models.mkdir(parents=True)
+    (models / ".incoming-abc.part").write_bytes(b"half a model")
+    JoinClient("127.0.0.1:1", device("a1", 20, 4, 300, 0.1), tmp_path / "device", token=TOKEN)
+    assert list(models.iterdir()) == []
+
+
+def test_a_request_running_while_the_model_is_swapped_finishes_on_its_model_and_names_its_group(tmp_path):
+    import dataclasses
+
+    from test_runtime import make_bundle
+
+    from rocoin.runtime.device.join import _Stream
+    from rocoin.runtime.device.servicer import DeviceWorker
+
+    class Slow:
+        def __init__(self, runner) -> None:
+            self.runner = runner
+
+        def run(self, batch):
+            time.sleep(0.4)
+            return self.runner.run(batch)
+
+    async def main():
+        bundle = make_bundle(tmp_path / "bundle")
+        manifest = load_manifest(bundle)
+        worker = DeviceWorker(bundle, "a1")  # group 0: 2 filters
+        worker._serving = dataclasses.replace(worker._serving, runner=Slow(worker._serving.runner), run_s_per_image=1.0)
+        answers: asyncio.Queue = asyncio.Queue()
+        stream = _Stream(answers.put)
+        serving = asyncio.ensure_future(worker.InferStream(None, stream))
+        batch = a_batch(3)
+        stream.requests.put_nowait(rocoin_pb2.DeviceInferRequest(query_id="old", input=tensor_to_proto(batch)))
+        await asyncio.sleep(0.1)  # running in the thread pool
+        worker.serve(bundle, manifest.groups[1], 1.0)  # 3 filters
+        stream.requests.put_nowait(rocoin_pb2.DeviceInferRequest(query_id="new", input=tensor_to_proto(batch)))
+        got = {}
+        for _ in range(2):
+            answer = (await asyncio.wait_for(answers.get(), 5)).answer
+            got[answer.query_id] = answer
+        stream.requests.put_nowait(grpc.aio.EOF)
+        await serving
+        worker.close()
+        assert got["old"].error == "" and got["old"].group == 0
+        np.testing.assert_allclose(features(got["old"]), features_of(bundle, manifest.groups[0], batch), rtol=1e-6)
+        assert got["new"].group == 1 and features(got["new"]).shape == (2, 3)
+
+    asyncio.run(main())
+
+
+def test_the_join_modules_import_without_torch_or_training_code():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "import rocoin.runtime.device.join, rocoin.runtime.device.models, rocoin.runtime.device.profiling, rocoin.runtime.device.options\n"
+        "training = ('rocoin.distillation', 'rocoin.models.wrn', 'rocoin.models.mobilenetv2', 'rocoin.models.registry', 'rocoin.data')\n"
+        "bad = sorted(m for m, mod in sys.modules.items() if mod is not None and (m.split('.')[0] == 'torch' or m.startswith(training)))\n"
+        "assert not bad, bad\n"
+    )
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -167,6 +167,10 @@ class JoinClient:
                             f"the source {self.source} refused device {self.device_id} ({exc.code().name}: {exc.details()})"
                         ) from None
                     logger.warning("device %s: join stream ended (%s: %s)", self.device_id, exc.code().name, exc.details())
+                except RocoinError:  # its own settings (TLS files): dialing again cannot help
+                    raise
+                except Exception:  # a bug or an unexpected failure: a device keeps trying rather than dying
+                    logger.exception("device %s: join stream failed", self.device_id)
                 finally:
                     if self._session_assigned:  # the source took this device: start the backoff over
                         attempt = 0
@@ -205,10 +209,15 @@ class JoinClient:
             )(metadata=token_metadata(self.token))
             self._call = call
             self.sessions += 1
+            if self._stopping.is_set():  # stop() came while dialing
+                call.cancel()
 
             async def send(message: rocoin_pb2.DeviceMessage) -> None:
                 async with writing:
-                    await call.write(message)
+                    if call.done():  # the stream ended: reading it tells how (its status)
+                        return
+                    with contextlib.suppress(asyncio.InvalidStateError):  # it ended during the write
+                        await call.write(message)
 
             hello = rocoin_pb2.JoinHello(
                 device_id=self.device_id,
