@@ -204,6 +204,8 @@ def test_device_join_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch):
     monkeypatch.delenv("ROCOIN_DEVICE_TOKEN", raising=False)
     entry = tmp_path / "entry.yaml"
     entry.write_text("id: other\nflops: 2.0e7\nmemory_bytes: 4194304\nrate_bps: 300000\noutage: 0.1\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("id: a1\nflops: -1\nmemory_bytes: 4194304\nrate_bps: 300000\noutage: 0.1\n")
     base = ["device", "join", "--source", "127.0.0.1:1"]
     for args, needle in (
         ([*base], "--device-id"),
@@ -211,10 +213,16 @@ def test_device_join_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch):
         ([*base, "--id", "a1", "--insecure"], "--profile"),
         ([*base, "--id", "a1", "--insecure", "--profile", str(tmp_path / "missing.yaml")], "not found"),
         ([*base, "--id", "a1", "--insecure", "--profile", str(entry)], "differs from --device-id"),
+        ([*base, "--id", "a1", "--insecure", "--intra-op-threads", "2"], "--profile"),  # the alias of --threads parses
+        ([*base, "--id", "a1", "--insecure", "--profile", str(bad)], "flops"),
+        ([*base, "--id", "a1", "--measure", "--tls-cert", str(entry), "--tls-key", str(entry)], "--tls-ca"),
     ):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert needle in result.output and "Traceback" not in result.output
+        if needle != "--device-id":  # click's own usage errors (a missing option) come in its box
+            errors = [line for line in result.output.splitlines() if not line.startswith("rocoin: WARNING")]
+            assert len(errors) == 1 and errors[0].startswith("error: ") and needle in errors[0], result.output
 
 
 def test_a_local_cluster_of_joining_processes_heals_a_group_killed_whole(tmp_path):
@@ -312,13 +320,17 @@ class FakeStream:
 
 
 class FakeSource(rocoin_pb2_grpc.FleetServicer):
-    def __init__(self) -> None:
+    def __init__(self, *, mtls: bool = False) -> None:
         self.streams: asyncio.Queue[FakeStream] = asyncio.Queue()
         self.opened = 0
+        self.mtls = mtls  # admit by the client certificate instead of the token
 
     async def Join(self, request_iterator, context):
         self.opened += 1
-        if dict(context.invocation_metadata()).get("authorization") != f"Bearer {TOKEN}":
+        if self.mtls:
+            if not context.auth_context().get("x509_common_name"):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+        elif dict(context.invocation_metadata()).get("authorization") != f"Bearer {TOKEN}":
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no or a wrong device token")
         first = await context.read()
         stream = FakeStream(first.hello)
@@ -342,15 +354,19 @@ class FakeSource(rocoin_pb2_grpc.FleetServicer):
 
 
 @contextlib.asynccontextmanager
-async def fake_source(tmp_path: Path, **client_options):
-    """The fake source on 127.0.0.1 (port 0), a bundle, and a JoinClient of device a1 running against it."""
+async def fake_source(tmp_path: Path, server_tls=None, **client_options):
+    """The fake source on 127.0.0.1 (port 0; TLS with ``server_tls``), a bundle, and a JoinClient
+    of device a1 running against it."""
     from test_runtime import make_bundle
 
     bundle = make_bundle(tmp_path / "bundle")
-    fake = FakeSource()
+    fake = FakeSource(mtls=server_tls is not None and server_tls.client_ca is not None)
     server = grpc.aio.server()
     rocoin_pb2_grpc.add_FleetServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if server_tls is not None:
+        port = server.add_secure_port("127.0.0.1:0", server_tls.credentials())
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     options = {"token": TOKEN, "seed": 1, **client_options}
     client = JoinClient(f"127.0.0.1:{port}", device("a1", 20, 4, 300, 0.1), tmp_path / "device", **options)
@@ -504,6 +520,42 @@ def test_with_a_fake_source_a_model_neither_sent_nor_cached_or_too_large_is_refu
             stream.send(assign=rocoin_pb2.Assignment(group=0, model_json='{"group": 0}', send_model=True, epoch=3))
             assert "model_json" in (await stream.ready(3)).error
             assert client.worker is None and client.sessions == 1
+
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    root = tmp_path_factory.mktemp("certs")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_certs.sh"
+    for name in ("good", "other"):
+        subprocess.run(["bash", str(script), str(root / name)], check=True, capture_output=True)
+    return root
+
+
+def test_with_a_fake_source_the_device_joins_over_mtls_and_a_wrong_ca_never_gets_through(tmp_path, certs):
+    from rocoin.runtime.transport.tls import ClientTLS, ServerTLS
+
+    good, other = certs / "good", certs / "other"
+    server_tls = ServerTLS(good / "device.pem", good / "device.key", good / "ca.pem")  # the fake source's certificate
+
+    async def main():
+        mtls = ClientTLS(good / "ca.pem", good / "source.pem", good / "source.key")  # the device's client certificate
+        async with fake_source(tmp_path / "good", server_tls, token=None, tls=mtls) as (fake, client, _, bundle):
+            model = load_manifest(bundle).groups[0]
+            stream = await fake.next_stream()
+            stream.assign(0, model, epoch=1, data=(bundle / model.file).read_bytes())
+            assert (await stream.ready(1)).sha256 == model.sha256
+            assert (await stream.query("q", a_batch(4))).error_code == 0
+        wrong = ClientTLS(other / "ca.pem", other / "source.pem", other / "source.key")
+        async with fake_source(tmp_path / "other", server_tls, token=None, tls=wrong) as (fake, client, task, _):
+            await wait_for(lambda: client.sessions >= 2)  # the handshake fails: dialed again (maybe a transient failure)
+            assert fake.opened == 0 and not task.done()
 
     asyncio.run(main())
 
