@@ -26,9 +26,11 @@ ALLOWED: dict[str, set[str]] = {
     "export": {"contracts", "models", "data", "distillation"},
     "runtime.transport": {"contracts", "logs"},
     "runtime.device": {"contracts", "logs", "runtime.transport"},
-    "runtime.source": {"contracts", "logs", "runtime.transport"},
-    "runtime.api": {"contracts", "logs", "runtime.transport", "runtime.source"},
-    "runtime.cluster": {"contracts", "logs", "runtime.transport", "runtime.device", "runtime.source", "runtime.api"},
+    # the source re-plans which device serves which group as the fleet changes (issue 14): it uses
+    # the planner's pure numpy re-plan, never training code
+    "runtime.source": {"contracts", "logs", "runtime.transport", "planning"},
+    "runtime.api": {"contracts", "logs", "runtime.transport", "runtime.source", "planning"},
+    "runtime.cluster": {"contracts", "logs", "runtime.transport", "runtime.device", "runtime.source", "runtime.api", "planning"},
     "runtime": {"contracts", "logs"},
     "pipeline": {
         "contracts",
