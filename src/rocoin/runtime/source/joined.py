@@ -22,11 +22,11 @@ from pathlib import Path
 
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.manifest import GroupModel
-from rocoin.runtime.source.link import CANCEL_FLUSH_S, MAX_OUTBOX, DeviceLink, LinkFull, OnAnswer, OnLost
+from rocoin.runtime.source.link import CANCEL_FLUSH_S, MAX_OUTBOX, DeviceLink, LinkFull, OnAnswer, OnLost, encode_request
 from rocoin.runtime.source.messages import Answer, Request
 from rocoin.runtime.transport.join import MODEL_CHUNK_BYTES, SPARE
 from rocoin.runtime.transport.protocol import rocoin_pb2
-from rocoin.runtime.transport.serde import tensor_from_proto, tensor_to_proto
+from rocoin.runtime.transport.serde import tensor_from_proto
 
 #: Longest wait for a device to say it verified and loaded the model it was sent.
 READY_TIMEOUT_S = 60.0
@@ -69,14 +69,7 @@ class JoinedLink(DeviceLink):
         return self.connected and self._serving
 
     def send(self, request: Request) -> None:
-        if request.encoded is None:
-            request.encoded = rocoin_pb2.DeviceInferRequest(
-                query_id=request.wire_id, input=tensor_to_proto(request.inputs), timeout_s=request.timeout_s
-            ).SerializeToString()
-        payload = request.encoded
-        if self._cancels:  # concatenated messages merge: the cancellations ride along
-            payload += rocoin_pb2.DeviceInferRequest(cancel=self._cancels).SerializeToString()
-            self._cancels = []
+        payload, self._cancels = encode_request(request, self._cancels), []
         self._put(_wrap(_REQUEST_FIELD, payload))
 
     def cancel(self, wire_id: str) -> None:

@@ -141,14 +141,7 @@ class GrpcStreamLink(DeviceLink):
         return self._outbox is not None
 
     def send(self, request: Request) -> None:
-        if request.encoded is None:
-            request.encoded = rocoin_pb2.DeviceInferRequest(
-                query_id=request.wire_id, input=tensor_to_proto(request.inputs), timeout_s=request.timeout_s
-            ).SerializeToString()
-        message = request.encoded
-        if self._cancels:  # protobuf merges concatenated messages: the cancellations ride along
-            message += rocoin_pb2.DeviceInferRequest(cancel=self._cancels).SerializeToString()
-            self._cancels = []
+        message, self._cancels = encode_request(request, self._cancels), []
         try:
             self._outbox.put_nowait(message)
         except asyncio.QueueFull:
@@ -339,6 +332,18 @@ class MemoryLink(DeviceLink):
         running, self._running = self._running, {}
         for task in running.values():
             task.cancel()
+
+
+def encode_request(request: Request, cancels: list[str]) -> bytes:
+    """The serialised ``DeviceInferRequest`` of ``request`` (made once, by the first link that
+    sends it) with ``cancels`` riding along (protobuf merges concatenated messages)."""
+    if request.encoded is None:
+        request.encoded = rocoin_pb2.DeviceInferRequest(
+            query_id=request.wire_id, input=tensor_to_proto(request.inputs), timeout_s=request.timeout_s
+        ).SerializeToString()
+    if not cancels:
+        return request.encoded
+    return request.encoded + rocoin_pb2.DeviceInferRequest(cancel=cancels).SerializeToString()
 
 
 def _as_is(message: bytes) -> bytes:
