@@ -258,6 +258,41 @@ def test_a_group_that_lost_every_replica_gets_one_back():
     assert {m.device for m in result.moves if m.to_group == 1} == set(result.plan.groups[1].devices)
 
 
+def test_losing_a_whole_group_moves_one_device_unless_a_replan_is_much_better():
+    """The demo's kill: five pairs, one pair and a spare of another gone. ε cannot be met with
+    seven devices; one spare replica takes the empty group and the other groups stay as they
+    were, unless the best re-plan is more than the margin better (then it is taken)."""
+    repaired = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        outages = rng.uniform(0.15, 0.25, 10)
+        fleet = Fleet(devices=[device(f"d{i}", 20 + rng.uniform(-2, 2), 8, 300, float(outages[i])) for i in range(10)])
+        plan = hand_plan(fleet, ["wrn-16-1"] * 5, [8, 8, 8, 8, 8], [0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+        live = Fleet(devices=[d for d in fleet.devices if d.id not in {"d0", "d1", "d2"}])
+        result = replan(plan, live)
+        check_constraints(result, plan, live, plan.epsilon)
+        assert "group 0 had no live replica" in result.reason and not result.kept_current
+        strict = replan(plan, live, margin=0.0)  # no hysteresis: the best re-plan, however many moves
+        assert len(strict.moves) > 1
+        if result.repaired:
+            repaired += 1
+            assert [(m.to_group, m.from_group in (2, 3, 4)) for m in result.moves] == [(0, True)]
+            assert "repaired the current assignment" in result.reason
+            failure, best = 1 - result.objective_after.p_complete, 1 - strict.objective_after.p_complete
+            assert 0 <= (failure - best) / failure <= replan_module.DEFAULT_MARGIN
+        else:
+            assert "above the 5 % margin" in result.reason and result.objective_after == strict.objective_after
+    assert 0 < repaired < 6  # both outcomes occur on these fleets
+
+
+def test_a_lost_group_with_a_device_on_standby_takes_it_and_moves_nobody():
+    fleet = Fleet(devices=[device(f"d{i}", 20, 8, 300, 0.2) for i in range(7)])
+    plan = hand_plan(fleet, ["wrn-16-1"] * 3, [8, 8, 8], [0, 0, 1, 1, 2, 2, -1])
+    live = Fleet(devices=[d for d in fleet.devices if d.id not in {"d0", "d1"}])
+    result = replan(plan, live)
+    assert result.repaired and [(m.device, m.from_group, m.to_group) for m in result.moves] == [("d6", None, 0)]
+
+
 def test_when_epsilon_cannot_be_met_p_is_maximised():
     fleet = Fleet(devices=[device(f"d{i}", 20 + 3 * i, 8, 300, 0.5 + 0.04 * i) for i in range(7)])
     plan = hand_plan(fleet, ["wrn-16-1", "wrn-22-1", "wrn-16-2"], [8, 8, 16], [0, 0, 1, 1, 2, 2, -1])

@@ -367,7 +367,7 @@ def print_replan_summary(result) -> None:
     if len(result.moves) > SUMMARY_MAX_MOVES:
         moves += f", +{len(result.moves) - SUMMARY_MAX_MOVES} more"
     lines = [
-        f"replan: {'kept the current assignment' if result.kept_current else 're-planned'}"
+        f"replan: {'kept the current assignment' if result.kept_current else 'repaired the lost group(s) with the fewest moves' if result.repaired else 're-planned'}"
         f" ({'exact' if result.exact else 'heuristic'} search, best T found {result.objective_best.latency_s:.4g} s)",
         f"T: {before.latency_s:.4g} s -> {after.latency_s:.4g} s; P(all groups answer): {before.p_complete:.4f} -> {after.p_complete:.4f}",
         f"epsilon = {result.plan.epsilon:g}: {'met in every group' if result.epsilon_met else 'NOT met in every group (P maximised)'}",

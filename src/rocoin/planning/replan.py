@@ -20,7 +20,10 @@ every device a group or standby:
   meets ``ε`` in every group (case 2: still has a device in every group) and the best re-plan
   improves on it by at most ``margin`` (relative: ``(T_now − T_best) / T_now``, and in case 2 also
   ``(F_now − F_best) / F_now`` with ``F = 1 − P``), the current assignment is kept: a device that
-  flaps in and out of the fleet moves nobody else.
+  flaps in and out of the fleet moves nobody else. A group that lost every replica is first
+  **repaired** with the fewest moves (a device on standby, else one spare replica of another
+  group), and that repair is weighed against the best re-plan the same way: losing a group moves
+  one device, not the fleet, unless a re-plan is more than ``margin`` better.
 
 Method.
 
@@ -125,7 +128,11 @@ class Replan:
     #: what the optimisation reached (the plan kept instead when within ``margin``)
     objective_best: PlanObjective
     epsilon_met: bool
+    #: the current assignment (the live devices, standby and new ones added where they do not raise T) was kept
     kept_current: bool
+    #: a group had lost every replica and took one with the fewest moves (devices on standby
+    #: first, else a spare replica of another group): within ``margin`` of the best re-plan
+    repaired: bool
     exact: bool
     reason: str
 
@@ -175,18 +182,27 @@ def replan(plan: Plan, fleet: Fleet, *, epsilon: float | None = None, margin: fl
     now = problem.current
     before = _objective(problem, now)
     served = np.bincount(now[now >= 0], minlength=problem.k) > 0
-    keep = _add_replicas(problem, now, before.latency_s) if served.all() else None
+    lost = "" if served.all() else f"group {int(np.flatnonzero(~served)[0])} had no live replica that holds its student"
+    if not lost:
+        keep = _add_replicas(problem, now, before.latency_s)
+    else:  # the fewest moves that give every group a replica, weighed against the best re-plan as the current one is
+        fixed = _repair(problem, now)
+        keep = None if fixed is None else _add_replicas(problem, fixed, _latency_of(problem, fixed))
     if keep is None:
-        kept, why = False, f"group {int(np.flatnonzero(~served)[0])} had no live replica that holds its student"
+        kept, why = False, lost
     else:
         kept, why = _hysteresis(problem, reliable, keep, best_obj, margin)
+        if lost:
+            why = f"{lost}; {'the fewest moves give it one, and' if kept else 'the fewest moves that give it one are not enough:'} {why}"
+    repaired = kept and bool(lost)
     x = keep if kept and keep is not None else best
 
     new_plan = _build_plan(plan, fleet, epsilon, problem, fleet_state, x)
     after = PlanObjective(new_plan.latency_s, new_plan.p_complete)
     moves = fleet_state.moves(x)
     epsilon_met = _meets_epsilon(problem, x)
-    reason = _reason(kept, why, epsilon, epsilon_met, before, after, best_obj, moves, fleet_state, exact)
+    action = "repaired the current assignment" if repaired else "kept the current assignment" if kept else "re-planned"
+    reason = _reason(action, why, epsilon, epsilon_met, before, after, best_obj, moves, fleet_state, exact)
     logger.info("replan: %s", reason)
     return Replan(
         plan=new_plan,
@@ -197,7 +213,8 @@ def replan(plan: Plan, fleet: Fleet, *, epsilon: float | None = None, margin: fl
         objective_after=after,
         objective_best=best_obj,
         epsilon_met=epsilon_met,
-        kept_current=kept,
+        kept_current=kept and not repaired,
+        repaired=repaired,
         exact=exact,
         reason=reason,
     )
@@ -682,6 +699,35 @@ def _add_replicas(problem: _Problem, x: np.ndarray, limit_s: float, home: bool =
     return x
 
 
+def _repair(problem: _Problem, x: np.ndarray) -> np.ndarray | None:
+    """``x`` with every empty group given one device, with the fewest moves: a device on standby
+    (or new) that holds the group's student where one exists, else a spare replica of a group that
+    keeps another; of those the one that leaves ``P`` highest, then the fastest for the group.
+    None when some empty group can get no device so."""
+    x = x.copy()
+    fits = np.isfinite(problem.latency)
+    counts = np.bincount(x[x >= 0], minlength=problem.k)
+    for k in np.flatnonzero(counts == 0).tolist():
+        free = np.flatnonzero((x < 0) & fits[:, k])
+        candidates = free if free.size else np.flatnonzero((x >= 0) & fits[:, k] & (counts[np.maximum(x, 0)] >= 2))
+        if not candidates.size:
+            return None
+        log_q = _group_log_q(problem, x)
+        donor = x[candidates]
+        own = problem.log_q[candidates]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.log1p(-np.exp(own))  # log P of group k with the device alone
+            rest = np.where(donor >= 0, log_q[np.maximum(donor, 0)] - own, 0.0)
+            lost = np.log1p(-np.exp(np.minimum(rest, 0.0))) - np.log1p(-np.exp(log_q[np.maximum(donor, 0)]))
+            score = score + np.where(donor >= 0, np.nan_to_num(lost, nan=-np.inf), 0.0)
+        d = int(candidates[np.lexsort((problem.latency[candidates, k], -score))[0]])
+        if x[d] >= 0:
+            counts[x[d]] -= 1
+        x[d] = k
+        counts[k] += 1
+    return x
+
+
 def _improvement(now: float, best: float) -> float:
     """Relative improvement of a cost (lower is better) from ``now`` to ``best``."""
     if now == best or now == 0:
@@ -761,7 +807,7 @@ def _build_plan(plan: Plan, fleet: Fleet, epsilon: float, problem: _Problem, sta
 
 
 def _reason(
-    kept: bool,
+    action: str,
     why: str,
     epsilon: float,
     epsilon_met: bool,
@@ -778,7 +824,6 @@ def _reason(
         head = f"epsilon = {epsilon:g} cannot be met in every group: P(every group answers) maximised"
     else:
         head = f"epsilon = {epsilon:g} not met in every group (the greedy search found no assignment that meets it): P maximised"
-    action = "kept the current assignment" if kept else "re-planned"
     return (
         f"{head}; {action}: {why}; T {before.latency_s:.6g} -> {after.latency_s:.6g} s (best found {best.latency_s:.6g} s),"
         f" P {before.p_complete:.6g} -> {after.p_complete:.6g}; {len(moves)} move(s), {len(state.added)} added,"
