@@ -134,7 +134,9 @@ class ScriptedDevice:
 
 
 @contextlib.asynccontextmanager
-async def joined_source(tmp_path: Path, fleet: Fleet | None = None, **options):
+async def joined_source(tmp_path: Path, fleet: Fleet | None = None, *, crash: bool = False, **options):
+    """A source on loopback that devices join (``join(id)``); at the end the devices stop, then
+    the source, or (``crash``) the source stops first, as if it crashed under its devices."""
     bundle = make_bundle(tmp_path / "bundle")
     fleet = fleet or Fleet(devices=[device(d, 20, 4, 300, 0.1) for members, _ in GROUPS for d in members])
     source = Source(bundle, fleet, deadline_s=DEADLINE_S, token=TOKEN, joins=True)
@@ -164,6 +166,9 @@ async def joined_source(tmp_path: Path, fleet: Fleet | None = None, **options):
     try:
         yield source, join, bundle
     finally:
+        if crash:
+            stop.set()
+            await server
         for d in devices:
             await d.stop()
         stop.set()
@@ -335,6 +340,28 @@ def test_a_restarted_source_keeps_its_registry_and_takes_its_devices_back(tmp_pa
             await wait_for(lambda: thief.ended is not None)
             assert thief.ended.code() == grpc.StatusCode.PERMISSION_DENIED  # the binding survived the restart
             assert all(dev.chunks_received == 0 for dev in again.values())  # their cached models were reused
+            assert (await source.infer(images_batch(4))).missing_groups == []
+
+    asyncio.run(main())
+
+
+def test_a_restarted_source_resumes_the_assignment_its_re_plans_made(tmp_path):
+    async def main():
+        keys = {d: f"key-{d}-" + "k" * 16 for members, _ in GROUPS for d in [*members, "extra1"]}
+        async with joined_source(tmp_path, crash=True) as (source, join, _):
+            devices = {d: join(d, key=keys[d]) for d in keys}
+            await wait_for(lambda: sum(d.up for d in source.devices) == len(devices))
+            await wait_for(lambda: source.fleet_status()["replans"] >= 1 and not source.fleet_status()["busy"])
+            before = [sorted(g.devices) for g in source.plan.groups]
+            assert "extra1" in before[2]  # a re-plan gave the weakest group a second replica
+            caches = {d: dev.cache for d, dev in devices.items()}
+        (tmp_path / "ready.json").unlink()
+        async with joined_source(tmp_path) as (source, join, _):  # the same state directory
+            assert [sorted(g.devices) for g in source.plan.groups] == before  # awaited where they served
+            again = {d: join(d, key=keys[d], cached=caches[d]) for d in keys}
+            await wait_for(lambda: sum(d.up for d in source.devices) == len(again))
+            assert again["extra1"].group == 2 and source.replica("extra1").state.group == 2
+            assert source.fleet_status()["replans"] == 0  # nobody moved back and forth
             assert (await source.infer(images_batch(4))).missing_groups == []
 
     asyncio.run(main())

@@ -224,6 +224,23 @@ def test_assign_moves_a_device_that_counts_again_once_confirmed(registry, clock)
     assert registry.seen("cam-1").state == "joining"
 
 
+def test_a_spare_has_no_group_and_is_not_counted(registry, clock):
+    registry.join(profile("cam-1"), credential=key("cam-1"))
+    registry.mark_serving("cam-1", 2, SHA_A)
+    spare = registry.standby("cam-1", "a re-plan made it a spare")
+    assert (spare.state, spare.group, spare.model_sha256) == ("joining", None, SHA_A)
+    assert registry.serving_groups() == {}
+    event = registry.events(kinds="standby")[0]
+    assert event.membership and event.details["previous_group"] == 2
+    n = len(registry.events())
+    assert registry.standby("cam-1", "again") == spare and len(registry.events()) == n  # no change, no event
+    assert registry.mark_serving("cam-1", 0, SHA_B).group == 0  # assigned a group again
+    registry.mark_suspect("cam-1", "stream lost")
+    assert registry.standby("cam-1", "spare while away").state == "suspect"
+    clock.advance(1)
+    assert (registry.seen("cam-1").state, registry.get("cam-1").group) == ("joining", None)
+
+
 # --- persistence --------------------------------------------------------------------------------
 
 

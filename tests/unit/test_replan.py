@@ -293,6 +293,23 @@ def test_a_lost_group_with_a_device_on_standby_takes_it_and_moves_nobody():
     assert result.repaired and [(m.device, m.from_group, m.to_group) for m in result.moves] == [("d6", None, 0)]
 
 
+def test_assign_devices_applies_a_recorded_assignment_without_re_planning():
+    fleet = Fleet(devices=[device(f"d{i}", 20 + i, 8, 300, 0.1 + 0.01 * i) for i in range(7)])
+    plan = hand_plan(fleet, ["wrn-16-1"] * 3, [8, 8, 8], [0, 0, 1, 1, 2, 2, -1])
+    restored = replan_module.assign_devices(plan, fleet, {"d6": 2, "d1": None, "d3": 0})
+    assert [g.devices for g in restored.groups] == [["d0", "d3"], ["d2"], ["d4", "d5", "d6"]]
+    assert [u.id for u in restored.unassigned] == ["d1"]
+    objective = replan_module.PlanObjective(restored.latency_s, restored.p_complete)
+    as_replan = Replan(restored, [], [], [], objective, objective, objective, False, False, False, True, "")
+    check_constraints(as_replan, plan, fleet, plan.epsilon)  # memory, failure probabilities, latencies from the fleet
+    with pytest.raises(InfeasiblePlanError, match="group 1: no device"):
+        replan_module.assign_devices(plan, fleet, {"d2": 0, "d3": None})
+    with pytest.raises(RocoinError, match="'ghost': not in the fleet"):
+        replan_module.assign_devices(plan, fleet, {"ghost": 0})
+    with pytest.raises(RocoinError, match="group = 7: expected 0 to 2"):
+        replan_module.assign_devices(plan, fleet, {"d0": 7})
+
+
 def test_when_epsilon_cannot_be_met_p_is_maximised():
     fleet = Fleet(devices=[device(f"d{i}", 20 + 3 * i, 8, 300, 0.5 + 0.04 * i) for i in range(7)])
     plan = hand_plan(fleet, ["wrn-16-1", "wrn-22-1", "wrn-16-2"], [8, 8, 16], [0, 0, 1, 1, 2, 2, -1])

@@ -66,6 +66,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -218,6 +219,37 @@ def replan(plan: Plan, fleet: Fleet, *, epsilon: float | None = None, margin: fl
         exact=exact,
         reason=reason,
     )
+
+
+def assign_devices(plan: Plan, fleet: Fleet, groups: Mapping[str, int | None]) -> Plan:
+    """``plan`` with the devices of ``groups`` in the group given (``None``: standby), the plan's
+    other devices of ``fleet`` in their plan group and the rest of ``fleet`` on standby; failure
+    probabilities and latencies from ``fleet``. For a restarted source: its record of the last
+    re-plans applied to the bundle's plan, without re-planning. Raises :class:`RocoinError` for a
+    device not in ``fleet``, a group out of range or a student a device cannot hold, and
+    :class:`InfeasiblePlanError` when a group is left without a device."""
+    state = _FleetState.build(plan, fleet)
+    problem = _problem(state, plan.epsilon)
+    position = {state.ids[i]: j for j, i in enumerate(state.index.tolist())}
+    every = set(state.ids)
+    x = problem.home.copy()
+    for device_id, group in groups.items():
+        if device_id not in every:
+            raise RocoinError(f"device {device_id!r}: not in the fleet")
+        if group is not None and not 0 <= group < problem.k:
+            raise RocoinError(f"device {device_id!r}: group = {group}: expected 0 to {problem.k - 1}")
+        j = position.get(device_id)
+        if j is None:
+            if group is not None:
+                raise RocoinError(f"device {device_id!r}: its memory holds no group's student, so it cannot serve group {group}")
+            continue
+        if group is not None and not math.isfinite(problem.latency[j, group]):
+            raise RocoinError(f"device {device_id!r}: its memory does not hold group {group}'s student ({plan.groups[group].student})")
+        x[j] = -1 if group is None else group
+    empty = np.flatnonzero(np.bincount(x[x >= 0], minlength=problem.k) == 0)
+    if empty.size:
+        raise InfeasiblePlanError(f"group {int(empty[0])}: no device is assigned to it ({empty.size} such group(s))")
+    return _build_plan(plan, fleet, plan.epsilon, problem, state, x)
 
 
 # --- the problem ------------------------------------------------------------------------------
@@ -831,4 +863,4 @@ def _reason(
     )
 
 
-__all__ = ["DEFAULT_MARGIN", "EXACT_MAX_DEVICES", "Move", "PlanObjective", "Replan", "replan"]
+__all__ = ["DEFAULT_MARGIN", "EXACT_MAX_DEVICES", "Move", "PlanObjective", "Replan", "assign_devices", "replan"]

@@ -8,6 +8,7 @@ States (:data:`STATES`) and the operations that change them::
     join            (unknown), gone, joining/serving/...  joining (a rejoin keeps group and model)
     mark_serving    joining, suspect, serving             serving (it answered a health check)
     assign          serving                               joining (a move; joining/suspect keep theirs)
+    standby         serving                               joining, no group (a spare; joining/suspect keep theirs)
     mark_suspect    joining, serving                      suspect (its grace period starts)
     seen            suspect, within grace_s               the state it had: serving or joining
     seen, expire    suspect, longer than grace_s          gone
@@ -38,7 +39,8 @@ a device joining over its own stream can take it nor the other way round.
 device, reason, whether it is a *membership change*, details) in the same transaction as the
 change, and logs one line on ``rocoin.runtime.source.registry`` with the details as ``extra``
 fields, after the commit. Membership changes — what a re-plan must consider — are ``joined``,
-``rejoined`` (a gone device joined again), ``assigned`` (a new group or model), ``gone``,
+``rejoined`` (a gone device joined again), ``assigned`` (a new group or model), ``standby`` (a
+spare now, from a group), ``gone``,
 ``left``, ``forgotten``, and a ``reconnected`` or ``serving`` that changed the profile, the
 address, the group or the model; they log at INFO (``gone`` and ``refused`` at WARNING). The rest
 (``suspect``, ``recovered``, a plain ``reconnected`` or ``serving``, ``pruned``) logs at DEBUG.
@@ -806,6 +808,32 @@ class MembershipRegistry:
                     }
                     where = "none" if member.group is None else f"group {member.group}"
                     changes = [_Change("assigned", device_id, True, f"assigned to group {group} (was {where})", details)]
+                    self._record(conn, changes, now)
+            self._log(changes)
+            return self._require(self._connection(), device_id)
+
+    def standby(self, device_id: str, reason: str) -> Member:
+        """A re-plan made the device a spare: it serves no group (``group`` is ``None``) and is
+        ``joining`` until it is assigned one (a membership change when it had a group). A suspect
+        one stays suspect and, seen again, returns as ``joining``."""
+        device_id, reason = _check_id(device_id), _check_reason(reason)
+        with self._lock:
+            now = self._now()
+            with self._write() as conn:
+                member = self._require(conn, device_id)
+                if member.state == "gone":
+                    raise StateError(f"device_id {device_id!r}: gone since {member.state_since:.3f}: it must join again first")
+                changes = []
+                if member.group is not None or member.state == "serving":
+                    state = "joining" if member.state == "serving" else member.state
+                    resume = "joining" if member.state == "suspect" else None
+                    since = now if state != member.state else member.state_since
+                    conn.execute(
+                        "UPDATE members SET state = ?, resume_state = ?, group_index = NULL, state_since = ? WHERE device_id = ?",
+                        (state, resume, since, device_id),
+                    )
+                    details = {"previous_state": member.state, "state": state, "previous_group": member.group}
+                    changes = [_Change("standby", device_id, member.group is not None, reason, details)]
                     self._record(conn, changes, now)
             self._log(changes)
             return self._require(self._connection(), device_id)

@@ -42,6 +42,7 @@ import onnxruntime as ort
 from rocoin.contracts.errors import RocoinError, ServingError
 from rocoin.contracts.fleet import Fleet
 from rocoin.contracts.manifest import Manifest, load_manifest, verify_file
+from rocoin.contracts.plan import Plan
 from rocoin.contracts.text import short_repr
 from rocoin.runtime.source.gather import FAILURES_TO_MARK_DOWN, REFUSAL_LOG_INTERVAL_S, DeviceState, Query, Verdict
 from rocoin.runtime.source.link import CANCEL_FLUSH_S, MAX_OUTBOX, DeviceLink, GrpcStreamLink, LinkFull
@@ -191,6 +192,18 @@ class Source:
         self._started = True
 
     # --- a fleet that changes (rocoin.runtime.source.membership drives these) ------------------
+
+    def follow(self, plan: Plan) -> None:
+        """Before :meth:`start`: wait for the devices that dial the source in ``plan``'s groups
+        instead of the manifest's (a restarted source resumes its last assignment); the devices
+        it dials keep theirs. ``plan`` has the manifest's groups (students, filters)."""
+        if self._started:
+            raise RocoinError("follow(): the source has started; re-plans move devices one by one")
+        dialed = [r for r in self._replicas if r.state.address]
+        named = {r.state.device_id for r in dialed}
+        waiting = [_Replica(DeviceState(d, "", k)) for k, g in enumerate(plan.groups) for d in g.devices if d not in named]
+        self._replicas = dialed + waiting
+        self.plan = plan
 
     def replica(self, device_id: str) -> _Replica | None:
         return next((r for r in self._replicas if r.state.device_id == device_id), None)
