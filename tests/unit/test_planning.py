@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import block_graph, device, small_catalog
 
+from rocoin.contracts.catalog import Catalog, StudentSpec
 from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
 from rocoin.contracts.fleet import Fleet
 from rocoin.contracts.latency import device_latency_s
@@ -238,3 +239,50 @@ def test_plan_and_fleet_must_agree(two_tier_fleet, caplog):
     data["unassigned"] = [{"id": "x", "reason": "r"}, {"id": "x", "reason": "r"}]
     with pytest.raises(ValueError, match="listed twice"):
         Plan.model_validate(data)
+
+
+def map_catalog(values_per_filter: int, bits: int) -> Catalog:
+    """``small_catalog``'s students sending an h×w map per filter (detection's split point)."""
+    return Catalog(
+        {
+            name: StudentSpec(**spec.model_dump(), output_values_per_filter=values_per_filter, output_bits_per_value=bits)
+            for name, spec in small_catalog().items()
+        }
+    )
+
+
+@pytest.mark.parametrize("scheme", ["rocoin", "rocoin-g", "nonn", "hetnonn"])
+def test_students_that_send_feature_maps_pay_for_every_value_on_the_wire(two_tier_fleet, scheme):
+    """A partition of an 8×8 map costs 64 values per filter: 32·64·|P_k| bits in float32, half in
+    float16; every plan's latency and the simulator's follow from that."""
+    from rocoin.simulation import simulate
+
+    weights = block_graph([8, 8])
+    arrays = two_tier_fleet.arrays()
+    index = {d: i for i, d in enumerate(arrays.ids)}
+    latencies = {}
+    for bits in (32, 16):
+        catalog = map_catalog(64, bits)
+        assert catalog.bits_per_filter == 64 * bits
+        plan = make_plan(two_tier_fleet, weights, catalog, scheme=scheme, epsilon=0.05)
+        for group in plan.groups:
+            members = [index[d] for d in group.devices]
+            spec = plan.catalog[group.student]
+            expected = (spec.flops / arrays.flops[members] + 64 * bits * len(group.filters) / arrays.rate_bps[members]).max()
+            assert group.latency_s == pytest.approx(expected)
+        assert (
+            simulate(plan, two_tier_fleet, trials=200, timeout_s=10 * plan.latency_s, random_state=0).latency_mean_s <= 10 * plan.latency_s
+        )
+        latencies[bits] = plan.latency_s
+    pooled = make_plan(two_tier_fleet, weights, small_catalog(), scheme=scheme, epsilon=0.05).latency_s
+    assert pooled < latencies[16] < latencies[32]  # the wire costs more than one pooled value per filter
+
+
+def test_a_catalog_sends_one_kind_of_output_and_a_classifiers_files_do_not_change():
+    mixed = {**small_catalog().root, "map": map_catalog(64, 32)["small"]}
+    with pytest.raises(ValueError, match="output_values_per_filter / output_bits_per_value differ between students"):
+        Catalog(mixed)
+    assert "output" not in small_catalog().to_json()  # the defaults are not written: hashes of old plans hold
+    assert '"output_values_per_filter": 64' in map_catalog(64, 16).to_json().replace(" ", "").replace(":", ": ")
+    with pytest.raises(ValueError, match="output_bits_per_value"):
+        StudentSpec(flops=1e6, memory_bytes=1, params=1, out_dim=1, output_bits_per_value=8)

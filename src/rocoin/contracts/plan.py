@@ -146,7 +146,8 @@ def plan_members(plan: Plan, fleet: Fleet) -> PlanMembers:
     group_of = np.repeat(np.arange(len(plan.groups)), sizes)
     student_flops = np.array([plan.catalog[g.student].flops for g in plan.groups])[group_of]
     partition = np.array([len(g.filters) for g in plan.groups])[group_of]
-    latency = device_latency_s(arrays.flops[index], arrays.rate_bps[index], arrays.input_s[index], student_flops, partition)
+    bits = np.array([plan.catalog[g.student].bits_per_filter for g in plan.groups])[group_of]
+    latency = device_latency_s(arrays.flops[index], arrays.rate_bps[index], arrays.input_s[index], student_flops, partition, bits)
     starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.intp)
     members = PlanMembers(latency, arrays.outage[index], starts)
     _warn_if_stale(plan, members)

@@ -24,7 +24,6 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 from rocoin.contracts.catalog import CatalogArrays
 from rocoin.contracts.errors import InfeasiblePlanError
 from rocoin.contracts.fleet import FleetArrays
-from rocoin.contracts.latency import BITS_PER_VALUE
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class GroupCosts:
         distinct, size_index = np.unique(sizes, return_inverse=True)
         # (U, S, members) -> worst member per group -> (U, S, G); t is separable in s and |P|.
         compute = catalog.flops[:, None] / flops[None, :] + input_s[None, :]  # (S, members)
-        transmit = BITS_PER_VALUE * distinct[:, None] / rate[None, :]  # (U, members)
+        transmit = catalog.bits_per_filter * distinct[:, None] / rate[None, :]  # (U, members)
         worst = np.maximum.reduceat(compute[None, :, :] + transmit[:, None, :], starts, axis=2)
         latency = np.transpose(worst, (2, 0, 1))[:, size_index, :]  # (G, K, S)
         min_memory = np.minimum.reduceat(fleet.memory_bytes[order], starts)

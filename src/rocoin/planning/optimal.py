@@ -47,7 +47,7 @@ import numpy as np
 from rocoin.contracts.catalog import CatalogArrays
 from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
 from rocoin.contracts.fleet import FleetArrays
-from rocoin.contracts.latency import BITS_PER_VALUE, device_latency_s
+from rocoin.contracts.latency import device_latency_s
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class _Model:
         self.full = (1 << self.n) - 1
         #: a[d, s] = c_s / f_d + input_s_d, the size-independent part of t(d, s, ·)
         self.base_s = catalog.flops[None, :] / fleet.flops[:, None] + fleet.input_s[:, None]
-        self.per_value_s = BITS_PER_VALUE / fleet.rate_bps  # seconds per sent value, per device
+        self.per_value_s = catalog.bits_per_filter / fleet.rate_bps  # seconds per sent filter's output, per device
         self.fits = catalog.memory_bytes[None, :] <= fleet.memory_bytes[:, None]  # (N, S)
         group_fits = _subset_reduce(self.fits, True, np.logical_and)  # (2^N, S)
         q = _subset_reduce(fleet.outage.astype(float), 1.0, np.multiply)
@@ -296,7 +296,16 @@ def solve_optimal(
         ok = np.flatnonzero(per_student[m] >= size)
         group_latency = np.array(
             [
-                float(device_latency_s(fleet.flops[members], fleet.rate_bps[members], fleet.input_s[members], catalog.flops[s], size).max())
+                float(
+                    device_latency_s(
+                        fleet.flops[members],
+                        fleet.rate_bps[members],
+                        fleet.input_s[members],
+                        catalog.flops[s],
+                        size,
+                        catalog.bits_per_filter,
+                    ).max()
+                )
                 for s in ok
             ]
         )

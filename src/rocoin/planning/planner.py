@@ -289,7 +289,9 @@ def _build_plan(
     group_plans = []
     for k, (members, part, student) in enumerate(zip(groups, parts, students.tolist())):
         spec = request.catalog[names[student]]
-        latency = device_latency_s(arrays.flops[members], arrays.rate_bps[members], arrays.input_s[members], spec.flops, len(part))
+        latency = device_latency_s(
+            arrays.flops[members], arrays.rate_bps[members], arrays.input_s[members], spec.flops, len(part), spec.bits_per_filter
+        )
         _check_finite(arrays, members, latency, k)
         group_plans.append(
             GroupPlan(

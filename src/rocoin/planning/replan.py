@@ -337,8 +337,9 @@ def _latency_matrix(plan: Plan, fleet: Fleet) -> np.ndarray:
     student_flops = np.array([s.flops for s in specs])
     student_memory = np.array([s.memory_bytes for s in specs], dtype=float)
     sizes = np.array([len(g.filters) for g in plan.groups])
+    bits = np.array([s.bits_per_filter for s in specs])
     latency = device_latency_s(
-        arrays.flops[:, None], arrays.rate_bps[:, None], arrays.input_s[:, None], student_flops[None, :], sizes[None, :]
+        arrays.flops[:, None], arrays.rate_bps[:, None], arrays.input_s[:, None], student_flops[None, :], sizes[None, :], bits[None, :]
     )
     fits = arrays.memory_bytes[:, None] >= student_memory[None, :]
     bad = fits & ~(np.isfinite(latency) & (latency > 0))

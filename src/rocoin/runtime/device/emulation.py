@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fleet import Fleet, load_fleet
-from rocoin.contracts.latency import device_latency_s
+from rocoin.contracts.latency import BITS_PER_VALUE, device_latency_s
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,10 @@ class Emulation:
             seed=seed,
         )
 
-    def latency_s(self, student_flops: float, partition_size: int) -> float:
-        """``t(d, s, k) = c_s / f_d + 32·|P_k| / r_d + input_s`` (SPEC.md §3), the planner's own formula."""
-        return float(device_latency_s(self.flops, self.rate_bps, self.input_s, student_flops, partition_size))
+    def latency_s(self, student_flops: float, partition_size: int, bits_per_filter: int = BITS_PER_VALUE) -> float:
+        """``t(d, s, k) = c_s / f_d + 32·|P_k| / r_d + input_s`` (SPEC.md §3), the planner's own
+        formula; ``bits_per_filter`` replaces 32 for a student that sends a feature map."""
+        return float(device_latency_s(self.flops, self.rate_bps, self.input_s, student_flops, partition_size, bits_per_filter))
 
     async def hold(self, target_s: float, started: float, rng: random.Random) -> bool:
         """Wait until ``target_s`` has passed since ``started`` (``time.perf_counter``); True when
