@@ -198,7 +198,7 @@ def test_serde_round_trips_float32_and_uint8():
 @pytest.mark.parametrize(
     ("shape", "dtype", "data", "message"),
     [
-        ([2, 2], "float64", b"\0" * 32, "dtype: 'float64': expected one of 'float32', 'uint8'"),
+        ([2, 2], "float64", b"\0" * 32, "dtype: 'float64': expected one of 'float32', 'float16', 'uint8'"),
         ([2, 2], "", b"", "dtype: '': expected one of"),
         ([2, -2], "float32", b"", "shape: [2, -2]: expected non-negative dimensions"),
         ([2, 2], "float32", b"\0" * 15, "data: 15 bytes: expected 16"),

@@ -3,6 +3,14 @@
 A bundle folder holds one ONNX file per group (the feature extractor every device of the group
 runs: input image batch -> its partition's pooled values), one for the head (the FC the source
 runs: F-vector -> logits) and this manifest with the SHA-256 of every file.
+
+A **detection** bundle (``task: detection``, issue 15) is the same with feature maps: a group's
+model gives its partition of the teacher's map at the split point, ``|P_k| × h × w``; the head is
+the rest of the detector (neck and head, or the head only), ``F × h × w`` -> the class-centre
+heatmap logits ``K × h × w`` (``output``) and the box map ``4 × h × w`` (``detection.box_output``:
+``log`` width and height in cells, centre offset in cells), decoded with
+:func:`rocoin.models.boxes.decode` and the settings of :class:`DetectionSpec`. A group may send
+its map as float16 (``wire_dtype``): half the bytes on the wire, the source computes in float32.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fileio import load_validated
@@ -74,6 +82,30 @@ class GroupModel(ModelFile):
     student: str
     devices: list[DeviceId] = Field(min_length=1)
     filters: list[int] = Field(min_length=1)
+    #: how a device sends the output: float32 as the model computes it, or rounded to float16
+    wire_dtype: Literal["float32", "float16"] = "float32"
+
+    @model_serializer(mode="wrap")
+    def _omit_default_wire(self, handler):
+        data = handler(self)
+        if self.wire_dtype == "float32":
+            data.pop("wire_dtype", None)  # classifier bundles (and their hashes) stay as they were
+        return data
+
+
+class DetectionSpec(BaseModel):
+    """How the source turns the head's maps into detections (:func:`rocoin.models.boxes.decode`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    split_point: Literal["backbone", "neck"] = Field(
+        description="where the teacher was split: students give the backbone's map (BC) or the neck's (BNC)"
+    )
+    stride_px: int = Field(ge=1, le=MAX_TENSOR_DIM, description="pixels per cell of the feature map")
+    box_output: TensorSpec = Field(description="the head's second output: [4, h, w] (log w, log h in cells; dx, dy in cells)")
+    score_threshold: float = Field(ge=0.0, lt=1.0, description="smallest class-centre probability kept")
+    iou_threshold: float = Field(gt=0.0, le=1.0, description="class-wise non-maximum suppression above this IoU")
+    max_detections: int = Field(ge=1, le=MAX_TENSOR_DIM, description="detections per image at most (the API's fixed size)")
 
 
 class Normalization(BaseModel):
@@ -106,6 +138,17 @@ class Manifest(BaseModel):
     rocoin_version: str
     #: "int8" when the group models were statically quantised (the head stays fp32)
     quantization: Literal["none", "int8"] = "none"
+    #: what the bundle answers: class logits, or boxes (then ``detection`` says how they are decoded)
+    task: Literal["classification", "detection"] = "classification"
+    detection: DetectionSpec | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_classification(self, handler):
+        data = handler(self)
+        if self.task == "classification":  # classifier manifests stay as they were
+            data.pop("task", None)
+            data.pop("detection", None)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Manifest:
@@ -126,15 +169,27 @@ class Manifest(BaseModel):
                     f"normalization.{name} = {_short(values)}: {len(values)} values for an input of {channels} channel{'s' if channels != 1 else ''}"
                     f" (groups[0].input.shape = {first.shape}): expected one per channel"
                 )
+        if (self.task == "detection") != (self.detection is not None):
+            raise ValueError(
+                f"task = {self.task!r} with detection = {'set' if self.detection else 'null'}: a detection bundle needs its detection settings, and only it"
+            )
+        # a classifier's partitions are pooled values ([|P_k|]); a detector's are maps ([|P_k|, h, w])
+        cells = [] if self.detection is None else self.head.input.shape[1:]
+        if self.detection is not None and len(self.head.input.shape) != 3:
+            raise ValueError(f"head input shape {self.head.input.shape}: expected [F, h, w] (the feature map at the split point)")
         for model, group in zip(self.groups, self.plan.groups):
             if model.devices != group.devices or model.filters != group.filters or model.student != group.student:
                 raise ValueError(f"group {model.group} does not match the plan's group")
-            if model.output.shape != [len(group.filters)]:
-                raise ValueError(f"group {model.group}: output shape {model.output.shape} != [{len(group.filters)}] (its filters)")
-        if self.head.input.shape != [self.plan.num_filters]:
-            raise ValueError(f"head input shape {self.head.input.shape} != [{self.plan.num_filters}]")
-        if self.head.output.shape != [len(self.class_names)]:
-            raise ValueError(f"head output shape {self.head.output.shape} != [{len(self.class_names)}] (the classes)")
+            if model.output.shape != [len(group.filters), *cells]:
+                raise ValueError(f"group {model.group}: output shape {model.output.shape} != {[len(group.filters), *cells]} (its filters)")
+            if model.wire_dtype != "float32" and self.detection is None:
+                raise ValueError(f"group {model.group}: wire_dtype = {model.wire_dtype!r}: float16 is for feature maps (detection bundles)")
+        if self.head.input.shape != [self.plan.num_filters, *cells]:
+            raise ValueError(f"head input shape {self.head.input.shape} != {[self.plan.num_filters, *cells]}")
+        if self.head.output.shape != [len(self.class_names), *cells]:
+            raise ValueError(f"head output shape {self.head.output.shape} != {[len(self.class_names), *cells]} (the classes)")
+        if self.detection is not None and self.detection.box_output.shape != [4, *cells]:
+            raise ValueError(f"detection.box_output shape {self.detection.box_output.shape} != {[4, *cells]}")
         return self
 
     @property

@@ -156,6 +156,8 @@ async def serve_source(
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if http_server is not None:
             await http_server.close()
+        if membership is not None:
+            membership.stopping()  # the streams that end now are the source's doing: nobody is moved for them
         await server.stop(SHUTDOWN_GRACE_S)
         if membership is not None:
             await membership.close()

@@ -85,13 +85,17 @@ class _Serving:
 
     runner: ModelRunner
     model: GroupModel
-    output_size: int
+    output_shape: tuple[int, ...]  # per image: (|P_k|,) pooled, or (|P_k|, h, w) a detector's map
     target_s: float  # emulated time of one request (0: no emulation)
     run_s_per_image: float  # the model's batch-1 time here (a warm-up run)
 
     @property
     def group(self) -> int:
         return self.model.group
+
+    @property
+    def output_size(self) -> int:
+        return self.output_shape[0]
 
 
 class _Refused(Exception):
@@ -149,7 +153,7 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         self.max_input_bytes = math.prod(self.input_shape) * itemsize * max_batch
         #: gRPC message limits: the largest valid request/response plus the envelope (any group's
         #: partition, when the manifest says how large they can be: the device may be moved)
-        widest = self.manifest.plan.num_filters if self.manifest is not None else len(model.filters)
+        widest = (self.manifest.plan.num_filters if self.manifest is not None else len(model.filters)) * math.prod(model.output.shape[1:])
         self.max_request_bytes = self.max_input_bytes + MESSAGE_SLACK_BYTES
         self.max_response_bytes = widest * itemsize * max_batch + MESSAGE_SLACK_BYTES
         self._rng = random.Random(emulation.seed if emulation else None)
@@ -170,12 +174,13 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         if tuple(model.input.shape) != self.input_shape:
             raise RocoinError(f"model input {model.input.shape}: this device serves inputs of shape {list(self.input_shape)}")
         runner = ModelRunner(folder, model, self.intra_op_threads)
-        output_size = len(model.filters)
+        output_shape = (len(model.filters), *model.output.shape[1:])
+        bits_per_filter = math.prod(output_shape[1:]) * DTYPES[model.wire_dtype].itemsize * 8  # 32: one pooled float32
         self._serving = _Serving(
             runner=runner,
             model=model,
-            output_size=output_size,
-            target_s=self.emulation.latency_s(student_flops, output_size) if self.emulation else 0.0,
+            output_shape=output_shape,
+            target_s=self.emulation.latency_s(student_flops, output_shape[0], bits_per_filter) if self.emulation else 0.0,
             run_s_per_image=runner.time_one_image(),
         )  # one assignment: a request sees the old model or the new one, never a mix
 
@@ -469,7 +474,7 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         except Exception as exc:  # onnxruntime's own error types
             logger.exception("device %s: the model failed on query %r", self.device_id, query_id[:MAX_QUERY_ID_CHARS])
             raise _Refused(grpc.StatusCode.INTERNAL, f"model run failed: {' '.join(str(exc).split())[:300]}", serving.group) from None
-        expected = (batch.shape[0], serving.output_size)
+        expected = (batch.shape[0], *serving.output_shape)
         if features.shape != expected or features.dtype != np.float32:
             logger.error("device %s: model gave %s %s, expected %s float32", self.device_id, features.shape, features.dtype, expected)
             raise _Refused(
@@ -477,6 +482,8 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
                 f"model output: shape {list(features.shape)} {features.dtype}: expected {list(expected)} float32",
                 serving.group,
             )
+        if serving.model.wire_dtype == "float16":  # the manifest trades precision for half the bytes on the wire
+            return features.astype(np.float16)
         return features
 
     def _expected_shape(self) -> str:

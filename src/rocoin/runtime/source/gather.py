@@ -45,6 +45,8 @@ STATUS_NAMES = (
 )  # fmt: skip
 INVALID_ARGUMENT = STATUS_NAMES.index("INVALID_ARGUMENT")
 DEADLINE_EXCEEDED = STATUS_NAMES.index("DEADLINE_EXCEEDED")
+#: What an answer holds unless the manifest says float16 (a detector's map on a narrow link).
+FLOAT32 = np.dtype(np.float32)
 
 
 def code_name(value: int) -> str:
@@ -196,9 +198,10 @@ class DeviceState:
         if self.up:
             query.open_calls[self.group] += 1
 
-    def take(self, answer: Answer, width: int) -> Verdict:
-        """Judge the device's answer (its group's slot holds ``width`` features per image) and
-        give it to its query; the device's record is updated, the decisions are returned."""
+    def take(self, answer: Answer, shape: int | tuple[int, ...], dtype: np.dtype = FLOAT32) -> Verdict:
+        """Judge the device's answer (its group's slot holds ``shape`` features per image —
+        ``|P_k|`` pooled values, or a ``(|P_k|, h, w)`` map — sent as ``dtype``) and give it to
+        its query; the device's record is updated, the decisions are returned."""
         entry = self.waiting.pop(answer.wire_id, None)
         if entry is None:  # an answer after its query ended
             return Verdict(revive=not self.up and answer.code == OK)
@@ -210,7 +213,7 @@ class DeviceState:
             query.call_failed(self.group, counted)  # it had no free slot within the client's short deadline
             return Verdict(query)
         try:
-            features = _checked_features(answer, query.batch, width)
+            features = _checked_features(answer, query.batch, (shape,) if isinstance(shape, int) else tuple(shape), dtype)
         except ValueError as exc:
             query.call_failed(self.group, counted)
             return Verdict(query, failure=str(exc))
@@ -264,13 +267,13 @@ class DeviceState:
         self.up = True
 
 
-def _checked_features(answer: Answer, batch: int, width: int) -> np.ndarray:
+def _checked_features(answer: Answer, batch: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if answer.code != OK:
         raise ValueError(f"{code_name(answer.code)}: {answer.error[:300]}")
     features = answer.features()
-    expected = (batch, width)
-    if features.shape != expected or features.dtype != np.float32:
-        raise ValueError(f"features {features.dtype}{features.shape}: expected float32{expected}")
+    expected = (batch, *shape)
+    if features.shape != expected or features.dtype != dtype:
+        raise ValueError(f"features {features.dtype}{features.shape}: expected {dtype}{expected}")
     if not np.isfinite(features).all():
         raise ValueError("features: not finite (the device's model gave NaN or Inf)")
     return features

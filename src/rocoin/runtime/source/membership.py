@@ -101,6 +101,7 @@ class Membership:
         self._pending: set[asyncio.Task] = set()
         self._models = {m.group: m for m in source.manifest.groups}
         self._replanned_for: tuple = ()  # the live fleet the last re-plan saw
+        self._stopping = False
         #: joined devices told to serve no group for now
         self.spares: set[str] = set()
         self._started = time.monotonic()
@@ -141,6 +142,14 @@ class Membership:
 
     async def start(self) -> None:
         self._task = asyncio.ensure_future(self._watch())
+
+    def stopping(self) -> None:
+        """The source is shutting down: no more re-plans or moves. Its devices' streams are about
+        to end, which says nothing about the devices; the registry keeps the assignment as it was
+        for the next start."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
 
     async def close(self) -> None:
         for task in (self._task, *self._pending):
@@ -290,6 +299,9 @@ class Membership:
 
     async def _replan(self, trigger: str) -> Replan | None:
         """Re-assign the live devices to the bundle's groups; move the joined ones."""
+        if self._stopping:
+            logger.info("replan (%s): skipped, the source is stopping", trigger)
+            return None
         fleet = self.live_fleet()
         if fleet is None:
             logger.warning("replan (%s): no live device", trigger)

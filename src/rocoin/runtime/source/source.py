@@ -44,6 +44,7 @@ from rocoin.contracts.fleet import Fleet
 from rocoin.contracts.manifest import Manifest, load_manifest, verify_file
 from rocoin.contracts.plan import Plan
 from rocoin.contracts.text import short_repr
+from rocoin.models.boxes import decode, pack_detections
 from rocoin.runtime.source.gather import FAILURES_TO_MARK_DOWN, REFUSAL_LOG_INTERVAL_S, DeviceState, Query, Verdict
 from rocoin.runtime.source.link import CANCEL_FLUSH_S, MAX_OUTBOX, DeviceLink, GrpcStreamLink, LinkFull
 from rocoin.runtime.source.messages import Answer, Request
@@ -84,10 +85,15 @@ FP32_INPUT_RANGE = (0.0, 1.0)
 @dataclass(frozen=True)
 class InferResult:
     query_id: str
+    #: the head's output: class logits (B, K); for a detection bundle the class-centre heatmap logits (B, K, h, w)
     logits: np.ndarray
     missing_groups: list[int]
     answered_by: list[str]
     latency_s: float
+    #: a detection bundle's answer (:func:`rocoin.models.boxes.pack_detections`): boxes (B, M, 4)
+    #: float32 xyxy pixels of the input, scores (B, M) float32, labels (B, M) int32, count (B,) int32;
+    #: image ``b``'s first ``count[b]`` rows, by decreasing score; padding rows are 0 with label -1
+    detections: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(eq=False)
@@ -157,12 +163,15 @@ class Source:
         self._head = ort.InferenceSession(str(verify_file(bundle, self.manifest.head)), options, providers=["CPUExecutionProvider"])
         self._head_input = self.manifest.head.input.name
         self._filters = [np.asarray(g.filters) for g in plan.groups]
-        self._slot_sizes = [len(f) for f in self._filters]
+        #: what each group's answer holds per image: (|P_k|,) pooled values or (|P_k|, h, w) a map
+        self._slot_shapes = [tuple(m.output.shape) for m in self.manifest.groups]
+        self._slot_dtypes = [np.dtype(m.wire_dtype) for m in self.manifest.groups]
         input_shape = tuple(self.manifest.input.shape)
         self.input_shape = input_shape
         self._mean = np.asarray(self.manifest.normalization.mean, dtype=np.float32).reshape(-1, 1, 1)
         self._std = np.asarray(self.manifest.normalization.std, dtype=np.float32).reshape(-1, 1, 1)
-        payload = MAX_BATCH * int(np.prod(input_shape)) * 4
+        # the largest message: a batch of inputs, or of the widest group's answers (a detector's maps can be larger)
+        payload = MAX_BATCH * max(int(np.prod(input_shape)), *(int(np.prod(s)) for s in self._slot_shapes)) * 4
         self.max_message_bytes = payload + MESSAGE_SLACK_BYTES
         self._started = False
         self._sent = 0  # queries sent: makes every id on the wire unique
@@ -346,12 +355,14 @@ class Source:
                 expire.cancel()
                 self._settle(query)
         missing = query.missing
-        logits = self._head_run(x.shape[0], query.slots)
-        if not np.isfinite(logits).all():
+        outputs = self._head_run(x.shape[0], query.slots)
+        if not all(np.isfinite(o).all() for o in outputs):
             logger.error(
                 "the head gave non-finite logits for query %s (groups missing: %s)", query_id, missing, extra={"query_id": query_id}
             )
             raise ServingError("the model gave non-finite logits for this input; nothing to return")
+        logits = outputs[0]
+        detections = self._detections(outputs) if self.manifest.detection is not None else None
         latency = time.perf_counter() - started
         self.metrics.queries.inc()
         self.metrics.query_latency.observe(latency)
@@ -361,7 +372,7 @@ class Source:
             logger.info("groups %s missing after %.3f s", missing, latency, extra={"query_id": query_id})
         else:
             logger.debug("answered in %.4f s by %s", latency, ",".join(query.answered_by), extra={"query_id": query_id})
-        return InferResult(query_id, logits, missing, query.answered_by, latency)
+        return InferResult(query_id, logits, missing, query.answered_by, latency, detections)
 
     def _send(self, replica: _Replica, query: Query, request: Request) -> None:
         try:
@@ -382,12 +393,28 @@ class Source:
             if failed:
                 self._failed(replica, "no answer by the deadline", query.query_id)
 
-    def _head_run(self, batch: int, slots: list[np.ndarray | None]) -> np.ndarray:
-        features = np.zeros((batch, self.manifest.plan.num_filters), dtype=np.float32)
+    def _head_run(self, batch: int, slots: list[np.ndarray | None]) -> list[np.ndarray]:
+        """The head on the assembled features (the plan's F values, or F × h × w maps), a missing
+        group's channels zero; its outputs (classifier: logits; detector: heatmap, box map)."""
+        features = np.zeros((batch, *self.manifest.head.input.shape), dtype=np.float32)
         for filters, values in zip(self._filters, slots):
             if values is not None:
-                features[:, filters] = values
-        return self._head.run(None, {self._head_input: features})[0]
+                features[:, filters] = values  # float16 maps become float32 here
+        return self._head.run(None, {self._head_input: features})
+
+    def _detections(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes from the detector head's maps (:func:`rocoin.models.boxes.decode`), packed to the API's fixed size."""
+        spec = self.manifest.detection
+        found = decode(
+            outputs[0],
+            outputs[1],
+            stride=spec.stride_px,
+            score_threshold=spec.score_threshold,
+            max_detections=spec.max_detections,
+            nms_iou=spec.iou_threshold,
+            image_size=self.input_shape[1:],
+        )
+        return pack_detections(found, spec.max_detections)
 
     # --- what the devices say, and what the source does about it --------------------------
 
@@ -396,7 +423,7 @@ class Source:
 
     def _answer(self, replica: _Replica, answer: Answer) -> None:
         device = replica.state
-        verdict: Verdict = device.take(answer, self._slot_sizes[device.group])
+        verdict: Verdict = device.take(answer, self._slot_shapes[device.group], self._slot_dtypes[device.group])
         if verdict.refused is not None:
             self._refused(replica, verdict.refused, verdict.query)
         elif verdict.failure:

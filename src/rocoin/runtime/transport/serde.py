@@ -1,7 +1,7 @@
 """numpy <-> ``rocoin.v1.Tensor``: the one place where protobuf tensors become arrays and back.
 
 A tensor travels as raw little-endian C-order bytes with its full shape and a dtype name
-(``"float32"`` or ``"uint8"``); nothing is ever pickled. :func:`tensor_from_proto` trusts nothing
+(``"float32"``, ``"float16"`` (a detector's feature map, where the manifest says so) or ``"uint8"``); nothing is ever pickled. :func:`tensor_from_proto` trusts nothing
 in the message: the dtype must be one of :data:`DTYPES`, the shape non-negative, of rank at most
 :data:`MAX_RANK`, its byte size within ``max_bytes`` and equal to ``len(data)``.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from rocoin.runtime.transport.protocol import rocoin_pb2
 
 #: Element types a tensor may have on the wire, by name -> little-endian numpy dtype.
-DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
+DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "uint8": np.dtype("u1")}
 #: Most dimensions a tensor may have (an image batch has 4).
 MAX_RANK = 8
 
