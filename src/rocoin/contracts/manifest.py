@@ -184,6 +184,13 @@ class Manifest(BaseModel):
                 raise ValueError(f"group {model.group}: output shape {model.output.shape} != {[len(group.filters), *cells]} (its filters)")
             if model.wire_dtype != "float32" and self.detection is None:
                 raise ValueError(f"group {model.group}: wire_dtype = {model.wire_dtype!r}: float16 is for feature maps (detection bundles)")
+            spec, sent = self.plan.catalog[group.student], (math.prod(cells), 16 if model.wire_dtype == "float16" else 32)
+            if (spec.output_values_per_filter, spec.output_bits_per_value) != sent:
+                raise ValueError(
+                    f"group {model.group}: the plan's catalog entry {group.student!r} sends {spec.output_values_per_filter} values of"
+                    f" {spec.output_bits_per_value} bits per filter but the model sends {sent[0]} of {sent[1]} ({model.wire_dtype}):"
+                    " expected the plan to price what is sent"
+                )
         if self.head.input.shape != [self.plan.num_filters, *cells]:
             raise ValueError(f"head input shape {self.head.input.shape} != {[self.plan.num_filters, *cells]}")
         if self.head.output.shape != [len(self.class_names), *cells]:

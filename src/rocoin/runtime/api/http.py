@@ -38,8 +38,9 @@ from rocoin.runtime.api.oip import (
     ProtocolError,
     check_model,
     images_from,
-    model_metadata,
+    result_tensors,
     server_metadata,
+    source_metadata,
 )
 from rocoin.runtime.source.source import MAX_BATCH, Source
 from rocoin.runtime.transport.auth import bearer_matches
@@ -166,7 +167,7 @@ class _Api:
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         self._check_model(request)
-        metadata = model_metadata(self.source.input_shape, len(self.source.manifest.class_names))
+        metadata = source_metadata(self.source)
         metadata["parameters"] = {
             "class_names": self.source.manifest.class_names,
             "groups": self.source.num_groups,
@@ -198,8 +199,8 @@ class _Api:
                 "id": result.query_id,
                 "parameters": {"missing_groups": len(missing), "latency_s": result.latency_s},
                 "outputs": [
-                    {"name": "logits", "datatype": "FP32", "shape": list(result.logits.shape), "data": result.logits.ravel().tolist()},
-                    {"name": "missing_groups", "datatype": "INT32", "shape": [len(missing)], "data": missing},
+                    {"name": name, "datatype": datatype, "shape": list(array.shape), "data": array.ravel().tolist()}
+                    for name, datatype, array in result_tensors(result)
                 ],
             },
         )

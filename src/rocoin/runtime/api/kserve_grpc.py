@@ -22,8 +22,9 @@ from rocoin.runtime.api.oip import (
     check_model,
     check_shape,
     images_from,
-    model_metadata,
+    result_tensors,
     server_metadata,
+    source_metadata,
 )
 from rocoin.runtime.source.source import Source
 from rocoin.runtime.transport.grpc_server import refuse
@@ -56,7 +57,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         await self._check(context, request.name, request.version)
-        meta = model_metadata(self.source.input_shape, len(self.source.manifest.class_names))
+        meta = source_metadata(self.source)
         tensors = lambda items: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in items]  # noqa: E731
         return pb.ModelMetadataResponse(
             name=meta["name"],
@@ -77,8 +78,8 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             await refuse(context, "ModelInfer", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ServingError as exc:
             await refuse(context, "ModelInfer", grpc.StatusCode.INTERNAL, str(exc))
-        logits = np.ascontiguousarray(result.logits, dtype="<f4")
-        missing = np.asarray(result.missing_groups, dtype="<i4")
+        tensors = result_tensors(result)
+        missing = tensors[-1][2]
         return pb.ModelInferResponse(
             model_name=MODEL_NAME,
             model_version=MODEL_VERSION,
@@ -88,10 +89,10 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 "latency_us": pb.InferParameter(int64_param=int(result.latency_s * 1e6)),
             },
             outputs=[
-                pb.ModelInferResponse.InferOutputTensor(name="logits", datatype="FP32", shape=list(logits.shape)),
-                pb.ModelInferResponse.InferOutputTensor(name="missing_groups", datatype="INT32", shape=[len(missing)]),
+                pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=list(array.shape))
+                for name, datatype, array in tensors
             ],
-            raw_output_contents=[logits.tobytes(), missing.tobytes()],
+            raw_output_contents=[array.tobytes() for _, _, array in tensors],
         )
 
     async def _check(self, context, name: str, version: str) -> None:

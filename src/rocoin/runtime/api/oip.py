@@ -44,17 +44,54 @@ def server_metadata() -> dict[str, Any]:
     return {"name": "rocoin", "version": __version__, "extensions": []}
 
 
-def model_metadata(input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+def model_metadata(input_shape: tuple[int, ...], num_classes: int, max_detections: int | None = None) -> dict[str, Any]:
+    """The model's KServe v2 metadata; ``max_detections`` for a detection bundle (see :func:`result_tensors`)."""
+    if max_detections is None:
+        outputs = [{"name": "logits", "datatype": "FP32", "shape": [-1, num_classes]}]
+    else:
+        outputs = [
+            {"name": "boxes", "datatype": "FP32", "shape": [-1, max_detections, 4]},
+            {"name": "scores", "datatype": "FP32", "shape": [-1, max_detections]},
+            {"name": "labels", "datatype": "INT32", "shape": [-1, max_detections]},
+            {"name": "count", "datatype": "INT32", "shape": [-1]},
+        ]
     return {
         "name": MODEL_NAME,
         "versions": [MODEL_VERSION],
         "platform": "rocoin",
         "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, *input_shape]}],
-        "outputs": [
-            {"name": "logits", "datatype": "FP32", "shape": [-1, num_classes]},
-            {"name": "missing_groups", "datatype": "INT32", "shape": [-1]},
-        ],
+        "outputs": [*outputs, {"name": "missing_groups", "datatype": "INT32", "shape": [-1]}],
     }
+
+
+def source_metadata(source) -> dict[str, Any]:
+    """:func:`model_metadata` of what ``source`` (a :class:`~rocoin.runtime.source.source.Source`) serves."""
+    detection = source.manifest.detection
+    return model_metadata(source.input_shape, len(source.manifest.class_names), detection.max_detections if detection else None)
+
+
+def result_tensors(result) -> list[tuple[str, str, np.ndarray]]:
+    """An answer's output tensors as ``(name, KServe datatype, little-endian array)``, in order.
+
+    A classifier: ``logits`` FP32 (B, K). A detector, a fixed number ``M`` of rows per image
+    (``max_detections`` of the manifest): ``boxes`` FP32 (B, M, 4) as x1, y1, x2, y2 in pixels of
+    the input image, ``scores`` FP32 (B, M), ``labels`` INT32 (B, M) (class indices of the
+    manifest's ``class_names``), ``count`` INT32 (B,): image ``b``'s detections are its first
+    ``count[b]`` rows, by decreasing score; the other rows are zeros with label -1. Then
+    ``missing_groups`` INT32: the groups that did not answer by the deadline (their channels were
+    zero-filled)."""
+    tensors: list[tuple[str, str, np.ndarray]]
+    if result.detections is None:
+        tensors = [("logits", "FP32", np.ascontiguousarray(result.logits, dtype="<f4"))]
+    else:
+        boxes, scores, labels, count = result.detections
+        tensors = [
+            ("boxes", "FP32", np.ascontiguousarray(boxes, dtype="<f4")),
+            ("scores", "FP32", np.ascontiguousarray(scores, dtype="<f4")),
+            ("labels", "INT32", np.ascontiguousarray(labels, dtype="<i4")),
+            ("count", "INT32", np.ascontiguousarray(count, dtype="<i4")),
+        ]
+    return [*tensors, ("missing_groups", "INT32", np.asarray(result.missing_groups, dtype="<i4"))]
 
 
 def check_shape(shape: Any, where: str = "inputs[0]") -> list[int]:
