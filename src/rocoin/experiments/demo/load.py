@@ -32,10 +32,22 @@ class QueryLog:
     kill_index: int  # queries [0, kill_index) ran before the kill
     kill_s: float  # when the kill happened, seconds since the first measured query
     phase_s: tuple[float, float]  # wall time of the two phases
+    #: a detection bundle's answers: per query the boxes, scores and labels (None for a classifier)
+    detections: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None = None
 
     @classmethod
     def empty(cls, n: int, kill_index: int) -> QueryLog:
-        return cls(np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64), [[] for _ in range(n)], kill_index, 0.0, (0.0, 0.0))
+        return cls(
+            np.zeros(n),
+            np.zeros(n),
+            np.zeros(n),
+            np.zeros(n, dtype=np.int64),
+            [[] for _ in range(n)],
+            kill_index,
+            0.0,
+            (0.0, 0.0),
+            [None] * n,
+        )
 
 
 async def send_queries(
@@ -69,6 +81,7 @@ async def send_queries(
             log.latency_s[i] = time.perf_counter() - started
             log.sent_s[i] = started - origin
             log.prediction[i] = answer.prediction
+            log.detections[i] = answer.detections
             log.missing[i] = list(answer.missing_groups)
             log.source_latency_s[i] = answer.latency_s
             advance()
@@ -81,15 +94,16 @@ async def send_queries(
     return log
 
 
-def phase_summary(log: QueryLog, labels: np.ndarray, part: slice | np.ndarray, num_groups: int, wall_s: float) -> dict[str, Any]:
-    """Accuracy, latency and missing groups of the queries ``part`` (a slice, or a mask or indices)."""
+def phase_summary(log: QueryLog, labels: np.ndarray | None, part: slice | np.ndarray, num_groups: int, wall_s: float) -> dict[str, Any]:
+    """Accuracy (``labels`` None: a detector's, measured apart), latency and missing groups of the
+    queries ``part`` (a slice, or a mask or indices)."""
     part = np.arange(len(log.latency_s))[part]
     latency = log.latency_s[part]
     missing = [log.missing[i] for i in part]
     counts = [sum(k in m for m in missing) for k in range(num_groups)]
     return {
         "queries": int(len(latency)),
-        "accuracy": float((log.prediction[part] == labels[part]).mean()),
+        "accuracy": float((log.prediction[part] == labels[part]).mean()) if labels is not None else None,
         "latency_ms": {
             "p50": float(1e3 * np.percentile(latency, 50)),
             "p99": float(1e3 * np.percentile(latency, 99)),
@@ -106,7 +120,7 @@ def phase_summary(log: QueryLog, labels: np.ndarray, part: slice | np.ndarray, n
     }
 
 
-def healing_summary(log: QueryLog, labels: np.ndarray, num_groups: int, membership: dict[str, Any]) -> dict[str, Any]:
+def healing_summary(log: QueryLog, labels: np.ndarray | None, num_groups: int, membership: dict[str, Any]) -> dict[str, Any]:
     """After the kill: when the first query came back with every group present (the source
     re-planned and a surviving device took the lost group over), and the queries sent from then
     on, with what the re-plan's outage model predicted for them (P(every group answers))."""
@@ -126,6 +140,8 @@ def healing_summary(log: QueryLog, labels: np.ndarray, num_groups: int, membersh
     first = float(done_s[complete].min())
     result["recovered_after_s"] = first - log.kill_s
     healed = after[log.sent_s[after] >= first]
+    if len(healed):  # queries sent after the first complete answer (in order sent): the healed fleet's
+        result["healed_from_query"] = int(healed.min())
     if len(healed) >= 2:
         part = np.zeros(len(log.latency_s), dtype=bool)
         part[healed] = True

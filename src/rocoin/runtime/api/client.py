@@ -95,11 +95,14 @@ async def run_queries_http(
 
 @dataclass(frozen=True)
 class Answer:
-    """One query's answer: the predicted class, the groups that did not answer, the source's latency."""
+    """One query's answer: the predicted class, the groups that did not answer, the source's latency;
+    from a detection bundle ``prediction`` is -1 and ``detections`` holds the image's boxes (n, 4)
+    xyxy pixels, scores (n,) and labels (n,) (the first ``count`` rows of the fixed-size outputs)."""
 
     prediction: int
     missing_groups: tuple[int, ...]
     latency_s: float
+    detections: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 #: ``infer(image, query_id=None) -> Answer`` for one (1, C, H, W) image.
@@ -131,10 +134,20 @@ async def http_infer(url: str, *, token: str | None = None, model: str = "rocoin
             if response.status != 200:
                 raise _http_error(endpoint, response.status, reply)
             outputs = {o["name"]: o for o in reply["outputs"]}
+            missing = tuple(int(k) for k in outputs["missing_groups"]["data"]) if "missing_groups" in outputs else ()
+            latency_s = float(reply["parameters"]["latency_s"])
+            if "logits" not in outputs:  # a detection bundle: the image's first `count` rows
+                count = int(outputs["count"]["data"][0])
+
+                def rows(name: str, width: int, dtype) -> np.ndarray:
+                    values = np.asarray(outputs[name]["data"], dtype=dtype).reshape(outputs[name]["shape"])[0]
+                    return values[:count].reshape((count, width) if width > 1 else (count,))
+
+                found = (rows("boxes", 4, np.float32), rows("scores", 1, np.float32), rows("labels", 1, np.int64))
+                return Answer(-1, missing, latency_s, found)
             logits = outputs["logits"]
             prediction = int(np.asarray(logits["data"]).reshape(logits["shape"]).argmax(axis=1)[0])
-            missing = tuple(int(k) for k in outputs["missing_groups"]["data"]) if "missing_groups" in outputs else ()
-            return Answer(prediction, missing, float(reply["parameters"]["latency_s"]))
+            return Answer(prediction, missing, latency_s)
 
         yield infer
 
