@@ -256,6 +256,11 @@ def test_distilled_students_detect_and_lose_accuracy_as_groups_go_missing(traine
         predict(teacher, None, test.images, missing=np.zeros(2, dtype=bool))
     with pytest.raises(RocoinError, match="fail_devices"):
         evaluate_detection(teacher, students, test, fail_devices=[4])
+    # float16 on the wire: the maps rounded as devices send them cost (almost) nothing
+    half = evaluate_detection(teacher, students, test, wire_dtype="float16")[0]["map_50_pct"]
+    assert abs(half - present) < 2, (half, present)
+    with pytest.raises(RocoinError, match="wire_dtype = 'int8'"):
+        evaluate_detection(teacher, students, test, wire_dtype="int8")
 
 
 def test_the_students_checkpoint_round_trips_and_the_teacher_stays_as_it_was(trained, distilled, splits):

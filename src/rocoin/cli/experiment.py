@@ -10,7 +10,9 @@ from rocoin.cli.common import clean_errors, err, out, require
 
 
 def experiment_command(
-    names: list[str] = typer.Argument(..., metavar="NAME...", help="table2, table3, fig2, fig3, fig4, fig5, fig6, fig7, scale, or all."),
+    names: list[str] = typer.Argument(
+        ..., metavar="NAME...", help="table2, table3, fig2, fig3, fig4, fig5, fig6, fig7, scale, table5 (object detection), or all."
+    ),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes (what the test suite runs): checks the code path, not the claims."),
     size: str = typer.Option(
         "default", "--size", help="quick, default (2-core CPU budget) or paper (the GPU budget of the README's results)."
