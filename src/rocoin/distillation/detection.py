@@ -413,7 +413,7 @@ def split_activations(teacher: DetectionTeacher, images: np.ndarray, point: str,
     return torch.cat(out).double().numpy()
 
 
-def detection_catalog(archs: list[str], point: str, teacher: DetectionTeacher) -> Catalog:
+def detection_catalog(archs: list[str], point: str, teacher: DetectionTeacher, *, wire_dtype: str = "float32") -> Catalog:
     """The measured catalog of the students ``archs`` (``wrn-D-K``) at split ``point`` for the teacher's input shape.
 
     Each entry is :func:`rocoin.models.measure.measure_module` of a student whose 1×1 bridge goes to
@@ -421,8 +421,10 @@ def detection_catalog(archs: list[str], point: str, teacher: DetectionTeacher) -
     bound** of the real student's, whose bridge has only ``|P_k| ≤ F`` outputs (the partition is
     not known when the planner reads the catalog). ``out_dim = F``; a device sends
     ``output_values_per_filter = h·w`` float32 values (``output_bits_per_value = 32``) per channel
-    of its partition.
+    of its partition (16-bit ones with ``wire_dtype="float16"``: devices round their maps before sending).
     """
+    if wire_dtype not in ("float32", "float16"):
+        raise RocoinError(f"wire_dtype = {wire_dtype!r}: expected float32 or float16")
     if not archs:
         raise RocoinError("detection_catalog: no student architecture given")
     channels = teacher.model.split_channels(point)
@@ -437,7 +439,7 @@ def detection_catalog(archs: list[str], point: str, teacher: DetectionTeacher) -
             params=measured.params,
             out_dim=channels,
             output_values_per_filter=h * w,
-            output_bits_per_value=32,
+            output_bits_per_value=16 if wire_dtype == "float16" else 32,
         )
         logger.debug("detection student %s at %s: %s", arch, point, entries[arch])
     return Catalog(entries)

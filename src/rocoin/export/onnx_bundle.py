@@ -308,10 +308,12 @@ def _file_fields(path: Path) -> dict[str, Any]:
     return {"file": path.name, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
 
 
-def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str, opset: int) -> None:
-    """The legacy TorchScript exporter (the dynamo one needs onnxscript), batch axis dynamic."""
+def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str | list[str], opset: int) -> None:
+    """The legacy TorchScript exporter (the dynamo one needs onnxscript), batch axis dynamic;
+    ``output_name`` a list for a module with several outputs (a detector's heatmap and box map)."""
     import onnx
 
+    outputs = [output_name] if isinstance(output_name, str) else list(output_name)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             # "legacy TorchScript-based ONNX export" and "The feature will be removed": chosen on purpose.
@@ -323,8 +325,8 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_nam
                 str(path),
                 dynamo=False,
                 input_names=[input_name],
-                output_names=[output_name],
-                dynamic_axes={input_name: {0: BATCH_AXIS}, output_name: {0: BATCH_AXIS}},
+                output_names=outputs,
+                dynamic_axes={name: {0: BATCH_AXIS} for name in [input_name, *outputs]},
                 opset_version=opset,
                 do_constant_folding=True,
             )
