@@ -238,3 +238,21 @@ def test_table3_says_which_configuration_it_ran(experiments):
     data = json.loads((out / "table3" / "table3.json").read_text())
     assert "CIFAR-100 is not present here" in data["caption"]  # no CIFAR-100 files in the test's data folder
     assert {r["scheme"] for r in data["rows"]} >= {"Teacher", "RoCoIn", "RoCoIn-G", "NoNN", "HetNoNN"}
+
+
+def test_table5_compares_the_detector_with_its_bc_and_bnc_students(experiments):
+    out, _ = experiments
+    data = json.loads((out / "table5" / "table5.json").read_text())
+    rows = data["rows"]
+    assert [(r["scheme"], r["split"], r["devices"]) for r in rows[:4]] == [
+        ("Teacher", "", 1),
+        ("RoCoIn BC", "backbone", 2),
+        ("RoCoIn BNC", "neck", 2),
+        ("RoCoIn BNC", "neck", 3),
+    ]
+    assert {r["scheme"] for r in rows[4:]} == {"NoNN BC (ours)", "RoCoIn BC + FA (ours)", "RoCoIn BC, replicated (ours)"}
+    for r in rows[1:]:
+        assert r["groups"] == r["devices"] or "replicated" in r["scheme"]  # K = N, the paper's rows
+        assert 0 <= r["map_50_pct"] <= 100 and 0 <= r["map_50_one_failed_pct"] <= 100 and r["kib_sent_per_device"] > 0
+        assert r["params_per_device"] < rows[0]["params_per_device"]  # every student smaller than the teacher
+    assert "digits-scenes" in data["caption"] and "Paper (VisDrone)" in data["findings"][0]

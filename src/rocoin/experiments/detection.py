@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 PAPER_TABLE5 = {"teacher": 48.0, "bc-2": 41.0, "bnc-2": 28.2, "bnc-3": 28.5}
 #: ε that makes every device its own group (the paper's Table V: K = number of devices).
 EPSILON_NO_REPLICAS = 0.99
+#: The test images are cut into this many folds; a finding compares two rows by the mean and the
+#: standard error of their per-fold mAP difference (paired: the same images).
+FOLDS = 10
 
 
 class DetectionSetup(BaseModel):
@@ -128,6 +131,7 @@ def table5(ws: Workspace) -> ExperimentResult:
         detection_catalog,
         distill_detection,
         evaluate_detection,
+        predict,
         split_activations,
         train_detection_teacher,
     )
@@ -147,6 +151,7 @@ def table5(ws: Workspace) -> ExperimentResult:
     )
     test = splits.test
     teacher_eval = evaluate_detection(teacher, None, test, fail_devices=[0])[0]
+    folds = {"teacher": _fold_maps(test, predict(teacher, None, test.images))}
     channels, image_shape = teacher.model.split_channels("backbone"), teacher.input_shape
     flops, params = count_flops_params(teacher.model, image_shape)
     rows: list[dict[str, Any]] = [
@@ -180,6 +185,7 @@ def table5(ws: Workspace) -> ExperimentResult:
             r["failed_devices"]: r for r in evaluate_detection(teacher, students, test, fail_devices=[0, 1], trials=s.trials, seed=s.seed)
         }
         half = evaluate_detection(teacher, students, test, wire_dtype="float16")[0]
+        folds[row.key] = _fold_maps(test, predict(teacher, students, test.images))
         largest = max(plan.groups, key=lambda g: catalog[g.student].params)
         cells = catalog[largest.student].output_values_per_filter
         rows.append(
@@ -217,7 +223,8 @@ def table5(ws: Workspace) -> ExperimentResult:
         caption,
         [{k: r[k] for k in order} for r in rows],
         plot,
-        _findings(rows),
+        _findings(rows, folds),
+        extra={"fold_map_50_pct": folds},
     )
 
 
@@ -272,7 +279,27 @@ def _device(requested: str | None) -> str:
     return requested
 
 
-def _findings(rows: list[dict[str, Any]]) -> list[str]:
+def _fold_maps(dataset, predictions: list, folds: int = FOLDS) -> list[float]:
+    """mAP@0.5 (%) of each of ``folds`` consecutive slices of ``dataset``."""
+    from rocoin.data.detection_metrics import mean_average_precision
+
+    edges = np.linspace(0, len(dataset), min(folds, len(dataset)) + 1).astype(int)
+    return [
+        float(mean_average_precision(dataset.subset(np.arange(a, b)), predictions[a:b])["map_50_pct"])
+        for a, b in zip(edges[:-1], edges[1:])
+    ]
+
+
+def _gap(better: list[float], worse: list[float]) -> str:
+    """``better - worse`` in points with twice its standard error over the paired folds, and a verdict."""
+    diff = np.asarray(better) - np.asarray(worse)
+    margin = 2 * float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
+    verdict = "beyond" if abs(diff.mean()) > margin else "within"
+    return f"{diff.mean():+.2f} points on average over {len(diff)} folds of the test set, {verdict} 2 standard errors (± {margin:.2f})"
+
+
+def _findings(rows: list[dict[str, Any]], folds: dict[str, list[float]] | None = None) -> list[str]:
+    folds = folds or {}
     by = {(r["scheme"], r["devices"], r["split"]): r for r in rows}
     teacher = rows[0]["map_50_pct"]
     bc = by.get(("RoCoIn BC", 2, "backbone"))
@@ -285,13 +312,15 @@ def _findings(rows: list[dict[str, Any]]) -> list[str]:
     if bc is not None:
         findings.append(
             f"Here (mAP@0.5): teacher {teacher:.2f} %, BC on 2 devices {bc['map_50_pct']:.2f} % ({teacher - bc['map_50_pct']:.2f} points lost; "
-            f"the paper's target: within 7 points: {'met' if teacher - bc['map_50_pct'] <= 7 else 'not met'})."
+            f"the paper's target: within 7 points: {'met' if teacher - bc['map_50_pct'] <= 7 else 'not met'})"
+            + (f"; teacher minus BC {_gap(folds['teacher'], folds['bc-2'])}." if {"teacher", "bc-2"} <= set(folds) else ".")
         )
     if bc is not None and bnc2 is not None and bnc3 is not None:
         order = (
             "BNC below BC, as in the paper" if max(bnc2["map_50_pct"], bnc3["map_50_pct"]) < bc["map_50_pct"] else "BNC not below BC here"
         )
-        findings.append(f"BNC: {bnc2['map_50_pct']:.2f} % on 2 devices, {bnc3['map_50_pct']:.2f} % on 3 ({order}).")
+        gaps = f"; BC minus BNC (2 devices) {_gap(folds['bc-2'], folds['bnc-2'])}" if {"bc-2", "bnc-2"} <= set(folds) else ""
+        findings.append(f"BNC: {bnc2['map_50_pct']:.2f} % on 2 devices, {bnc3['map_50_pct']:.2f} % on 3 ({order}{gaps}).")
     if bc is not None and nonn is not None:
         findings.append(
             f"One device failed (ours): RoCoIn BC {bc['map_50_one_failed_pct']:.2f} %, NoNN BC {nonn['map_50_one_failed_pct']:.2f} % "
