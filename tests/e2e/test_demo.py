@@ -265,3 +265,26 @@ def test_fashion_mnist_in_the_data_dir_is_used(tmp_path):
     write_fashion_mnist(tmp_path, n_train=40, n_test=20)
     choice = demo.resolve_dataset("fashion-mnist", str(tmp_path), install=False, download=False)
     assert choice == demo.DataChoice("fashion-mnist", str(tmp_path), f"found in {tmp_path}")
+
+
+def test_the_detection_demo_serves_boxes_through_the_cluster_and_heals(tmp_path):
+    """``rocoin demo --task detection``: scenes of digits, a tiny detector, its students in a
+    detection bundle on the emulated cluster; the KServe answers are scored with mAP per phase."""
+    out = tmp_path / "detection"
+    result = run(
+        "demo", "--task", "detection", "--output", out, "--dataset", "digits", "--teacher-arch", "wrn-10-1", "--teacher-epochs", 2,
+        "--students", "wrn-10-1", "--distill-epochs", 1, "--max-train-images", 256, "--devices", 4, "--queries", 40,
+        "--concurrency", 4, "--kill", 2, "--deadline-s", 0.5,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for name in ("report.md", "results.json", "latency.png", "detections.png"):
+        assert (out / name).stat().st_size > 0, name
+    r = json.loads((out / "results.json").read_text())
+    rt = r["runtime"]
+    assert r["data"]["train"] == 256 and rt["queries"] == 40 and rt["api"] == "KServe v2 REST"
+    assert rt["before"]["queries"] + rt["after"]["queries"] == 40
+    for phase in ("before", "after"):
+        assert 0 <= rt["map_50_pct"][phase] <= 100
+        assert rt[phase]["latency_ms"]["p99"] < 1e3 * rt["deadline_s"] + 1000  # answered by the deadline (+ loaded-machine slack)
+    assert r["plan"]["kib_sent_per_device"] > 0 and r["plan"]["cells"] == [8, 8]
+    assert "mAP@0.5" in (out / "report.md").read_text()

@@ -461,6 +461,7 @@ def _students_flag() -> typer.Option:
 @app.command("demo")
 @clean_errors
 def demo_command(
+    task: str = flag(DemoConfig, "task", "--task"),
     output: Path = flag(DemoConfig, "output", "--output", "-o"),
     fresh: bool = flag(DemoConfig, "fresh", "--fresh"),
     dataset: str = flag(DemoConfig, "dataset", "--dataset"),

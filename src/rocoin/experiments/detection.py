@@ -364,20 +364,33 @@ def _pictures(teacher, examples: dict[str, Any], test, s: DetectionSetup):
         for i, image in enumerate(images):
             for j, (title, found) in enumerate(panels):
                 ax = axes[i, j]
-                ax.imshow(image.transpose(1, 2, 0).squeeze(), cmap="gray")
-                for box in test.boxes[i]:
-                    ax.add_patch(_rectangle(box, "lime", ":"))
-                boxes, scores, labels = found[i]
-                for box, score, label in zip(boxes, scores, labels):
-                    if score < 0.3:
-                        continue
-                    ax.add_patch(_rectangle(box, "red", "-"))
-                    ax.text(box[0], box[1], f"{names[int(label)]} {score:.2f}", color="yellow", fontsize=5, va="bottom")
-                ax.set_axis_off()
+                draw_detections(ax, image, test.boxes[i], found[i], names)
                 if i == 0:
                     ax.set_title(title, fontsize=8)
 
     return plot
+
+
+#: Detections drawn in the pictures: at least this score, and no box overlapping a better one by
+#: more than :data:`DRAW_IOU` whatever its class (decoding's NMS is class-wise).
+DRAW_MIN_SCORE = 0.3
+DRAW_IOU = 0.5
+
+
+def draw_detections(ax, image: np.ndarray, truth: np.ndarray, found, class_names, fontsize: int = 6) -> None:
+    """``image`` (C, H, W) with its ground-truth boxes (green, dotted) and the detections ``found``
+    (boxes, scores, labels; red, with class and score)."""
+    from rocoin.models.boxes import nms
+
+    ax.imshow(image.transpose(1, 2, 0).squeeze(), cmap="gray")
+    for box in truth:
+        ax.add_patch(_rectangle(box, "lime", ":"))
+    boxes, scores, labels = found
+    strong = np.flatnonzero(np.asarray(scores) >= DRAW_MIN_SCORE)
+    for i in strong[nms(np.asarray(boxes)[strong], np.asarray(scores)[strong], DRAW_IOU)]:
+        ax.add_patch(_rectangle(boxes[i], "red", "-"))
+        ax.text(boxes[i][0], boxes[i][1], f"{class_names[int(labels[i])]} {scores[i]:.2f}", color="yellow", fontsize=fontsize, va="bottom")
+    ax.set_axis_off()
 
 
 def _rectangle(box, color: str, style: str):

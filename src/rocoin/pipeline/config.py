@@ -93,6 +93,11 @@ class DemoConfig(Settings):
     """Everything ``rocoin demo`` can be told (its command-line options are built from these
     fields); the defaults take about 5 minutes on a 2-core CPU."""
 
+    task: Literal["classification", "detection"] = Field(
+        default="classification",
+        description="classification (the paper's Figs. 5-6 setting) or detection (scenes of garments, boxes through the same runtime;"
+        " output defaults to results/demo-detection).",
+    )
     output: Path = Field(default=Path("results/demo"), description="Folder for every step's output and the report.")
     fresh: bool = Field(default=False, description="Redo every step instead of reusing the finished ones.")
     dataset: Literal["fashion-mnist", "digits"] = Field(

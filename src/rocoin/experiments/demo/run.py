@@ -101,6 +101,12 @@ def run_offline(config: DemoConfig, *, say: Say, progress: Progress) -> Offline:
 
 def run_demo(config: DemoConfig, *, say: Say = logger.info, progress: Progress = log_progress) -> DemoReport:
     """Run every step (reusing finished ones), write the report, return it."""
+    if config.task == "detection":
+        from rocoin.experiments.demo.detection import DEFAULT_OUTPUT, run_detection_demo
+
+        if config.output == DemoConfig.model_fields["output"].default:
+            config = config.model_copy(update={"output": DEFAULT_OUTPUT})
+        return run_detection_demo(config, say=say, progress=progress)
     started = time.perf_counter()
     load_at_start = _load_average()
     out = config.output
