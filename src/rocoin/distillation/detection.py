@@ -283,19 +283,8 @@ def train_detection_teacher(
     torch.manual_seed(config.seed)
     model = build_detector(arch, in_channels=in_channels, num_classes=train.num_classes).to(on)
     feature_size = model.feature_size((height, width))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(train) // config.batch_size)
-    scheduler = cosine_schedule(optimizer, config.epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(config.seed)
-    history: list[dict] = []
-    if saved is not None:
-        metadata, state_dict, payload = saved
-        load_state(model, state_dict, path, f"detection teacher {arch}")
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        generator.set_state(payload["generator"])
-        history = list(metadata["history"])
-        logger.info("detection teacher %s: resuming %s after epoch %d/%d", arch, path, len(history), config.epochs)
+    run = _Optimisation.start(model, config, len(train), saved, path, f"detection teacher {arch}")
+    generator, history, steps_per_epoch = run.generator, run.history, run.steps_per_epoch
     teacher = DetectionTeacher(model, arch, list(train.class_names), (in_channels, height, width), mean, std, history)
     loss_fn = DetectionLoss()
     for epoch in range(len(history), config.epochs):
@@ -306,11 +295,7 @@ def train_detection_teacher(
                 x = _batch_tensor(images, flip, mean, std, on)
                 targets = encode_targets(boxes, labels, train.num_classes, feature_size, model.stride, device=on)
                 loss, terms = loss_fn(model(x), targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
+                run.step(loss, model)
                 seen += len(images)
                 for key in totals:
                     totals[key] += terms[key] * len(images)
@@ -320,26 +305,64 @@ def train_detection_teacher(
         record["val_map_50_pct"] = _val_map(teacher, None, splits.val)
         history.append(record)
         logger.info("detection teacher epoch %d: %s", epoch + 1, _describe_record(record))
-        if path is not None:
-            finished = epoch + 1 == config.epochs
-            metadata = {
-                **wanted,
-                "class_names": teacher.class_names,
-                "input_shape": list(teacher.input_shape),
-                "mean": mean,
-                "std": std,
-                "epoch": epoch + 1,
-                "finished": finished,
-                "history": history,
-            }
-            extra = (
-                {}
-                if finished
-                else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "generator": generator.get_state()}
-            )
-            save_checkpoint(path, TEACHER_KIND, metadata, model.state_dict(), **extra)
+        metadata = {**wanted, "class_names": teacher.class_names, "input_shape": list(teacher.input_shape), "mean": mean, "std": std}
+        run.save(path, TEACHER_KIND, metadata, model, epoch + 1, config.epochs)
     model.eval()
     return teacher
+
+
+@dataclass
+class _Optimisation:
+    """AdamW with a cosine schedule, the batch-order generator and the epochs' history of one
+    training run; resumed from a checkpoint's payload, saved after every epoch."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
+    history: list[dict]
+    steps_per_epoch: int
+
+    @classmethod
+    def start(
+        cls, module: nn.Module, config: DetectionTrainConfig, num_images: int, saved: Any, path: Path | None, what: str
+    ) -> _Optimisation:
+        optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        steps_per_epoch = -(-num_images // config.batch_size)
+        scheduler = cosine_schedule(optimizer, config.epochs * steps_per_epoch)
+        run = cls(optimizer, scheduler, torch.Generator().manual_seed(config.seed), [], steps_per_epoch)
+        if saved is not None:
+            metadata, state_dict, payload = saved
+            load_state(module, state_dict, path, what)
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+            run.generator.set_state(payload["generator"])
+            run.history = list(metadata["history"])
+            logger.info("%s: resuming %s after epoch %d/%d", what, path, len(run.history), config.epochs)
+        return run
+
+    def step(self, loss: torch.Tensor, module: nn.Module) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(module.parameters(), MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def save(self, path: Path | None, kind: str, metadata: dict[str, Any], module: nn.Module, epoch: int, epochs: int) -> None:
+        """The checkpoint after ``epoch`` (the optimiser's state only while epochs remain)."""
+        if path is None:
+            return
+        finished = epoch == epochs
+        metadata = {**metadata, "epoch": epoch, "finished": finished, "history": self.history}
+        extra = (
+            {}
+            if finished
+            else {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state(),
+            }
+        )
+        save_checkpoint(path, kind, metadata, module.state_dict(), **extra)
 
 
 def _epoch_record(epoch: int, totals: dict[str, float], seen: int, seconds: float) -> dict[str, Any]:
@@ -515,19 +538,10 @@ def distill_detection(
     on = compute_device(config.device)
     torch.manual_seed(config.seed)
     modules = nn.ModuleList(_build_students(plan, point, teacher.input_shape[0], feature_size)).to(on)
-    optimizer = torch.optim.AdamW(modules.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(train) // config.batch_size)
-    scheduler = cosine_schedule(optimizer, config.epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(config.seed)
-    history: list[dict] = []
-    if saved is not None:
-        metadata, state_dict, payload = saved
-        load_state(modules, state_dict, path, f"the students of its plan ({', '.join(g.student for g in plan.groups)})")
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        generator.set_state(payload["generator"])
-        history = list(metadata["history"])
-        logger.info("detection students: resuming %s after epoch %d/%d", path, len(history), config.epochs)
+    run = _Optimisation.start(
+        modules, config, len(train), saved, path, f"the students of its plan ({', '.join(g.student for g in plan.groups)})"
+    )
+    generator, history, steps_per_epoch = run.generator, run.history, run.steps_per_epoch
     students = DetectionStudents(list(modules), plan, point, history)
     partitions = [list(g.filters) for g in plan.groups]
     drop = torch.from_numpy(drop_probabilities(plan, config)).float()
@@ -553,11 +567,7 @@ def distill_detection(
                     det, terms = detection_loss(outputs, targets)
                     imitation = imitation_loss(maps, teacher_map, partitions)
                     loss = config.imitation_weight * imitation + config.detection_weight * det
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(modules.parameters(), MAX_GRAD_NORM)
-                    optimizer.step()
-                    scheduler.step()
+                    run.step(loss, modules)
                     seen += len(images)
                     values = {**terms, "total": float(loss.detach()), "imitation": float(imitation.detach()), "detection": terms["total"]}
                     for key in totals:
@@ -568,25 +578,15 @@ def distill_detection(
             record["val_map_50_pct"] = _val_map(teacher, students, splits.val)
             history.append(record)
             logger.info("detection students epoch %d: %s", epoch + 1, _describe_record(record))
-            if path is not None:
-                finished = epoch + 1 == config.epochs
-                metadata = {
-                    **wanted,
-                    "input_shape": list(teacher.input_shape),
-                    "feature_size": list(feature_size),
-                    "mean": teacher.mean,
-                    "std": teacher.std,
-                    "drop_probabilities": drop.tolist(),
-                    "epoch": epoch + 1,
-                    "finished": finished,
-                    "history": history,
-                }
-                extra = (
-                    {}
-                    if finished
-                    else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "generator": generator.get_state()}
-                )
-                save_checkpoint(path, STUDENTS_KIND, metadata, modules.state_dict(), **extra)
+            metadata = {
+                **wanted,
+                "input_shape": list(teacher.input_shape),
+                "feature_size": list(feature_size),
+                "mean": teacher.mean,
+                "std": teacher.std,
+                "drop_probabilities": drop.tolist(),
+            }
+            run.save(path, STUDENTS_KIND, metadata, modules, epoch + 1, config.epochs)
     finally:
         for p, requires_grad in frozen:
             p.requires_grad_(requires_grad)
