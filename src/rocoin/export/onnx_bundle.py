@@ -137,12 +137,7 @@ def export_bundle(
         check_same_plan(load_plan(plan_path), students.plan, Path(plan_path), students_path)
     images = parity_inputs(students.info, parity_images)
 
-    # Not mkdtemp: its 0700 would become the bundle's mode; mkdir honours the umask.
-    tmp = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        tmp.mkdir()
-    except OSError as exc:
-        raise RocoinError(f"{output_dir}: cannot create a folder beside it ({exc.strerror})") from None
+    tmp = temporary_folder(output_dir)
     try:
         manifest = _write_models(tmp, students, opset)
         differences = check_parity(tmp, manifest, students.network, images)
@@ -394,8 +389,12 @@ def check_parity(folder: Path, manifest: Manifest, network: StudentNetwork, batc
     return worst
 
 
-def _session(folder: Path, model: ModelFile):
-    """An onnxruntime CPU session, after checking the file's input/output names and shapes."""
+def _session(folder: Path, model: ModelFile, outputs: list[TensorSpec] | None = None):
+    """An onnxruntime CPU session, after checking the file's input/output names and shapes.
+
+    ``outputs``: the outputs expected, in order, when not the single ``model.output`` (a detector's
+    rest has two, the heatmap and the box map).
+    """
     import onnxruntime as ort
 
     path = folder / model.file
@@ -405,27 +404,35 @@ def _session(folder: Path, model: ModelFile):
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise RocoinError(f"{model.file}: onnxruntime cannot load it ({' '.join(str(exc).split())[:200]})") from None
-    for role, found, spec in (("input", session.get_inputs(), model.input), ("output", session.get_outputs(), model.output)):
-        if len(found) != 1 or found[0].name != spec.name or found[0].type != "tensor(float)":
+    wanted = [model.output] if outputs is None else list(outputs)
+    for role, found, specs in (("input", session.get_inputs(), [model.input]), ("output", session.get_outputs(), wanted)):
+        names = [spec.name for spec in specs]
+        if [t.name for t in found] != names or any(t.type != "tensor(float)" for t in found):
             got = ", ".join(f"{t.name} {t.type}" for t in found)
-            raise RocoinError(f"{model.file}: {role} is {got}: expected one float32 tensor named {spec.name!r}")
-        dims = list(found[0].shape)
-        if len(dims) != len(spec.shape) + 1 or isinstance(dims[0], int) or dims[1:] != spec.shape:
-            expected = ", ".join([BATCH_AXIS, *map(str, spec.shape)])
-            raise RocoinError(f"{model.file}: {role} shape {dims}: expected [{expected}] with a dynamic batch axis")
+            expected = f"one float32 tensor named {names[0]!r}" if len(names) == 1 else f"float32 tensors named {names!r}"
+            raise RocoinError(f"{model.file}: {role} is {got}: expected {expected}")
+        for tensor, spec in zip(found, specs):
+            dims = list(tensor.shape)
+            if len(dims) != len(spec.shape) + 1 or isinstance(dims[0], int) or dims[1:] != spec.shape:
+                expected = ", ".join([BATCH_AXIS, *map(str, spec.shape)])
+                where = role if len(specs) == 1 else f"{role} {spec.name!r}"
+                raise RocoinError(f"{model.file}: {where} shape {dims}: expected [{expected}] with a dynamic batch axis")
     return session
 
 
-def _compare(got: np.ndarray, expected: np.ndarray, file: str, what: str) -> float:
+def _compare(got: np.ndarray, expected: np.ndarray, file: str, what: str, atol: float | None = None) -> float:
+    """``max |got - expected|``, after checking ``allclose(got, expected, PARITY_RTOL, atol)`` (``atol`` default
+    :data:`PARITY_ATOL`, read at call time); raises naming ``file`` otherwise."""
+    atol = PARITY_ATOL if atol is None else atol
     if got.shape != expected.shape:
         raise RocoinError(f"{file}: onnxruntime gives {what} of shape {got.shape}, PyTorch {expected.shape}; nothing written")
     if not np.isfinite(expected).all():
         raise RocoinError(f"{file}: PyTorch's {what} hold NaN or infinite values (broken weights?); nothing written")
     difference = float(np.max(np.abs(got.astype(np.float64) - expected))) if got.size else 0.0
-    if not np.isfinite(got).all() or not np.allclose(got, expected, rtol=PARITY_RTOL, atol=PARITY_ATOL):
+    if not np.isfinite(got).all() or not np.allclose(got, expected, rtol=PARITY_RTOL, atol=atol):
         raise RocoinError(
             f"{file}: onnxruntime's {what} differ from PyTorch's at batch {len(got)}: max |diff| = {difference:.3g}"
-            f" (tolerance rtol {PARITY_RTOL:g}, atol {PARITY_ATOL:g}); nothing written"
+            f" (tolerance rtol {PARITY_RTOL:g}, atol {atol:g}); nothing written"
         )
     return difference
 
@@ -453,6 +460,17 @@ def _check_output(output_dir: Path, overwrite: bool, inputs: list[Path]) -> None
     for path in inputs:
         if resolved in Path(os.path.abspath(path)).resolve().parents:
             raise RocoinError(f"{output_dir}: holds the input {path}; refusing to replace it")
+
+
+def temporary_folder(output_dir: Path) -> Path:
+    """A new folder beside ``output_dir`` to build a bundle in (renamed into place when complete).
+    Not mkdtemp: its 0700 would become the bundle's mode; mkdir honours the umask."""
+    tmp = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise RocoinError(f"{output_dir}: cannot create a folder beside it ({exc.strerror})") from None
+    return tmp
 
 
 def _check_written(folder: Path, manifest: Manifest) -> None:
