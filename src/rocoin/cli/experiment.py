@@ -35,6 +35,11 @@ def experiment_command(
     rate_unit: str | None = typer.Option(
         None, "--rate-unit", help="Table IV's rates read as bps (bit/s, as printed: the default) or kbps (kbit/s)."
     ),
+    detection_data: str | None = typer.Option(
+        None,
+        "--detection-data",
+        help="table5's data: fashion-scenes (generated from --dataset, the default), visdrone or coco (their files under --data-dir).",
+    ),
     fresh: bool = typer.Option(False, "--fresh", help="Retrain and recompute instead of reusing the cache."),
 ) -> None:
     """Reproduce the paper's evaluation: each NAME writes a CSV/JSON of its numbers, a PNG plot and a Markdown section."""
@@ -58,6 +63,7 @@ def experiment_command(
         fleets=fleets,
         seed=seed,
         rate_unit=rate_unit,
+        detection_data=detection_data,
     )
     written = run_experiments(wanted, setup, output, device=device, fresh=fresh, progress=rich_progress)
     for name, paths in written.items():

@@ -116,7 +116,7 @@ ROWS = (
 
 def detection_setup(ws: Workspace) -> DetectionSetup:
     size = ws.setup.size
-    return DetectionSetup(**{**DETECTION_PRESETS[size], "seed": ws.setup.seed})
+    return DetectionSetup(**{**DETECTION_PRESETS[size], "seed": ws.setup.seed, "dataset": ws.setup.detection_data})
 
 
 def _digest(*parts: Any) -> str:

@@ -38,6 +38,10 @@ class ExperimentSetup(PipelineConfig):
     #: as printed (bit/s): only then does Fig. 3(a)'s latency fall with the success probability;
     #: with kbit/s sending results costs milliseconds and planned T does not move at all.
     rate_unit: Literal["kbps", "bps"] = Field(default="bps", description="how to read Table IV's rates (see RATE_UNITS)")
+    detection_data: Literal["fashion-scenes", "visdrone", "coco"] = Field(
+        default="fashion-scenes",
+        description="Table V's data: scenes generated from the (grayscale) dataset, or VisDrone-DET / COCO files under data_dir",
+    )
 
     @field_validator("epsilons")
     @classmethod
