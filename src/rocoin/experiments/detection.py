@@ -119,7 +119,8 @@ def detection_setup(ws: Workspace) -> DetectionSetup:
     return DetectionSetup(**{**DETECTION_PRESETS[size], "seed": ws.setup.seed, "dataset": ws.setup.detection_data})
 
 
-def _digest(*parts: Any) -> str:
+def settings_digest(*parts: Any) -> str:
+    """A short hash of what made a trained artefact: its cache file's name (other settings, another file)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -145,7 +146,7 @@ def table5(ws: Workspace) -> ExperimentResult:
     cache.mkdir(parents=True, exist_ok=True)
     splits = detection_splits(ws.setup.dataset, ws.setup.data_dir, s)
     teacher_config = DetectionTrainConfig(epochs=s.teacher_epochs, batch_size=s.batch_size, seed=s.seed, device=str(device))
-    teacher_key = _digest(s.dataset, s.image_size, s.num_train, s.teacher_arch, teacher_config.model_dump())
+    teacher_key = settings_digest(s.dataset, s.image_size, s.num_train, s.teacher_arch, teacher_config.model_dump())
     teacher = train_detection_teacher(
         s.teacher_arch, splits, teacher_config, path=cache / f"teacher-{teacher_key}.pt", progress=ws.progress
     )
@@ -179,7 +180,7 @@ def table5(ws: Workspace) -> ExperimentResult:
         catalog = detection_catalog(list(s.students), row.point, teacher)
         plan: Plan = make_plan(fleet, graphs[row.point], catalog, scheme=row.scheme, epsilon=row.epsilon, seed=s.seed)
         config = distill_config.model_copy(update={"failure_aware": row.failure_aware})
-        key = _digest(teacher_key, row.point, plan.model_dump(mode="json"), config.model_dump())
+        key = settings_digest(teacher_key, row.point, plan.model_dump(mode="json"), config.model_dump())
         students = distill_detection(teacher, plan, row.point, splits, config, path=cache / f"students-{key}.pt", progress=ws.progress)
         evaluated = {
             r["failed_devices"]: r for r in evaluate_detection(teacher, students, test, fail_devices=[0, 1], trials=s.trials, seed=s.seed)

@@ -30,7 +30,7 @@ from rocoin.contracts.progress import Progress, log_progress
 from rocoin.experiments.demo.cluster import default_deadline_s, run_cluster
 from rocoin.experiments.demo.load import WARMUP_QUERIES, healing_summary, phase_summary
 from rocoin.experiments.demo.victims import choose_victims, expected_missing
-from rocoin.experiments.detection import DetectionSetup, detection_splits, draw_detections
+from rocoin.experiments.detection import DetectionSetup, detection_splits, draw_detections, settings_digest
 from rocoin.pipeline.config import DemoConfig
 from rocoin.pipeline.data import resolve_dataset
 
@@ -140,8 +140,9 @@ def run_detection_demo(config: DemoConfig, *, say=logger.info, progress: Progres
     started = time.perf_counter()
     out = config.output
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("detection-teacher.pt", "detection-students.pt") if config.fresh else ():
-        (out / stale).unlink(missing_ok=True)
+    if config.fresh:
+        for stale in out.glob("detection-*.pt"):
+            stale.unlink()
     s = DetectionSetup(
         **{**DEMO_SCENES, "num_train": min(DEMO_SCENES["num_train"], config.max_train_images or DEMO_SCENES["num_train"])},
         teacher_arch=f"det-{config.teacher_arch}",
@@ -160,7 +161,11 @@ def run_detection_demo(config: DemoConfig, *, say=logger.info, progress: Progres
 
     say(f"[2/6] teacher {s.teacher_arch}")
     train_config = DetectionTrainConfig(epochs=s.teacher_epochs, batch_size=s.batch_size, seed=s.seed)
-    teacher = train_detection_teacher(s.teacher_arch, splits, train_config, path=out / "detection-teacher.pt", progress=progress)
+    # checkpoints named by what made them: changed settings train anew, a rerun reuses them
+    teacher_key = settings_digest(data.name, s.model_dump(mode="json"), train_config.model_dump())
+    teacher = train_detection_teacher(
+        s.teacher_arch, splits, train_config, path=out / f"detection-teacher-{teacher_key}.pt", progress=progress
+    )
     teacher_map = evaluate_detection(teacher, None, splits.test)[0]
     say(f"teacher {s.teacher_arch}: mAP@0.5 {teacher_map['map_50_pct']:.2f} %")
 
@@ -178,7 +183,10 @@ def run_detection_demo(config: DemoConfig, *, say=logger.info, progress: Progres
 
     say("[4/6] distilling the students, exporting the bundle")
     distill_config = DetectionDistillConfig(epochs=s.student_epochs, batch_size=s.batch_size, seed=s.seed)
-    students = distill_detection(teacher, plan, SPLIT_POINT, splits, distill_config, path=out / "detection-students.pt", progress=progress)
+    students_key = settings_digest(teacher_key, plan.model_dump(mode="json"), distill_config.model_dump())
+    students = distill_detection(
+        teacher, plan, SPLIT_POINT, splits, distill_config, path=out / f"detection-students-{students_key}.pt", progress=progress
+    )
     export_detection_bundle(
         teacher.model, students.modules, plan, SPLIT_POINT, out / "bundle",
         class_names=list(teacher.class_names), mean=list(teacher.mean), std=list(teacher.std), dataset=f"{data.name}-scenes",
