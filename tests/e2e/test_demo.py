@@ -271,11 +271,11 @@ def test_the_detection_demo_serves_boxes_through_the_cluster_and_heals(tmp_path)
     """``rocoin demo --task detection``: scenes of digits, a tiny detector, its students in a
     detection bundle on the emulated cluster; the KServe answers are scored with mAP per phase."""
     out = tmp_path / "detection"
-    result = run(
-        "demo", "--task", "detection", "--output", out, "--dataset", "digits", "--teacher-arch", "wrn-10-1", "--teacher-epochs", 2,
-        "--students", "wrn-10-1", "--distill-epochs", 1, "--max-train-images", 256, "--devices", 4, "--queries", 40,
-        "--concurrency", 4, "--kill", 2, "--deadline-s", 0.5,
+    options = (
+        "--dataset", "digits", "--teacher-arch", "wrn-10-1", "--teacher-epochs", 2, "--students", "wrn-10-1", "--distill-epochs", 1,
+        "--max-train-images", 256, "--devices", 4, "--queries", 40, "--concurrency", 4, "--kill", 2, "--deadline-s", 0.5,
     )  # fmt: skip
+    result = run("demo", "--task", "detection", "--output", out, *options)
     assert result.exit_code == 0, result.output
     for name in ("report.md", "results.json", "latency.png", "detections.png"):
         assert (out / name).stat().st_size > 0, name
@@ -288,3 +288,7 @@ def test_the_detection_demo_serves_boxes_through_the_cluster_and_heals(tmp_path)
         assert rt[phase]["latency_ms"]["p99"] < 1e3 * rt["deadline_s"] + 1000  # answered by the deadline (+ loaded-machine slack)
     assert r["plan"]["kib_sent_per_device"] > 0 and r["plan"]["cells"] == [8, 8]
     assert "mAP@0.5" in (out / "report.md").read_text()
+    checkpoints = sorted(p.name for p in out.glob("detection-*.pt"))
+    again = run("demo", "--task", "detection", "--output", out, *options)  # a rerun reuses them and replaces the bundle
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in out.glob("detection-*.pt")) == checkpoints and len(checkpoints) == 2

@@ -189,7 +189,7 @@ def run_detection_demo(config: DemoConfig, *, say=logger.info, progress: Progres
     )
     export_detection_bundle(
         teacher.model, students.modules, plan, SPLIT_POINT, out / "bundle",
-        class_names=list(teacher.class_names), mean=list(teacher.mean), std=list(teacher.std), dataset=f"{data.name}-scenes",
+        class_names=list(teacher.class_names), mean=list(teacher.mean), std=list(teacher.std), dataset=f"{data.name}-scenes", overwrite=True,
     )  # fmt: skip
     offline = {r["failed_devices"]: r for r in evaluate_detection(teacher, students, splits.test, fail_devices=[0, config.kill], trials=5)}
     say(f"students: mAP@0.5 {offline[0]['map_50_pct']:.2f} % with every group (in-process)")
