@@ -365,3 +365,22 @@ def test_a_restarted_source_resumes_the_assignment_its_re_plans_made(tmp_path):
             assert (await source.infer(images_batch(4))).missing_groups == []
 
     asyncio.run(main())
+
+
+def test_a_move_that_fails_leaves_the_device_out_of_the_plan(tmp_path):
+    """A re-plan gives a new device a group; it refuses the model (tampered on its way): the plan
+    does not count it as a replica, the group keeps its own device."""
+
+    async def main():
+        async with joined_source(tmp_path) as (source, join, _):
+            devices = {d: join(d) for members, _ in GROUPS for d in members}
+            await wait_for(lambda: sum(d.up for d in source.devices) == len(devices))
+            extra = join("extra1")
+            extra.tamper = True
+            await wait_for(lambda: source.fleet_status()["replans"] >= 1 and not source.fleet_status()["busy"])
+            assert source.replica("extra1") is None  # it never served
+            assert all("extra1" not in g.devices for g in source.plan.groups)
+            assert [m["device_id"] for m in source.fleet_status()["members"] if m["state"] == "serving"] == sorted(devices)
+            assert (await source.infer(images_batch(3))).missing_groups == []
+
+    asyncio.run(main())

@@ -227,11 +227,12 @@ class Membership:
     def _planned_group(self, device_id: str) -> int | None:
         return next((k for k, g in enumerate(self.source.plan.groups) if device_id in g.devices), None)
 
-    async def _assign(self, device_id: str, group: int) -> None:
+    async def _assign(self, device_id: str, group: int) -> bool:
         """Move a device to ``group`` (a joined one may also become a spare): its model,
         verified and loaded, then a health check naming its hash, then queries. A joined device
         gets the model over its stream; one the source dials over ``Device.Assign``, taking the
-        model from its own bundle (every group's model is in it) unless it lacks it."""
+        model from its own bundle (every group's model is in it) unless it lacks it. True when the
+        device serves ``group`` (or is a spare) afterwards."""
         joined = self.joined.get(device_id)
         current = self.source.replica(device_id)
         if joined is not None:
@@ -239,17 +240,20 @@ class Membership:
         elif current is not None and hasattr(current.link, "assign") and group != SPARE:
             link, cached = current.link, self._dialed_cache.setdefault(device_id, set(self._models_in_bundle))
         else:
-            return
+            return False
         if current is not None and current.state.group == group and current.link is link and current.state.up:
-            return
+            return True
         await self.source.retire(device_id)
         self.spares.discard(device_id)
         if group == SPARE:
-            with contextlib.suppress(RocoinError, ConnectionError):
+            try:
                 await link.assign(SPARE, None, None, send_model=False)
-                self.spares.add(device_id)
+            except (RocoinError, ConnectionError):
+                return False
+            self.spares.add(device_id)
+            with contextlib.suppress(RocoinError):
                 self.registry.standby(device_id, "a spare: no group needs it now")
-            return
+            return True
         model: GroupModel = self._models[group]
         started = time.perf_counter()
         send = model.sha256 not in cached
@@ -270,7 +274,7 @@ class Membership:
             logger.warning("device %s: not assigned to group %d: %s", device_id, group, exc)
             with contextlib.suppress(RocoinError):
                 self.registry.mark_suspect(device_id, str(exc))
-            return
+            return False
         cached.add(sha)
         self.registry.mark_serving(device_id, group, sha)
         await self.source.attach(device_id, group, link)
@@ -282,6 +286,7 @@ class Membership:
             time.perf_counter() - started,
             extra={"device": device_id, "group": group},
         )
+        return True
 
     # --- re-planning -----------------------------------------------------------------------
 
@@ -313,14 +318,15 @@ class Membership:
             logger.warning("replan (%s): %s", trigger, exc)
             return None
         target = {d: k for k, g in enumerate(result.plan.groups) for d in g.devices}
-        moved = []
+        moved, failed = [], {}
         for device_id, joined in list(self.joined.items()):
             if not joined.link.connected:
                 continue  # its stream just ended: it is leaving
             want = target.get(device_id, SPARE)
             have = self._serving_group(device_id)
             if want != have:
-                await self._assign(device_id, want)
+                if not await self._assign(device_id, want):
+                    failed[device_id] = None
                 moved.append({"device": device_id, "from": None if have == SPARE else have, "to": None if want == SPARE else want})
         for device in fleet.devices:  # the devices the source dials: moved over Device.Assign, never made spares
             if device.id in self.joined or device.id not in target:
@@ -328,9 +334,10 @@ class Membership:
             replica = self.source.replica(device.id)
             if replica is not None and replica.state.group != target[device.id]:
                 have = replica.state.group
-                await self._assign(device.id, target[device.id])
+                if not await self._assign(device.id, target[device.id]):
+                    failed[device.id] = None
                 moved.append({"device": device.id, "from": have, "to": target[device.id]})
-        self.source.plan = result.plan
+        self.source.plan = self._as_served(result.plan, fleet, failed)
         self._replanned_for = self._fleet_key()
         self.replans += 1
         record = ReplanRecord(
@@ -357,6 +364,19 @@ class Membership:
             extra={"trigger": trigger, "moves": moved},
         )
         return result
+
+    def _as_served(self, plan, fleet: Fleet, failed: dict[str, None]):
+        """``plan`` without the devices whose move failed (they serve nothing now: on standby), so
+        the plan names only what serves; ``plan`` itself when nothing failed or a group would be
+        left without a device (the next re-plan, at once for an empty group, settles it)."""
+        if not failed:
+            return plan
+        logger.warning("replan: %d move(s) failed (%s): the plan lists them on standby", len(failed), ", ".join(failed))
+        try:
+            return assign_devices(plan, fleet, failed)
+        except RocoinError as exc:
+            logger.warning("replan: kept the plan as decided (%s)", exc)
+            return plan
 
     def _device_down(self, device_id: str, group: int) -> None:
         """The source marked a device down: a group with no live replica is re-planned at once —
