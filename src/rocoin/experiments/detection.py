@@ -101,16 +101,15 @@ class _Row:
     devices: int
     scheme: str
     epsilon: float
-    ours: bool
     failure_aware: bool = False
 
 
 ROWS = (
-    _Row("bc-2", "RoCoIn BC", "backbone", 2, "rocoin", EPSILON_NO_REPLICAS, False),
-    _Row("bnc-2", "RoCoIn BNC", "neck", 2, "rocoin", EPSILON_NO_REPLICAS, False),
-    _Row("bnc-3", "RoCoIn BNC", "neck", 3, "rocoin", EPSILON_NO_REPLICAS, False),
-    _Row("nonn-bc-2", "NoNN BC (ours)", "backbone", 2, "nonn", EPSILON_NO_REPLICAS, True),
-    _Row("bc-2-fa", "RoCoIn BC + FA (ours)", "backbone", 2, "rocoin", EPSILON_NO_REPLICAS, True, failure_aware=True),
+    _Row("bc-2", "RoCoIn BC", "backbone", 2, "rocoin", EPSILON_NO_REPLICAS),
+    _Row("bnc-2", "RoCoIn BNC", "neck", 2, "rocoin", EPSILON_NO_REPLICAS),
+    _Row("bnc-3", "RoCoIn BNC", "neck", 3, "rocoin", EPSILON_NO_REPLICAS),
+    _Row("nonn-bc-2", "NoNN BC (ours)", "backbone", 2, "nonn", EPSILON_NO_REPLICAS),
+    _Row("bc-2-fa", "RoCoIn BC + FA (ours)", "backbone", 2, "rocoin", EPSILON_NO_REPLICAS, failure_aware=True),
 )
 
 
@@ -141,7 +140,7 @@ def table5(ws: Workspace) -> ExperimentResult:
     from rocoin.profiles.generate import generate_fleet
 
     s = detection_setup(ws)
-    device = _device(ws.pipeline.device)
+    device = ws.pipeline.device or "cpu"  # DetectionTrainConfig takes cpu, cuda, cuda:N or auto
     cache = ws.cache_dir / "detection"
     cache.mkdir(parents=True, exist_ok=True)
     splits = detection_splits(ws.setup.dataset, ws.setup.data_dir, s)
@@ -174,7 +173,7 @@ def table5(ws: Workspace) -> ExperimentResult:
     distill_config = DetectionDistillConfig(epochs=s.student_epochs, batch_size=s.batch_size, seed=s.seed, device=str(device))
     graphs = {point: filter_graph(split_activations(teacher, splits.val.images, point)) for point in ("backbone", "neck")}
     examples: dict[str, Any] = {}
-    replicated = _Row("bc-replicated", "RoCoIn BC, replicated (ours)", "backbone", s.replicated_devices, "rocoin", s.epsilon, True)
+    replicated = _Row("bc-replicated", "RoCoIn BC, replicated (ours)", "backbone", s.replicated_devices, "rocoin", s.epsilon)
     for row in (*ROWS, replicated):
         fleet = generate_fleet(row.devices, s.heterogeneity, s.success_prob, random_state=s.seed)
         catalog = detection_catalog(list(s.students), row.point, teacher)
@@ -267,17 +266,6 @@ def detection_splits(objects: str, data_dir: str | None, s: DetectionSetup):
         val=scenes(train.images[:held], train.labels[:held], s.num_val, s.seed + 1),
         test=scenes(test.images, test.labels, s.num_test, s.seed + 2),
     )
-
-
-def _device(requested: str | None) -> str:
-    """The experiment's ``--device`` for torch: ``auto`` is CUDA where present."""
-    if requested in (None, "cpu"):
-        return "cpu"
-    if requested == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
 
 
 def _fold_maps(dataset, predictions: list, folds: int = FOLDS) -> list[float]:
@@ -399,12 +387,3 @@ def _rectangle(box, color: str, style: str):
 
     x1, y1, x2, y2 = (float(v) for v in box)
     return Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linestyle=style, linewidth=1)
-
-
-def check_detection_names(names: list[str]) -> None:
-    if "table5" in names:
-        import importlib.util
-
-        for module in ("torch", "pycocotools"):
-            if importlib.util.find_spec(module) is None:
-                raise RocoinError(f"experiment table5 needs {module}: pip install -e '.[train]'")

@@ -29,6 +29,7 @@ from rocoin.contracts.fileio import write_json_atomic, write_text_atomic
 from rocoin.contracts.progress import Progress, log_progress
 from rocoin.experiments.demo.cluster import default_deadline_s, run_cluster
 from rocoin.experiments.demo.load import WARMUP_QUERIES, healing_summary, phase_summary
+from rocoin.experiments.demo.report import latency_plot, new_figure, save_png
 from rocoin.experiments.demo.victims import choose_victims, expected_missing
 from rocoin.experiments.detection import DetectionSetup, detection_splits, draw_detections, settings_digest
 from rocoin.pipeline.config import DemoConfig
@@ -241,6 +242,7 @@ def run_detection_demo(config: DemoConfig, *, say=logger.info, progress: Progres
         },
         "runtime": {
             "api": "KServe v2 REST",
+            "concurrency": config.concurrency,
             "queries": count,
             "warmup_queries": min(WARMUP_QUERIES, count),
             "deadline_s": deadline_s,
@@ -259,36 +261,12 @@ def run_detection_demo(config: DemoConfig, *, say=logger.info, progress: Progres
             **cluster_info,
         },
     }
-    files = ["report.md", "results.json", _latency_plot(out, log), _pictures(out, teacher, students, test, plan)]
+    files = ["report.md", "results.json", latency_plot(out, results, log), _pictures(out, teacher, students, test, plan)]
     results["total_s"] = time.perf_counter() - started
     report = DetectionDemoReport(results, out, files)
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "report.md", report.markdown())
     return report
-
-
-def _figure(size: tuple[float, float]):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _latency_plot(out: Path, log) -> str:
-    fig = _figure((10, 4))
-    ax = fig.add_subplot()
-    index = np.arange(len(log.latency_s))
-    complete = np.array([not m for m in log.missing])
-    ax.scatter(index[complete], 1e3 * log.latency_s[complete], s=3, label="every group answered")
-    ax.scatter(index[~complete], 1e3 * log.latency_s[~complete], s=3, label="groups missing (zero-filled)")
-    ax.axvline(log.kill_index - 0.5, color="tab:red", linestyle="--", label="SIGKILL")
-    ax.set_xlabel("query (in order sent)")
-    ax.set_ylabel("latency (ms)")
-    ax.legend(markerscale=4)
-    fig.savefig(out / "latency.png", dpi=110)
-    return "latency.png"
 
 
 def _pictures(out: Path, teacher, students, test, plan, count: int = 3) -> str:
@@ -303,7 +281,7 @@ def _pictures(out: Path, teacher, students, test, plan, count: int = 3) -> str:
         ("students, every group", predict(teacher, students, images)),
         ("students, group 0 missing", predict(teacher, students, images, missing=missing)),
     ]
-    fig = _figure((9, 3 * count))
+    fig = new_figure((9, 3 * count))
     axes = fig.subplots(count, len(panels), squeeze=False)
     for i in range(count):
         for j, (title, found) in enumerate(panels):
@@ -311,5 +289,4 @@ def _pictures(out: Path, teacher, students, test, plan, count: int = 3) -> str:
             draw_detections(ax, images[i], test.boxes[i], found[i], test.class_names)
             if i == 0:
                 ax.set_title(title, fontsize=9)
-    fig.savefig(out / "detections.png", dpi=110)
-    return "detections.png"
+    return save_png(fig, out / "detections.png")

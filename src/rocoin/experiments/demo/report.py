@@ -116,10 +116,10 @@ def _healing_caption(h: dict[str, Any] | None) -> str:
 
 def plots(out: Path, r: dict[str, Any], log: QueryLog) -> list[str]:
     """``latency.png`` and ``accuracy.png``; their names."""
-    return [_latency_plot(out, r, log), _accuracy_plot(out, r)]
+    return [latency_plot(out, r, log), _accuracy_plot(out, r)]
 
 
-def _figure(size: tuple[float, float]):
+def new_figure(size: tuple[float, float]):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -128,10 +128,10 @@ def _figure(size: tuple[float, float]):
     return fig
 
 
-def _latency_plot(out: Path, r: dict[str, Any], log: QueryLog) -> str:
+def latency_plot(out: Path, r: dict[str, Any], log: QueryLog) -> str:
     """Per-query latency in the order sent, the kill marked."""
     rt = r["runtime"]
-    fig = _figure((10, 4.5))
+    fig = new_figure((10, 4.5))
     ax = fig.add_subplot()
     index = np.arange(len(log.latency_s))
     complete = np.array([not m for m in log.missing])
@@ -155,13 +155,13 @@ def _latency_plot(out: Path, r: dict[str, Any], log: QueryLog) -> str:
     ax.set_ylabel("latency at the client (ms)")
     ax.set_title(f"Per-query latency through the source's {rt['api']} API, {rt['concurrency']} in flight")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4, fontsize="small", markerscale=3)
-    return _save_png(fig, out / "latency.png")
+    return save_png(fig, out / "latency.png")
 
 
 def _accuracy_plot(out: Path, r: dict[str, Any]) -> str:
     """Accuracy and missing groups, before vs after the kill."""
     rt = r["runtime"]
-    fig = _figure((11, 4.5))
+    fig = new_figure((11, 4.5))
     left, right = fig.subplots(1, 2)
     before, after = rt["before"], rt["after"]
     bars = [
@@ -209,10 +209,10 @@ def _accuracy_plot(out: Path, r: dict[str, Any]) -> str:
     right.set_ylim(0, 105)
     right.set_title("Missing groups (emulated outages and killed devices)")
     right.legend(fontsize="small")
-    return _save_png(fig, out / "accuracy.png")
+    return save_png(fig, out / "accuracy.png")
 
 
-def _save_png(fig, path: Path) -> str:
+def save_png(fig, path: Path) -> str:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     return path.name
