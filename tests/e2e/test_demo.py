@@ -105,6 +105,16 @@ def test_a_group_lost_to_the_kill_is_healed_by_a_re_plan(first_run):
     still = sum(lost <= {int(k) for k in row["missing_groups"].split()} for row in late)
     assert still < len(late)
     assert 0 <= healing["predicted_complete_share"] <= 1
+    # the outage model's prediction beside the measurement: before the kill it is the plan's own P(every
+    # group answers); the students replayed with each query's missing groups answer as the runtime did
+    prediction = rt["prediction"]
+    assert prediction["before"]["predicted_complete_share"] == pytest.approx(r["plan"]["p_complete"], rel=1e-6)
+    healed = prediction["after_recovery"]
+    assert healed["queries"] == healing["after_recovery"]["queries"]
+    assert healed["accuracy"] == pytest.approx(healing["after_recovery"]["accuracy"])
+    assert abs(healed["replayed_accuracy"] - healed["accuracy"]) <= 2 / healed["queries"]  # ONNX vs torch: a tie at most
+    assert healed["predicted_complete_share"] > 0 and prediction["after"]["unhealed_accuracy"] <= 1
+    assert "## Measured vs the outage model" in (out / "report.md").read_text()
     assert (
         "every group back" in (out / "report.md").read_text() or "first query with every group present" in (out / "report.md").read_text()
     )

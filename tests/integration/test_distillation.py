@@ -151,10 +151,10 @@ def test_a_group_is_missing_only_when_all_its_replicas_fail():
     np.testing.assert_allclose(draws.mean(axis=0), 2 / 6, atol=0.05)
 
 
-def test_evaluation_with_failures_is_hand_checkable(tmp_path):
-    """A fixed network whose FC reads one filter per class: accuracy follows the missing groups exactly."""
+def _class_seven_students(tmp_path):
+    """A fixed network on 50 test images that answers class 7 when group 1 (devices b, c) answers
+    and class 0 when it is missing, whatever group 0 does. Returns the test split and its info."""
     from rocoin.data import load_dataset
-    from rocoin.distillation.evaluate import evaluate_students
     from rocoin.distillation.teacher import info_to_json
 
     write_fashion_mnist(tmp_path, n_train=40, n_test=50)
@@ -175,7 +175,14 @@ def test_evaluation_with_failures_is_hand_checkable(tmp_path):
         "data": {"dataset": "fashion-mnist", "data_dir": str(tmp_path)},
     }
     save_checkpoint(tmp_path / "students.pt", "students", metadata, network.state_dict())
-    labels = splits.test.labels
+    return splits
+
+
+def test_evaluation_with_failures_is_hand_checkable(tmp_path):
+    """A fixed network whose FC reads one filter per class: accuracy follows the missing groups exactly."""
+    from rocoin.distillation.evaluate import evaluate_students
+
+    labels = _class_seven_students(tmp_path).test.labels
     result = evaluate_students(tmp_path / "students.pt", fail_devices=[0, 1, 3], trials=200, seed=0)
     assert result["accuracy"] == pytest.approx(float(np.mean(labels == 7)))
     rows = {r["fail_devices"]: r for r in result["failures"]}
@@ -186,6 +193,29 @@ def test_evaluation_with_failures_is_hand_checkable(tmp_path):
     assert rows[1]["accuracy_mean"] == pytest.approx(float(np.mean(labels == 7)))
     with pytest.raises(RocoinError, match="fail-devices = 4: expected 0..3"):
         evaluate_students(tmp_path / "students.pt", fail_devices=[4])
+
+
+def test_expected_accuracy_weighs_every_pattern_of_missing_groups(tmp_path):
+    """The demo's prediction after healing: per image and pattern of missing groups, right or
+    wrong; weighted by the outage model's probability of each pattern."""
+    from rocoin.distillation.evaluate import correct_by_missing, expected_accuracy, pattern_probabilities
+
+    splits = _class_seven_students(tmp_path)
+    labels = splits.test.labels
+    correct = correct_by_missing(tmp_path / "students.pt", splits.test, splits.info)
+    assert correct.shape == (4, len(labels))  # patterns: none, group 0, group 1, both missing
+    np.testing.assert_array_equal(correct[0], labels == 7)
+    np.testing.assert_array_equal(correct[1], labels == 7)  # group 0 missing changes nothing
+    np.testing.assert_array_equal(correct[2], labels == 0)
+    np.testing.assert_array_equal(correct[3], labels == 0)
+    probabilities = pattern_probabilities(np.array([0.3, 0.25]))
+    np.testing.assert_allclose(probabilities, [0.7 * 0.75, 0.3 * 0.75, 0.7 * 0.25, 0.3 * 0.25])
+    images = np.arange(len(labels))
+    expected = expected_accuracy(correct, np.tile([0.3, 0.25], (len(labels), 1)), images)
+    np.testing.assert_allclose(expected, 0.75 * (labels == 7) + 0.25 * (labels == 0))
+    # a group certain to be missing (a lost group): only the patterns with it count
+    lost = expected_accuracy(correct, np.tile([0.0, 1.0], (len(labels), 1)), images)
+    np.testing.assert_allclose(lost, (labels == 0).astype(float))
 
 
 def test_torch_threads_follow_the_environment(monkeypatch):

@@ -10,6 +10,7 @@ import torch
 
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.plan import Plan
+from rocoin.data import ArrayDataset, DatasetInfo
 from rocoin.distillation.distill import Students
 from rocoin.distillation.teacher import load_teacher
 from rocoin.distillation.training import DataConfig, accuracy, collect, compute_device, load_data, use_all_cores
@@ -86,6 +87,46 @@ def evaluate_students(
                 }
             )
     return result
+
+
+#: The most groups :func:`correct_by_missing` enumerates every pattern of (2**12 patterns).
+MAX_PATTERN_GROUPS = 12
+
+
+def correct_by_missing(students_path: str | Path, data: ArrayDataset, info: DatasetInfo, *, device: str | None = None) -> np.ndarray:
+    """(2**K, N) booleans: whether the aggregated students classify image n right when the groups
+    in pattern m are missing (bit k of m set: group k zero-filled). With a per-group probability of
+    missing, the expected accuracy is the sum over patterns of P(pattern) times a row's mean
+    (:func:`expected_accuracy`)."""
+    use_all_cores()
+    on = compute_device(device)
+    students = Students(students_path)
+    groups = students.plan.num_groups
+    if groups > MAX_PATTERN_GROUPS:
+        raise RocoinError(f"groups = {groups}: expected at most {MAX_PATTERN_GROUPS} to enumerate every pattern of missing groups")
+    network = students.network.to(on)
+    features = collect(network.features, data, info, device=on)
+    network.cpu()
+    labels = torch.as_tensor(data.labels)
+    patterns = torch.arange(2**groups)[:, None] >> torch.arange(groups)[None, :] & 1 == 1  # (2**K, K)
+    with torch.inference_mode():
+        rows = [(network.fc(network.mask_filters(features, m.expand(len(labels), -1))).argmax(1) == labels) for m in patterns]
+    return torch.stack(rows).numpy()
+
+
+def pattern_probabilities(missing_prob: np.ndarray) -> np.ndarray:
+    """(..., 2**K): P(exactly the groups of each pattern are missing) when group k is missing
+    independently with ``missing_prob[..., k]`` (the outage model of SPEC.md §1)."""
+    q = np.asarray(missing_prob, dtype=float)
+    groups = q.shape[-1]
+    bits = (np.arange(2**groups)[:, None] >> np.arange(groups)[None, :]) & 1 == 1  # (2**K, K)
+    return np.prod(np.where(bits, q[..., None, :], 1.0 - q[..., None, :]), axis=-1)
+
+
+def expected_accuracy(correct: np.ndarray, missing_prob: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """Per query, the accuracy the outage model expects: query i classifies image ``images[i]``
+    with group k missing with ``missing_prob[i, k]``; ``correct`` from :func:`correct_by_missing`."""
+    return np.einsum("im,mi->i", pattern_probabilities(missing_prob), correct[:, images].astype(float))
 
 
 def evaluate_teacher(

@@ -34,6 +34,7 @@ class QueryLog:
     phase_s: tuple[float, float]  # wall time of the two phases
     #: a detection bundle's answers: per query the boxes, scores and labels (None for a classifier)
     detections: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] | None = None
+    origin_wall_s: float = 0.0  # the first measured query's send time, seconds since the epoch (to place re-plans)
 
     @classmethod
     def empty(cls, n: int, kill_index: int) -> QueryLog:
@@ -74,6 +75,7 @@ async def send_queries(
         for i in range(min(warmup, len(images))):
             await one(i, f"warmup-{i}")
         origin = time.perf_counter()
+        log.origin_wall_s = time.time()
 
         async def measured(i: int) -> None:
             started = time.perf_counter()
@@ -120,13 +122,29 @@ def phase_summary(log: QueryLog, labels: np.ndarray | None, part: slice | np.nda
     }
 
 
+def recovery_s(log: QueryLog) -> float | None:
+    """When the first query sent after the kill came back with every group present (seconds since
+    the first measured query), None when none did."""
+    after = np.arange(log.kill_index, len(log.latency_s))
+    complete = np.array([not log.missing[i] for i in after], dtype=bool)
+    if not complete.any():
+        return None
+    return float((log.sent_s[after] + log.latency_s[after])[complete].min())
+
+
+def healed_mask(log: QueryLog) -> np.ndarray:
+    """The queries sent after the kill and after the first complete answer: the healed fleet's."""
+    first = recovery_s(log)
+    healed = np.zeros(len(log.latency_s), dtype=bool)
+    if first is not None:
+        healed[log.kill_index :] = log.sent_s[log.kill_index :] >= first
+    return healed
+
+
 def healing_summary(log: QueryLog, labels: np.ndarray | None, num_groups: int, membership: dict[str, Any]) -> dict[str, Any]:
     """After the kill: when the first query came back with every group present (the source
     re-planned and a surviving device took the lost group over), and the queries sent from then
     on, with what the re-plan's outage model predicted for them (P(every group answers))."""
-    after = np.arange(log.kill_index, len(log.latency_s))
-    done_s = log.sent_s[after] + log.latency_s[after]
-    complete = np.array([not log.missing[i] for i in after], dtype=bool)
     heals = [r for r in membership.get("history", []) if "no live replica" in r["trigger"] or r["trigger"].startswith("gone")]
     result: dict[str, Any] = {
         "replans": membership.get("replans", 0),
@@ -135,17 +153,15 @@ def healing_summary(log: QueryLog, labels: np.ndarray | None, num_groups: int, m
         "recovered_after_s": None,
         "after_recovery": None,
     }
-    if not complete.any():
+    first = recovery_s(log)
+    if first is None:
         return result
-    first = float(done_s[complete].min())
     result["recovered_after_s"] = first - log.kill_s
-    healed = after[log.sent_s[after] >= first]
-    if len(healed):  # queries sent after the first complete answer (in order sent): the healed fleet's
-        result["healed_from_query"] = int(healed.min())
-    if len(healed) >= 2:
-        part = np.zeros(len(log.latency_s), dtype=bool)
-        part[healed] = True
-        summary = phase_summary(log, labels, part, num_groups, 0.0)
+    healed = healed_mask(log)
+    if healed.any():  # queries sent after the first complete answer (in order sent): the healed fleet's
+        result["healed_from_query"] = int(np.flatnonzero(healed).min())
+    if healed.sum() >= 2:
+        summary = phase_summary(log, labels, healed, num_groups, 0.0)
         summary["complete_share"] = 1.0 - summary["queries_with_missing_groups"] / summary["queries"]
         result["after_recovery"] = summary
     return result

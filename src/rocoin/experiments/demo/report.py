@@ -193,11 +193,10 @@ def _accuracy_plot(out: Path, r: dict[str, Any]) -> str:
     share_after = 100 * np.asarray(after["queries_missing_group"]) / max(1, after["queries"])
     right.bar(groups - width / 2, share_before, width, color="tab:blue", label=f"before the kill ({before['queries']} queries)")
     right.bar(groups + width / 2, share_after, width, color="tab:red", label=f"after ({after['queries']} queries)")
-    expected = rt["expected_missing_share"]
-    right.scatter(groups - width / 2, [100 * v for v in expected["before"]], marker="_", s=300, color="black", zorder=3)
+    right.scatter(groups - width / 2, [100 * v for v in rt["expected_missing_share"]["before"]], marker="_", s=300, color="black", zorder=3)
     right.scatter(
         groups + width / 2,
-        [100 * v for v in expected["after"]],
+        [100 * v for v in _after_model(rt)],
         marker="_",
         s=300,
         color="black",
@@ -226,8 +225,67 @@ def _markdown(r: dict[str, Any]) -> str:
     lines += [header, "|---|---:|---:|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(r)]
     lines += ["", _caption(r), "", "![latency](latency.png)", "", "![accuracy](accuracy.png)", ""]
-    lines += _plan_section(r) + _settings_section(r) + _steps_section(r)
+    lines += _prediction_section(r) + _plan_section(r) + _settings_section(r) + _steps_section(r)
     return "\n".join(lines)
+
+
+PHASES = (("before", "before the kill"), ("after", "after the kill"), ("after_recovery", "after healing"))
+
+
+def _prediction_section(r: dict[str, Any]) -> list[str]:
+    """Measured accuracy and complete share per phase beside the outage model's prediction."""
+    prediction = r["runtime"].get("prediction")
+    if not prediction:
+        return []
+    lines = [
+        "## Measured vs the outage model",
+        "",
+        "| queries | n | acc. % measured (± 2 SE) | acc. % model | acc. % replayed | every group % measured (model) | acc. % model, unhealed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, label in PHASES:
+        p = prediction[key]
+        if not p.get("queries"):
+            continue
+        lines.append(
+            f"| {label} | {p['queries']} | {_pct(p['accuracy'])} ± {200 * p['accuracy_se']:.2f} | {_pct(p['predicted_accuracy'])} |"
+            f" {_pct(p['replayed_accuracy'])} | {100 * p['complete_share']:.1f} ({100 * p['predicted_complete_share']:.1f}) |"
+            f" {_pct(p['unhealed_accuracy']) if key != 'before' else ''} |"
+        )
+    lines += [
+        "",
+        "Model: each query sees the assignment in force when it was sent (the bundle's plan, then each re-plan's), the killed"
+        " devices dead; a group misses it when every live replica loses its answer (each with its outage probability), and the"
+        " students' in-process accuracy on that image under every pattern of missing groups is weighed by the pattern's"
+        " probability. Replayed: the students in-process with the groups each query actually missed (equal to the measured"
+        " accuracy when the runtime answers as the students do). Unhealed: the bundle's plan without the killed devices, no re-plan.",
+        "",
+    ]
+    verdict = _prediction_verdict(prediction.get("after_recovery") or {})
+    return lines + ([verdict, ""] if verdict else [])
+
+
+def _prediction_verdict(p: dict[str, Any]) -> str:
+    """Whether the healed fleet's accuracy agrees with the model (within 2 standard errors of the
+    measured share) and is above the unhealed prediction by more than that."""
+    if not p.get("queries"):
+        return ""
+    margin = 2 * p["accuracy_se"]
+    gap, gain = p["accuracy"] - p["predicted_accuracy"], p["accuracy"] - p["unhealed_accuracy"]
+    agree = "agrees with" if abs(gap) <= margin else "differs from"
+    above = "above" if gain > margin else "not clearly above"
+    return (
+        f"After healing: measured {_pct(p['accuracy'])} % {agree} the model's {_pct(p['predicted_accuracy'])} %"
+        f" (difference {100 * gap:+.2f} points, 2 SE = {100 * margin:.2f}), and is {above} the unhealed prediction"
+        f" {_pct(p['unhealed_accuracy'])} % ({100 * gain:+.2f} points)."
+    )
+
+
+def _after_model(rt: dict[str, Any]) -> list[float]:
+    """Per group, P(missing) after the kill in the model: the assignments in force (re-plans
+    included) when the demo predicted them, else the bundle's plan without the killed devices."""
+    prediction = rt.get("prediction")
+    return prediction["after"]["missing_prob_mean"] if prediction and prediction["after"].get("queries") else rt["expected_missing_share"]["after"]
 
 
 def _plan_section(r: dict[str, Any]) -> list[str]:
@@ -238,7 +296,7 @@ def _plan_section(r: dict[str, Any]) -> list[str]:
         "| group | devices | filters | student | failure prob | latency s | missing before % (model) | missing after % (model) |",
         "|---:|---|---:|---|---:|---:|---:|---:|",
     ]
-    expected = rt["expected_missing_share"]
+    expected = {"before": rt["expected_missing_share"]["before"], "after": _after_model(rt)}
     for k, g in enumerate(plan["groups"]):
         lost = " (lost)" if k in rt["lost_groups"] else ""
         members = ", ".join(d + (" (killed)" if d in rt["victims"] else "") for d in g["devices"])

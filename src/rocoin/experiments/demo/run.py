@@ -116,7 +116,8 @@ def run_demo(config: DemoConfig, *, say: Say = logger.info, progress: Progress =
     # 5. runtime
     from rocoin.distillation.training import load_data
 
-    test = load_data(steps.teacher_config(offline.settings).data).test
+    loaded = load_data(steps.teacher_config(offline.settings).data)
+    test = loaded.test
     count = min(config.queries or len(test), len(test))
     if count < 2:
         raise RocoinError(f"--queries = {count}: expected at least 2 (the test split has {len(test)} images)")
@@ -137,6 +138,7 @@ def run_demo(config: DemoConfig, *, say: Say = logger.info, progress: Progress =
     # 6. report
     say("[6/6] report")
     runtime = _runtime_results(config, offline, log, labels, deadline_s, cluster_info)
+    runtime["prediction"] = _prediction(offline, log, test.subset(np.arange(count)), loaded.info, cluster_info, say=say)
     results = _results(config, offline, runtime, len(test))
     results["machine"] = {"cpus": os.cpu_count(), "load_average_1min": {"start": load_at_start, "end": _load_average()}}
     write_queries_csv(out / "queries.csv", log, labels)
@@ -170,6 +172,21 @@ def _runtime_results(
         "healing": healing_summary(log, labels, plan.num_groups, cluster_info["membership"]),
         **cluster_info,
     }
+
+
+def _prediction(offline: Offline, log: QueryLog, queried, info, cluster_info: dict[str, Any], *, say: Say) -> dict[str, Any] | None:
+    """What the outage model predicts for each phase, beside what was measured (None with more
+    groups than every pattern of missing groups can be enumerated for)."""
+    from rocoin.distillation.evaluate import MAX_PATTERN_GROUPS, correct_by_missing
+    from rocoin.experiments.demo.prediction import outage_prediction
+
+    plan = offline.plan
+    if plan.num_groups > MAX_PATTERN_GROUPS:
+        say(f"no outage-model prediction: {plan.num_groups} groups (at most {MAX_PATTERN_GROUPS} enumerated)")
+        return None
+    correct = correct_by_missing(offline.students.value.path, queried, info)
+    history = cluster_info["membership"].get("history", [])
+    return outage_prediction(log, plan, offline.fleet, offline.victims.devices, history, correct, queried.labels)
 
 
 def _results(config: DemoConfig, offline: Offline, runtime: dict[str, Any], test_images: int) -> dict[str, Any]:

@@ -65,6 +65,8 @@ class ReplanRecord:
     p_complete_before: float
     p_complete_after: float
     seconds: float
+    #: who serves each group from then on (device ids per group of the bundle's plan)
+    groups_after: list[list[str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready: an infinite latency (a group with no replica) is ``null``."""
@@ -350,6 +352,7 @@ class Membership:
             p_complete_before=result.objective_before.p_complete,
             p_complete_after=result.objective_after.p_complete,
             seconds=time.perf_counter() - started,
+            groups_after=[list(g.devices) for g in self.source.plan.groups],
         )
         self.history = [*self.history[-99:], record]
         self.source.metrics.replans.labels(_trigger_kind(trigger)).inc()
