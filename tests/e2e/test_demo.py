@@ -154,8 +154,13 @@ def test_a_rerun_reuses_every_step_and_a_changed_option_redoes_what_follows(firs
     assert again.exit_code == 0, again.output
     for step in OFFLINE_STEPS:
         assert f"reusing {step}" in again.stderr, step
-    steps = json.loads((out / "results.json").read_text())["steps"]
-    assert all(steps[step]["reused"] for step in OFFLINE_STEPS)
+    r = json.loads((out / "results.json").read_text())
+    assert all(r["steps"][step]["reused"] for step in OFFLINE_STEPS)
+    # the rerun's cluster starts from the bundle's plan, not from the assignment the first run healed
+    # into: no re-plan before the kill, and the kill empties the group it names again
+    history = r["runtime"]["membership"]["history"]
+    assert history and not any("joined" in h["trigger"] for h in history), history
+    assert r["runtime"]["healing"]["heal_replans"][0]["trigger"].startswith("group ")  # the lost group, at once
 
     changed = run("demo", "--output", out, *TINY, "--distill-epochs", 2)
     assert changed.exit_code == 0, changed.output

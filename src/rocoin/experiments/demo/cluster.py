@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -74,7 +75,7 @@ def run_cluster(
 ) -> tuple[load.QueryLog, dict[str, Any]]:
     """Start the workers and the source, send the queries (killing ``victims`` after
     ``kill_index``), stop everything; the query log and the cluster's facts."""
-    from rocoin.runtime.cluster.local import STATE_FILE, LocalCluster, cluster_down
+    from rocoin.runtime.cluster.local import MEMBERSHIP_DIR, STATE_FILE, LocalCluster, cluster_down
 
     state_dir = out / "cluster"
     if (state_dir / STATE_FILE).exists():
@@ -83,6 +84,9 @@ def run_cluster(
     if state_dir.is_dir():
         for old_log in state_dir.glob("*.log"):
             old_log.unlink()
+        # a run starts from the bundle's plan: a restarted source would resume the membership an
+        # earlier run left (its healed assignment), and the kill would then not empty the group it names
+        shutil.rmtree(state_dir / MEMBERSHIP_DIR, ignore_errors=True)
     # the devices dial the source (as devices behind NAT would), so it can move them and heal a lost group
     cluster = LocalCluster(bundle, emulated_fleet(fleet, speedup), state_dir, emulate=True, deadline_s=deadline_s, http=True, joins=True)
     started = time.perf_counter()

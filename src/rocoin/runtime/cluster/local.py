@@ -48,6 +48,8 @@ STARTUP_TIMEOUT_S = 60.0
 #: How long ``stop`` waits after SIGTERM before SIGKILL.
 STOP_GRACE_S = 5.0
 STATE_FILE = "cluster.json"
+#: The source's membership registry (joined clusters), under the state folder.
+MEMBERSHIP_DIR = "membership"
 #: The shared device token, readable by the owner only.
 TOKEN_FILE = "device-token"
 
@@ -99,6 +101,8 @@ class LocalCluster:
         joins: bool = False,
         spares: list[str] | None = None,
         grace_s: float | None = None,
+        max_queue_delay_ms: float | None = None,
+        max_batch_images: int | None = None,
     ) -> None:
         """``devices``: the plan devices to start (default: all); the others keep the fleet's address.
 
@@ -117,6 +121,14 @@ class LocalCluster:
         self.http = http or joins  # a joined cluster is watched through /v2/fleet
         self.joins = joins
         self.grace_s = grace_s
+        if max_queue_delay_ms is not None:  # checked here: the source process would only say so in its log
+            check_queue_delay(max_queue_delay_ms, "max-queue-delay-ms")
+        if max_batch_images is not None:
+            check_max_batch_images(max_batch_images, "max-batch-images")
+        #: the source's dynamic batching (None: its defaults)
+        self.batching = {
+            name: value for name, value in (("max_queue_delay_ms", max_queue_delay_ms), ("max_batch_images", max_batch_images)) if value is not None
+        }
         self.spares = list(spares or [])
         unknown_spares = sorted(set(self.spares) - set(self.fleet.ids))
         if unknown_spares:
@@ -248,12 +260,13 @@ class LocalCluster:
         self._spawn(device_id, DEVICE_ENTRY_POINT, options)
 
     def _spawn_source(self, fleet_path: Path) -> None:
-        joins = {"joins": True, "state_dir": self.state_dir / "membership"} if self.joins else {}
+        joins = {"joins": True, "state_dir": self.state_dir / MEMBERSHIP_DIR} if self.joins else {}
         if self.joins and self.grace_s is not None:
             joins["grace_s"] = self.grace_s
         options = SourceOptions(
             bundle=self.bundle, fleet=fleet_path, listen="127.0.0.1:0", token_file=self.token_file, ready_file=self._ready_file("source"),
             http_listen="127.0.0.1:0" if self.http else None, **({"deadline_s": self.deadline_s} if self.deadline_s else {}), **joins,
+            **self.batching,
         )  # fmt: skip
         self._spawn("source", SOURCE_ENTRY_POINT, options)
 
