@@ -71,7 +71,7 @@ def test_health_metadata_and_infer(bundle):
     out = run_with_server(bundle, scenario)
     assert out["/v2/health/live"] == (200, {"live": True})
     assert out["/v2/health/ready"] == (200, {"ready": True})
-    assert out["/v2"][1]["name"] == "rocoin"
+    assert out["/v2"][1]["name"] == "rocoin" and out["/v2"][1]["extensions"] == ["binary_tensor_data"]
     status, meta = out["/v2/models/rocoin"]
     assert status == 200 and meta["inputs"][0]["shape"] == [-1, 1, 8, 8] and meta["outputs"][0]["shape"] == [-1, 3]
     assert out["/v2/models/rocoin/ready"] == (200, {"name": "rocoin", "ready": True})
@@ -137,7 +137,13 @@ def test_health_metadata_and_infer(bundle):
             400,
             "0..255",
         ),
-        ("/v2/models/rocoin/infer", b"\x00" * 16, {"Inference-Header-Content-Length": "8"}, 400, "send JSON tensors"),
+        (
+            "/v2/models/rocoin/infer",
+            b"\x00" * 16,
+            {"Inference-Header-Content-Length": "8"},
+            400,
+            "JSON header (the first 8 bytes) is not valid JSON",
+        ),
         (
             "/v2/models/rocoin/infer",
             {"inputs": [{"name": "input", "shape": [100, 1, 8, 8], "datatype": "UINT8", "data": [0] * 6400}]},

@@ -1,10 +1,12 @@
 """The source's HTTP/REST API: the Open Inference Protocol (KServe v2), so existing clients work.
 
 Endpoints: ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{model}``,
-``/v2/models/{model}/ready`` and ``POST /v2/models/{model}/infer`` with JSON tensors. The infer
-answer carries the logits and the number of missing groups (output ``missing_groups`` and the
-response ``parameters``). Triton's binary-tensor extension is refused with a 400 that tells the
-client to send JSON. Errors are a 4xx status with ``{"error": "..."}``.
+``/v2/models/{model}/ready`` and ``POST /v2/models/{model}/infer`` with JSON tensors, or with
+binary ones (Triton's binary tensor data extension, :mod:`rocoin.runtime.api.binary_tensors`:
+what ``tritonclient.http`` sends and asks for by default). The infer answer carries the logits
+and the number of missing groups (output ``missing_groups`` and the response ``parameters``);
+the request's ``outputs`` choose which outputs come back, each as JSON or binary. Errors are a
+4xx status with ``{"error": "..."}``.
 
 Hardening: a malformed request gets a 4xx with one line (never a 500 and a traceback), logged as
 one line; the JSON body's nesting is bounded (:data:`MAX_JSON_DEPTH`) before it is parsed; the
@@ -28,6 +30,8 @@ from aiohttp import web
 
 from rocoin.contracts.errors import RocoinError, ServingError
 from rocoin.contracts.text import one_line, short_repr
+from rocoin.runtime.api.binary_tensors import HEADER as BINARY_HEADER
+from rocoin.runtime.api.binary_tensors import binary_inputs, encode_response, requested_outputs, split_body
 from rocoin.runtime.api.http_guard import GuardedHttpServer, serve_app
 from rocoin.runtime.api.http_limits import HttpLimits
 from rocoin.runtime.api.oip import (
@@ -54,7 +58,6 @@ BODY_SLACK_BYTES = 64 * 1024
 #: Deepest nesting of arrays/objects in a request body: an inference request needs
 #: {inputs: [{data: [[[[...]]]]}]}, 3 levels + a 4-D nested batch, plus parameters.
 MAX_JSON_DEPTH = 16
-BINARY_HEADER = "Inference-Header-Content-Length"
 #: A JSON string (for the depth check, which must not count brackets inside strings).
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
@@ -96,7 +99,8 @@ def create_app(source: Source, *, token: str | None = None) -> web.Application:
 
 
 def max_body_bytes(source: Source) -> int:
-    """The largest JSON body of a valid request: a full batch of values plus the envelope."""
+    """The largest JSON body of a valid request: a full batch of values plus the envelope (a
+    binary body of the same batch is smaller: at most 4 bytes per value)."""
     return MAX_BATCH * int(np.prod(source.input_shape)) * JSON_BYTES_PER_VALUE + BODY_SLACK_BYTES
 
 
@@ -142,6 +146,7 @@ def _bearer(token: str):
 class _Api:
     def __init__(self, source: Source) -> None:
         self.source = source
+        self.output_names = [output["name"] for output in source_metadata(source)["outputs"]]
 
     def _check_model(self, request: web.Request) -> None:
         check_model(request.match_info["model"], request.match_info.get("version"))
@@ -182,41 +187,40 @@ class _Api:
 
     async def infer(self, request: web.Request) -> web.Response:
         self._check_model(request)
-        if BINARY_HEADER in request.headers:
-            raise RequestError(400, "binary tensor data (Inference-Header-Content-Length) is not supported; send JSON tensors with 'data'")
-        body = _json_body(await request.read())
-        images, query_id = _parse_infer(body)
+        header_length = request.headers.get(BINARY_HEADER)
+        head, binary = split_body(await request.read(), header_length)
+        body = _json_body(head, "request body" if binary is None else f"JSON header (the first {header_length.strip()} bytes)")
+        images, query_id = _parse_infer(body, binary)
+        wanted = requested_outputs(body, self.output_names)
         try:
             result = await self.source.infer(images, query_id=query_id)
         except RocoinError as exc:
             raise RequestError(400, str(exc)) from None
-        missing = list(result.missing_groups)
-        return web.json_response(
-            dumps=_strict_dumps,
-            data={
-                "model_name": MODEL_NAME,
-                "model_version": MODEL_VERSION,
-                "id": result.query_id,
-                "parameters": {"missing_groups": len(missing), "latency_s": result.latency_s},
-                "outputs": [
-                    {"name": name, "datatype": datatype, "shape": list(array.shape), "data": array.ravel().tolist()}
-                    for name, datatype, array in result_tensors(result)
-                ],
-            },
-        )
+        tensors = {name: (datatype, array) for name, datatype, array in result_tensors(result)}
+        envelope = {
+            "model_name": MODEL_NAME,
+            "model_version": MODEL_VERSION,
+            "id": result.query_id,
+            "parameters": {"missing_groups": len(result.missing_groups), "latency_s": result.latency_s},
+        }
+        payload, json_length = encode_response(envelope, [(name, *tensors[name], binary) for name, binary in wanted])
+        if json_length is None:
+            return web.Response(body=payload, content_type="application/json")
+        return web.Response(body=payload, content_type="application/octet-stream", headers={BINARY_HEADER: str(json_length)})
 
 
-def _json_body(raw: bytes) -> Any:
+def _json_body(raw: bytes, what: str = "request body") -> Any:
     depth = json_depth(raw)
     if depth > MAX_JSON_DEPTH:
-        raise RequestError(400, f"request body: JSON nested {depth} levels deep: expected at most {MAX_JSON_DEPTH}")
+        raise RequestError(400, f"{what}: JSON nested {depth} levels deep: expected at most {MAX_JSON_DEPTH}")
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, an integer of > 4300 digits
-        raise RequestError(400, f"request body is not valid JSON ({one_line(str(exc), 120)})") from None
+        raise RequestError(400, f"{what} is not valid JSON ({one_line(str(exc), 120)})") from None
 
 
-def _parse_infer(body: Any) -> tuple[np.ndarray, str | None]:
+def _parse_infer(body: Any, binary: memoryview | None = None) -> tuple[np.ndarray, str | None]:
+    """The image batch and query id of a request; ``binary``: the bytes after its JSON header."""
     if not isinstance(body, dict):
         raise RequestError(400, "request body: expected a JSON object with 'inputs'")
     inputs = body.get("inputs")
@@ -225,13 +229,18 @@ def _parse_infer(body: Any) -> tuple[np.ndarray, str | None]:
     tensor = inputs[0]
     if not isinstance(tensor, dict):
         raise RequestError(400, "inputs[0]: expected an object {name, shape, datatype, data}")
-    if "data" not in tensor:
-        raise RequestError(400, "inputs[0].data: missing (binary data is not supported; send the values as JSON)")
-    try:
-        values = np.asarray(tensor["data"], dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):
-        raise RequestError(400, "inputs[0].data: expected numbers (flat or nested lists of equal lengths)") from None
-    images = images_from(tensor.get("name"), tensor.get("datatype"), tensor.get("shape"), values.ravel())
+    values = binary_inputs(inputs, binary)[0]
+    if values is None:
+        if "data" not in tensor:
+            raise RequestError(
+                400,
+                f"inputs[0].data: missing: expected the values as JSON, or parameters.binary_data_size with the bytes after a JSON header ({BINARY_HEADER})",
+            )
+        try:
+            values = np.asarray(tensor["data"], dtype=np.float64).ravel()
+        except (TypeError, ValueError, OverflowError):
+            raise RequestError(400, "inputs[0].data: expected numbers (flat or nested lists of equal lengths)") from None
+    images = images_from(tensor.get("name"), tensor.get("datatype"), tensor.get("shape"), values)
     query_id = body.get("id")
     if query_id is not None and not isinstance(query_id, str):
         raise RequestError(400, f"id = {short_repr(query_id)}: expected a string")

@@ -40,8 +40,12 @@ def check_model(name: str, version: str | None) -> None:
         raise ProtocolError(404, f"unknown version {version!r} of {MODEL_NAME!r}; expected {MODEL_VERSION!r}")
 
 
+#: The protocol extensions the server speaks (the REST API's binary tensors; see ``binary_tensors``).
+EXTENSIONS = ["binary_tensor_data"]
+
+
 def server_metadata() -> dict[str, Any]:
-    return {"name": "rocoin", "version": __version__, "extensions": []}
+    return {"name": "rocoin", "version": __version__, "extensions": list(EXTENSIONS)}
 
 
 def model_metadata(input_shape: tuple[int, ...], num_classes: int, max_detections: int | None = None) -> dict[str, Any]:
@@ -105,12 +109,18 @@ def check_shape(shape: Any, where: str = "inputs[0]") -> list[int]:
     return list(shape)
 
 
+def check_datatype(datatype: Any, where: str = "inputs[0]") -> str:
+    """An input's datatype from a request: one of :data:`DATATYPES` (BYTES and the rest are refused)."""
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise ProtocolError(400, f"{where}.datatype = {short_repr(datatype)}: expected one of {', '.join(sorted(DATATYPES))}")
+    return datatype
+
+
 def images_from(name: Any, datatype: Any, shape: Any, values: np.ndarray, where: str = "inputs[0]") -> np.ndarray:
     """Check one input tensor of the request and return it as an image batch."""
     if not isinstance(name, str) or name != INPUT_NAME:
         raise ProtocolError(400, f"{where}.name = {short_repr(name)}: expected {INPUT_NAME!r}")
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise ProtocolError(400, f"{where}.datatype = {short_repr(datatype)}: expected one of {', '.join(sorted(DATATYPES))}")
+    check_datatype(datatype, where)
     shape = check_shape(shape, where)
     if values.size != math.prod(shape):
         raise ProtocolError(400, f"{where}.data: {values.size} values but shape {list(shape)} needs {math.prod(shape)}")
