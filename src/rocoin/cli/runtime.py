@@ -166,6 +166,8 @@ def source_serve(
     api_tls_cert: Path | None = flag(SourceOptions, "api_tls_cert", "--api-tls-cert"),
     api_tls_key: Path | None = flag(SourceOptions, "api_tls_key", "--api-tls-key"),
     deadline_s: float = flag(SourceOptions, "deadline_s", "--deadline-s"),
+    max_queue_delay_ms: float = flag(SourceOptions, "max_queue_delay_ms", "--max-queue-delay-ms"),
+    max_batch_images: int = flag(SourceOptions, "max_batch_images", "--max-batch-images"),
     ready_file: Path | None = flag(SourceOptions, "ready_file", "--ready-file"),
     token_file: Path | None = flag(SourceOptions, "token_file", "--token-file"),
     tls_ca: Path | None = flag(SourceOptions, "tls_ca", "--tls-ca"),
@@ -255,6 +257,8 @@ def cluster_up(
     fleet: Path = typer.Option(..., "--fleet"),
     emulate: bool = typer.Option(False, "--emulate", help="Each worker behaves like its fleet profile (delays, drops)."),
     deadline_s: float = flag(SourceOptions, "deadline_s", "--deadline-s"),
+    max_queue_delay_ms: float = flag(SourceOptions, "max_queue_delay_ms", "--max-queue-delay-ms"),
+    max_batch_images: int = flag(SourceOptions, "max_batch_images", "--max-batch-images"),
     http: bool = typer.Option(False, "--http", help="Also serve the source's KServe v2 REST API (any free port)."),
     state_dir: Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir", help="Where the cluster keeps addresses, pids and logs."),
 ) -> None:
@@ -263,7 +267,10 @@ def cluster_up(
     require("grpc", "device")
     from rocoin.runtime.cluster.local import LocalCluster
 
-    cluster = LocalCluster(bundle, fleet, state_dir, emulate=emulate, deadline_s=deadline_s, http=http)
+    cluster = LocalCluster(
+        bundle, fleet, state_dir, emulate=emulate, deadline_s=deadline_s, http=http,
+        max_queue_delay_ms=max_queue_delay_ms, max_batch_images=max_batch_images,
+    )  # fmt: skip
     started = time.perf_counter()
     state = cluster.start()
     table = Table(title=f"local cluster up in {time.perf_counter() - started:.1f} s (state in {state_dir})")

@@ -15,7 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from rocoin.contracts.errors import RocoinError
 from rocoin.runtime.api import http_limits as limits
 from rocoin.runtime.source.registry import DEFAULT_GRACE_S
-from rocoin.runtime.source.settings import DEFAULT_DEADLINE_S
+from rocoin.runtime.source.settings import (
+    DEFAULT_DEADLINE_S,
+    DEFAULT_MAX_BATCH_IMAGES,
+    DEFAULT_MAX_QUEUE_DELAY_MS,
+    MAX_BATCH_IMAGES,
+    MAX_QUEUE_DELAY_MS,
+)
 from rocoin.runtime.transport.keepalive import DEFAULT_TIME_MS, DEFAULT_TIMEOUT_MS, Keepalive
 
 #: Where the source's gRPC API listens unless told otherwise.
@@ -37,6 +43,18 @@ class SourceOptions(BaseModel):
     api_tls_cert: Path | None = Field(None, description="Serve the client APIs (gRPC and REST) over TLS with this certificate.")
     api_tls_key: Path | None = Field(None, description="Private key of --api-tls-cert.")
     deadline_s: float = Field(DEFAULT_DEADLINE_S, description="Per-query deadline; missing groups are zero-filled then.")
+    max_queue_delay_ms: float = Field(
+        DEFAULT_MAX_QUEUE_DELAY_MS,
+        ge=0,
+        le=MAX_QUEUE_DELAY_MS,
+        description="Dynamic batching: longest a query waits for others to share one message to the devices while one is in flight (0: off).",
+    )
+    max_batch_images: int = Field(
+        DEFAULT_MAX_BATCH_IMAGES,
+        ge=1,
+        le=MAX_BATCH_IMAGES,
+        description="Dynamic batching: most images in one message to a device (each device's --max-batch applies too).",
+    )
     ready_file: Path | None = Field(None, description="Write {address, pid} here once serving.")
     token_file: Path | None = Field(None, description="File with the token the devices expect (default: $ROCOIN_DEVICE_TOKEN).")
     tls_ca: Path | None = Field(None, description="Talk TLS to the devices, verifying them against this CA.")
@@ -84,6 +102,7 @@ def run_source(options: SourceOptions) -> None:
     source = Source(
         options.bundle, load_fleet(options.fleet), deadline_s=options.deadline_s, token=device_token, tls=tls,
         insecure=options.insecure, joins=options.joins,
+        max_queue_delay_ms=options.max_queue_delay_ms, max_batch_images=options.max_batch_images,
         keepalive=Keepalive(time_ms=options.keepalive_time_ms, timeout_ms=options.keepalive_timeout_ms),
     )  # fmt: skip
     http_limits = None

@@ -39,6 +39,7 @@ from rocoin.contracts.fleet import Fleet, load_fleet, save_fleet
 from rocoin.contracts.manifest import load_manifest
 from rocoin.runtime.api.options import SourceOptions
 from rocoin.runtime.device.options import DeviceOptions
+from rocoin.runtime.source.settings import check_max_batch_images, check_queue_delay
 from rocoin.runtime.transport.lifecycle import READY_POLL_S, wait_ready_file
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,9 @@ class LocalCluster:
             check_max_batch_images(max_batch_images, "max-batch-images")
         #: the source's dynamic batching (None: its defaults)
         self.batching = {
-            name: value for name, value in (("max_queue_delay_ms", max_queue_delay_ms), ("max_batch_images", max_batch_images)) if value is not None
+            name: value
+            for name, value in (("max_queue_delay_ms", max_queue_delay_ms), ("max_batch_images", max_batch_images))
+            if value is not None
         }
         self.spares = list(spares or [])
         unknown_spares = sorted(set(self.spares) - set(self.fleet.ids))

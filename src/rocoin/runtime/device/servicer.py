@@ -424,6 +424,7 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
             group=refused.group if refused.group is not None else self.group,
             error_code=refused.code.value[0],
             error=refused.message,
+            max_batch=self.max_batch,
         )
 
     async def _answer(self, query_id: str, batch: np.ndarray, expires: float | None = None) -> rocoin_pb2.DeviceInferResponse | None:
@@ -464,7 +465,12 @@ class DeviceWorker(rocoin_pb2_grpc.DeviceServicer):
         self.metrics.run_time.observe(compute_s)
         logger.debug("device %s answered in %.4f s", self.device_id, compute_s, extra={"query_id": query_id[:MAX_QUERY_ID_CHARS]})
         return rocoin_pb2.DeviceInferResponse(
-            query_id=query_id, device_id=self.device_id, group=serving.group, features=tensor_to_proto(features), compute_s=compute_s
+            query_id=query_id,
+            device_id=self.device_id,
+            group=serving.group,
+            features=tensor_to_proto(features),
+            compute_s=compute_s,
+            max_batch=self.max_batch,
         )
 
     def _run_checked(self, serving: _Serving, query_id: str, batch: np.ndarray) -> np.ndarray:

@@ -112,9 +112,12 @@ class Query:
         return [k for k, s in enumerate(self.slots) if s is None]
 
     def start_waiting(self) -> None:
-        """After the query went out: wait for every group with a counted call."""
+        """After the query went out: wait for every group with a counted call (decided at once
+        when there is none: no device is up)."""
         self.pending = [calls > 0 for calls in self.open_calls]
         self.undecided = sum(self.pending)
+        if self.undecided == 0 and not self.done:
+            self._finish()
 
     def expire(self) -> None:
         """The deadline: stop waiting; the groups still empty are missing."""

@@ -166,7 +166,7 @@ class JoinedLink(DeviceLink):
             if self._serving and self._on_answer is not None:
                 reply = message.answer
                 features = functools.partial(tensor_from_proto, reply.features, max_bytes=self.max_message_bytes)
-                self._on_answer(Answer(reply.query_id, features, code=reply.error_code, error=reply.error))
+                self._on_answer(Answer(reply.query_id, features, code=reply.error_code, error=reply.error, max_batch=reply.max_batch))
         elif kind == "health":
             future = self._checks.get(message.health.nonce)
             if future is not None and not future.done():

@@ -235,7 +235,7 @@ class GrpcStreamLink(DeviceLink):
 
     def _answer(self, reply: rocoin_pb2.DeviceInferResponse) -> Answer:
         features = functools.partial(tensor_from_proto, reply.features, max_bytes=self._max_message_bytes)
-        return Answer(reply.query_id, features, code=reply.error_code, error=reply.error)
+        return Answer(reply.query_id, features, code=reply.error_code, error=reply.error, max_batch=reply.max_batch)
 
     async def _write(self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue) -> None:
         try:

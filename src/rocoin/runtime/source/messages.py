@@ -40,16 +40,25 @@ class Answer:
 
     ``features`` may be a function that decodes them (raising :class:`ValueError` when the message
     does not hold a readable tensor): an answer that comes after its query ended is never decoded.
+    ``max_batch`` is the largest image batch the device says it accepts (0: it did not say); the
+    source's dynamic batcher never coalesces more images for it.
     """
 
-    __slots__ = ("wire_id", "code", "error", "_features")
+    __slots__ = ("wire_id", "code", "error", "max_batch", "_features")
 
     def __init__(
-        self, wire_id: str, features: np.ndarray | Callable[[], np.ndarray] | None = None, *, code: int = OK, error: str = ""
+        self,
+        wire_id: str,
+        features: np.ndarray | Callable[[], np.ndarray] | None = None,
+        *,
+        code: int = OK,
+        error: str = "",
+        max_batch: int = 0,
     ) -> None:
         self.wire_id = wire_id
         self.code = code
         self.error = error
+        self.max_batch = max_batch
         self._features = features
 
     def features(self) -> np.ndarray:

@@ -1,5 +1,10 @@
-"""The source's deadline settings, in a module without grpc or onnxruntime so that the command
-line and the process options (:mod:`rocoin.runtime.api.options`) can show them."""
+"""The source's deadline and batching settings, in a module without grpc or onnxruntime so that
+the command line and the process options (:mod:`rocoin.runtime.api.options`) can show and check them."""
+
+from __future__ import annotations
+
+from rocoin.contracts.errors import RocoinError
+from rocoin.contracts.text import short_repr
 
 #: Default time the source waits for the groups of one query.
 DEFAULT_DEADLINE_S = 1.0
@@ -8,3 +13,29 @@ DEFAULT_DEADLINE_S = 1.0
 #: (and the query's memory) for longer than any edge application waits.
 MIN_DEADLINE_S = 0.001
 MAX_DEADLINE_S = 300.0
+
+#: Dynamic batching: the longest a query waits in the source's queue for others to share its
+#: message to the devices (0: no batching, every query goes out alone). A query that finds the
+#: devices idle (nothing queued, nothing in flight) is never held.
+DEFAULT_MAX_QUEUE_DELAY_MS = 2.0
+#: Queue delays accepted: beyond this the queue would eat most of a typical deadline.
+MAX_QUEUE_DELAY_MS = 100.0
+#: Largest image batch (all queries of one batched message together) by default: the devices'
+#: default ``--max-batch``; a device that accepts less says so in its answers and gets less.
+DEFAULT_MAX_BATCH_IMAGES = 64
+#: The most images one query or one message may carry (the source's ``MAX_BATCH``).
+MAX_BATCH_IMAGES = 64
+
+
+def check_queue_delay(value: float, name: str) -> float:
+    """``value`` if it is a queue delay the source accepts (0: no batching), else :class:`RocoinError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_QUEUE_DELAY_MS:
+        raise RocoinError(f"{name} = {short_repr(value)}: expected milliseconds in 0..{MAX_QUEUE_DELAY_MS:g} (0: no batching)")
+    return float(value)
+
+
+def check_max_batch_images(value: int, name: str) -> int:
+    """``value`` if it is a batch limit the source accepts, else :class:`RocoinError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH_IMAGES:
+        raise RocoinError(f"{name} = {short_repr(value)}: expected an integer in 1..{MAX_BATCH_IMAGES} (images per message to a device)")
+    return value

@@ -17,6 +17,18 @@ down too. No query waits for a down device, and a probe asks its health every
 A device marked down for failures keeps its stream and still gets every query, on trial (see
 :mod:`.gather`).
 
+Dynamic batching (as Triton's dynamic batcher): with ``max_queue_delay_ms`` above 0, a query that
+arrives while a message is in flight to the devices waits in a queue, at most that long, for others
+to share one message: every device then gets ONE request carrying the queued queries' images
+(at most ``max_batch_images``, and never more than a device says it accepts) and runs it in one
+onnxruntime call; its answer is split back per query by rows. A query that finds nothing queued
+and nothing in flight goes out at once (no added latency when the source is idle). The gather is
+per query as before: each query completes as soon as its own groups have answered, keeps its own
+deadline (its time in the queue counts; at its deadline its missing groups are zero-filled, the
+other queries of the message are not affected) and gets exactly the answer it would get alone.
+A device that misses or fails a batched message fails each query in it, as it would have failed
+them one by one; a refusal or a bad answer is counted once per message.
+
 Whose fault is it? The source checks every query before it sends it — the image batch against
 the manifest (FP32 values in [0, 1]; finite after normalisation), the id, the deadline — and
 answers the caller with :class:`RocoinError` (HTTP 400 / ``INVALID_ARGUMENT``). A device that
@@ -45,10 +57,19 @@ from rocoin.contracts.manifest import Manifest, load_manifest, verify_file
 from rocoin.contracts.plan import Plan
 from rocoin.contracts.text import short_repr
 from rocoin.models.boxes import decode, pack_detections
-from rocoin.runtime.source.gather import FAILURES_TO_MARK_DOWN, REFUSAL_LOG_INTERVAL_S, DeviceState, Query, Verdict
+from rocoin.runtime.source.gather import FAILURES_TO_MARK_DOWN, REFUSAL_LOG_INTERVAL_S, DeviceState, Query
 from rocoin.runtime.source.link import CANCEL_FLUSH_S, MAX_OUTBOX, DeviceLink, GrpcStreamLink, LinkFull
 from rocoin.runtime.source.messages import Answer, Request
-from rocoin.runtime.source.settings import DEFAULT_DEADLINE_S, MAX_DEADLINE_S, MIN_DEADLINE_S
+from rocoin.runtime.source.settings import (
+    DEFAULT_DEADLINE_S,
+    DEFAULT_MAX_BATCH_IMAGES,
+    DEFAULT_MAX_QUEUE_DELAY_MS,
+    MAX_BATCH_IMAGES,
+    MAX_DEADLINE_S,
+    MIN_DEADLINE_S,
+    check_max_batch_images,
+    check_queue_delay,
+)
 from rocoin.runtime.transport.auth import check_authentication, token_metadata
 from rocoin.runtime.transport.keepalive import KEEPALIVE, Keepalive
 from rocoin.runtime.transport.metrics import SourceMetrics
@@ -58,7 +79,7 @@ __all__ = [
     "CANCEL_FLUSH_S", "DEFAULT_DEADLINE_S", "FAILURES_TO_MARK_DOWN", "FP32_INPUT_RANGE", "INITIAL_RECONNECT_BACKOFF_MS", "MAX_BATCH",
     "MAX_CLIENT_ID_CHARS", "MAX_DEADLINE_S", "MAX_OUTBOX", "MAX_RECONNECT_BACKOFF_MS", "MESSAGE_SLACK_BYTES", "MIN_DEADLINE_S",
     "PROBE_INTERVAL_S", "PROBE_TIMEOUT_S", "REFUSAL_LOG_INTERVAL_S", "DeviceState", "InferResult", "Source", "check_deadline",
-    "check_query_id",
+    "check_max_batch_images", "check_query_id", "check_queue_delay",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -70,8 +91,8 @@ PROBE_TIMEOUT_S = 0.5
 #: Reconnection backoff towards a device that went away: short, so a restarted device is found soon.
 INITIAL_RECONNECT_BACKOFF_MS = 100
 MAX_RECONNECT_BACKOFF_MS = 1_000
-#: Largest image batch one query may carry.
-MAX_BATCH = 64
+#: Largest image batch one query (or one batched message) may carry.
+MAX_BATCH = MAX_BATCH_IMAGES
 #: Slack over the tensor payload for protobuf framing.
 MESSAGE_SLACK_BYTES = 64 * 1024
 #: Longest query id a client may give (a UUID has 36 characters); the ids sent to devices add a
@@ -80,6 +101,9 @@ MAX_CLIENT_ID_CHARS = 128
 #: FP32 images are 0..1 (uint8 images are 0..255): anything outside is a client's mistake (e.g.
 #: an already normalised image) and could overflow the normalisation.
 FP32_INPUT_RANGE = (0.0, 1.0)
+#: Dynamic batching: a query goes out at once (alone) while fewer messages than this are in flight
+#: to the devices and nothing is queued; otherwise it waits in the queue (at most the queue delay).
+MESSAGES_IN_FLIGHT_UNQUEUED = 1
 
 
 @dataclass(frozen=True)
@@ -103,6 +127,46 @@ class _Replica:
     state: DeviceState
     link: DeviceLink | None = None
     probe: asyncio.Task | None = None
+    #: the largest image batch the device said it accepts (0: not said yet)
+    max_batch: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Queued:
+    """A query waiting in the dynamic batcher's queue: its normalised images and its budget."""
+
+    query: Query
+    inputs: np.ndarray
+    budget_s: float
+
+
+@dataclass(eq=False, slots=True)
+class _Message:
+    """One request to the devices carrying several queries: each query's rows of its batch."""
+
+    wire_id: str
+    #: (query, first row, rows)
+    parts: list[tuple[Query, int, int]]
+    rows: int
+    #: queries of the message that have not ended yet
+    open_queries: int
+
+
+class _Rows:
+    """A batched answer's features, decoded once and handed out per query by rows."""
+
+    __slots__ = ("_answer", "_rows", "_features")
+
+    def __init__(self, answer: Answer, rows: int) -> None:
+        self._answer, self._rows, self._features = answer, rows, None
+
+    def take(self, first: int, count: int) -> np.ndarray:
+        if self._features is None:
+            self._features = self._answer.features()
+        features = self._features
+        if features.ndim >= 1 and features.shape[0] == self._rows:
+            return features[first : first + count]
+        return features  # the wrong number of rows: the gather reports the whole shape as the device's failure
 
 
 class Source:
@@ -120,8 +184,14 @@ class Source:
         insecure: bool = False,
         keepalive: Keepalive = KEEPALIVE,
         joins: bool = False,
+        max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS,
+        max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
     ) -> None:
         check_deadline(deadline_s, "deadline-s")
+        #: dynamic batching: the longest a query waits for others to share its message (0: never)
+        self.max_queue_delay_ms = check_queue_delay(max_queue_delay_ms, "max-queue-delay-ms")
+        #: the most images one batched message carries (each device's own limit applies too)
+        self.max_batch_images = check_max_batch_images(max_batch_images, "max-batch-images")
         check_authentication(
             "the source",
             token=token,
@@ -174,7 +244,14 @@ class Source:
         payload = MAX_BATCH * max(int(np.prod(input_shape)), *(int(np.prod(s)) for s in self._slot_shapes)) * 4
         self.max_message_bytes = payload + MESSAGE_SLACK_BYTES
         self._started = False
-        self._sent = 0  # queries sent: makes every id on the wire unique
+        self._sent = 0  # queries and batched messages: makes every id on the wire unique
+        # --- the dynamic batcher
+        self._queue: list[_Queued] = []
+        self._queued_images = 0
+        self._queue_timer: asyncio.TimerHandle | None = None
+        self._in_flight = 0  # messages sent whose queries have not all ended
+        self._messages: dict[str, _Message] = {}  # batched messages in flight, by wire id
+        self._dispatched: dict[str, _Message | None] = {}  # queries sent, by wire id: their batched message (None: alone)
 
     @property
     def devices(self) -> list[DeviceState]:
@@ -277,6 +354,9 @@ class Source:
         )
 
     async def close(self) -> None:
+        if self._queue_timer is not None:  # the queued queries end at their deadlines
+            self._queue_timer.cancel()
+            self._queue_timer = None
         for replica in self._replicas:
             if replica.probe is not None:
                 replica.probe.cancel()
@@ -342,18 +422,14 @@ class Source:
             fair=budget >= self.deadline_s,
             decided=functools.partial(_resolve, done),
         )
-        request = Request(wire_id, x, budget)
-        for replica in self._replicas:
-            if replica.link is not None and replica.link.is_open:  # up, or down with its stream open: on trial
-                self._send(replica, query, request)
-        query.start_waiting()
-        if query.undecided:
-            expire = loop.call_later(budget - (time.perf_counter() - started), query.expire)
-            try:
+        expire = loop.call_later(budget - (time.perf_counter() - started), query.expire)
+        try:
+            self._enqueue(_Queued(query, x, budget))
+            if not query.done:
                 await done
-            finally:  # also when the caller gave up on the query (cancelled): nobody failed then
-                expire.cancel()
-                self._settle(query)
+        finally:  # also when the caller gave up on the query (cancelled): nobody failed then
+            expire.cancel()
+            self._settle(query)
         missing = query.missing
         outputs = self._head_run(x.shape[0], query.slots)
         if not all(np.isfinite(o).all() for o in outputs):
@@ -374,24 +450,123 @@ class Source:
             logger.debug("answered in %.4f s by %s", latency, ",".join(query.answered_by), extra={"query_id": query_id})
         return InferResult(query_id, logits, missing, query.answered_by, latency, detections)
 
-    def _send(self, replica: _Replica, query: Query, request: Request) -> None:
-        try:
-            replica.link.send(request)
-        except LinkFull as full:
-            self._failed(replica, str(full), query.query_id)
+    # --- the dynamic batcher: which queries share a message to the devices ------------------
+
+    def _enqueue(self, item: _Queued) -> None:
+        """Send the query now (batching off, or the devices idle), or queue it until the queue is
+        full, its delay has passed or the messages in flight have ended."""
+        if self.max_queue_delay_ms == 0 or (not self._queue and self._in_flight < MESSAGES_IN_FLIGHT_UNQUEUED):
+            self._dispatch([item])
             return
-        replica.state.sent(query)
+        cap = self._batch_cap()
+        if self._queued_images + item.query.batch > cap:
+            self._flush()
+        self._queue.append(item)
+        self._queued_images += item.query.batch
+        if self._queued_images >= cap:
+            self._flush()
+        elif self._queue_timer is None:
+            self._queue_timer = asyncio.get_running_loop().call_later(self.max_queue_delay_ms / 1e3, self._flush)
+
+    def _batch_cap(self) -> int:
+        """The most images one message may carry: the source's limit and every device's."""
+        cap = self.max_batch_images
+        for replica in self._replicas:
+            if 0 < replica.max_batch < cap:
+                cap = replica.max_batch
+        return cap
+
+    def _flush(self) -> None:
+        """Send everything queued (in messages of at most :meth:`_batch_cap` images)."""
+        if self._queue_timer is not None:
+            self._queue_timer.cancel()
+            self._queue_timer = None
+        queued, self._queue, self._queued_images = self._queue, [], 0
+        self._dispatch([item for item in queued if not item.query.done])  # a query whose deadline passed in the queue is over
+
+    def _unqueue(self, query: Query) -> None:
+        """A query that ends before it was sent (its caller gave up) leaves the queue."""
+        for i, item in enumerate(self._queue):
+            if item.query is query:
+                del self._queue[i]
+                self._queued_images -= query.batch
+                return
+
+    def _dispatch(self, items: list[_Queued]) -> None:
+        cap = self._batch_cap()
+        message: list[_Queued] = []
+        rows = 0
+        for item in items:
+            if message and rows + item.query.batch > cap:
+                self._send_message(message)
+                message, rows = [], 0
+            message.append(item)
+            rows += item.query.batch
+        if message:
+            self._send_message(message)
+
+    def _send_message(self, items: list[_Queued]) -> None:
+        """One request to every device with an open stream: one query alone (under its own wire
+        id), or several (under a message id; the answer is split back by rows)."""
+        now = time.perf_counter()
+        # the time left until the latest of the queries' deadlines (never 0: that would mean no limit)
+        timeout_s = max(1e-6, max(item.budget_s - (now - item.query.started) for item in items))
+        batched = None
+        if len(items) == 1:
+            request = Request(items[0].query.wire_id, items[0].inputs, timeout_s)
+        else:
+            self._sent += 1
+            parts, rows = [], 0
+            for item in items:
+                parts.append((item.query, rows, item.query.batch))
+                rows += item.query.batch
+            # "#n" is never a query's wire id (those are "<client id>#n" with a non-empty client id)
+            batched = _Message(f"#{self._sent:x}", parts, rows, len(items))
+            self._messages[batched.wire_id] = batched
+            request = Request(batched.wire_id, np.concatenate([item.inputs for item in items]), timeout_s)
+        self.metrics.batch_queries.observe(len(items))
+        queries = [item.query for item in items]
+        for query in queries:
+            self._dispatched[query.wire_id] = batched
+        self._in_flight += 1
+        for replica in self._replicas:
+            if replica.link is not None and replica.link.is_open:  # up, or down with its stream open: on trial
+                try:
+                    replica.link.send(request)
+                except LinkFull as full:
+                    self._failed(replica, str(full), queries[0].query_id)
+                    continue
+                for query in queries:
+                    replica.state.sent(query)
+        for query in queries:
+            query.start_waiting()
 
     def _settle(self, query: Query) -> None:
-        """After a query: devices still working on it are told to drop it; those whose group
-        went unanswered until the deadline failed it."""
+        """After a query: devices still working on it are told to drop it (a batched message once
+        none of its queries wants it any more); those whose group went unanswered until the
+        deadline failed it. Its message ending may send the queue."""
+        if query.wire_id not in self._dispatched:
+            self._unqueue(query)
+            return
+        batched = self._dispatched.pop(query.wire_id)
         for replica in self._replicas:
             owed, failed = replica.state.settle(query)
             if not owed:
                 continue
-            replica.link.cancel(query.wire_id)
+            if batched is None:
+                replica.link.cancel(query.wire_id)
+            elif not any(q.wire_id in replica.state.waiting for q, _, _ in batched.parts):
+                replica.link.cancel(batched.wire_id)
             if failed:
                 self._failed(replica, "no answer by the deadline", query.query_id)
+        if batched is not None:
+            batched.open_queries -= 1
+            if batched.open_queries:
+                return
+            del self._messages[batched.wire_id]
+        self._in_flight -= 1
+        if self._queue and self._in_flight < MESSAGES_IN_FLIGHT_UNQUEUED:
+            self._flush()  # the devices are idle: waiting longer gains nothing
 
     def _head_run(self, batch: int, slots: list[np.ndarray | None]) -> list[np.ndarray]:
         """The head on the assembled features (the plan's F values, or F × h × w maps), a missing
@@ -423,15 +598,34 @@ class Source:
 
     def _answer(self, replica: _Replica, answer: Answer) -> None:
         device = replica.state
-        verdict: Verdict = device.take(answer, self._slot_shapes[device.group], self._slot_dtypes[device.group])
-        if verdict.refused is not None:
-            self._refused(replica, verdict.refused, verdict.query)
-        elif verdict.failure:
-            self._failed(replica, verdict.failure, verdict.query.query_id)
-        if verdict.revive:
+        if answer.max_batch:
+            replica.max_batch = answer.max_batch
+        shape, dtype = self._slot_shapes[device.group], self._slot_dtypes[device.group]
+        batched = self._messages.get(answer.wire_id)
+        parts = [part for part in batched.parts if part[0].wire_id in device.waiting] if batched is not None else []
+        if not parts:  # one query's answer (or one nobody waits for any more)
+            verdicts = [device.take(answer, shape, dtype)]
+        else:  # a batched message's: each query takes its rows
+            rows = _Rows(answer, batched.rows)
+            verdicts = [
+                device.take(
+                    Answer(query.wire_id, functools.partial(rows.take, first, count), code=answer.code, error=answer.error), shape, dtype
+                )
+                for query, first, count in parts
+            ]
+        # a refusal, a failure or a revival is counted once per message
+        refused = next((v for v in verdicts if v.refused is not None), None)
+        failed = next((v for v in verdicts if v.failure), None)
+        if refused is not None:
+            self._refused(replica, refused.refused, refused.query)
+        elif failed is not None:
+            self._failed(replica, failed.failure, failed.query.query_id)
+        if any(v.revive for v in verdicts):
             self._revive(replica, "answers again")
-        if verdict.filled:
-            self.metrics.group_latency.labels(str(device.group)).observe(time.perf_counter() - verdict.query.started)
+        now = time.perf_counter()
+        for verdict in verdicts:
+            if verdict.filled:
+                self.metrics.group_latency.labels(str(device.group)).observe(now - verdict.query.started)
 
     def _lost(self, replica: _Replica, reason: str) -> None:
         """The device's stream broke: a failure, and the device is marked down at once."""

@@ -27,6 +27,12 @@ class SourceMetrics:
         self.device_failures = Counter("rocoin_device_failures", "Failed or late device calls", ["device"], registry=r)
         self.device_up = Gauge("rocoin_device_up", "1 while the device is used, 0 while it is marked down", ["device"], registry=r)
         self.marked_down = Counter("rocoin_device_marked_down", "Times the device was marked down", ["device"], registry=r)
+        self.batch_queries = Histogram(
+            "rocoin_batch_queries",
+            "Queries per message sent to the devices (dynamic batching; 1: a query alone)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.device_refusals = Counter(
             "rocoin_device_refusals",
             "Queries the device refused as invalid although the source had checked them (misconfigured device)",

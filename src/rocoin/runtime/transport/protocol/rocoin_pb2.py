@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.rocoin/runtime/transport/protocol/rocoin.proto\x12\trocoin.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"k\n\x12\x44\x65viceInferRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12 \n\x05input\x18\x02 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x63\x61ncel\x18\x04 \x03(\t\"\xa4\x01\n\x13\x44\x65viceInferResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\x05\x12#\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"q\n\tJoinHello\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0cprofile_json\x18\x02 \x01(\t\x12\x15\n\rcached_models\x18\x03 \x03(\t\x12\x10\n\x08protocol\x18\x04 \x01(\r\x12\x12\n\ndevice_key\x18\x05 \x01(\t\"i\n\nAssignment\x12\r\n\x05group\x18\x01 \x01(\x05\x12\x12\n\nmodel_json\x18\x02 \x01(\t\x12\x12\n\nsend_model\x18\x03 \x01(\x08\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x15\n\rstudent_flops\x18\x05 \x01(\x01\":\n\nModelChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1c\n\x0bHealthCheck\x12\r\n\x05nonce\x18\x01 \x01(\t\"\xc4\x01\n\rSourceMessage\x12\'\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x15.rocoin.v1.AssignmentH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.rocoin.v1.ModelChunkH\x00\x12\x30\n\x07request\x18\x03 \x01(\x0b\x32\x1d.rocoin.v1.DeviceInferRequestH\x00\x12(\n\x06health\x18\x04 \x01(\x0b\x32\x16.rocoin.v1.HealthCheckH\x00\x42\x06\n\x04kind\":\n\nModelReady\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"2\n\x0bHealthReply\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\"\xc2\x01\n\rDeviceMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.rocoin.v1.JoinHelloH\x00\x12\x30\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1e.rocoin.v1.DeviceInferResponseH\x00\x12&\n\x05ready\x18\x03 \x01(\x0b\x32\x15.rocoin.v1.ModelReadyH\x00\x12(\n\x06health\x18\x04 \x01(\x0b\x32\x16.rocoin.v1.HealthReplyH\x00\x42\x06\n\x04kind\"h\n\rAssignMessage\x12\'\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x15.rocoin.v1.AssignmentH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.rocoin.v1.ModelChunkH\x00\x42\x06\n\x04kind\"\\\n\x12SourceInferRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12 \n\x05input\x18\x02 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x12\n\ndeadline_s\x18\x03 \x01(\x01\"\x8a\x01\n\x13SourceInferResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12!\n\x06logits\x18\x02 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x16\n\x0emissing_groups\x18\x03 \x03(\x05\x12\x13\n\x0b\x61nswered_by\x18\x04 \x03(\t\x12\x11\n\tlatency_s\x18\x05 \x01(\x01\x32\x98\x02\n\x06\x44\x65vice\x12\x46\n\x05Infer\x12\x1d.rocoin.v1.DeviceInferRequest\x1a\x1e.rocoin.v1.DeviceInferResponse\x12;\n\x06\x41ssign\x12\x18.rocoin.v1.AssignMessage\x1a\x15.rocoin.v1.ModelReady(\x01\x12\x37\n\x05\x43heck\x12\x16.rocoin.v1.HealthCheck\x1a\x16.rocoin.v1.HealthReply\x12P\n\x0bInferStream\x12\x1d.rocoin.v1.DeviceInferRequest\x1a\x1e.rocoin.v1.DeviceInferResponse(\x01\x30\x01\x32G\n\x05\x46leet\x12>\n\x04Join\x12\x18.rocoin.v1.DeviceMessage\x1a\x18.rocoin.v1.SourceMessage(\x01\x30\x01\x32P\n\x06Source\x12\x46\n\x05Infer\x12\x1d.rocoin.v1.SourceInferRequest\x1a\x1e.rocoin.v1.SourceInferResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.rocoin/runtime/transport/protocol/rocoin.proto\x12\trocoin.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"k\n\x12\x44\x65viceInferRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12 \n\x05input\x18\x02 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x63\x61ncel\x18\x04 \x03(\t\"\xb7\x01\n\x13\x44\x65viceInferResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\x05\x12#\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x11\n\tmax_batch\x18\x08 \x01(\r\"q\n\tJoinHello\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0cprofile_json\x18\x02 \x01(\t\x12\x15\n\rcached_models\x18\x03 \x03(\t\x12\x10\n\x08protocol\x18\x04 \x01(\r\x12\x12\n\ndevice_key\x18\x05 \x01(\t\"i\n\nAssignment\x12\r\n\x05group\x18\x01 \x01(\x05\x12\x12\n\nmodel_json\x18\x02 \x01(\t\x12\x12\n\nsend_model\x18\x03 \x01(\x08\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x15\n\rstudent_flops\x18\x05 \x01(\x01\":\n\nModelChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1c\n\x0bHealthCheck\x12\r\n\x05nonce\x18\x01 \x01(\t\"\xc4\x01\n\rSourceMessage\x12\'\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x15.rocoin.v1.AssignmentH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.rocoin.v1.ModelChunkH\x00\x12\x30\n\x07request\x18\x03 \x01(\x0b\x32\x1d.rocoin.v1.DeviceInferRequestH\x00\x12(\n\x06health\x18\x04 \x01(\x0b\x32\x16.rocoin.v1.HealthCheckH\x00\x42\x06\n\x04kind\":\n\nModelReady\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"2\n\x0bHealthReply\x12\r\n\x05nonce\x18\x01 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x02 \x01(\t\"\xc2\x01\n\rDeviceMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.rocoin.v1.JoinHelloH\x00\x12\x30\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1e.rocoin.v1.DeviceInferResponseH\x00\x12&\n\x05ready\x18\x03 \x01(\x0b\x32\x15.rocoin.v1.ModelReadyH\x00\x12(\n\x06health\x18\x04 \x01(\x0b\x32\x16.rocoin.v1.HealthReplyH\x00\x42\x06\n\x04kind\"h\n\rAssignMessage\x12\'\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x15.rocoin.v1.AssignmentH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.rocoin.v1.ModelChunkH\x00\x42\x06\n\x04kind\"\\\n\x12SourceInferRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12 \n\x05input\x18\x02 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x12\n\ndeadline_s\x18\x03 \x01(\x01\"\x8a\x01\n\x13SourceInferResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12!\n\x06logits\x18\x02 \x01(\x0b\x32\x11.rocoin.v1.Tensor\x12\x16\n\x0emissing_groups\x18\x03 \x03(\x05\x12\x13\n\x0b\x61nswered_by\x18\x04 \x03(\t\x12\x11\n\tlatency_s\x18\x05 \x01(\x01\x32\x98\x02\n\x06\x44\x65vice\x12\x46\n\x05Infer\x12\x1d.rocoin.v1.DeviceInferRequest\x1a\x1e.rocoin.v1.DeviceInferResponse\x12;\n\x06\x41ssign\x12\x18.rocoin.v1.AssignMessage\x1a\x15.rocoin.v1.ModelReady(\x01\x12\x37\n\x05\x43heck\x12\x16.rocoin.v1.HealthCheck\x1a\x16.rocoin.v1.HealthReply\x12P\n\x0bInferStream\x12\x1d.rocoin.v1.DeviceInferRequest\x1a\x1e.rocoin.v1.DeviceInferResponse(\x01\x30\x01\x32G\n\x05\x46leet\x12>\n\x04Join\x12\x18.rocoin.v1.DeviceMessage\x1a\x18.rocoin.v1.SourceMessage(\x01\x30\x01\x32P\n\x06Source\x12\x46\n\x05Infer\x12\x1d.rocoin.v1.SourceInferRequest\x1a\x1e.rocoin.v1.SourceInferResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,33 +36,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICEINFERREQUEST']._serialized_start=115
   _globals['_DEVICEINFERREQUEST']._serialized_end=222
   _globals['_DEVICEINFERRESPONSE']._serialized_start=225
-  _globals['_DEVICEINFERRESPONSE']._serialized_end=389
-  _globals['_JOINHELLO']._serialized_start=391
-  _globals['_JOINHELLO']._serialized_end=504
-  _globals['_ASSIGNMENT']._serialized_start=506
-  _globals['_ASSIGNMENT']._serialized_end=611
-  _globals['_MODELCHUNK']._serialized_start=613
-  _globals['_MODELCHUNK']._serialized_end=671
-  _globals['_HEALTHCHECK']._serialized_start=673
-  _globals['_HEALTHCHECK']._serialized_end=701
-  _globals['_SOURCEMESSAGE']._serialized_start=704
-  _globals['_SOURCEMESSAGE']._serialized_end=900
-  _globals['_MODELREADY']._serialized_start=902
-  _globals['_MODELREADY']._serialized_end=960
-  _globals['_HEALTHREPLY']._serialized_start=962
-  _globals['_HEALTHREPLY']._serialized_end=1012
-  _globals['_DEVICEMESSAGE']._serialized_start=1015
-  _globals['_DEVICEMESSAGE']._serialized_end=1209
-  _globals['_ASSIGNMESSAGE']._serialized_start=1211
-  _globals['_ASSIGNMESSAGE']._serialized_end=1315
-  _globals['_SOURCEINFERREQUEST']._serialized_start=1317
-  _globals['_SOURCEINFERREQUEST']._serialized_end=1409
-  _globals['_SOURCEINFERRESPONSE']._serialized_start=1412
-  _globals['_SOURCEINFERRESPONSE']._serialized_end=1550
-  _globals['_DEVICE']._serialized_start=1553
-  _globals['_DEVICE']._serialized_end=1833
-  _globals['_FLEET']._serialized_start=1835
-  _globals['_FLEET']._serialized_end=1906
-  _globals['_SOURCE']._serialized_start=1908
-  _globals['_SOURCE']._serialized_end=1988
+  _globals['_DEVICEINFERRESPONSE']._serialized_end=408
+  _globals['_JOINHELLO']._serialized_start=410
+  _globals['_JOINHELLO']._serialized_end=523
+  _globals['_ASSIGNMENT']._serialized_start=525
+  _globals['_ASSIGNMENT']._serialized_end=630
+  _globals['_MODELCHUNK']._serialized_start=632
+  _globals['_MODELCHUNK']._serialized_end=690
+  _globals['_HEALTHCHECK']._serialized_start=692
+  _globals['_HEALTHCHECK']._serialized_end=720
+  _globals['_SOURCEMESSAGE']._serialized_start=723
+  _globals['_SOURCEMESSAGE']._serialized_end=919
+  _globals['_MODELREADY']._serialized_start=921
+  _globals['_MODELREADY']._serialized_end=979
+  _globals['_HEALTHREPLY']._serialized_start=981
+  _globals['_HEALTHREPLY']._serialized_end=1031
+  _globals['_DEVICEMESSAGE']._serialized_start=1034
+  _globals['_DEVICEMESSAGE']._serialized_end=1228
+  _globals['_ASSIGNMESSAGE']._serialized_start=1230
+  _globals['_ASSIGNMESSAGE']._serialized_end=1334
+  _globals['_SOURCEINFERREQUEST']._serialized_start=1336
+  _globals['_SOURCEINFERREQUEST']._serialized_end=1428
+  _globals['_SOURCEINFERRESPONSE']._serialized_start=1431
+  _globals['_SOURCEINFERRESPONSE']._serialized_end=1569
+  _globals['_DEVICE']._serialized_start=1572
+  _globals['_DEVICE']._serialized_end=1852
+  _globals['_FLEET']._serialized_start=1854
+  _globals['_FLEET']._serialized_end=1925
+  _globals['_SOURCE']._serialized_start=1927
+  _globals['_SOURCE']._serialized_end=2007
 # @@protoc_insertion_point(module_scope)

@@ -29,7 +29,7 @@ class DeviceInferRequest(_message.Message):
     def __init__(self, query_id: _Optional[str] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., timeout_s: _Optional[float] = ..., cancel: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeviceInferResponse(_message.Message):
-    __slots__ = ("query_id", "device_id", "group", "features", "compute_s", "error_code", "error")
+    __slots__ = ("query_id", "device_id", "group", "features", "compute_s", "error_code", "error", "max_batch")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class DeviceInferResponse(_message.Message):
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     device_id: str
     group: int
@@ -44,7 +45,8 @@ class DeviceInferResponse(_message.Message):
     compute_s: float
     error_code: int
     error: str
-    def __init__(self, query_id: _Optional[str] = ..., device_id: _Optional[str] = ..., group: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    max_batch: int
+    def __init__(self, query_id: _Optional[str] = ..., device_id: _Optional[str] = ..., group: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., compute_s: _Optional[float] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class JoinHello(_message.Message):
     __slots__ = ("device_id", "profile_json", "cached_models", "protocol", "device_key")
