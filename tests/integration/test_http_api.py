@@ -250,7 +250,8 @@ def test_the_api_token_guards_everything_but_health(bundle):
     assert out["right"][0] == 200
 
 
-def test_rocoin_infer_speaks_the_rest_api(bundle):
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_rocoin_infer_speaks_the_rest_api(bundle, binary):
     pytest.importorskip("sklearn")
     from rocoin.data import load_dataset
     from rocoin.runtime.api.client import run_queries_http
@@ -258,7 +259,7 @@ def test_rocoin_infer_speaks_the_rest_api(bundle):
     test = load_dataset("digits").test
 
     async def scenario(session, base, devices):
-        return await run_queries_http(base, test.images[:12], test.labels[:12], concurrency=3, token="t" * 20)
+        return await run_queries_http(base, test.images[:12], test.labels[:12], concurrency=3, token="t" * 20, binary=binary)
 
     report = run_with_server(bundle, scenario, token="t" * 20)
     assert report["queries"] == 12 and report["queries_with_missing_groups"] == 0

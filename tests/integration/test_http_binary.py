@@ -194,3 +194,35 @@ def test_malformed_binary_bodies_get_one_clear_400_and_the_server_keeps_serving(
         status, body = answers[label]
         assert status == 400 and message in body["error"] and "\n" not in body["error"], (label, body)
     assert answers["after"][0] == 200
+
+
+def test_rocoin_client_reads_the_same_detections_binary_and_json(tmp_path):
+    pytest.importorskip("torch")
+    from test_detection_runtime import detection_source, make_detection_bundle
+    from test_detection_runtime import images as detection_images
+
+    from rocoin.runtime.api.client import http_infer
+    from rocoin.runtime.api.http import start_http
+
+    bundle = make_detection_bundle(tmp_path / "bundle")
+
+    async def scenario():
+        async with detection_source(bundle) as (source, _):
+            http = await start_http(source, "127.0.0.1:0")
+            try:
+                image = detection_images(3, batch=1)
+                answers = {}
+                for binary in (True, False):
+                    async with http_infer(f"http://{http.address}", binary=binary) as infer:
+                        answers[binary] = await infer(image)
+                return answers
+            finally:
+                await http.close()
+
+    answers = asyncio.run(scenario())
+    binary, as_json = answers[True], answers[False]
+    assert binary.prediction == as_json.prediction == -1 and binary.missing_groups == as_json.missing_groups == ()
+    boxes, scores, labels = binary.detections
+    assert boxes.shape == (len(scores), 4) and labels.shape == scores.shape and len(scores) > 0
+    for got, want in zip(binary.detections, as_json.detections):
+        np.testing.assert_array_equal(got, want)  # float32 values survive JSON exactly

@@ -21,6 +21,9 @@ import grpc
 import numpy as np
 
 from rocoin.contracts.errors import RocoinError, ServingError, UnavailableError
+from rocoin.contracts.text import one_line
+from rocoin.runtime.api.binary_tensors import HEADER as BINARY_HEADER
+from rocoin.runtime.api.binary_tensors import decode_response, encode_request
 from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc
 from rocoin.runtime.transport.serde import tensor_from_proto, tensor_to_proto
 
@@ -82,9 +85,11 @@ async def run_queries_http(
     concurrency: int = 1,
     token: str | None = None,
     model: str = "rocoin",
+    binary: bool = True,
 ) -> dict:
-    """The same as :func:`run_queries`, over the KServe v2 REST API at ``url`` (http://host:port)."""
-    async with http_infer(url, token=token, model=model) as infer:
+    """The same as :func:`run_queries`, over the KServe v2 REST API at ``url`` (http://host:port);
+    ``binary``: tensors as binary data (see :func:`http_infer`), else as JSON."""
+    async with http_infer(url, token=token, model=model, binary=binary) as infer:
 
         async def ask(image: np.ndarray) -> tuple[int, int, float]:
             answer = await infer(image)
@@ -110,9 +115,12 @@ Infer = Callable[..., Awaitable[Answer]]
 
 
 @asynccontextmanager
-async def http_infer(url: str, *, token: str | None = None, model: str = "rocoin") -> AsyncIterator[Infer]:
+async def http_infer(url: str, *, token: str | None = None, model: str = "rocoin", binary: bool = True) -> AsyncIterator[Infer]:
     """A session with the KServe v2 REST API at ``url``: yields ``infer(image, query_id=None)``,
-    one ``POST /v2/models/MODEL/infer`` per call (errors: see the module docstring)."""
+    one ``POST /v2/models/MODEL/infer`` per call (errors: see the module docstring). ``binary``:
+    the image and the outputs travel as binary tensors (Triton's binary tensor data extension,
+    what ``tritonclient.http`` does by default: ~3x fewer bytes and no JSON numbers to print or
+    parse); else as JSON ``data``."""
     import aiohttp
 
     endpoint = f"{url.rstrip('/')}/v2/models/{model}/infer"
@@ -121,35 +129,42 @@ async def http_infer(url: str, *, token: str | None = None, model: str = "rocoin
     async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
 
         async def infer(image: np.ndarray, query_id: str | None = None) -> Answer:
-            datatype = "UINT8" if image.dtype == np.uint8 else "FP32"
-            body = {
-                "id": query_id or uuid.uuid4().hex[:16],
-                "inputs": [{"name": "input", "shape": list(image.shape), "datatype": datatype, "data": image.ravel().tolist()}],
-            }
+            query_id = query_id or uuid.uuid4().hex[:16]
+            body, body_headers = encode_request(image, query_id=query_id, binary_input=binary, binary_output=binary)
             try:
-                async with session.post(endpoint, json=body) as response:
-                    reply = await response.json()
+                async with session.post(endpoint, data=body, headers=body_headers) as response:
+                    raw = await response.read()
+                    json_length = response.headers.get(BINARY_HEADER)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                raise UnavailableError(f"{endpoint}: query {body['id']} got no answer ({type(exc).__name__}: {exc})") from None
+                raise UnavailableError(f"{endpoint}: query {query_id} got no answer ({type(exc).__name__}: {exc})") from None
             if response.status != 200:
-                raise _http_error(endpoint, response.status, reply)
-            outputs = {o["name"]: o for o in reply["outputs"]}
-            missing = tuple(int(k) for k in outputs["missing_groups"]["data"]) if "missing_groups" in outputs else ()
-            latency_s = float(reply["parameters"]["latency_s"])
+                raise _http_error(endpoint, response.status, _json_or_text(raw))
+            try:
+                reply, outputs = decode_response(raw, json_length)
+                latency_s = float(reply["parameters"]["latency_s"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ServingError(f"{endpoint}: query {query_id}: malformed answer ({one_line(str(exc), 200)})") from None
+            missing = tuple(int(k) for k in outputs["missing_groups"].ravel()) if "missing_groups" in outputs else ()
             if "logits" not in outputs:  # a detection bundle: the image's first `count` rows
-                count = int(outputs["count"]["data"][0])
-
-                def rows(name: str, width: int, dtype) -> np.ndarray:
-                    values = np.asarray(outputs[name]["data"], dtype=dtype).reshape(outputs[name]["shape"])[0]
-                    return values[:count].reshape((count, width) if width > 1 else (count,))
-
-                found = (rows("boxes", 4, np.float32), rows("scores", 1, np.float32), rows("labels", 1, np.int64))
+                count = int(outputs["count"].ravel()[0])
+                found = (
+                    outputs["boxes"][0][:count].astype(np.float32),
+                    outputs["scores"][0][:count].astype(np.float32),
+                    outputs["labels"][0][:count].astype(np.int64),
+                )
                 return Answer(-1, missing, latency_s, found)
-            logits = outputs["logits"]
-            prediction = int(np.asarray(logits["data"]).reshape(logits["shape"]).argmax(axis=1)[0])
-            return Answer(prediction, missing, latency_s)
+            return Answer(int(outputs["logits"].argmax(axis=1)[0]), missing, latency_s)
 
         yield infer
+
+
+def _json_or_text(raw: bytes) -> object:
+    import json
+
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw[:300].decode("utf-8", "replace")
 
 
 async def for_each(indices: Iterable[int], concurrency: int, call: Callable[[int], Awaitable[None]]) -> float:
