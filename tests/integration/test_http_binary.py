@@ -63,8 +63,21 @@ def test_tritonclient_http_default_calls_send_and_get_binary_tensors(bundle):
         finally:
             client.close()
 
+    async def use_aio_client(address: str):
+        from tritonclient.http.aio import InferenceServerClient, InferInput
+
+        client = InferenceServerClient(address)  # the asyncio flavour, defaults too
+        try:
+            tensor = InferInput("input", list(images.shape), "UINT8")
+            tensor.set_data_from_numpy(images)
+            result = await client.infer("rocoin", inputs=[tensor])
+            return result.as_numpy("logits"), result.as_numpy("missing_groups"), result.get_response()
+        finally:
+            await client.close()
+
     async def scenario(session, base, devices):
         via_triton = await asyncio.to_thread(use_client, base.removeprefix("http://"))
+        via_triton["aio"] = await use_aio_client(base.removeprefix("http://"))
         async with session.post(base + INFER, json=infer_body(images)) as response:
             return via_triton, response.status, await response.json()
 
@@ -72,7 +85,7 @@ def test_tritonclient_http_default_calls_send_and_get_binary_tensors(bundle):
     assert status == 200
     assert "binary_tensor_data" in via_triton["server"]["extensions"]
     expected = json_logits(ours)
-    for label in ("uint8", "fp32"):
+    for label in ("uint8", "fp32", "aio"):
         logits, missing, response = via_triton[label]
         assert logits.shape == (3, 3) and logits.dtype == np.float32 and missing.size == 0
         # the answer really was binary: sizes instead of data

@@ -40,7 +40,7 @@ MAKE_TIMEOUT_S = 300
 
 #: Runs in the client's environment: Triton's default calls; prints what came back as JSON.
 CLIENT = """
-import json, sys
+import asyncio, json, sys
 import numpy as np
 import tritonclient.grpc as grpcclient
 
@@ -61,6 +61,21 @@ for datatype, x in (("UINT8", pixels), ("FP32", (pixels / 255.0).astype(np.float
     logits = result.as_numpy("logits")
     out[datatype] = {"logits": logits.tolist(), "dtype": str(logits.dtype), "missing": result.as_numpy("missing_groups").tolist()}
 client.close()
+
+
+async def with_aio():  # the asyncio flavour, defaults too
+    from tritonclient.grpc.aio import InferenceServerClient, InferInput
+
+    client = InferenceServerClient(sys.argv[1])
+    tensor = InferInput("input", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    result = await client.infer("rocoin", inputs=[tensor])
+    await client.close()
+    logits = result.as_numpy("logits")
+    return {"logits": logits.tolist(), "dtype": str(logits.dtype), "missing": result.as_numpy("missing_groups").tolist()}
+
+
+out["aio"] = asyncio.run(with_aio())
 print(json.dumps(out))
 """
 
@@ -145,7 +160,7 @@ def test_tritonclient_grpc_default_calls_get_the_json_paths_prediction(bundle, t
     assert via_triton["inputs"] == [["input", "UINT8", [-1, 1, 8, 8]]]
     logits = next(o for o in ours["outputs"] if o["name"] == "logits")
     expected = np.asarray(logits["data"], dtype=np.float32).reshape(logits["shape"])
-    for datatype in ("UINT8", "FP32"):
+    for datatype in ("UINT8", "FP32", "aio"):
         answer = via_triton[datatype]
         got = np.asarray(answer["logits"], dtype=np.float32)
         assert answer["dtype"] == "float32" and got.shape == (3, 3) and answer["missing"] == []
