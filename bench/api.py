@@ -68,7 +68,8 @@ def main() -> None:
                 for concurrency in CONCURRENCY:
                     for api, run in (
                         ("grpc", lambda c: run_queries(grpc_address, images, labels, concurrency=c)),
-                        ("rest", lambda c: run_queries_http(http_url, images, labels, concurrency=c)),
+                        # JSON tensors, as api.txt was measured (binary ones: --binary)
+                        ("rest", lambda c: run_queries_http(http_url, images, labels, concurrency=c, binary=False)),
                     ):
                         asyncio.run(run(concurrency))  # warm-up
                         r = asyncio.run(run(concurrency))
