@@ -29,11 +29,13 @@ from hypothesis import strategies as st  # noqa: E402
 from serving import DEVICE_TOKEN, BackgroundStack, Stack  # noqa: E402
 from test_device import make_bundle  # noqa: E402
 
+from rocoin.runtime.api.binary_tensors import HEADER, decode_response, encode_request  # noqa: E402
 from rocoin.runtime.transport.auth import token_metadata  # noqa: E402
 from rocoin.runtime.transport.protocol import inference_pb2 as pb  # noqa: E402
 from rocoin.runtime.transport.protocol import rocoin_pb2  # noqa: E402
 
 REST_EXAMPLES = 250
+BINARY_EXAMPLES = 150
 GRPC_EXAMPLES = 150
 
 
@@ -140,13 +142,21 @@ def _no_constants(name: str):
     raise AssertionError(f"answer is not JSON: {name}")
 
 
-def rest_post(address: str, raw: bytes) -> tuple[int, Any]:
+def rest_post(address: str, raw: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """POST ``raw``; the status and the answer's JSON (a binary answer: its JSON with the outputs' values as lists)."""
     host, port = address.rsplit(":", 1)
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
-        connection.request("POST", "/v2/models/rocoin/infer", body=raw, headers={"Content-Type": "application/json"})
+        connection.request("POST", "/v2/models/rocoin/infer", body=raw, headers=headers or {"Content-Type": "application/json"})
         response = connection.getresponse()
-        return response.status, json.loads(response.read(), parse_constant=_no_constants)
+        body, json_length = response.read(), response.getheader(HEADER)
+        if json_length is None:
+            return response.status, json.loads(body, parse_constant=_no_constants)
+        assert response.status == 200, (response.status, body[:300])
+        reply, arrays = decode_response(body, json_length)
+        for output in reply["outputs"]:
+            output["data"] = arrays[output["name"]].ravel().tolist()
+        return response.status, reply
     finally:
         connection.close()
 
@@ -175,6 +185,42 @@ def test_the_rest_infer_endpoint_under_fuzzing(stack):
     @given(raw=rest_bodies())
     def one(raw):
         assert_rest_property(*rest_post(stack.http_address, raw))
+
+    one()
+    assert_still_serving(stack)
+
+
+@st.composite
+def binary_rest_bodies(draw) -> tuple[bytes, dict[str, str]]:
+    """A valid binary-tensor request (Triton's extension) with its header, a size, the JSON or the bytes damaged."""
+    batch = draw(st.sampled_from([1, 2]))
+    images = np.random.default_rng(batch).integers(0, 256, size=(batch, 1, 8, 8)).astype(draw(st.sampled_from([np.uint8, np.float32])))
+    raw, headers = encode_request(images, query_id="fuzz", binary_output=draw(st.booleans()))
+    json_length = int(headers[HEADER])
+    kind = draw(st.sampled_from(["header", "size", "json", "bytes", "tail"]))
+    if kind == "header":
+        headers[HEADER] = draw(
+            st.integers(min_value=-5, max_value=len(raw) + 5).map(str) | st.sampled_from(["", " ", "1e3", "0x10", "9" * 40, "\u00b2"])
+        )
+    elif kind == "size":
+        request = json.loads(raw[:json_length])
+        request["inputs"][0]["parameters"]["binary_data_size"] = draw(json_values)
+        head = json.dumps(request).encode()
+        raw, headers[HEADER] = head + raw[json_length:], str(len(head))
+    elif kind == "json":
+        raw = draw(damaged(raw[:json_length])) + raw[json_length:]
+    elif kind == "bytes":
+        raw = raw[:json_length] + draw(damaged(raw[json_length:]))
+    else:
+        raw += draw(st.binary(min_size=1, max_size=8))
+    return raw, headers
+
+
+def test_the_rest_infer_endpoint_under_fuzzing_with_binary_bodies(stack):
+    @fuzz(BINARY_EXAMPLES)
+    @given(request=binary_rest_bodies())
+    def one(request):
+        assert_rest_property(*rest_post(stack.http_address, *request))
 
     one()
     assert_still_serving(stack)
