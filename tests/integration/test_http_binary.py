@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("aiohttp")
 pytest.importorskip("onnxruntime")
 
+import multidict  # noqa: E402
 from test_device import make_bundle  # noqa: E402
 from test_http_api import infer_body, run_with_server  # noqa: E402
 
@@ -156,6 +157,7 @@ MALFORMED = [
     ("header zero", _binary(_request(), bytes(64), "0"), "Inference-Header-Content-Length = '0'"),
     ("header past the body", _binary(_request(), bytes(64), "100000"), "an integer in 1.."),
     ("header of 40 digits", _binary(_request(), bytes(64), "9" * 40), "Inference-Header-Content-Length"),
+    ("header twice", (_binary(_request(), bytes(64))[0], {"Content-Type": "application/octet-stream"}), "2 headers: expected one"),
     ("header cuts the JSON", _binary(_request(), bytes(64), "20"), "JSON header (the first 20 bytes) is not valid JSON"),
     ("header not JSON", _binary(b"\x00" * 8, bytes(8)), "is not valid JSON"),
     ("size below the shape", _binary(_request(size=63), bytes(63)), "binary_data_size = 63: expected 64"),
@@ -197,6 +199,9 @@ def test_malformed_binary_bodies_get_one_clear_400_and_the_server_keeps_serving(
     async def scenario(session, base, devices):
         answers = {}
         for label, (body, headers), _ in MALFORMED:
+            if label == "header twice":
+                length = str(len(json.dumps(_request()).encode()))
+                headers = multidict.CIMultiDict([*headers.items(), (HEADER, length), (HEADER, length)])
             async with session.post(base + INFER, data=body, headers=headers) as response:
                 answers[label] = (response.status, await response.json())
         answers["after"] = await post(session, base + INFER, good, good_headers)

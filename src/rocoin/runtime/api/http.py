@@ -187,7 +187,10 @@ class _Api:
 
     async def infer(self, request: web.Request) -> web.Response:
         self._check_model(request)
-        header_length = request.headers.get(BINARY_HEADER)
+        lengths = request.headers.getall(BINARY_HEADER, [])
+        if len(lengths) > 1:
+            raise RequestError(400, f"{BINARY_HEADER}: {len(lengths)} headers: expected one (the JSON header's length in bytes)")
+        header_length = lengths[0] if lengths else None
         head, binary = split_body(await request.read(), header_length)
         body = _json_body(head, "request body" if binary is None else f"JSON header (the first {header_length.strip()} bytes)")
         images, query_id = _parse_infer(body, binary)
