@@ -119,6 +119,11 @@ def test_health_metadata_and_raw_infer(bundle):
             grpc.StatusCode.INVALID_ARGUMENT,
             "expected (B, 1, 8, 8)",
         ),
+        (
+            {"outputs": [pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "outputs[0].name = 'probs': expected one of logits, missing_groups",
+        ),
     ],
 )
 def test_bad_requests_get_a_clear_status_and_the_service_keeps_serving(bundle, overrides, code, message):
@@ -133,3 +138,16 @@ def test_bad_requests_get_a_clear_status_and_the_service_keeps_serving(bundle, o
     error, good = with_service(bundle, scenario)
     assert error.code() == code and message in error.details(), error.details()
     assert good.outputs[0].name == "logits"
+
+
+def test_only_the_outputs_asked_for_come_back_in_their_order(bundle):
+    images = np.zeros((1, 1, 8, 8), dtype=np.uint8)
+    wanted = [pb.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in ("missing_groups", "logits")]
+
+    async def scenario(stub):
+        return await stub.ModelInfer(raw_request(images, outputs=wanted)), await stub.ModelInfer(raw_request(images))
+
+    chosen, everything = with_service(bundle, scenario)
+    assert [o.name for o in chosen.outputs] == ["missing_groups", "logits"] and len(chosen.raw_output_contents) == 2
+    assert chosen.raw_output_contents[1] == everything.raw_output_contents[0] and chosen.raw_output_contents[0] == b""
+    assert [o.name for o in everything.outputs] == ["logits", "missing_groups"]

@@ -2,7 +2,8 @@
 
 ModelInfer takes the image batch as ``raw_input_contents`` (little-endian, row-major) or as
 typed ``contents``; the answer carries ``logits`` (FP32) and ``missing_groups`` (INT32) as raw
-output contents, plus the number of missing groups and the latency in ``parameters``.
+output contents (only those the request's ``outputs`` name, when it names any), plus the number
+of missing groups and the latency in ``parameters``.
 
 A malformed request gets ``INVALID_ARGUMENT`` (unknown model: ``NOT_FOUND``) with one line, and
 one log line without a traceback; only a bug on our side is ``INTERNAL`` with a traceback.
@@ -14,6 +15,7 @@ import grpc
 import numpy as np
 
 from rocoin.contracts.errors import RocoinError, ServingError
+from rocoin.contracts.text import short_repr
 from rocoin.runtime.api.oip import (
     MAX_INPUT_VALUES,
     MODEL_NAME,
@@ -71,6 +73,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         await self._check(context, request.model_name, request.model_version)
         try:
             images = _images(request)
+            wanted = self._requested_outputs(request)
             result = await self.source.infer(images, query_id=request.id or None)
         except ProtocolError as exc:
             await refuse(context, "ModelInfer", _STATUS_TO_CODE.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
@@ -80,6 +83,9 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             await refuse(context, "ModelInfer", grpc.StatusCode.INTERNAL, str(exc))
         tensors = result_tensors(result)
         missing = tensors[-1][2]
+        if wanted:
+            by_name = {name: (name, datatype, array) for name, datatype, array in tensors}
+            tensors = [by_name[name] for name in wanted]
         return pb.ModelInferResponse(
             model_name=MODEL_NAME,
             model_version=MODEL_VERSION,
@@ -94,6 +100,22 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             ],
             raw_output_contents=[array.tobytes() for _, _, array in tensors],
         )
+
+    def _requested_outputs(self, request: pb.ModelInferRequest) -> list[str]:
+        """The outputs the request names, in its order (none named: all of them)."""
+        available = [output["name"] for output in source_metadata(self.source)["outputs"]]
+        wanted: list[str] = []
+        for i, output in enumerate(request.outputs):
+            if output.name not in available:
+                raise ProtocolError(400, f"outputs[{i}].name = {short_repr(output.name)}: expected one of {', '.join(available)}")
+            if output.name in wanted:
+                raise ProtocolError(400, f"outputs[{i}].name = {output.name!r}: asked for twice")
+            if "classification" in output.parameters:
+                raise ProtocolError(
+                    400, f"outputs[{i}].parameters.classification: the classification extension is not supported; ask for the tensor itself"
+                )
+            wanted.append(output.name)
+        return wanted
 
     async def _check(self, context, name: str, version: str) -> None:
         try:
