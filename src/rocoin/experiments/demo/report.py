@@ -285,7 +285,11 @@ def _after_model(rt: dict[str, Any]) -> list[float]:
     """Per group, P(missing) after the kill in the model: the assignments in force (re-plans
     included) when the demo predicted them, else the bundle's plan without the killed devices."""
     prediction = rt.get("prediction")
-    return prediction["after"]["missing_prob_mean"] if prediction and prediction["after"].get("queries") else rt["expected_missing_share"]["after"]
+    return (
+        prediction["after"]["missing_prob_mean"]
+        if prediction and prediction["after"].get("queries")
+        else rt["expected_missing_share"]["after"]
+    )
 
 
 def _plan_section(r: dict[str, Any]) -> list[str]:
