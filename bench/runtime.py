@@ -15,6 +15,18 @@ Run: ``.venv/bin/python bench/runtime.py --students results/bench-accuracy/stude
    with its outage probability; the fleet's FLOP/s and rates are scaled up by --speedup so a
    query takes tens of milliseconds): the measured latency distribution against ``rocoin
    simulate`` for the same plan, fleet and deadline.
+4. Dynamic batching (``--max-queue-delay-ms``): two sources on the same device workers, one
+   batching and one not (delay 0). The *compute limit*: cores / (sum over the devices of their
+   model's measured time per image), model-only, and the full limit with the client's and the
+   source's measured CPU per query added; the curve at concurrency 1, 8, 32, 128 for both
+   sources with the share of the limits reached, where the CPU goes and how many queries shared a
+   message; the p50 at concurrency 1 of both compared in interleaved rounds (the machine varies
+   from run to run); and the issue's targets, met or not.
+
+The batching report in ``docs/bench/runtime-batching.md`` comes from::
+
+    .venv/bin/python bench/runtime.py --bundle results/demo/bundle --fleet results/demo/fleet.yaml \
+        --skip-plain --skip-emulation --batching-out docs/bench/runtime-batching.md
 """
 
 from __future__ import annotations
@@ -23,8 +35,12 @@ import argparse
 import asyncio
 import logging
 import os
+import re
+import shlex
+import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +51,19 @@ from rocoin.contracts.fleet import Fleet, load_fleet
 from rocoin.contracts.manifest import load_manifest
 from rocoin.runtime.api.client import run_queries
 from rocoin.runtime.cluster.local import LocalCluster
+from rocoin.runtime.source.settings import DEFAULT_MAX_QUEUE_DELAY_MS
 from rocoin.simulation import simulate
 
 CONCURRENCY = (1, 8, 32)
 KILLED = 3
+#: The batching curve, and its targets (issue 16): queries/s at concurrency 32 at least twice that at
+#: concurrency 1 and at least 55 % of the model-only compute limit; p50 at concurrency 1 no worse.
+BATCHING_CONCURRENCY = (1, 8, 32, 128)
+TARGET_SPEEDUP = 2.0
+TARGET_LIMIT_SHARE = 0.55
+#: "No worse": the median over interleaved rounds of (p50 batching - p50 not batching) is at most
+#: this share of the p50 not batching (the rounds' own spread is larger).
+P50_TOLERANCE = 0.03
 
 
 def cores() -> int:
@@ -46,10 +71,11 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def group_model_p50_s(bundle: Path, repeats: int = 200) -> list[float]:
-    """Batch-1 onnxruntime time of every group model, in-process (one thread, like a worker)."""
+def group_model_p50_s(bundle: Path, repeats: int = 200, batch: int = 1) -> list[float]:
+    """onnxruntime time per image of every group model at ``batch`` images per run (median of
+    ``repeats`` runs, divided by ``batch``), in-process (one thread, like a worker)."""
     manifest = load_manifest(bundle)
-    x = np.random.default_rng(0).normal(size=(1, *manifest.input.shape)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(batch, *manifest.input.shape)).astype(np.float32)
     times = []
     for model in manifest.groups:
         options = ort.SessionOptions()
@@ -62,7 +88,7 @@ def group_model_p50_s(bundle: Path, repeats: int = 200) -> list[float]:
             started = time.perf_counter()
             session.run(None, {model.input.name: x})
             samples.append(time.perf_counter() - started)
-        times.append(float(np.median(samples)))
+        times.append(float(np.median(samples)) / batch)
     return times
 
 
@@ -144,6 +170,145 @@ def emulation_benchmark(bundle: Path, fleet: Fleet, state: Path, images, labels,
     print(f"{'mean missing groups':>22} {report['missing_groups_mean']:>10.3f} {sim.missing_groups_mean:>10.3f}")
 
 
+# --- dynamic batching ----------------------------------------------------------------------------
+
+
+def batch_counts(cluster: LocalCluster) -> tuple[float, float]:
+    """(messages, queries) the cluster's source has sent to the devices so far (its /metrics)."""
+    with urllib.request.urlopen(f"http://{cluster.state.source.http_address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    count = re.search(r"^rocoin_batch_queries_count (\S+)$", text, re.M)
+    total = re.search(r"^rocoin_batch_queries_sum (\S+)$", text, re.M)
+    return float(count.group(1)), float(total.group(1))
+
+
+def measure_one(cluster: LocalCluster, device_pids: list[int], images, labels, queries: int, concurrency: int) -> dict:
+    """One run of ``queries`` queries at ``concurrency``: the client's report, the CPU per query of
+    the client, the source and the devices, and the queries per message to the devices."""
+    address = cluster.state.source.address
+    asyncio.run(run_queries(address, images[:concurrency], labels[:concurrency], concurrency=concurrency))  # warm-up
+    messages_before = batch_counts(cluster)
+    before = (sum(os.times()[:2]), cpu_s(cluster.state.source.pid), sum(cpu_s(pid) for pid in device_pids))
+    report = asyncio.run(run_queries(address, images[:queries], labels[:queries], concurrency=concurrency))
+    after = (sum(os.times()[:2]), cpu_s(cluster.state.source.pid), sum(cpu_s(pid) for pid in device_pids))
+    messages_after = batch_counts(cluster)
+    cpu_ms = [1e3 * (a - b) / queries for a, b in zip(after, before)]
+    messages = messages_after[0] - messages_before[0]
+    per_message = (messages_after[1] - messages_before[1]) / messages if messages else float("nan")
+    return {
+        "concurrency": concurrency,
+        **report,
+        "cpu_ms_per_query": dict(zip(("client", "source", "devices"), cpu_ms)),
+        "queries_per_message": per_message,
+    }
+
+
+def batching_benchmark(bundle: Path, fleet: Fleet, state: Path, images, labels, args) -> None:
+    manifest = load_manifest(bundle)
+    per_image_1 = group_model_p50_s(bundle, batch=1)
+    per_image_32 = group_model_p50_s(bundle, repeats=50, batch=32)
+    group_of = {d: k for k, g in enumerate(manifest.plan.groups) for d in g.devices}
+    model_1_s = sum(per_image_1[group_of[d]] for d in manifest.plan.device_ids)  # CPU of the models per query (one image)
+    model_32_s = sum(per_image_32[group_of[d]] for d in manifest.plan.device_ids)
+    n_cores = cores()
+    limit_1, limit_32 = n_cores / model_1_s, n_cores / model_32_s
+    #: the target is judged against the higher (stricter) of the two model-only limits
+    limit = max(limit_1, limit_32)
+    delay = args.max_queue_delay_ms
+    print("# Dynamic batching: throughput against the compute limit\n")
+    print(f"Made by `{shlex.join(['.venv/bin/python', *sys.argv])}` (bench/runtime.py).\n")
+    print(
+        f"{len(manifest.plan.device_ids)} device workers, {len(manifest.groups)} groups, {n_cores} CPU cores, deadline {args.deadline_s} s;"
+        f" batching: --max-queue-delay-ms {delay:g} (default {DEFAULT_MAX_QUEUE_DELAY_MS:g}), --max-batch-images 64;"
+        f" not batching: --max-queue-delay-ms 0. 1-minute load average at the start: {os.getloadavg()[0]:.2f}.\n"
+    )
+    print("## Compute limit\n")
+    print("| | per image, batch 1 | per image, batch 32 |")
+    print("|---|---|---|")
+    print(
+        "| group models (ms) | "
+        + ", ".join(f"{1e3 * t:.3f}" for t in per_image_1)
+        + " | "
+        + ", ".join(f"{1e3 * t:.3f}" for t in per_image_32)
+        + " |"
+    )
+    print(f"| sum over the devices of their model (ms per query) | {1e3 * model_1_s:.3f} | {1e3 * model_32_s:.3f} |")
+    print(f"| model-only compute limit = cores / sum (queries/s) | {limit_1:.0f} | {limit_32:.0f} |")
+    print(
+        f"\nThe share of the limit below is against {limit:.0f} queries/s (the higher of the two: batching may make the models"
+        " cheaper per image); the *full limit* adds the client's and the source's measured CPU per query of that row:"
+        " cores / (sum + client + source).\n"
+    )
+    with (
+        LocalCluster(bundle, fleet, state / "batching", deadline_s=args.deadline_s, http=True, max_queue_delay_ms=delay) as on,
+        LocalCluster(
+            bundle, load_fleet(on.state.fleet), state / "unbatched", devices=[], token=on.token, deadline_s=args.deadline_s,
+            http=True, max_queue_delay_ms=0,
+        ) as off,
+    ):  # fmt: skip
+        device_pids = [m.pid for m in on.state.devices]
+        clusters = {"not batching": off, "batching": on}
+        rows: dict[str, list[dict]] = {name: [] for name in clusters}
+        for concurrency in BATCHING_CONCURRENCY:
+            queries = min(len(images), max(args.queries, 10 * concurrency))
+            for name in list(clusters) if concurrency % 2 else list(clusters)[::-1]:  # alternate which goes first
+                rows[name].append(measure_one(clusters[name], device_pids, images, labels, queries, concurrency))
+        print("## Throughput and latency\n")
+        print(
+            "| source | concurrency | queries/s | share of limit | full limit | share of full | p50 ms | p99 ms | queries per message"
+            " | missing | accuracy | CPU ms/query: client | source | devices | of which models | CPU busy |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for name, measured in rows.items():
+            for r in measured:
+                cpu = r["cpu_ms_per_query"]
+                full = n_cores / (model_1_s + 1e-3 * (cpu["client"] + cpu["source"]))
+                busy = sum(cpu.values()) * 1e-3 * r["queries_per_s"] / n_cores
+                print(
+                    f"| {name} | {r['concurrency']} | {r['queries_per_s']:.0f} | {r['queries_per_s'] / limit:.0%} | {full:.0f}"
+                    f" | {r['queries_per_s'] / full:.0%} | {1e3 * r['latency_s']['p50']:.2f} | {1e3 * r['latency_s']['p99']:.2f}"
+                    f" | {r['queries_per_message']:.1f} | {r['missing_groups_mean']:.3f} | {r.get('accuracy', float('nan')):.4f}"
+                    f" | {cpu['client']:.2f} | {cpu['source']:.2f} | {cpu['devices']:.2f} | {1e3 * model_1_s:.2f} | {busy:.0%} |"
+                )
+        print(
+            "\n*CPU ms/query*: user + system CPU of the client (this process), the source and the ten workers together per query"
+            " (/proc); *of which models*: the sum of the models' own batch-1 time; *CPU busy*: all of it times queries/s over"
+            " the cores (100 %: the machine is the limit).\n"
+        )
+        p50 = {name: [] for name in clusters}
+        for i in range(args.p50_rounds):
+            for name in list(clusters) if i % 2 == 0 else list(clusters)[::-1]:
+                queries = min(len(images), args.p50_queries)
+                report = asyncio.run(run_queries(clusters[name].state.source.address, images[:queries], labels[:queries], concurrency=1))
+                p50[name].append(report["latency_s"]["p50"])
+    off_p50, on_p50 = np.array(p50["not batching"]), np.array(p50["batching"])
+    differences = on_p50 - off_p50
+    print(f"## p50 at concurrency 1, interleaved ({args.p50_rounds} rounds of {args.p50_queries} queries each, alternating order)\n")
+    print("| round | " + " | ".join(str(i + 1) for i in range(args.p50_rounds)) + " | median |")
+    print("|---|" + "---|" * (args.p50_rounds + 1))
+    for name, values in (("not batching", off_p50), ("batching", on_p50), ("difference", differences)):
+        print(f"| {name} (ms) | " + " | ".join(f"{1e3 * v:.2f}" for v in values) + f" | {1e3 * np.median(values):.2f} |")
+    print(f"\nBatching faster in {int((differences < 0).sum())} of {len(differences)} rounds.\n")
+    on_rows = {r["concurrency"]: r for r in rows["batching"]}
+    q1, q32 = on_rows[1]["queries_per_s"], on_rows[32]["queries_per_s"]
+    median_off = float(np.median(off_p50))
+    targets = [
+        (f"queries/s at concurrency 32 >= {TARGET_SPEEDUP:g} x concurrency 1 (batching)", f"{q32:.0f} vs {q1:.0f}: {q32 / q1:.2f} x", q32 >= TARGET_SPEEDUP * q1),
+        (f"queries/s at concurrency 32 >= {TARGET_LIMIT_SHARE:.0%} of the compute limit", f"{q32:.0f} / {limit:.0f} = {q32 / limit:.0%}", q32 >= TARGET_LIMIT_SHARE * limit),
+        (
+            f"p50 at concurrency 1 no worse than without batching (median difference <= {P50_TOLERANCE:.0%})",
+            f"median difference {1e3 * float(np.median(differences)):+.2f} ms on {1e3 * median_off:.2f} ms",
+            float(np.median(differences)) <= P50_TOLERANCE * median_off,
+        ),
+    ]  # fmt: skip
+    print("## Targets (issue 16)\n")
+    print("| target | measured | met |")
+    print("|---|---|---|")
+    for target, measured, met in targets:
+        print(f"| {target} | {measured} | {'yes' if met else 'NO'} |")
+    print(f"\n1-minute load average at the end: {os.getloadavg()[0]:.2f}.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--students", type=Path, default=Path("results/bench-accuracy/students-rocoin.pt"))
@@ -155,10 +320,18 @@ def main() -> None:
     parser.add_argument("--emulated-queries", type=int, default=300)
     parser.add_argument("--skip-plain", action="store_true", help="only the emulation comparison")
     parser.add_argument("--skip-emulation", action="store_true", help="only the plain benchmark")
+    parser.add_argument("--skip-batching", action="store_true", help="no dynamic batching comparison")
+    parser.add_argument("--max-queue-delay-ms", type=float, default=DEFAULT_MAX_QUEUE_DELAY_MS, help="the batching source's queue delay")
+    parser.add_argument("--p50-rounds", type=int, default=10, help="interleaved rounds of the p50 comparison at concurrency 1")
+    parser.add_argument("--p50-queries", type=int, default=300, help="queries per round of the p50 comparison")
+    parser.add_argument(
+        "--batching-out", type=Path, default=Path("docs/bench/runtime-batching.md"), help="also write the batching report here"
+    )
     parser.add_argument("--cpus", type=int, default=None, help="run everything on the first N CPU cores (Linux): latency against cores")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/runtime.txt"), help="also write the report here (the README's source)")
     args = parser.parse_args()
-    with report_to(args.out):
+    # --out holds the plain and emulation sections: not rewritten by a run that skips both
+    with report_to(None if args.skip_plain and args.skip_emulation else args.out):
         if args.cpus is not None:  # the cluster's processes inherit it
             os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cpus])
         logging.basicConfig(level=logging.ERROR)
@@ -182,6 +355,9 @@ def main() -> None:
                 plain_benchmark(args.bundle, fleet, Path(state) / "plain", test.images, test.labels, args, max(model_times))
             if not args.skip_emulation:
                 emulation_benchmark(args.bundle, fleet, Path(state) / "emulated", test.images, test.labels, args)
+            if not args.skip_batching:
+                with report_to(args.batching_out):
+                    batching_benchmark(args.bundle, fleet, Path(state), test.images, test.labels, args)
 
 
 if __name__ == "__main__":
