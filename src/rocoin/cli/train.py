@@ -13,6 +13,8 @@ from rocoin.cli.progress import rich_progress
 from rocoin.contracts.errors import RocoinError
 
 DATASETS_HELP = "cifar10, cifar100, fashion-mnist or digits."
+DEVICE_HELP = "Where to train: cpu, cuda, cuda:N or auto. Under torchrun, cuda (or auto) puts each process on cuda:LOCAL_RANK."
+BATCH_HELP = "Images per optimiser step; under torchrun the global batch, shared by the processes."
 
 
 def _require_torch() -> None:
@@ -33,7 +35,7 @@ def train_teacher_command(
     dataset: str = typer.Option("fashion-mnist", "--dataset", help=DATASETS_HELP),
     arch: str = typer.Option("wrn-16-2", "--arch", help="Teacher architecture, e.g. wrn-16-2, wrn-16-4."),
     epochs: int = typer.Option(10, "--epochs", help="Training epochs."),
-    batch_size: int = typer.Option(128, "--batch-size"),
+    batch_size: int = typer.Option(128, "--batch-size", help=BATCH_HELP),
     lr: float = typer.Option(0.1, "--lr", help="Peak learning rate (cosine schedule)."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (Nesterov) or adam."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of the training set held out for validation."),
@@ -42,10 +44,12 @@ def train_teacher_command(
     download: bool = typer.Option(False, "--download", help="Download the dataset (checksummed) if it is missing."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an interrupted run's state and start over."),
     seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="teacher.pt to write (best validation checkpoint)."),
 ) -> None:
-    """Train a teacher; the best checkpoint is kept and an interrupted run resumes."""
+    """Train a teacher; the best checkpoint is kept and an interrupted run resumes. Runs as is under torchrun (DDP)."""
     _require_torch()
+    from rocoin.distillation.distributed import training_processes
     from rocoin.distillation.teacher import TeacherConfig, train_teacher
     from rocoin.distillation.training import DataConfig
 
@@ -58,13 +62,20 @@ def train_teacher_command(
         lr=lr,
         seed=seed,
     )
-    summary = train_teacher(config, output, resume=not fresh, download=download, progress=rich_progress)
+    with training_processes(device) as (ranks, mine):
+        summary = train_teacher(config, output, resume=not fresh, download=download, device=mine, progress=rich_progress)
+    if not ranks.main:
+        return
     last = summary["history"][-1]
     out.print(
         f"teacher {arch} on {summary['dataset']}: validation accuracy {summary['val_accuracy']:.4f} (epoch {summary['best_epoch']}),"
-        f" test accuracy {summary['test_accuracy']:.4f}, {last['images_per_s']:.0f} images/s"
+        f" test accuracy {summary['test_accuracy']:.4f}, {last['images_per_s']:.0f} images/s" + _processes(summary)
     )
     err.print(f"wrote {output}")
+
+
+def _processes(summary: dict) -> str:
+    return f" ({summary['processes']} processes)" if summary.get("processes") else ""
 
 
 @clean_errors
@@ -87,7 +98,7 @@ def distill_command(
     teacher: Path = typer.Option(..., "--teacher", help="teacher.pt from rocoin train-teacher."),
     plan_path: Path = typer.Option(..., "--plan", help="plan.json from rocoin plan (made from this teacher's activations)."),
     epochs: int = typer.Option(10, "--epochs"),
-    batch_size: int = typer.Option(128, "--batch-size"),
+    batch_size: int = typer.Option(128, "--batch-size", help=BATCH_HELP),
     lr: float = typer.Option(0.003, "--lr", help="Peak learning rate (cosine schedule)."),
     optimizer: str = typer.Option("adam", "--optimizer", help="adam (AdamW) or sgd (Nesterov)."),
     alpha: float = typer.Option(0.9, "--alpha", help="Weight of the soft-target term."),
@@ -105,12 +116,14 @@ def distill_command(
     data_dir: str | None = typer.Option(None, "--data-dir", help="Where the dataset is (default: where the teacher found it)."),
     download: bool = typer.Option(False, "--download"),
     seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="students.pt to write."),
 ) -> None:
-    """Distill the network of students of a plan from a teacher (SPEC.md §6)."""
+    """Distill the network of students of a plan from a teacher (SPEC.md §6). Runs as is under torchrun (DDP)."""
     _require_torch()
     from rocoin.contracts.plan import load_plan
     from rocoin.distillation.distill import DistillConfig, distill
+    from rocoin.distillation.distributed import training_processes
 
     plan = load_plan(plan_path)
     if failure_aware is None:
@@ -128,14 +141,19 @@ def distill_command(
         max_train_images=max_train_images,
         seed=seed,
     )
-    summary = distill(
-        teacher, plan, config, output, plan_source=str(plan_path), data_dir=data_dir, download=download, progress=rich_progress
-    )
+    with training_processes(device) as (ranks, mine):
+        summary = distill(
+            teacher, plan, config, output, plan_source=str(plan_path), data_dir=data_dir, download=download, device=mine,
+            progress=rich_progress,
+        )  # fmt: skip
+    if not ranks.main:
+        return
     last = summary["history"][-1]
     out.print(
         f"{plan.scheme} students ({plan.num_groups} groups): validation accuracy {summary['val_accuracy']:.4f},"
         f" test accuracy {summary['test_accuracy']:.4f}, {last['images_per_s']:.0f} images/s"
         + (" (teacher outputs cached)" if summary["teacher_cached"] else "")
+        + _processes(summary)
     )
     err.print(f"wrote {output}")
 

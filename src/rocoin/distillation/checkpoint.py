@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -33,13 +34,18 @@ def save_checkpoint(
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike[str], kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """``(metadata, state_dict, payload)``; never unpickles arbitrary objects."""
+def load_checkpoint(
+    path: str | os.PathLike[str], kind: str, *, data: bytes | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """``(metadata, state_dict, payload)``; never unpickles arbitrary objects.
+
+    ``data``: the file's bytes as read elsewhere (another training process); ``path`` then only names it.
+    """
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise RocoinError(f"{path}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a checkpoint we can read safely"
         raise RocoinError(
             f"{path}: not a rocoin checkpoint that loads with weights_only=True ({' '.join(str(exc).split())[:200]})"

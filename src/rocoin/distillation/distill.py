@@ -15,24 +15,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.plan import Plan
-from rocoin.contracts.progress import Progress, log_progress
+from rocoin.contracts.progress import Progress, log_progress, silent
 from rocoin.distillation.checkpoint import load_checkpoint, load_state, save_checkpoint
+from rocoin.distillation.distributed import SINGLE, Ranks, barrier, broadcast_file, current_ranks, gather_rows, shard_bounds, sum_across
 from rocoin.distillation.losses import DistillationLoss, attention_map
 from rocoin.distillation.students import StudentNetwork, sample_slot_mask
 from rocoin.distillation.teacher import Teacher, info_from_json, info_to_json, load_teacher
 from rocoin.distillation.training import (
-    accuracy,
-    collect,
+    check_batch_size,
     compute_device,
     cosine_schedule,
+    data_parallel,
     inference_batches,
-    load_data,
+    load_data_in_turn,
     make_optimizer,
+    share_weight,
+    shared_accuracy,
     train_batches,
     use_all_cores,
 )
@@ -103,17 +107,26 @@ def distill(
     ``device`` picks where to train (see :func:`compute_device`); ``progress`` is told of every
     training step (one task per epoch). The history has, per epoch, the
     loss terms and the validation accuracy of the aggregated students (all present).
+
+    Under torchrun the students are trained with DistributedDataParallel, ``config.batch_size``
+    being the global batch; each process caches the teacher's outputs for its share of the
+    training images and the shares are gathered; only rank 0 reads the teacher file and writes
+    the students (see :mod:`rocoin.distillation.distributed`).
     """
     use_all_cores()
+    ranks = current_ranks()
+    check_batch_size(config.batch_size, ranks)
     on = compute_device(device)
-    teacher = load_teacher(teacher_path)
+    if not ranks.main:
+        progress = silent
+    teacher = load_teacher(teacher_path, data=_teacher_bytes(teacher_path, ranks, on))
     teacher.model.to(on)
     check_plan_fits_teacher(plan, teacher, plan_source)
     update: dict[str, Any] = {"max_train_images": config.max_train_images or teacher.data_config.max_train_images}
     if data_dir is not None:
         update["data_dir"] = data_dir
     data_config = teacher.data_config.model_copy(update=update)
-    data = load_data(data_config, download=download)
+    data = load_data_in_turn(data_config, download, ranks)
     info = data.info
     torch.manual_seed(config.seed)
     network = StudentNetwork(plan, info.input_shape[0], info.num_classes).to(on)
@@ -128,7 +141,8 @@ def distill(
     drop = drop_probabilities(plan, config)
     parts = [torch.tensor(g.filters, device=on) for g in plan.groups]
     augment = config.augment and info.augmentation != "none"
-    cache = None if augment else _teacher_cache(teacher, data.train, info, parts, on)
+    cache = None if augment else _teacher_cache(teacher, data.train, info, parts, on, ranks)
+    trained = data_parallel(_Students(network), on, ranks)
     optimizer = make_optimizer(network.parameters(), config.optimizer, config.lr, config.weight_decay)
     steps_per_epoch = -(-len(data.train) // config.batch_size)
     scheduler = cosine_schedule(optimizer, config.epochs * steps_per_epoch)
@@ -139,11 +153,13 @@ def distill(
         started = time.perf_counter()
         with progress(f"distill epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
             seen, totals = _train_epoch(
-                network, teacher, cache, parts, data.train, info, config, loss_fn, optimizer, scheduler, drop, generator, on, advance
+                trained, teacher, cache, parts, data.train, info, config, loss_fn, optimizer, scheduler, drop, generator, on, advance, ranks
             )
         throughput = seen / (time.perf_counter() - started)
+        if ranks.active:
+            totals = dict(zip(totals, sum_across(list(totals.values()), ranks, on), strict=True))
         network.eval()
-        val_acc = accuracy(collect(network, data.val, info, device=on), data.val.labels)
+        val_acc = shared_accuracy(network, data.val, info, device=on, ranks=ranks)
         record = {
             "epoch": epoch + 1,
             **{f"loss_{k}": v / seen for k, v in totals.items()},
@@ -156,7 +172,7 @@ def distill(
             best_val, best_state = val_acc, {k: v.detach().clone() for k, v in network.state_dict().items()}
     network.load_state_dict(best_state)
     network.eval()
-    test_acc = accuracy(collect(network, data.test, info, device=on), data.test.labels)
+    test_acc = shared_accuracy(network, data.test, info, device=on, ranks=ranks)
     metadata = {
         "plan": plan.model_dump(mode="json"),
         "dataset": info_to_json(info),
@@ -168,8 +184,34 @@ def distill(
         "test_accuracy": test_acc,
         "history": history,
     }
-    save_checkpoint(output, STUDENTS_KIND, metadata, network.state_dict())
-    return {"val_accuracy": best_val, "test_accuracy": test_acc, "history": history, "teacher_cached": cache is not None}
+    if ranks.main:
+        save_checkpoint(output, STUDENTS_KIND, metadata, network.state_dict())
+    barrier(ranks)  # the file is complete when any process returns
+    summary = {"val_accuracy": best_val, "test_accuracy": test_acc, "history": history, "teacher_cached": cache is not None}
+    return {**summary, "processes": ranks.world_size} if ranks.active else summary
+
+
+def _teacher_bytes(path: Path, ranks: Ranks, on: torch.device) -> bytes | None:
+    """With several processes, the teacher file as rank 0 reads it (one process reads it itself)."""
+    if not ranks.active:
+        return None
+    data = broadcast_file(Path(path), ranks, on)
+    if data is None:
+        raise RocoinError(f"{path}: checkpoint not found")
+    return data
+
+
+class _Students(torch.nn.Module):
+    """One training step's forward of the students: ``(logits, bridge maps)``, through one module
+    call so that DistributedDataParallel sees it."""
+
+    def __init__(self, network: StudentNetwork) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        maps = self.network.maps(x)
+        return self.network.fc(self.network.assemble(maps, mask)), maps
 
 
 def _teacher_targets(teacher: Teacher, cache: dict[str, Any] | None, x: torch.Tensor, index: torch.Tensor, parts: list[torch.Tensor]):
@@ -181,21 +223,27 @@ def _teacher_targets(teacher: Teacher, cache: dict[str, Any] | None, x: torch.Te
         return teacher.model.forward_head(teacher_map), tuple(teacher_map.shape[-2:]), [attention_map(teacher_map[:, p]) for p in parts]
 
 
-def _train_epoch(network, teacher, cache, parts, train, info, config, loss_fn, optimizer, scheduler, drop, generator, on, advance):
-    """One epoch over ``train``; returns the images seen and the summed (image-weighted) loss terms."""
+def _train_epoch(trained, teacher, cache, parts, train, info, config, loss_fn, optimizer, scheduler, drop, generator, on, advance, ranks):
+    """One epoch over ``train``; returns the images seen (all processes) and this process's
+    summed (image-weighted) loss terms."""
     augment = config.augment and info.augmentation != "none"
     seen, totals = 0, {"ce": 0.0, "kd": 0.0, "at": 0.0, "total": 0.0}
-    for x, y, index in train_batches(train, info, config.batch_size, augment=augment, generator=generator, device=on):
-        teacher_logits, size, teacher_att = _teacher_targets(teacher, cache, x, index, parts)
-        maps = network.maps(x)
-        mask = sample_slot_mask(len(y), drop, generator).to(on) if config.failure_aware else None
-        logits = network.fc(network.assemble(maps, mask))
-        loss, terms = loss_fn(logits, y, teacher_logits, maps, teacher_att, size)
+    for batch in train_batches(train, info, config.batch_size, augment=augment, generator=generator, device=on, ranks=ranks):
+        x, y = batch.x, batch.y
+        # the mask of the whole batch from the shared generator (the same draws as one process), this share of it
+        mask = sample_slot_mask(batch.size, drop, generator)[batch.offset : batch.offset + len(y)].to(on) if config.failure_aware else None
+        logits, maps = trained(x, mask)
+        if len(y):
+            teacher_logits, size, teacher_att = _teacher_targets(teacher, cache, x, batch.index, parts)
+            loss, terms = loss_fn(logits, y, teacher_logits, maps, teacher_att, size)
+            weighted = loss * share_weight(batch, ranks) if ranks.active else loss
+        else:  # a share of nothing (a last batch smaller than the processes) still joins DDP's all-reduce
+            weighted, terms = sum(m.sum() for m in maps) * 0.0 + logits.sum() * 0.0, dict.fromkeys(totals, 0.0)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        weighted.backward()
         optimizer.step()
         scheduler.step()
-        seen += len(y)
+        seen += batch.size
         for key in totals:
             totals[key] += terms[key] * len(y)
         advance(loss=terms["total"])
@@ -203,9 +251,15 @@ def _train_epoch(network, teacher, cache, parts, train, info, config, loss_fn, o
 
 
 @torch.inference_mode()
-def _teacher_cache(teacher: Teacher, data, info, parts: list[torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """Teacher logits and per-partition attention maps for every training image (no augmentation)."""
+def _teacher_cache(teacher: Teacher, data, info, parts: list[torch.Tensor], device: torch.device, ranks: Ranks = SINGLE) -> dict[str, Any]:
+    """Teacher logits and per-partition attention maps for every training image (no augmentation);
+    with several processes each computes its share and the shares are gathered."""
     started = time.perf_counter()
+    total = len(data)
+    if ranks.active:
+        if total < ranks.world_size:
+            raise RocoinError(f"{total} training images cannot be shared by {ranks.world_size} processes")
+        data = data.subset(np.arange(*shard_bounds(total, ranks)))
     logits, attention, size = [], [[] for _ in parts], None
     for x, _ in inference_batches(data, info, device=device):
         teacher_map = teacher.model.forward_features(x)
@@ -213,8 +267,12 @@ def _teacher_cache(teacher: Teacher, data, info, parts: list[torch.Tensor], devi
         logits.append(teacher.model.forward_head(teacher_map))
         for k, p in enumerate(parts):
             attention[k].append(attention_map(teacher_map[:, p]))
-    logger.info("teacher outputs cached for %d images in %.1f s", len(data), time.perf_counter() - started)
-    return {"logits": torch.cat(logits), "attention": [torch.cat(a) for a in attention], "size": size}
+    cached = {"logits": torch.cat(logits), "attention": [torch.cat(a) for a in attention], "size": size}
+    if ranks.active:
+        cached["logits"] = gather_rows(cached["logits"], total, ranks)
+        cached["attention"] = [gather_rows(a, total, ranks) for a in cached["attention"]]
+    logger.info("teacher outputs cached for %d images in %.1f s", total, time.perf_counter() - started)
+    return cached
 
 
 class Students:

@@ -13,17 +13,20 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from rocoin.contracts.errors import RocoinError
-from rocoin.contracts.progress import Progress, log_progress
+from rocoin.contracts.progress import Progress, log_progress, silent
 from rocoin.data import DatasetInfo
 from rocoin.distillation.checkpoint import load_checkpoint, load_state, save_checkpoint
+from rocoin.distillation.distributed import barrier, broadcast_file, current_ranks, sum_across
 from rocoin.distillation.training import (
     DataConfig,
-    accuracy,
-    collect,
+    check_batch_size,
     compute_device,
     cosine_schedule,
-    load_data,
+    data_parallel,
+    load_data_in_turn,
     make_optimizer,
+    share_weight,
+    shared_accuracy,
     train_batches,
     use_all_cores,
 )
@@ -105,10 +108,19 @@ def train_teacher(
     rerun with the same config continues from there. Returns a summary (accuracies, images/s).
     ``device`` picks where to train (see :func:`compute_device`); checkpoints are the same.
     ``progress`` is told of every training step (one task per epoch).
+
+    Under torchrun (a process group started by
+    :func:`~rocoin.distillation.distributed.training_processes`) the model is wrapped in
+    DistributedDataParallel, ``config.batch_size`` is the global batch shared by the processes,
+    and only rank 0 writes files, logs and reports progress (see :mod:`rocoin.distillation.distributed`).
     """
     use_all_cores()
+    ranks = current_ranks()
+    check_batch_size(config.batch_size, ranks)
     on = compute_device(device)
-    data = load_data(config.data, download=download)
+    if not ranks.main:
+        progress = silent
+    data = load_data_in_turn(config.data, download, ranks)
     info = data.info
     torch.manual_seed(config.seed)
     model = create_model(config.arch, in_channels=info.input_shape[0], num_classes=info.num_classes).to(on)
@@ -118,45 +130,55 @@ def train_teacher(
     generator = torch.Generator().manual_seed(config.seed)
     state = {"epoch": 0, "best_val": -1.0, "history": []}
     resume_path = Path(str(output) + RESUME_SUFFIX)
-    if resume and resume_path.exists():
-        state = _restore(resume_path, config, model, optimizer, scheduler, generator)
+    stored = broadcast_file(resume_path, ranks, on) if resume else None
+    if stored is not None:
+        state = _restore(resume_path, config, model, optimizer, scheduler, generator, stored)
         logger.info("resuming %s from epoch %d", output, state["epoch"])
+    trained = data_parallel(model, on, ranks)
     metadata = {"arch": config.arch, "config": config.model_dump(mode="json"), "dataset": info_to_json(info)}
     for epoch in range(state["epoch"], config.epochs):
         model.train()
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
         with progress(f"teacher epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
-            for x, y, _ in train_batches(data.train, info, config.batch_size, augment=True, generator=generator, device=on):
-                loss = F.cross_entropy(model(x), y)
+            for batch in train_batches(data.train, info, config.batch_size, augment=True, generator=generator, device=on, ranks=ranks):
+                logits = trained(batch.x)
+                if len(batch.y):
+                    loss = F.cross_entropy(logits, batch.y)
+                    weighted = loss * share_weight(batch, ranks) if ranks.active else loss
+                else:  # a share of nothing (a last batch smaller than the processes) still joins DDP's all-reduce
+                    loss = weighted = logits.sum() * 0.0
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                weighted.backward()
                 optimizer.step()
                 scheduler.step()
-                seen += len(y)
-                loss_sum += loss.item() * len(y)
+                seen += batch.size
+                loss_sum += loss.item() * len(batch.y)
                 advance(loss=loss.item())
         throughput = seen / (time.perf_counter() - started)
+        if ranks.active:
+            (loss_sum,) = sum_across([loss_sum], ranks, on)
         model.eval()
-        val_acc = accuracy(collect(model, data.val, info, device=on), data.val.labels)
+        val_acc = shared_accuracy(model, data.val, info, device=on, ranks=ranks)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "val_accuracy": val_acc, "images_per_s": throughput}
         state["history"].append(record)
         logger.info("teacher epoch %d: loss %.4f, val accuracy %.4f, %.0f images/s", epoch + 1, record["train_loss"], val_acc, throughput)
         if val_acc > state["best_val"]:
             state["best_val"] = val_acc
-            save_checkpoint(output, TEACHER_KIND, {**metadata, "epoch": epoch + 1, "val_accuracy": val_acc}, model.state_dict())
+            if ranks.main:
+                save_checkpoint(output, TEACHER_KIND, {**metadata, "epoch": epoch + 1, "val_accuracy": val_acc}, model.state_dict())
         state["epoch"] = epoch + 1
-        save_checkpoint(
-            resume_path,
-            "teacher-resume",
-            {**metadata, **{k: v for k, v in state.items()}},
-            model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            generator=generator.get_state(),
-        )
-    teacher = load_teacher(output)
-    test_acc = accuracy(collect(teacher.model.to(on), data.test, info, device=on), data.test.labels)
-    resume_path.unlink(missing_ok=True)
+        if ranks.main:
+            save_checkpoint(
+                resume_path,
+                "teacher-resume",
+                {**metadata, **{k: v for k, v in state.items()}},
+                model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                generator=generator.get_state(),
+            )
+    teacher = load_teacher(output, data=broadcast_file(output, ranks, on) if ranks.active else None)
+    test_acc = shared_accuracy(teacher.model.to(on), data.test, info, device=on, ranks=ranks)
     summary = {
         "arch": config.arch,
         "dataset": info.name,
@@ -166,14 +188,19 @@ def train_teacher(
         "test_accuracy": test_acc,
         "history": state["history"],
     }
-    save_checkpoint(
-        output, TEACHER_KIND, {**teacher.metadata, "test_accuracy": test_acc, "history": state["history"]}, teacher.model.state_dict()
-    )
+    if ranks.active:
+        summary["processes"] = ranks.world_size
+    if ranks.main:
+        resume_path.unlink(missing_ok=True)
+        save_checkpoint(
+            output, TEACHER_KIND, {**teacher.metadata, "test_accuracy": test_acc, "history": state["history"]}, teacher.model.state_dict()
+        )
+    barrier(ranks)  # the files are complete when any process returns
     return summary
 
 
-def _restore(path: Path, config: TeacherConfig, model, optimizer, scheduler, generator) -> dict[str, Any]:
-    metadata, state_dict, payload = load_checkpoint(path, "teacher-resume")
+def _restore(path: Path, config: TeacherConfig, model, optimizer, scheduler, generator, stored: bytes) -> dict[str, Any]:
+    metadata, state_dict, payload = load_checkpoint(path, "teacher-resume", data=stored)
     if metadata.get("config") != config.model_dump(mode="json"):
         raise RocoinError(f"{path}: a resumable run with other settings is here; delete it or rerun with the same options (or --fresh)")
     load_state(model, state_dict, path, f"teacher {config.arch}")
@@ -183,8 +210,9 @@ def _restore(path: Path, config: TeacherConfig, model, optimizer, scheduler, gen
     return {"epoch": metadata["epoch"], "best_val": metadata["best_val"], "history": metadata["history"]}
 
 
-def load_teacher(path: str | Path) -> Teacher:
-    metadata, state_dict, _ = load_checkpoint(path, TEACHER_KIND)
+def load_teacher(path: str | Path, *, data: bytes | None = None) -> Teacher:
+    """The teacher at ``path`` (``data``: its bytes as another process read them)."""
+    metadata, state_dict, _ = load_checkpoint(path, TEACHER_KIND, data=data)
     try:
         info = info_from_json(metadata["dataset"])
         arch = metadata["arch"]

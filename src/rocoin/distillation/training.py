@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rocoin.contracts.errors import RocoinError
 from rocoin.data import ArrayDataset, DatasetInfo, load_dataset, split_validation
 from rocoin.data.loader import batches, to_tensor
+from rocoin.distillation.distributed import SINGLE, Ranks, barrier, broadcast_buffers, shard_bounds, sum_across
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,18 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class Batch(NamedTuple):
+    """One training step's images for this process: its share of a global batch."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    #: the images' indices in the training set
+    index: torch.Tensor
+    #: where this share starts in the global batch, and the global batch's size (all processes)
+    offset: int
+    size: int
+
+
 def train_batches(
     data: ArrayDataset,
     info: DatasetInfo,
@@ -102,24 +116,50 @@ def train_batches(
     augment: bool,
     generator: torch.Generator,
     device: torch.device | str | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Shuffled ``(x, y, index)`` batches on ``device``; augmentation (when the dataset has one) if ``augment``."""
+    ranks: Ranks = SINGLE,
+) -> Iterator[Batch]:
+    """Shuffled batches on ``device``; augmentation (when the dataset has one) if ``augment``.
+
+    ``batch_size`` is the global batch: with several processes (``ranks``) each draws the same
+    batches from ``generator`` (seeded alike) and keeps its contiguous share of each.
+    """
     order = torch.randperm(len(data), generator=generator).numpy()
     if augment and info.augmentation != "none":
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         shuffled = data.subset(order)
         start = 0
-        for x, y in batches(shuffled, info, batch_size=batch_size, shuffle=False, augment=True, seed=seed, device=device):
-            yield x, y, torch.from_numpy(order[start : start + len(y)]).to(device=device)
+        # several processes augment the whole batch (the same crops and flips as one process), then share it
+        on = None if ranks.active else device
+        for x, y in batches(shuffled, info, batch_size=batch_size, shuffle=False, augment=True, seed=seed, device=on):
+            a, b = shard_bounds(len(y), ranks)
+            index = torch.from_numpy(order[start + a : start + b])
+            yield Batch(x[a:b].to(device=device), y[a:b].to(device=device), index.to(device=device), a, len(y))
             start += len(y)
         return
     for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        yield (
+        whole = order[start : start + batch_size]
+        a, b = shard_bounds(len(whole), ranks)
+        index = whole[a:b]
+        yield Batch(
             to_tensor(data.images[index], info, device=device),
             torch.from_numpy(data.labels[index]).to(device=device),
             torch.from_numpy(index).to(device=device),
+            a,
+            len(whole),
         )
+
+
+def check_batch_size(batch_size: int, ranks: Ranks) -> None:
+    if batch_size < ranks.world_size:
+        raise RocoinError(
+            f"batch_size = {batch_size} is the global batch, shared by {ranks.world_size} processes: give at least {ranks.world_size}"
+        )
+
+
+def share_weight(batch: Batch, ranks: Ranks) -> float:
+    """What this process's mean loss is multiplied by so that DDP's average of the gradients is the
+    gradient of the global batch's mean loss (shares of unequal size: the last batch)."""
+    return ranks.world_size * len(batch.y) / batch.size
 
 
 def inference_batches(
@@ -160,3 +200,38 @@ def compute_device(name: str | None) -> torch.device:
 def accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
     labels = torch.as_tensor(labels)
     return float((logits.argmax(dim=1) == labels).float().mean())
+
+
+def shared_accuracy(model: torch.nn.Module, data: ArrayDataset, info: DatasetInfo, *, device: torch.device, ranks: Ranks = SINGLE) -> float:
+    """:func:`accuracy` of ``model`` on ``data``; with several processes each evaluates its share
+    (with rank 0's batch-norm statistics) and the correct counts are summed, so all agree."""
+    if not ranks.active:
+        return accuracy(collect(model, data, info, device=device), data.labels)
+    broadcast_buffers(model, ranks)
+    start, stop = shard_bounds(len(data), ranks)
+    part = data.subset(np.arange(start, stop))
+    correct = float((collect(model, part, info, device=device).argmax(dim=1) == torch.as_tensor(part.labels)).sum()) if len(part) else 0.0
+    correct, total = sum_across([correct, float(stop - start)], ranks, device)
+    return correct / total
+
+
+def load_data_in_turn(config: DataConfig, download: bool, ranks: Ranks) -> Data:
+    """:func:`load_data`; with several processes and ``download``, rank 0 downloads first."""
+    if not (download and ranks.active):
+        return load_data(config, download=download)
+    data = load_data(config, download=True) if ranks.main else None
+    barrier(ranks)
+    return data if data is not None else load_data(config, download=False)
+
+
+def data_parallel(model: torch.nn.Module, on: torch.device, ranks: Ranks) -> torch.nn.Module:
+    """``model`` itself for one process; else DistributedDataParallel over it (gradients averaged;
+    on CUDA the batch-norm statistics of the global batch, as in one process, with SyncBatchNorm)."""
+    if not ranks.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if on.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the BN layers in place, same state_dict
+        return DistributedDataParallel(model, device_ids=[on])
+    return DistributedDataParallel(model)

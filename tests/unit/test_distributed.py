@@ -1,0 +1,79 @@
+"""Training under torchrun without starting processes: torchrun's variables, each process's share
+of a global batch, the device of each process, the weights of unequal shares."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from rocoin.contracts.errors import RocoinError  # noqa: E402
+from rocoin.data import load_dataset  # noqa: E402
+from rocoin.distillation.distributed import SINGLE, Ranks, process_device, shard_bounds, torchrun_ranks, training_processes  # noqa: E402
+from rocoin.distillation.training import check_batch_size, share_weight, train_batches  # noqa: E402
+
+
+def test_torchrun_variables():
+    assert torchrun_ranks({}) is SINGLE
+    assert torchrun_ranks({"WORLD_SIZE": "1", "RANK": "0"}) is SINGLE  # one process: no process group
+    assert torchrun_ranks({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == Ranks(3, 4, 1)
+    with pytest.raises(RocoinError, match=r"RANK = '': torchrun sets RANK, WORLD_SIZE, LOCAL_RANK"):
+        torchrun_ranks({"WORLD_SIZE": "2"})
+    with pytest.raises(RocoinError, match=r"RANK = 2, WORLD_SIZE = 2: expected 0 <= RANK < WORLD_SIZE"):
+        torchrun_ranks({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"})
+
+
+def test_one_process_starts_no_group():
+    with training_processes("cpu", environ={}) as (ranks, device):
+        assert ranks is SINGLE and device == "cpu"
+        assert not torch.distributed.is_initialized()
+
+
+def test_each_process_gets_its_device():
+    two = Ranks(1, 2, 1)
+    assert process_device("cpu", two) == "cpu" and process_device(None, two) is None
+    assert process_device("cuda:3", SINGLE) == "cuda:3"  # one process: as given
+    with pytest.raises(RocoinError, match="under torchrun each process trains on cuda:LOCAL_RANK; give --device cuda"):
+        process_device("cuda:1", two)
+    if not torch.cuda.is_available():
+        assert process_device("auto", two) == "cpu"
+        with pytest.raises(RocoinError, match="sees no CUDA device"):
+            process_device("cuda", two)
+
+
+@pytest.mark.parametrize(("n", "world"), [(10, 2), (11, 2), (7, 3), (1, 2), (0, 4)])
+def test_shares_cover_the_items_once_and_differ_by_one_at_most(n, world):
+    bounds = [shard_bounds(n, Ranks(r, world)) for r in range(world)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [stop - start for start, stop in bounds]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_shares_of_a_global_batch_are_the_batch_of_one_process(augment):
+    splits = load_dataset("digits")
+    info = dataclasses.replace(splits.info, augmentation="crop-flip") if augment else splits.info
+    data = splits.train.subset(np.arange(70))  # 70 = 2 × 32 + 6
+
+    def run(ranks):
+        return list(train_batches(data, info, 32, augment=augment, generator=torch.Generator().manual_seed(5), ranks=ranks))
+
+    single, shares = run(SINGLE), [run(Ranks(r, 2)) for r in range(2)]
+    assert [b.size for b in single] == [32, 32, 6] and all(len(s) == 3 for s in shares)
+    for whole, first, second in zip(single, *shares, strict=True):
+        assert first.offset == 0 and second.offset == len(first.y) == whole.size - len(second.y)
+        assert torch.equal(torch.cat([first.x, second.x]), whole.x)  # the same images, crops and flips
+        assert torch.equal(torch.cat([first.index, second.index]), whole.index)
+        assert torch.equal(torch.cat([first.y, second.y]), whole.y)
+        weights = [share_weight(first, Ranks(0, 2)), share_weight(second, Ranks(1, 2))]
+        assert sum(weights) / 2 == pytest.approx(1.0)  # DDP's mean of the weighted means is the batch mean
+
+
+def test_the_global_batch_must_give_every_process_an_image():
+    check_batch_size(2, Ranks(0, 2))
+    with pytest.raises(RocoinError, match="batch_size = 3 is the global batch, shared by 4 processes: give at least 4"):
+        check_batch_size(3, Ranks(0, 4))
