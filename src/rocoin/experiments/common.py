@@ -120,6 +120,38 @@ def trained_runs(
     slots dropped with the plan's group failure probabilities; needs ``known``).
     ``train=False`` returns only the runs whose students are already cached.
     """
+    runs = []
+    for training in scheme_trainings(ws, known=known, schemes=schemes, epsilon=epsilon, failure_aware=failure_aware):
+        students = ws.students(training.trained_as, failure_aware=training.failure_aware, train=train)
+        if students is not None:
+            runs.append(
+                Run(
+                    training.scheme,
+                    training.plan,
+                    students,
+                    ws.evaluation(students),
+                    failure_aware=training.failure_aware,
+                    trained_for=training.trained_as,
+                )
+            )
+    return runs
+
+
+@dataclass(frozen=True)
+class Training:
+    """The students a scheme's run needs: ``trained_as`` (``plan`` or a known-outage twin with
+    its groups) distilled with or without dropped slots."""
+
+    scheme: str
+    plan: Plan
+    trained_as: Plan
+    failure_aware: bool
+
+
+def scheme_trainings(
+    ws: Workspace, *, known: bool, schemes: tuple[str, ...] = SCHEMES, epsilon: float | None = None, failure_aware: bool = False
+) -> list[Training]:
+    """What :func:`trained_runs` distils, without distilling it (the parallel scheduler's list)."""
     s = ws.setup
     fa = failure_aware and known
     known_fleet = ws.fleet()
@@ -139,14 +171,12 @@ def trained_runs(
             except InfeasiblePlanError:
                 continue
     fleet = known_fleet if known else assumed_outage_fleet(known_fleet, 1.0 - s.success_prob)
-    runs = []
+    trainings = []
     for scheme in schemes:
         plan = plan_on(fleet, scheme)
         trained_as = next((twin for twin in twins if same_assignment(twin, plan)), plan)
-        students = ws.students(trained_as, failure_aware=fa, train=train)
-        if students is not None:
-            runs.append(Run(scheme, plan, students, ws.evaluation(students), failure_aware=fa, trained_for=trained_as))
-    return runs
+        trainings.append(Training(scheme, plan, trained_as, fa))
+    return trainings
 
 
 def same_assignment(a: Plan, b: Plan) -> bool:

@@ -41,6 +41,7 @@ from rocoin.experiments.common import (  # noqa: F401 - Run, SCHEMES: part of th
     trained_runs,
 )
 from rocoin.experiments.detection import table5
+from rocoin.experiments.parallel import train_in_parallel, training_devices, visible_cuda_devices
 from rocoin.experiments.planner_figures import fig4, fig7, scale
 from rocoin.experiments.report import ExperimentResult
 from rocoin.experiments.setup import ExperimentSetup
@@ -580,8 +581,14 @@ def run_experiments(
     fresh: bool = False,
     cache_dir: Path | None = None,
     progress: Progress = log_progress,
+    devices: list[str] | None = None,
 ) -> dict[str, dict[str, Path]]:
-    """Run each experiment, write its files under ``output/NAME/`` and the index ``output/report.md``."""
+    """Run each experiment, write its files under ``output/NAME/`` and the index ``output/report.md``.
+
+    With several CUDA devices visible and ``device`` cuda or auto, the independent student
+    trainings run first, one per GPU at a time (:mod:`rocoin.experiments.parallel`); ``devices``
+    names the devices to spread them over instead (e.g. ``["cpu", "cpu"]``), ``[]`` none.
+    """
     for name in names:
         if name not in EXPERIMENTS:
             raise RocoinError(f"experiment = {name!r}: expected one of {', '.join(EXPERIMENTS)} or all")
@@ -595,6 +602,10 @@ def run_experiments(
                 f"experiments {', '.join(n for n in names if n in TRAINED)} train students and need torch: pip install -e '.[train]'"
             )
     ws = Workspace(setup, cache_dir or output / "cache", device=device, fresh=fresh, progress=progress)
+    if devices is None:
+        devices = training_devices(device, visible_cuda_devices()) if any(name in TRAINED for name in names) else []
+    if len(devices) > 1:
+        train_in_parallel(ws, [name for name in names if name in TRAINED], devices)
     written = {}
     for name in names:
         logger.info("experiment %s (%s size)", name, setup.size)

@@ -122,6 +122,11 @@ class StepCache:
             return reused
         return self._make(name, key, inputs, addressed, make)
 
+    def mark_made(self, name: str, key: str) -> None:
+        """Step ``name`` with ``key`` was made for this run by another process sharing the folder
+        (content-addressed outputs): reuse it, also with ``fresh``."""
+        self._made.add((name, key))
+
     def _try_reuse(self, name: str, key: str, paths: list[Path], addressed: bool, load: Callable[[], T]) -> Done[T] | None:
         shown = ", ".join(p.name for p in paths)
         if self.fresh and (name, key) not in self._made:
