@@ -47,7 +47,7 @@ class SourceOptions(BaseModel):
         DEFAULT_MAX_QUEUE_DELAY_MS,
         ge=0,
         le=MAX_QUEUE_DELAY_MS,
-        description="Dynamic batching: how long queued queries wait for others to share one message to the devices (0: off; an idle source sends at once).",
+        description="Dynamic batching: longest a query waits in the queue while a message is in flight to the devices, to share the next one (0: off; an idle source sends at once).",
     )
     max_batch_images: int = Field(
         DEFAULT_MAX_BATCH_IMAGES,

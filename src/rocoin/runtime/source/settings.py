@@ -14,10 +14,12 @@ DEFAULT_DEADLINE_S = 1.0
 MIN_DEADLINE_S = 0.001
 MAX_DEADLINE_S = 300.0
 
-#: Dynamic batching: how long queued queries wait for others to share their message to the
-#: devices while the devices have room (0: no batching, every query goes out alone). A query that
-#: finds the devices idle (nothing queued, nothing in flight) is never held.
-DEFAULT_MAX_QUEUE_DELAY_MS = 5.0
+#: Dynamic batching: the longest a query waits in the source's queue (0: no batching, every query
+#: goes out alone). A query that finds the devices idle (nothing queued, nothing in flight) is never
+#: held; one that finds a message in flight waits until that message's queries have ended (about
+#: one message's time, the batch growing meanwhile), and at most this long if the message stalls.
+#: Also bounded by a quarter of the query's own budget.
+DEFAULT_MAX_QUEUE_DELAY_MS = 50.0
 #: Queue delays accepted: beyond this the queue would eat most of a typical deadline.
 MAX_QUEUE_DELAY_MS = 100.0
 #: Largest image batch (all queries of one batched message together) by default: the devices'

@@ -23,9 +23,10 @@ message: every device then gets ONE request carrying the queued queries' images 
 ``max_batch_images``, and never more than a device says it accepts) and runs it in one
 onnxruntime call; its answer is split back per query by rows. A query that finds nothing queued
 and nothing in flight goes out at once (no added latency when the source is idle). The queue goes
-out after the queue delay while the devices have room (fewer than :data:`MESSAGES_IN_FLIGHT`
-messages in flight, Triton's model instances), else as soon as one of those ends (so the batches
-grow with the load), and never later than :data:`QUEUE_HOLD_SHARE` of a query's budget. The gather is
+out as one message as soon as the message in flight is decided (the devices are free again: Triton's
+model instance), so the batches grow with the load; or when it holds a full batch; or when its
+first query has waited the queue delay, and never later than :data:`QUEUE_HOLD_SHARE` of that
+query's budget (a stalled device cannot hold the queue for long). The gather is
 per query as before: each query completes as soon as its own groups have answered, keeps its own
 deadline (its time in the queue counts; at its deadline its missing groups are zero-filled, the
 other queries of the message are not affected) and gets exactly the answer it would get alone.
@@ -104,12 +105,8 @@ MAX_CLIENT_ID_CHARS = 128
 #: FP32 images are 0..1 (uint8 images are 0..255): anything outside is a client's mistake (e.g.
 #: an already normalised image) and could overflow the normalisation.
 FP32_INPUT_RANGE = (0.0, 1.0)
-#: Dynamic batching: messages the devices work on at once (Triton's model instances). While this
-#: many are in flight, queued queries wait for one to end (their batch grows meanwhile), bounded
-#: by :data:`QUEUE_HOLD_SHARE` of their budget; below it, the queue goes out after the queue delay.
-MESSAGES_IN_FLIGHT = 2
-#: The longest share of its budget a query waits in the queue for busy devices (so a stalled
-#: device holds the queue for at most this long, and the query still has the rest for its answers).
+#: Dynamic batching: the longest share of its budget a query waits in the queue, whatever the
+#: queue delay (a query with a short deadline still has most of it for its answers).
 QUEUE_HOLD_SHARE = 0.25
 
 
@@ -155,8 +152,6 @@ class _Message:
     #: (query, first row, rows)
     parts: list[tuple[Query, int, int]]
     rows: int
-    #: queries of the message that have not ended yet
-    open_queries: int
 
 
 class _Rows:
@@ -256,8 +251,8 @@ class Source:
         self._queue: list[_Queued] = []
         self._queued_images = 0
         self._queue_timer: asyncio.TimerHandle | None = None
-        self._queue_due = False  # the queue delay has passed: out as soon as the devices have room
         self._in_flight = 0  # messages sent whose queries have not all ended
+        self._unsettled: dict[str, list[int]] = {}  # queries sent that have not ended, by wire id: their message's count of them
         self._messages: dict[str, _Message] = {}  # batched messages in flight, by wire id
         self._dispatched: dict[str, _Message | None] = {}  # queries sent, by wire id: their batched message (None: alone)
 
@@ -462,10 +457,9 @@ class Source:
 
     def _enqueue(self, item: _Queued) -> None:
         """Send the query now (batching off, or the devices idle: nothing queued, nothing in
-        flight), or queue it: the queue goes out when it holds a full batch, when its first query
-        has waited the queue delay and the devices have room, or when a message ends and the
-        devices are idle or the delay has passed; never later than :data:`QUEUE_HOLD_SHARE` of the
-        first query's budget."""
+        flight), or queue it: the queue goes out as one message when the message in flight is
+        decided (the devices are free again), when it holds a full batch, or when its first query
+        has waited the queue delay (at most :data:`QUEUE_HOLD_SHARE` of that query's budget)."""
         if self.max_queue_delay_ms == 0 or (not self._queue and self._in_flight == 0):
             self._dispatch([item])
             return
@@ -477,23 +471,8 @@ class Source:
         if self._queued_images >= cap:
             self._flush()
         elif self._queue_timer is None:
-            self._queue_due = False
-            self._queue_timer = asyncio.get_running_loop().call_later(self.max_queue_delay_ms / 1e3, self._delay_passed)
-
-    def _delay_passed(self) -> None:
-        """The first queued query has waited the queue delay: out now if the devices have room,
-        else when a message ends (at the latest at the hold limit)."""
-        self._queue_timer = None
-        if not self._queue:
-            return
-        if self._in_flight < MESSAGES_IN_FLIGHT:
-            self._flush()
-            return
-        self._queue_due = True
-        first = self._queue[0]
-        hold_s = max(self.max_queue_delay_ms / 1e3, QUEUE_HOLD_SHARE * first.budget_s)
-        left_s = first.query.started + hold_s - time.perf_counter()
-        self._queue_timer = asyncio.get_running_loop().call_later(max(0.0, left_s), self._flush)
+            wait_s = min(self.max_queue_delay_ms / 1e3, QUEUE_HOLD_SHARE * item.budget_s)
+            self._queue_timer = asyncio.get_running_loop().call_later(wait_s, self._flush)
 
     def _batch_cap(self) -> int:
         """The most images one message may carry: the source's limit and every device's."""
@@ -508,7 +487,6 @@ class Source:
         if self._queue_timer is not None:
             self._queue_timer.cancel()
             self._queue_timer = None
-        self._queue_due = False
         queued, self._queue, self._queued_images = self._queue, [], 0
         self._dispatch([item for item in queued if not item.query.done])  # a query whose deadline passed in the queue is over
 
@@ -549,13 +527,15 @@ class Source:
                 parts.append((item.query, rows, item.query.batch))
                 rows += item.query.batch
             # "#n" is never a query's wire id (those are "<client id>#n" with a non-empty client id)
-            batched = _Message(f"#{self._sent:x}", parts, rows, len(items))
+            batched = _Message(f"#{self._sent:x}", parts, rows)
             self._messages[batched.wire_id] = batched
             request = Request(batched.wire_id, np.concatenate([item.inputs for item in items]), timeout_s)
         self.metrics.batch_queries.observe(len(items))
         queries = [item.query for item in items]
+        unsettled = [len(queries)]  # shared by the message's queries
         for query in queries:
             self._dispatched[query.wire_id] = batched
+            self._unsettled[query.wire_id] = unsettled
         self._in_flight += 1
         for replica in self._replicas:
             if replica.link is not None and replica.link.is_open:  # up, or down with its stream open: on trial
@@ -587,14 +567,19 @@ class Source:
                 replica.link.cancel(batched.wire_id)
             if failed:
                 self._failed(replica, "no answer by the deadline", query.query_id)
+        unsettled = self._unsettled.pop(query.wire_id)
+        unsettled[0] -= 1
+        if unsettled[0]:
+            return
         if batched is not None:
-            batched.open_queries -= 1
-            if batched.open_queries:
-                return
             del self._messages[batched.wire_id]
         self._in_flight -= 1
-        if self._queue and (self._in_flight == 0 or (self._queue_due and self._in_flight < MESSAGES_IN_FLIGHT)):
-            self._flush()  # the devices are idle (waiting longer gains nothing), or the queue is due and they have room
+        if self._queue and self._in_flight == 0:  # the message's queries have all ended: the queue goes out now
+            asyncio.get_running_loop().call_soon(self._flush_if_queued)
+
+    def _flush_if_queued(self) -> None:
+        if self._queue:
+            self._flush()
 
     def _head_run(self, batch: int, slots: list[np.ndarray | None]) -> list[np.ndarray]:
         """The head on the assembled features (the plan's F values, or F × h × w maps), a missing
