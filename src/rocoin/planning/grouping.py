@@ -11,6 +11,7 @@ each cluster merged into one group [decision] — merging only lowers ``q``.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -54,41 +55,51 @@ def best_achievable_failure(outage: np.ndarray) -> float:
 def follow_the_leader(features: np.ndarray, outage: np.ndarray, epsilon: float, theta: float) -> np.ndarray:
     """Group label of every device after the modified follow-the-leader pass alone.
 
-    Open groups are found through a grid of cell size ``θ`` so that each device looks only at
-    the groups in its own and the neighbouring cells: ``O(N)`` when groups stay small.
+    Open groups are found through a grid of cells a little wider than ``2θ``: the ball of radius
+    ``θ`` around a device meets at most two cells per dimension (4 in 2-D, 8 in 3-D), whose keys
+    are computed for all devices at once; each device then looks only at the open groups filed
+    under those cells. ``O(N)`` when groups stay small.
     """
     n, dims = features.shape
-    cell = max(theta, 1e-9)
+    # A device's two cells per dimension cover [x - reach, x - reach + cell), which holds
+    # [x - θ, x + θ] with a margin far above rounding (features lie in [0, 1]); cells are at
+    # least 1e-6 wide so that the integer keys stay below 2**63 in three dimensions.
+    reach = theta + 1e-9
+    cell = max(2.0 * reach + 1e-9, 1e-6)
     theta_sq = theta * theta
-    coords = np.floor(features / cell).astype(np.int64) + 1  # >= 1, so neighbours stay >= 0
-    base = int(coords.max()) + 3
+    lowest = np.floor((features - reach) / cell).astype(np.int64) + 1  # >= 0: features are >= 0
+    base = int(np.floor(features.max(initial=0.0) / cell)) + 3
     weights = base ** np.arange(dims, dtype=np.int64)
-    home_keys = (coords * weights).sum(axis=1).tolist()
-    offsets = [int(np.dot(o, weights)) for o in _neighbour_offsets(dims)]
+    corners = np.array(list(itertools.product((0, 1), repeat=dims)), dtype=np.int64)  # (2**dims, dims)
+    near = ((lowest[:, None, :] + corners[None, :, :]) * weights).sum(axis=2)  # (n, 2**dims) cell keys
+    home = ((np.floor(features / cell).astype(np.int64) + 1) * weights).sum(axis=1)  # the cell of each device
+    w0, w1, w2 = (weights.tolist() + [0, 0])[:3]
     padded = np.zeros((n, 3))
     padded[:, :dims] = features
-    rows = padded.tolist()
-    p = outage.tolist()
-    labels = [-1] * n
-    # Per group: centroid (x, y, z), member count, failure probability, grid key (None: closed).
+    order = capacity_order(features)
+    labels = np.empty(n, dtype=np.int64)
+    group_of: list[int] = []  # the group of every device, in visit order
+    # Per group: centroid (x, y, z), member count, failure probability, cell key (-1: closed).
     cx: list[float] = []
     cy: list[float] = []
     cz: list[float] = []
     count: list[int] = []
     q: list[float] = []
-    key: list[int | None] = []
+    key: list[int] = []
     grid: dict[int, set[int]] = {}
-
-    def key_of(x: float, y: float, z: float) -> int:
-        point = (x, y, z)[:dims]
-        return sum((int(math.floor(v / cell)) + 1) * int(w) for v, w in zip(point, weights.tolist()))
-
-    for i in capacity_order(features).tolist():
-        x, y, z = rows[i]
-        home = home_keys[i]
+    floor = math.floor
+    visits = zip(
+        padded[order, 0].tolist(),
+        padded[order, 1].tolist(),
+        padded[order, 2].tolist(),
+        outage[order].tolist(),
+        home[order].tolist(),
+        near[order].tolist(),
+    )
+    for x, y, z, p, own_cell, near_cells in visits:
         best, best_d = -1, math.inf
-        for offset in offsets:
-            bucket = grid.get(home + offset)
+        for cell_key in near_cells:
+            bucket = grid.get(cell_key)
             if bucket:
                 for g in bucket:
                     dx, dy, dz = x - cx[g], y - cy[g], z - cz[g]
@@ -97,35 +108,33 @@ def follow_the_leader(features: np.ndarray, outage: np.ndarray, epsilon: float, 
                         best, best_d = g, d
         if best < 0:
             g = len(q)
-            cx.append(x), cy.append(y), cz.append(z), count.append(1), q.append(p[i])
-            labels[i] = g
-            if p[i] > epsilon:
-                key.append(home)
-                grid.setdefault(home, set()).add(g)
+            group_of.append(g)
+            cx.append(x), cy.append(y), cz.append(z), count.append(1), q.append(p)
+            if p > epsilon:
+                key.append(own_cell)
+                grid.setdefault(own_cell, set()).add(g)
             else:
-                key.append(None)
+                key.append(-1)
             continue
         g = best
-        labels[i] = g
+        group_of.append(g)
         m = count[g]
-        cx[g], cy[g], cz[g] = (cx[g] * m + x) / (m + 1), (cy[g] * m + y) / (m + 1), (cz[g] * m + z) / (m + 1)
+        gx, gy, gz = (cx[g] * m + x) / (m + 1), (cy[g] * m + y) / (m + 1), (cz[g] * m + z) / (m + 1)
+        cx[g], cy[g], cz[g] = gx, gy, gz
         count[g] = m + 1
-        q[g] *= p[i]
-        grid[key[g]].discard(g)  # type: ignore[index]
+        q[g] *= p
+        old = key[g]
         if q[g] > epsilon:
-            new = key_of(cx[g], cy[g], cz[g])
-            key[g] = new
-            grid.setdefault(new, set()).add(g)
+            new = (floor(gx / cell) + 1) * w0 + (floor(gy / cell) + 1) * w1 + (floor(gz / cell) + 1) * w2
+            if new != old:
+                grid[old].discard(g)
+                grid.setdefault(new, set()).add(g)
+                key[g] = new
         else:
-            key[g] = None
-    return np.array(labels, dtype=np.int64)
-
-
-def _neighbour_offsets(dims: int) -> list[tuple[int, ...]]:
-    offsets: list[tuple[int, ...]] = [()]
-    for _ in range(dims):
-        offsets = [o + (step,) for o in offsets for step in (-1, 0, 1)]
-    return offsets
+            grid[old].discard(g)
+            key[g] = -1
+    labels[order] = group_of
+    return labels
 
 
 def _centroids(labels: np.ndarray, features: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +191,7 @@ def limit_groups(labels: np.ndarray, features: np.ndarray, max_groups: int, rand
     if num_groups <= max_groups:
         return labels
     centroids, size = _centroids(labels, features, num_groups)
-    clusters = kmeans(centroids, max_groups, sample_weight=size, n_init=1, random_state=random_state)
+    clusters = kmeans(centroids, max_groups, sample_weight=size, n_init=1, n_local_trials=1, random_state=random_state)
     return _relabel(clusters[labels])[0]
 
 

@@ -128,9 +128,17 @@ def _plan_rocoin(request: PlanRequest, *, greedy: bool = False, scheme: str = "r
         )
     dims = 3 if request.include_rate else 2
     thetas = [request.theta] if request.theta is not None else theta_grid(dims)
-    best: tuple[float, int, float, list[np.ndarray], list[np.ndarray], Assignment] | None = None
-    seen: set[tuple[tuple[int, ...], ...]] = set()
+    floor = latency_floor(arrays, request.students, request.rho_min)
+    best: tuple[float, float, float, list[np.ndarray], list[np.ndarray], Assignment] | None = None
+    seen: set[bytes] = set()
     for theta in thetas:
+        if best is not None and best[0] <= floor and best[1] == -1.0:
+            # No later θ can win: its T is at least the floor, its P(all groups) at most 1, and
+            # on a tie the smaller θ is kept. Large fleets stop here after the first θ.
+            logger.debug(
+                "theta=%g and above skipped: the plan of theta=%g has T at the floor %.4g s and P(all groups) = 1", theta, best[2], floor
+            )
+            break
         groups = group_devices(
             arrays,
             request.epsilon,
@@ -139,7 +147,7 @@ def _plan_rocoin(request: PlanRequest, *, greedy: bool = False, scheme: str = "r
             include_rate=request.include_rate,
             random_state=request.seed,
         )
-        key = tuple(tuple(g.tolist()) for g in groups)
+        key = np.concatenate(groups).tobytes() + np.array([len(g) for g in groups]).tobytes()
         if key in seen:
             continue
         seen.add(key)
@@ -172,6 +180,20 @@ def _plan_rocoin(request: PlanRequest, *, greedy: bool = False, scheme: str = "r
         )
     _, _, theta, groups, parts, assignment = best
     return _build_plan(request, scheme, theta, groups, [parts[k] for k in assignment.partition], assignment.student)
+
+
+def latency_floor(arrays: FleetArrays, students: CatalogArrays, rho_min: float | None) -> float:
+    """A lower bound on ``T`` of any plan of these devices: each runs a student that fits its memory
+    (and meets ``ρ_min`` for one filter) and sends at least one filter, in the very floating-point
+    operations of :class:`GroupCosts`, so that no plan's ``T`` can come out below it by rounding."""
+    usable = np.ones(len(students), dtype=bool) if rho_min is None else students.params / 1.0 >= rho_min
+    if not usable.any():
+        return 0.0
+    compute = students.flops[usable, None] / arrays.flops[None, :] + arrays.input_s[None, :]  # (S, N)
+    transmit = students.bits_per_filter * np.ones(1)[:, None] / arrays.rate_bps[None, :]  # (1, N): one filter
+    fits = students.memory_bytes[usable, None] <= arrays.memory_bytes[None, :]
+    per_device = np.where(fits, compute + transmit, np.inf).min(axis=0)
+    return float(per_device.max())
 
 
 # --- NoNN and HetNoNN ------------------------------------------------------------------------
