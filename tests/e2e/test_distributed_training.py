@@ -9,11 +9,13 @@ How close two processes must come to one, and why:
   weighted by its size. Where nothing else differs — batch norm kept in eval mode — the loss and
   accuracy histories of teacher and students match one process to 1e-5 relative (float32 sums in
   another order), also with a last batch of one image (a process with a share of nothing).
-* **within 3 points of test accuracy** (the command line): on the CPU torch has no SyncBatchNorm, so
-  each process normalises over its half of the batch (16 images instead of 32); that alone moves
-  the runs apart. Measured on 5 seeds (teacher, 3 epochs): the two-process test accuracy is within
-  0.6 points of one process (1.1 points at most on the distillation). 3 points = 11 of the 360 test
-  images; the chance level is 10 %.
+* **within 4 points of test accuracy** (the command line): on the CPU torch has no
+  SyncBatchNorm, so each process normalises over its half of the batch (16 images instead of 32);
+  that alone moves the runs apart, by about as much as another seed does. Measured on digits, 5
+  seeds each (teacher wrn-10-1 3 epochs, students 2 epochs, batch 32): two processes minus one,
+  in points of test accuracy, teacher +0.3, -2.8, 0, +0.6, 0; students +0.8, -0.3, -1.1, +1.7,
+  -0.8; one process alone spans 2.2 (teacher) and 3.3 (students) points over the seeds. 4 points
+  = 14 of the 360 test images; chance is 10 %.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ JOB = Path(__file__).with_name("torchrun_job.py")
 TEACHER = ["--dataset", "digits", "--arch", "wrn-10-1", "--epochs", "3", "--batch-size", "32"]
 DISTILL = ["--epochs", "2", "--batch-size", "32"]
 #: Test accuracy, one process vs two (see the module docstring).
-TOLERANCE = 0.03
+TOLERANCE = 0.04
 
 
 def torchrun(root: Path, steps: list[list]) -> subprocess.CompletedProcess:
@@ -156,3 +158,18 @@ def test_without_batch_norm_differences_two_processes_train_as_one(one, two):
                 if key != "images_per_s":
                     assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (part, key)
         assert double[part]["test_accuracy"] == pytest.approx(single[part]["test_accuracy"], abs=1e-6)
+
+
+def test_a_bad_input_stops_every_process_with_its_message(one, tmp_path):
+    """The command line itself under torchrun (it starts the process group, and destroys it on
+    the error): the teacher file is missing on rank 0, so every process stops at once."""
+    rocoin = Path(sys.executable).with_name("rocoin")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(rocoin)]
+    args = ["distill", "--teacher", tmp_path / "missing.pt", "--plan", one / "plan.json", "-o", tmp_path / "students.pt"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROCOIN_TORCH_THREADS": "1"}
+    result = subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("missing.pt: checkpoint not found") == 2  # one line from each process, no traceback of theirs
+    assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output
+    assert not (tmp_path / "students.pt").exists()
