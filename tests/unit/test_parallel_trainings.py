@@ -16,10 +16,10 @@ def test_several_gpus_are_used_only_when_training_on_cuda():
 
 
 def test_a_worker_sees_its_gpu_alone():
-    assert pin("cuda:1", 2, {}, 16).environment == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert pin("cuda:1", 2, {}, 16).environment == {"CUDA_VISIBLE_DEVICES": "1", "ROCOIN_TORCH_THREADS": "8"}
     assert pin("cuda:1", 2, {}, 16).device == "cuda"
     # the i-th of the GPUs this process was given, not the machine's i-th
-    assert pin("cuda:1", 2, {"CUDA_VISIBLE_DEVICES": "4, 6"}, 16).environment == {"CUDA_VISIBLE_DEVICES": "6"}
+    assert pin("cuda:1", 4, {"CUDA_VISIBLE_DEVICES": "4, 6"}, 16).environment["CUDA_VISIBLE_DEVICES"] == "6"
     # workers on the CPU share its cores instead of each taking them all
     assert pin("cpu", 2, {}, 2) == pin("cpu", 2, {}, 3)
     assert pin("cpu", 2, {}, 2).environment == {"ROCOIN_TORCH_THREADS": "1"} and pin("cpu", 2, {}, 2).device == "cpu"
@@ -33,3 +33,13 @@ def test_larger_networks_of_students_are_costlier():
     large = tiny_plan([(["a"], [0], 0.1), (["b"], [1], 0.1), (["c"], [2], 0.1)])
     catalog = default_catalog((1, 28, 28))
     assert training_cost(large) == 3 * training_cost(small) == 3 * catalog["wrn-16-1"].flops
+
+
+def test_the_workers_thread_variable_is_the_trainings():
+    import pytest
+
+    pytest.importorskip("torch")
+    from rocoin.distillation.training import THREADS_ENV
+    from rocoin.experiments.parallel import THREADS_ENV as WORKERS
+
+    assert WORKERS == THREADS_ENV

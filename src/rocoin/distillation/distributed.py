@@ -132,11 +132,11 @@ def training_processes(device: str | None = None, environ: Mapping[str, str] | N
     cuda = mine is not None and mine.startswith("cuda")
     if cuda:
         torch.cuda.set_device(torch.device(mine))
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(mine) if cuda else None)
     package = logging.getLogger("rocoin")
     level = package.level
     if not ranks.main:
         package.setLevel(logging.WARNING)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(mine) if cuda else None)
     try:
         logger.info("process group: %d processes (%s)", ranks.world_size, "nccl" if cuda else "gloo")
         yield ranks, mine

@@ -30,6 +30,9 @@ from rocoin.experiments.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
+#: ``rocoin.distillation.training.THREADS_ENV`` (not imported: that module needs torch, this one does not).
+THREADS_ENV = "ROCOIN_TORCH_THREADS"
+
 
 def training_devices(device: str | None, cuda_devices: int) -> list[str]:
     """The devices to spread the trainings over: every visible GPU when the experiments train on
@@ -58,13 +61,15 @@ class Pin:
 
 def pin(device: str, workers: int, environ: Mapping[str, str], cpus: int) -> Pin:
     """``cuda:i`` → a worker that sees that GPU alone (``CUDA_VISIBLE_DEVICES`` = the i-th of the
-    visible ones) and trains on ``cuda``; ``cpu`` → a worker with its share of the cores."""
+    visible ones) and trains on ``cuda``; ``cpu`` → a worker on the CPU. Each worker gets its
+    share of the cores for torch's threads (not all of them each)."""
+    threads = {THREADS_ENV: str(max(1, cpus // workers))}
     if device.startswith("cuda"):
         index = int(device.partition(":")[2] or 0)
         visible = [v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
         physical = visible[index] if index < len(visible) else str(index)
-        return Pin({"CUDA_VISIBLE_DEVICES": physical}, "cuda")
-    return Pin({"ROCOIN_TORCH_THREADS": str(max(1, cpus // workers))}, device)
+        return Pin({"CUDA_VISIBLE_DEVICES": physical, **threads}, "cuda")
+    return Pin(threads, device)
 
 
 def experiment_trainings(ws: Workspace, names: Sequence[str]) -> list[tuple[Workspace, Training]]:
