@@ -239,61 +239,111 @@ def batching_benchmark(bundle: Path, fleet: Fleet, state: Path, images, labels, 
         " cheaper per image); the *full limit* adds the client's and the source's measured CPU per query of that row:"
         " cores / (sum + client + source).\n"
     )
-    with (
-        LocalCluster(bundle, fleet, state / "batching", deadline_s=args.deadline_s, http=True, max_queue_delay_ms=delay) as on,
-        LocalCluster(
-            bundle, load_fleet(on.state.fleet), state / "unbatched", devices=[], token=on.token, deadline_s=args.deadline_s,
-            http=True, max_queue_delay_ms=0,
-        ) as off,
-    ):  # fmt: skip
+    with LocalCluster(bundle, fleet, state / "batching", deadline_s=args.deadline_s, http=True, max_queue_delay_ms=delay) as on:
         device_pids = [m.pid for m in on.state.devices]
-        clusters = {"not batching": off, "batching": on}
-        rows: dict[str, list[dict]] = {name: [] for name in clusters}
-        for concurrency in BATCHING_CONCURRENCY:
-            queries = min(len(images), max(args.queries, 10 * concurrency))
-            for name in list(clusters) if concurrency % 2 else list(clusters)[::-1]:  # alternate which goes first
-                rows[name].append(measure_one(clusters[name], device_pids, images, labels, queries, concurrency))
-        print("## Throughput and latency\n")
-        print(
-            "| source | concurrency | queries/s | share of limit | full limit | share of full | p50 ms | p99 ms | queries per message"
-            " | missing | accuracy | CPU ms/query: client | source | devices | of which models | CPU busy |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for name, measured in rows.items():
-            for r in measured:
-                cpu = r["cpu_ms_per_query"]
-                full = n_cores / (model_1_s + 1e-3 * (cpu["client"] + cpu["source"]))
-                busy = sum(cpu.values()) * 1e-3 * r["queries_per_s"] / n_cores
-                print(
-                    f"| {name} | {r['concurrency']} | {r['queries_per_s']:.0f} | {r['queries_per_s'] / limit:.0%} | {full:.0f}"
-                    f" | {r['queries_per_s'] / full:.0%} | {1e3 * r['latency_s']['p50']:.2f} | {1e3 * r['latency_s']['p99']:.2f}"
-                    f" | {r['queries_per_message']:.1f} | {r['missing_groups_mean']:.3f} | {r.get('accuracy', float('nan')):.4f}"
-                    f" | {cpu['client']:.2f} | {cpu['source']:.2f} | {cpu['devices']:.2f} | {1e3 * model_1_s:.2f} | {busy:.0%} |"
-                )
-        print(
-            "\n*CPU ms/query*: user + system CPU of the client (this process), the source and the ten workers together per query"
-            " (/proc); *of which models*: the sum of the models' own batch-1 time; *CPU busy*: all of it times queries/s over"
-            " the cores (100 %: the machine is the limit).\n"
-        )
-        p50 = {name: [] for name in clusters}
-        for i in range(args.p50_rounds):
-            for name in list(clusters) if i % 2 == 0 else list(clusters)[::-1]:
-                queries = min(len(images), args.p50_queries)
-                report = asyncio.run(run_queries(clusters[name].state.source.address, images[:queries], labels[:queries], concurrency=1))
-                p50[name].append(report["latency_s"]["p50"])
+
+        def source(name: str, queue_delay_ms: float) -> LocalCluster:  # another source process on the same workers
+            cluster = LocalCluster(
+                bundle, load_fleet(on.state.fleet), state / name, devices=[], token=on.token, deadline_s=args.deadline_s,
+                http=True, max_queue_delay_ms=queue_delay_ms,
+            )  # fmt: skip
+            cluster.start()
+            return cluster
+
+        off, off_2, on_2 = source("unbatched", 0), source("unbatched-2", 0), source("batching-2", delay)
+        try:
+            clusters = {"not batching": off, "batching": on}
+            # p50 at concurrency 1 first (before the load of the curve), each mode on two source processes
+            # (a process's own placement on the cores shows in its p50), in alternating order
+            p50, rate_1 = p50_rounds({"not batching": (off, off_2), "batching": (on, on_2)}, images, labels, args)
+            rows = batching_curve(clusters, device_pids, images, labels, args, limit, model_1_s, n_cores)
+        finally:
+            for cluster in (off, off_2, on_2):
+                cluster.stop()
+    report_p50_and_targets(p50, rate_1, rows, limit, args)
+
+
+def p50_rounds(sources: dict, images, labels, args) -> tuple[dict, dict]:
+    """Per round and mode: the mean over its source processes of their p50 and queries/s at concurrency 1."""
+    p50 = {name: [] for name in sources}
+    rate_1 = {name: [] for name in sources}
+    queries = min(len(images), args.p50_queries)
+    for i in range(args.p50_rounds):
+        measured = {name: [] for name in sources}
+        order = [(name, c) for name, pair in sources.items() for c in pair]
+        for name, cluster in order if i % 2 == 0 else order[::-1]:
+            measured[name].append(asyncio.run(run_queries(cluster.state.source.address, images[:queries], labels[:queries], concurrency=1)))
+        for name, reports in measured.items():
+            p50[name].append(float(np.mean([r["latency_s"]["p50"] for r in reports])))
+            rate_1[name].append(float(np.mean([r["queries_per_s"] for r in reports])))
+    return p50, rate_1
+
+
+def batching_curve(clusters: dict, device_pids: list[int], images, labels, args, limit: float, model_1_s: float, n_cores: int) -> dict:
+    """The curve of both sources (each row: the median of ``--repeats`` alternating runs), printed; its rows by source."""
+    rows: dict[str, list[dict]] = {name: [] for name in clusters}
+    spread: dict[tuple[str, int], list[float]] = {}
+    for concurrency in BATCHING_CONCURRENCY:
+        queries = min(len(images), max(args.queries, 10 * concurrency))
+        runs: dict[str, list[dict]] = {name: [] for name in clusters}
+        for repeat in range(args.repeats):
+            for name in list(clusters) if (concurrency + repeat) % 2 else list(clusters)[::-1]:  # alternate which goes first
+                runs[name].append(measure_one(clusters[name], device_pids, images, labels, queries, concurrency))
+        for name, measured in runs.items():  # the run with the median queries/s stands for the row
+            measured.sort(key=lambda r: r["queries_per_s"])
+            rows[name].append(measured[len(measured) // 2])
+            spread[name, concurrency] = [r["queries_per_s"] for r in measured]
+    print("## Throughput and latency\n")
+    print(
+        "| source | concurrency | queries/s | runs' queries/s | share of limit | full limit | share of full | p50 ms | p99 ms | queries per message"
+        " | missing | accuracy | CPU ms/query: client | source | devices | of which models | CPU busy |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, measured in rows.items():
+        for r in measured:
+            cpu = r["cpu_ms_per_query"]
+            full = n_cores / (model_1_s + 1e-3 * (cpu["client"] + cpu["source"]))
+            busy = sum(cpu.values()) * 1e-3 * r["queries_per_s"] / n_cores
+            print(
+                f"| {name} | {r['concurrency']} | {r['queries_per_s']:.0f}"
+                f" | {', '.join(f'{q:.0f}' for q in spread[name, r['concurrency']])} | {r['queries_per_s'] / limit:.0%} | {full:.0f}"
+                f" | {r['queries_per_s'] / full:.0%} | {1e3 * r['latency_s']['p50']:.2f} | {1e3 * r['latency_s']['p99']:.2f}"
+                f" | {r['queries_per_message']:.1f} | {r['missing_groups_mean']:.3f} | {r.get('accuracy', float('nan')):.4f}"
+                f" | {cpu['client']:.2f} | {cpu['source']:.2f} | {cpu['devices']:.2f} | {1e3 * model_1_s:.2f} | {busy:.0%} |"
+            )
+    print(
+        "\n*queries/s*: the run with the median of the runs listed beside it (each source's runs alternate with the other's);"
+        " *CPU ms/query*: user + system CPU of the client (this process), the source and the ten workers together per query"
+        " (/proc); *of which models*: the sum of the models' own batch-1 time; *CPU busy*: all of it times queries/s over"
+        " the cores (100 %: the machine is the limit; the rest went to other processes).\n"
+    )
+    return rows
+
+
+def report_p50_and_targets(p50: dict, rate_1: dict, rows: dict, limit: float, args) -> None:
     off_p50, on_p50 = np.array(p50["not batching"]), np.array(p50["batching"])
     differences = on_p50 - off_p50
-    print(f"## p50 at concurrency 1, interleaved ({args.p50_rounds} rounds of {args.p50_queries} queries each, alternating order)\n")
+    print(
+        f"## p50 at concurrency 1, interleaved ({args.p50_rounds} rounds of {args.p50_queries} queries on each of two source"
+        " processes per mode, alternating order, before the curve; per round the mean of the two processes)\n"
+    )
     print("| round | " + " | ".join(str(i + 1) for i in range(args.p50_rounds)) + " | median |")
     print("|---|" + "---|" * (args.p50_rounds + 1))
     for name, values in (("not batching", off_p50), ("batching", on_p50), ("difference", differences)):
         print(f"| {name} (ms) | " + " | ".join(f"{1e3 * v:.2f}" for v in values) + f" | {1e3 * np.median(values):.2f} |")
     print(f"\nBatching faster in {int((differences < 0).sum())} of {len(differences)} rounds.\n")
     on_rows = {r["concurrency"]: r for r in rows["batching"]}
-    q1, q32 = on_rows[1]["queries_per_s"], on_rows[32]["queries_per_s"]
+    # concurrency 1: the better of the two modes' median over the interleaved rounds (the stricter target)
+    q1 = max(float(np.median(rate_1[name])) for name in rate_1)
+    q32 = on_rows[32]["queries_per_s"]
+    print(
+        "Queries/s at concurrency 1 over the rounds (median): "
+        + ", ".join(f"{name} {float(np.median(rate_1[name])):.0f}" for name in rate_1)
+        + f"; the targets below take the higher, {q1:.0f}.\n"
+    )
     median_off = float(np.median(off_p50))
     targets = [
-        (f"queries/s at concurrency 32 >= {TARGET_SPEEDUP:g} x concurrency 1 (batching)", f"{q32:.0f} vs {q1:.0f}: {q32 / q1:.2f} x", q32 >= TARGET_SPEEDUP * q1),
+        (f"queries/s at concurrency 32 (batching) >= {TARGET_SPEEDUP:g} x concurrency 1", f"{q32:.0f} vs {q1:.0f}: {q32 / q1:.2f} x", q32 >= TARGET_SPEEDUP * q1),
         (f"queries/s at concurrency 32 >= {TARGET_LIMIT_SHARE:.0%} of the compute limit", f"{q32:.0f} / {limit:.0f} = {q32 / limit:.0%}", q32 >= TARGET_LIMIT_SHARE * limit),
         (
             f"p50 at concurrency 1 no worse than without batching (median difference <= {P50_TOLERANCE:.0%})",
@@ -322,8 +372,11 @@ def main() -> None:
     parser.add_argument("--skip-emulation", action="store_true", help="only the plain benchmark")
     parser.add_argument("--skip-batching", action="store_true", help="no dynamic batching comparison")
     parser.add_argument("--max-queue-delay-ms", type=float, default=DEFAULT_MAX_QUEUE_DELAY_MS, help="the batching source's queue delay")
-    parser.add_argument("--p50-rounds", type=int, default=10, help="interleaved rounds of the p50 comparison at concurrency 1")
-    parser.add_argument("--p50-queries", type=int, default=300, help="queries per round of the p50 comparison")
+    parser.add_argument("--p50-rounds", type=int, default=20, help="interleaved rounds of the p50 comparison at concurrency 1")
+    parser.add_argument("--p50-queries", type=int, default=200, help="queries per round of the p50 comparison")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per source and concurrency of the batching curve (the median is shown)"
+    )
     parser.add_argument(
         "--batching-out", type=Path, default=Path("docs/bench/runtime-batching.md"), help="also write the batching report here"
     )

@@ -197,3 +197,16 @@ def test_bad_batching_settings_are_one_clear_error(bundle, options, needle):
     with pytest.raises(RocoinError) as error:  # the process options (source serve, the cluster's option files)
         validate(SourceOptions, {"bundle": bundle, "fleet": bundle / "fleet.yaml", **options}, "options")
     assert next(iter(options)) in str(error.value)
+
+
+def test_source_serve_refuses_a_bad_queue_delay_in_one_line_with_exit_2(bundle):
+    from typer.testing import CliRunner
+
+    from rocoin.cli.main import app
+
+    result = CliRunner().invoke(
+        app, ["source", "serve", "--bundle", str(bundle), "--fleet", str(bundle / "fleet.yaml"), "--max-queue-delay-ms", "500"]
+    )
+    assert result.exit_code == 2
+    assert "max_queue_delay_ms = 500" in result.output and "less than or equal to 100" in result.output
+    assert "Traceback" not in result.output

@@ -12,7 +12,10 @@ serving. A request larger than the worker's message limit (``max_batch`` inputs 
 request as above (plus ``timeout_s`` and ``cancel``), each answer written when it is ready and
 matched by ``query_id``. A bad request on the stream gets an answer with ``error_code`` and
 ``error`` (the same codes and messages as ``Infer``) and the stream goes on. A stream message
-costs about half a unary call in grpcio, which is most of the source's overhead on small models.
+costs about half a unary call in grpcio, which is most of the source's overhead on small models:
+the source's dynamic batcher sends one message for many queued queries, which runs as one batch
+(one onnxruntime call), and every answer says the device's ``max_batch`` so that no message
+carries more images than the device accepts.
 
 Concurrency: at most ``max_concurrency`` requests run the model (and their emulated delay) at a
 time; further ones wait their turn, in arrival order. A unary call whose deadline passes while it
