@@ -216,10 +216,11 @@ def shared_accuracy(model: torch.nn.Module, data: ArrayDataset, info: DatasetInf
 
 
 def load_data_in_turn(config: DataConfig, download: bool, ranks: Ranks) -> Data:
-    """:func:`load_data`; with several processes and ``download``, rank 0 downloads first."""
+    """:func:`load_data`; with several processes and ``download``, the first process of each
+    machine (``LOCAL_RANK`` 0) downloads while the others wait, then they read what it wrote."""
     if not (download and ranks.active):
         return load_data(config, download=download)
-    data = load_data(config, download=True) if ranks.main else None
+    data = load_data(config, download=True) if ranks.local_rank == 0 else None
     barrier(ranks)
     return data if data is not None else load_data(config, download=False)
 
