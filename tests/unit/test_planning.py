@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import math
+
 import numpy as np
 import pytest
 from conftest import block_graph, device, small_catalog
@@ -10,10 +13,12 @@ from rocoin.contracts.catalog import Catalog, StudentSpec
 from rocoin.contracts.errors import InfeasiblePlanError, RocoinError
 from rocoin.contracts.fleet import Fleet
 from rocoin.contracts.latency import device_latency_s
-from rocoin.planning import filter_graph, make_plan, synthetic_activations
+from rocoin.planning import filter_graph, make_plan, planner, synthetic_activations
 from rocoin.planning.assignment import GroupCosts, match_minmax, match_paper
 from rocoin.planning.grouping import capacity_features, follow_the_leader, group_devices
 from rocoin.planning.partition import SpectralPartitioner, check_activations, equal_sizes, proportional_sizes
+from rocoin.planning.planner import latency_floor
+from rocoin.profiles.generate import default_catalog, generate_fleet
 
 
 def test_two_tiers_become_two_replica_pairs(two_tier_fleet):
@@ -286,3 +291,24 @@ def test_a_catalog_sends_one_kind_of_output_and_a_classifiers_files_do_not_chang
     assert '"output_values_per_filter": 64' in map_catalog(64, 16).to_json().replace(" ", "").replace(":", ": ")
     with pytest.raises(ValueError, match="output_bits_per_value"):
         StudentSpec(flops=1e6, memory_bytes=1, params=1, out_dim=1, output_bits_per_value=8)
+
+
+def test_the_theta_search_stops_early_only_when_no_later_theta_can_win(caplog, monkeypatch):
+    fleet = generate_fleet(1000, 3, 0.8, random_state=5)  # 16 groups of 39+ devices: P(all groups) = 1.0
+    weights = filter_graph(synthetic_activations(60, 16, random_state=0))
+    catalog = default_catalog()
+    with caplog.at_level(logging.DEBUG, logger="rocoin.planning.planner"):
+        plan = make_plan(fleet, weights, catalog)
+    assert "and above skipped" in caplog.text  # the search did stop early
+    monkeypatch.setattr(planner, "latency_floor", lambda *args: -math.inf)  # never stops early
+    assert make_plan(fleet, weights, catalog) == plan
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_plan_beats_the_latency_floor(seed):
+    fleet = generate_fleet(8, 4, 0.8, random_state=seed)
+    weights = filter_graph(synthetic_activations(40, 8, random_state=seed))
+    catalog = default_catalog()
+    floor = latency_floor(fleet.arrays(), catalog.arrays(), None)
+    plans = [make_plan(fleet, weights, catalog, scheme=s) for s in ("rocoin", "rocoin-g", "nonn", "hetnonn", "optimal")]
+    assert floor > 0 and min(p.latency_s for p in plans) >= floor

@@ -9,11 +9,13 @@ reading it; every JSON output through :func:`dumps_json`, which refuses NaN and 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import json.decoder
 import json.scanner
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +140,137 @@ def _locate_json_duplicate(text: str) -> _DuplicateKey | None:
     return None
 
 
+def _plain_yaml_table() -> dict[int, str]:
+    """``str.translate`` table of :func:`_plain_yaml`: 0 to Z, other digits to N, e/E to e, o/O to
+    o, _ to U, signs to -, separators (space, newline, ``:,[]{}``) to a space, the characters it refuses
+    to ``!``, any other character to a."""
+    table = {c: "a" for c in range(128)}
+    table.update({ord(c): "N" for c in "123456789"})
+    table[ord("0")] = "Z"
+    table.update({ord("e"): "e", ord("E"): "e", ord("o"): "o", ord("O"): "o", ord("-"): "-", ord("+"): "-", ord("."): ".", ord("_"): "U"})
+    table.update({ord(c): " " for c in " \n:,[]{}"})
+    table.update({c: "!" for c in [*range(32), 127] if c != ord("\n")})
+    table.update({ord(c): "!" for c in "&*!%|><\\?=@`"})
+    return table
+
+
+_PLAIN_TABLE = _plain_yaml_table()
+#: Numbers that YAML 1.2 (yaml-rs) reads but YAML 1.1 (PyYAML) reads otherwise, as they look
+#: once translated: a leading zero (1.1: octal) or 0o, 0X (1.1: strings; 0x, 0b too, to be
+#: safe), an exponent (1.1 wants a dot and a signed exponent), a sign before a dot, an
+#: underscore first or after a leading dot (1.1: strings). Found by comparing both readers on
+#: random documents: any new difference belongs here (and in test_yaml_loader's TRICKY).
+_NUMBERS_READ_OTHERWISE = tuple(" ZZ| ZN| Zo| Za| -ZZ| -ZN| -Zo| -Za| -.| .U|Ze|Ne|.e|Ue| UN| UZ| U.| UU| -U".split("|"))
+_COMPACT_NESTED_SEQUENCES = re.compile(r"-[ ]+-(?=[ \n]|$)")
+#: Deepest indentation the fast reader takes: yaml-rs recurses on the C stack (some 10,000
+#: levels crash the process instead of raising), so deeply nested documents go to PyYAML.
+_MAX_PLAIN_INDENT = 256
+
+
+def _plain_yaml(text: str) -> bool:
+    """Whether ``text`` keeps to the YAML that yaml-rs (1.2) and PyYAML (1.1) read alike, judged
+    from the text alone (conservatively: a pattern inside a quoted string counts too).
+
+    Refused: non-ASCII text, tabs and control characters; anchors, aliases, merge keys and tags
+    (``& * < !``: yaml-rs has no merge keys and its own alias limits), directives and document
+    markers (``% --- ...``), block scalars (``| >``), complex keys (``?``), escapes (``\\``),
+    the reserved ``@`` and backquote, ``=``; numbers that the two read otherwise
+    (``_NUMBERS_READ_OTHERWISE``); compact nested sequences (``- - x``) and indentation beyond
+    ``_MAX_PLAIN_INDENT`` (deep nesting). Strings that PyYAML would read as something else are
+    caught after parsing (:func:`_agrees_with_pyyaml`).
+    """
+    if not text.isascii():
+        return False
+    shape = ("\n" + text).translate(_PLAIN_TABLE)  # a scalar starts after a space: the first one too
+    if "!" in shape or any(pattern in shape for pattern in _NUMBERS_READ_OTHERWISE):
+        return False
+    lines = "\n" + text
+    if "\n---" in lines or "\n..." in lines or "\n" + " " * (_MAX_PLAIN_INDENT + 1) in lines:
+        return False
+    return _COMPACT_NESTED_SEQUENCES.search(text) is None
+
+
+class _NotPlain(Exception):
+    """The fast reader declines a document: PyYAML reads it (and reports its errors)."""
+
+
+def _load_plain_yaml(text: str) -> Any:
+    """Parse a plain YAML document with yaml-rs (Rust), ~10x faster than PyYAML's C loader.
+
+    Raises :class:`_NotPlain` when yaml-rs is missing, the text is not plain (:func:`_plain_yaml`),
+    yaml-rs refuses it (a duplicate key, a syntax error) or read it otherwise than PyYAML would
+    (:func:`_agrees_with_pyyaml`): PyYAML then reads the document, so every result is PyYAML's
+    and every error message and line number too.
+    """
+    if not _plain_yaml(text):
+        raise _NotPlain
+    try:
+        import yaml_rs
+    except ImportError:
+        raise _NotPlain from None
+    try:
+        data = yaml_rs.loads(text, parse_datetime=False, duplicate_key_policy=yaml_rs.DuplicateKeyPolicy.Error)
+    except Exception:  # noqa: BLE001 - any refusal: PyYAML reads it and names the problem
+        raise _NotPlain from None
+    if not _agrees_with_pyyaml(data):
+        raise _NotPlain
+    return data
+
+
+def _agrees_with_pyyaml(data: Any) -> bool:
+    """Whether PyYAML would read what yaml-rs read as ``data``: every mapping key a string (1.1
+    and 1.2 may merge other keys differently) and no string that PyYAML would have resolved to
+    another type had it been plain (yes, 0b101, 1:30, 2024-01-05, =, <<, ...; a quoted one is
+    refused too: the parsed data no longer says which it was)."""
+    resolvers = _StrictLoader.yaml_implicit_resolvers
+    verdicts: dict[str, bool] = {}
+
+    def plain_str(value: str) -> bool:
+        verdict = verdicts.get(value)
+        if verdict is None:
+            candidates = resolvers.get(value[:1] if value else "", ())
+            verdict = not any(regexp.match(value) for _, regexp in candidates)
+            verdicts[value] = verdict
+        return verdict
+
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if type(node) is dict:
+            for key, value in node.items():
+                if type(key) is not str or not plain_str(key):
+                    return False
+                kind = type(value)
+                if kind is str:
+                    if not plain_str(value):
+                        return False
+                elif kind is dict or kind is list:
+                    stack.append(value)
+        elif type(node) is list:
+            for value in node:
+                kind = type(value)
+                if kind is str:
+                    if not plain_str(value):
+                        return False
+                elif kind is dict or kind is list:
+                    stack.append(value)
+        elif type(node) is str and not plain_str(node):
+            return False
+    return True
+
+
+def _load_yaml(text: str) -> Any:
+    """PyYAML's strict loader with the cyclic garbage collector paused (it would scan the
+    growing document over and over: ~2.5x slower for a 100,000-device fleet)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _read_document_text(path: Path) -> str:
     too_big = f"expected a document of at most {MAX_DOCUMENT_BYTES} bytes"
     try:
@@ -173,7 +306,10 @@ def load_document(path: str | os.PathLike[str]) -> Any:
         if is_json:
             data = json.loads(text, object_pairs_hook=_unique_pairs)
         else:
-            data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+            try:
+                data = _load_plain_yaml(text)
+            except _NotPlain:
+                data = _load_yaml(text)
     except RecursionError:
         raise RocoinError(
             f"{path}: nested too deeply to parse: expected at most {MAX_DOCUMENT_DEPTH} levels of mappings and lists"
@@ -188,6 +324,8 @@ def load_document(path: str | os.PathLike[str]) -> Any:
             ) from None
         detail = " ".join(str(exc).split())
         raise RocoinError(f"{path}: not valid {'JSON' if is_json else 'YAML/JSON'}: {detail}") from None
+    except ValueError as exc:  # PyYAML's constructors on a scalar its resolver took for a number: 0x_
+        raise RocoinError(f"{path}: not valid YAML/JSON: {' '.join(str(exc).split())}") from None
     _check_document_shape(data, str(path))
     return data
 
@@ -206,6 +344,12 @@ def _check_document_shape(data: Any, source: str) -> None:
         where = f"{source}: {_format_loc(tuple(loc))}" if loc else source
         return RocoinError(f"{where}: nested {levels} levels deep: expected at most {MAX_DOCUMENT_DEPTH} levels of mappings and lists")
 
+    def too_many() -> RocoinError:
+        return RocoinError(
+            f"{source}: more than {MAX_DOCUMENT_VALUES} values (a YAML alias counts each time it is used):"
+            f" expected at most {MAX_DOCUMENT_VALUES}"
+        )
+
     def walk(node: Any, depth: int) -> tuple[int, int]:
         if isinstance(node, dict):
             children: Any = node.items()
@@ -222,16 +366,18 @@ def _check_document_shape(data: Any, source: str) -> None:
             return known
         levels, values = 0, 1
         for key, child in children:
+            if not isinstance(child, (dict, list, tuple)):  # a scalar: one value, no recursion
+                values += 1
+                continue
             loc.append(key)
             child_levels, child_values = walk(child, depth + 1)
             loc.pop()
             levels = max(levels, child_levels)
             values += child_values
             if values > MAX_DOCUMENT_VALUES:
-                raise RocoinError(
-                    f"{source}: more than {MAX_DOCUMENT_VALUES} values (a YAML alias counts each time it is used):"
-                    f" expected at most {MAX_DOCUMENT_VALUES}"
-                )
+                raise too_many()
+        if values > MAX_DOCUMENT_VALUES:
+            raise too_many()
         measured[id(node)] = (levels + 1, values)
         return levels + 1, values
 
