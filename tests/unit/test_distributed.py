@@ -77,3 +77,23 @@ def test_the_global_batch_must_give_every_process_an_image():
     check_batch_size(2, Ranks(0, 2))
     with pytest.raises(RocoinError, match="batch_size = 3 is the global batch, shared by 4 processes: give at least 4"):
         check_batch_size(3, Ranks(0, 4))
+
+
+def test_processes_of_one_machine_share_its_cores(monkeypatch):
+    import rocoin.distillation.training as training
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("ROCOIN_TORCH_THREADS", raising=False)
+    monkeypatch.setattr(training.os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    try:
+        training.use_all_cores()  # no process group: one process, every core
+        assert torch.get_num_threads() == 8
+        monkeypatch.setattr(training, "current_ranks", lambda: Ranks(1, 4, 1))
+        training.use_all_cores()
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("ROCOIN_TORCH_THREADS", "3")  # said explicitly: kept
+        training.use_all_cores()
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

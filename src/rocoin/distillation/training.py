@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rocoin.contracts.errors import RocoinError
 from rocoin.data import ArrayDataset, DatasetInfo, load_dataset, split_validation
 from rocoin.data.loader import batches, to_tensor
-from rocoin.distillation.distributed import SINGLE, Ranks, barrier, broadcast_buffers, shard_bounds, sum_across
+from rocoin.distillation.distributed import SINGLE, Ranks, barrier, broadcast_buffers, current_ranks, shard_bounds, sum_across
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +66,17 @@ THREADS_ENV = "ROCOIN_TORCH_THREADS"
 
 
 def use_all_cores() -> None:
-    """Train with every core, or with ``$ROCOIN_TORCH_THREADS`` threads when it is set."""
+    """Train with every core, or with ``$ROCOIN_TORCH_THREADS`` threads when it is set; under
+    torchrun each of the machine's processes (``LOCAL_WORLD_SIZE``) takes its share of the cores."""
     wanted = os.environ.get(THREADS_ENV, "").strip()
     if wanted:
         if not wanted.isdigit() or int(wanted) < 1:
             raise RocoinError(f"{THREADS_ENV} = {wanted!r}: expected a positive number of threads")
         torch.set_num_threads(int(wanted))
         return
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip() if current_ranks().active else ""
+    processes = int(local) if local.isdigit() and int(local) > 0 else 1
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
 
 
 def make_optimizer(parameters, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
