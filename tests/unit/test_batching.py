@@ -210,3 +210,20 @@ def test_source_serve_refuses_a_bad_queue_delay_in_one_line_with_exit_2(bundle):
     assert result.exit_code == 2
     assert "max_queue_delay_ms = 500" in result.output and "less than or equal to 100" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_local_cluster_passes_batching_on_and_an_emulated_one_does_not_batch_unless_asked(bundle, tmp_path):
+    pytest.importorskip("grpc_health")
+    from rocoin.contracts.fleet import DeviceProfile, Fleet
+    from rocoin.runtime.cluster.local import LocalCluster
+
+    fleet = Fleet(devices=[DeviceProfile(id=d, flops=1e9, memory_bytes=1 << 24, rate_bps=1e6, outage=0.01) for d in ("a1", "a2", "b")])
+    assert LocalCluster(bundle, fleet, tmp_path).batching == {}  # the source's defaults
+    assert LocalCluster(bundle, fleet, tmp_path, max_queue_delay_ms=5, max_batch_images=8).batching == {
+        "max_queue_delay_ms": 5,
+        "max_batch_images": 8,
+    }
+    assert LocalCluster(bundle, fleet, tmp_path, emulate=True).batching == {"max_queue_delay_ms": 0.0}
+    assert LocalCluster(bundle, fleet, tmp_path, emulate=True, max_queue_delay_ms=5).batching == {"max_queue_delay_ms": 5}
+    with pytest.raises(RocoinError, match=r"max-queue-delay-ms = 500: expected milliseconds in 0\.\.100"):
+        LocalCluster(bundle, fleet, tmp_path, max_queue_delay_ms=500)

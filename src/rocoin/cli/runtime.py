@@ -14,6 +14,7 @@ from rocoin.cli.common import clean_errors, flag, out, require
 from rocoin.contracts.errors import RocoinError
 from rocoin.runtime.api.options import SourceOptions
 from rocoin.runtime.device.options import DeviceOptions, JoinOptions
+from rocoin.runtime.source.settings import DEFAULT_MAX_QUEUE_DELAY_MS
 
 device_app = typer.Typer(help="Run a device worker (onnxruntime + gRPC; no torch needed).", no_args_is_help=True)
 source_app = typer.Typer(help="Run the source: broadcasts queries, gathers groups, runs the head.", no_args_is_help=True)
@@ -257,7 +258,11 @@ def cluster_up(
     fleet: Path = typer.Option(..., "--fleet"),
     emulate: bool = typer.Option(False, "--emulate", help="Each worker behaves like its fleet profile (delays, drops)."),
     deadline_s: float = flag(SourceOptions, "deadline_s", "--deadline-s"),
-    max_queue_delay_ms: float = flag(SourceOptions, "max_queue_delay_ms", "--max-queue-delay-ms"),
+    max_queue_delay_ms: float | None = typer.Option(
+        None,
+        "--max-queue-delay-ms",
+        help=f"Dynamic batching at the source (default {DEFAULT_MAX_QUEUE_DELAY_MS:g}; 0 with --emulate, whose workers emulate one query per request).",
+    ),
     max_batch_images: int = flag(SourceOptions, "max_batch_images", "--max-batch-images"),
     http: bool = typer.Option(False, "--http", help="Also serve the source's KServe v2 REST API (any free port)."),
     state_dir: Path = typer.Option(DEFAULT_STATE_DIR, "--state-dir", help="Where the cluster keeps addresses, pids and logs."),

@@ -126,7 +126,11 @@ class LocalCluster:
             check_queue_delay(max_queue_delay_ms, "max-queue-delay-ms")
         if max_batch_images is not None:
             check_max_batch_images(max_batch_images, "max-batch-images")
-        #: the source's dynamic batching (None: its defaults)
+        if emulate and max_queue_delay_ms is None:
+            # an emulated worker holds each request for one query's emulated time and draws one outage
+            # per request, as the simulator models a query: batching would make that a message's
+            max_queue_delay_ms = 0.0
+        #: the source's dynamic batching (None: its defaults; off in an emulated cluster unless asked for)
         self.batching = {
             name: value
             for name, value in (("max_queue_delay_ms", max_queue_delay_ms), ("max_batch_images", max_batch_images))
