@@ -65,7 +65,7 @@ TRICKY = [
     "%YAML 1.1\n---\na: 1\n",
     "a: |\n  x\n  y\nb: >\n  x\n  y\n",
     "? [1, 2]\n: x\n",
-    "a: 0X9f\nb: 6_E6\nc: 0x_\nd: ._4\n",
+    "a: 0X9f\nb: 6_E6\nc: 0x_\nd: ._4\ne: 0_9\nf: -0_7\n",
     "a: _1\nb: -_1\nc: __1\nd: _1.5\ne: 1_:3\nf: _a\ng: 1__0\n_1: x\n",
     'a: "\\x41\\t"\n',
     "a: é\n",
@@ -135,3 +135,8 @@ def test_compact_nesting_deeper_than_yaml_rs_can_go_is_one_error(tmp_path):
     path.write_text("- " * 20_000 + "x\n")  # yaml-rs would overflow the C stack
     with pytest.raises(RocoinError, match="nested"):
         fileio.load_document(path)
+
+
+def test_fleets_are_written_as_pyyaml_writes_them():
+    fleet = generate_fleet(30, 3, 0.8, random_state=2, input_bits=6272, downlink_bps=1e6)
+    assert fleet.to_yaml() == yaml.safe_dump(fleet.model_dump(mode="json", exclude_none=True), sort_keys=False)

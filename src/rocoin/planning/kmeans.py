@@ -54,7 +54,8 @@ def kmeans(
         warnings.simplefilter("ignore", ConvergenceWarning)
         for _ in range(max(1, n_init)):
             centers, _ = kmeans_plusplus(points, n_clusters, sample_weight=sample_weight, random_state=rng, n_local_trials=n_local_trials)
-            model = KMeans(n_clusters, init=centers, n_init=1, max_iter=max_iter, random_state=rng)
+            # tol=0: iterate until no label changes (or max_iter), as Lloyd's algorithm does.
+            model = KMeans(n_clusters, init=centers, n_init=1, max_iter=max_iter, tol=0.0, random_state=rng)
             model.fit(points, sample_weight=sample_weight)
             if best is None or model.inertia_ < best[0] - 1e-12:
                 best = (float(model.inertia_), model.labels_.astype(np.int64), model.cluster_centers_)
