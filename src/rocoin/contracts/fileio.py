@@ -156,11 +156,11 @@ def _plain_yaml_table() -> dict[int, str]:
 
 _PLAIN_TABLE = _plain_yaml_table()
 #: Numbers that YAML 1.2 (yaml-rs) reads but YAML 1.1 (PyYAML) reads otherwise, as they look
-#: once translated: a leading zero (1.1: octal) or 0o, 0X (1.1: strings; 0x, 0b too, to be
+#: once translated: a leading zero (1.1: octal) or 0o, 0X, 0_9 (1.1: strings; 0x, 0b too, to be
 #: safe), an exponent (1.1 wants a dot and a signed exponent), a sign before a dot, an
 #: underscore first or after a leading dot (1.1: strings). Found by comparing both readers on
 #: random documents: any new difference belongs here (and in test_yaml_loader's TRICKY).
-_NUMBERS_READ_OTHERWISE = tuple(" ZZ| ZN| Zo| Za| -ZZ| -ZN| -Zo| -Za| -.| .U|Ze|Ne|.e|Ue| UN| UZ| U.| UU| -U".split("|"))
+_NUMBERS_READ_OTHERWISE = tuple(" ZZ| ZN| Zo| Za| ZU| -ZZ| -ZN| -Zo| -Za| -ZU| -.| .U|Ze|Ne|.e|Ue| UN| UZ| U.| UU| -U".split("|"))
 _COMPACT_NESTED_SEQUENCES = re.compile(r"-[ ]+-(?=[ \n]|$)")
 #: Deepest indentation the fast reader takes: yaml-rs recurses on the C stack (some 10,000
 #: levels crash the process instead of raising), so deeply nested documents go to PyYAML.
