@@ -9,8 +9,9 @@ answers are matched by wire id only, a link may open its stream lazily or fail t
 so) and its health probe is whatever the transport can ask.
 
 Transport (:class:`GrpcStreamLink`): one long-lived channel per device (keepalive) carrying one
-``InferStream`` stream. A query is one message to each device (serialised once, by the first link
-that sends it), carrying the time left until the query's deadline as its ``timeout_s``; answers
+``InferStream`` stream. A query, or a batch of queued queries (the source's dynamic batching), is
+one message to each device (serialised once, by the first link that sends it), carrying the time
+left until the (latest) query's deadline as its ``timeout_s``; answers
 are matched to their query by id as they arrive. A replica whose answer is no longer wanted is
 told to drop the query with a ``cancel`` entry riding on its next message (or, when no query
 follows within :data:`CANCEL_FLUSH_S`, a message of its own). A stream message costs about half a

@@ -4,8 +4,9 @@ or an error). Plain data, so that the gather (:mod:`.gather`) can judge answers 
 the transport and tests can make answers by hand.
 
 Everything is keyed by the wire id, never by the order of messages: a link may carry answers out
-of order, coalesce several requests into one wire message (dynamic batching) and split the
-answer, or arrive from a device that dialed the source, and the source reads the same answers.
+of order or arrive from a device that dialed the source, and the source reads the same answers.
+With dynamic batching one request carries the images of several queued queries under a message
+id of its own (``#n``), and the source splits its answer back into the queries' rows.
 """
 
 from __future__ import annotations
