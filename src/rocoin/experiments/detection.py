@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.plan import Plan
+from rocoin.contracts.progress import Progress, log_progress
 from rocoin.experiments.report import ExperimentResult
 from rocoin.experiments.workspace import Workspace
 
@@ -125,32 +127,73 @@ def settings_digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@dataclass
+class DetectionRun:
+    """What Table V's rows share: the setup, the data and the trained teacher; each row's students
+    are planned and distilled on demand, every trained model cached in ``cache`` under a name made
+    from the settings that made it (a rerun, or another caller with the same settings, reuses it)."""
+
+    setup: DetectionSetup
+    splits: Any
+    teacher: Any
+    teacher_key: str
+    cache: Path
+    device: str
+    progress: Progress = log_progress
+    graphs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(
+        cls, s: DetectionSetup, objects: str, data_dir: str | None, cache: Path, device: str | None, progress: Progress = log_progress
+    ) -> DetectionRun:
+        """The data and the teacher (trained, or read from ``cache``). ``device``: cpu (None),
+        cuda, cuda:N or auto."""
+        from rocoin.distillation.detection import DetectionTrainConfig, train_detection_teacher
+
+        device = str(device or "cpu")
+        cache.mkdir(parents=True, exist_ok=True)
+        splits = detection_splits(objects, data_dir, s)
+        config = DetectionTrainConfig(epochs=s.teacher_epochs, batch_size=s.batch_size, seed=s.seed, device=device)
+        key = settings_digest(s.dataset, s.image_size, s.num_train, s.teacher_arch, config.model_dump())
+        teacher = train_detection_teacher(s.teacher_arch, splits, config, path=cache / f"teacher-{key}.pt", progress=progress)
+        return cls(s, splits, teacher, key, cache, device, progress)
+
+    def graph(self, point: str):
+        """The filter graph of the teacher's channels at ``point`` (on the validation images)."""
+        from rocoin.distillation.detection import split_activations
+        from rocoin.planning import filter_graph
+
+        if point not in self.graphs:
+            self.graphs[point] = filter_graph(split_activations(self.teacher, self.splits.val.images, point))
+        return self.graphs[point]
+
+    def students(self, row: _Row, archs: tuple[str, ...] | None = None):
+        """``row``'s plan over a generated fleet, the measured catalog of ``archs`` (the setup's
+        students by default) and the distilled students: ``(plan, catalog, students)``."""
+        from rocoin.distillation.detection import DetectionDistillConfig, detection_catalog, distill_detection
+        from rocoin.planning import make_plan
+        from rocoin.profiles.generate import generate_fleet
+
+        s = self.setup
+        fleet = generate_fleet(row.devices, s.heterogeneity, s.success_prob, random_state=s.seed)
+        catalog = detection_catalog(list(archs or s.students), row.point, self.teacher)
+        plan: Plan = make_plan(fleet, self.graph(row.point), catalog, scheme=row.scheme, epsilon=row.epsilon, seed=s.seed)
+        config = DetectionDistillConfig(
+            epochs=s.student_epochs, batch_size=s.batch_size, seed=s.seed, device=self.device, failure_aware=row.failure_aware
+        )
+        key = settings_digest(self.teacher_key, row.point, plan.model_dump(mode="json"), config.model_dump())
+        path = self.cache / f"students-{key}.pt"
+        return plan, catalog, distill_detection(self.teacher, plan, row.point, self.splits, config, path=path, progress=self.progress)
+
+
 def table5(ws: Workspace) -> ExperimentResult:
     """Table V: parameters, FLOPs and mAP of the teacher and of RoCoIn's detection students."""
-    from rocoin.distillation.detection import (
-        DetectionDistillConfig,
-        DetectionTrainConfig,
-        detection_catalog,
-        distill_detection,
-        evaluate_detection,
-        predict,
-        split_activations,
-        train_detection_teacher,
-    )
+    from rocoin.distillation.detection import evaluate_detection, predict
     from rocoin.models.detector import count_flops_params
-    from rocoin.planning import filter_graph, make_plan
-    from rocoin.profiles.generate import generate_fleet
 
     s = detection_setup(ws)
-    device = ws.pipeline.device or "cpu"  # DetectionTrainConfig takes cpu, cuda, cuda:N or auto
-    cache = ws.cache_dir / "detection"
-    cache.mkdir(parents=True, exist_ok=True)
-    splits = detection_splits(ws.setup.dataset, ws.setup.data_dir, s)
-    teacher_config = DetectionTrainConfig(epochs=s.teacher_epochs, batch_size=s.batch_size, seed=s.seed, device=str(device))
-    teacher_key = settings_digest(s.dataset, s.image_size, s.num_train, s.teacher_arch, teacher_config.model_dump())
-    teacher = train_detection_teacher(
-        s.teacher_arch, splits, teacher_config, path=cache / f"teacher-{teacher_key}.pt", progress=ws.progress
-    )
+    run = DetectionRun.start(s, ws.setup.dataset, ws.setup.data_dir, ws.cache_dir / "detection", ws.pipeline.device, ws.progress)
+    teacher, splits = run.teacher, run.splits
     test = splits.test
     teacher_eval = evaluate_detection(teacher, None, test, fail_devices=[0])[0]
     folds = {"teacher": _fold_maps(test, predict(teacher, None, test.images))}
@@ -172,17 +215,10 @@ def table5(ws: Workspace) -> ExperimentResult:
         }
     ]
     order = [*rows[0], "map_50_fp16_wire_pct", "missing_groups_one_failed"]
-    distill_config = DetectionDistillConfig(epochs=s.student_epochs, batch_size=s.batch_size, seed=s.seed, device=str(device))
-    graphs = {point: filter_graph(split_activations(teacher, splits.val.images, point)) for point in ("backbone", "neck")}
     examples: dict[str, Any] = {}
     replicated = _Row("bc-replicated", "RoCoIn BC, replicated (ours)", "backbone", s.replicated_devices, "rocoin", s.epsilon)
     for row in (*ROWS, replicated):
-        fleet = generate_fleet(row.devices, s.heterogeneity, s.success_prob, random_state=s.seed)
-        catalog = detection_catalog(list(s.students), row.point, teacher)
-        plan: Plan = make_plan(fleet, graphs[row.point], catalog, scheme=row.scheme, epsilon=row.epsilon, seed=s.seed)
-        config = distill_config.model_copy(update={"failure_aware": row.failure_aware})
-        key = settings_digest(teacher_key, row.point, plan.model_dump(mode="json"), config.model_dump())
-        students = distill_detection(teacher, plan, row.point, splits, config, path=cache / f"students-{key}.pt", progress=ws.progress)
+        plan, catalog, students = run.students(row)
         evaluated = {
             r["failed_devices"]: r for r in evaluate_detection(teacher, students, test, fail_devices=[0, 1], trials=s.trials, seed=s.seed)
         }
