@@ -168,7 +168,7 @@ def _accuracy_plot(out: Path, r: dict[str, Any]) -> str:
         ("teacher", r["teacher"]["test_accuracy"], "tab:grey"),
         ("students\nall groups\n(in-process)", r["students"]["accuracy"], "tab:green"),
         (
-            f"students\n{r['students']['random_failures']['fail_devices']} random failed\n(in-process)",
+            f"students\n{r['students']['random_failures']['fail_devices']} random\nfailed\n(in-process)",
             r["students"]["random_failures"]["accuracy_mean"],
             "tab:olive",
         ),
@@ -182,7 +182,31 @@ def _accuracy_plot(out: Path, r: dict[str, Any]) -> str:
     left.bar(positions, [100 * b[1] for b in bars], color=[b[2] for b in bars])
     for x, (_, value, _) in zip(positions, bars, strict=True):
         left.text(x, 100 * value, f"{100 * value:.1f}", ha="center", va="bottom", fontsize="small")
-    left.set_xticks(positions, [b[0] for b in bars], fontsize="small")
+    prediction = rt.get("prediction")
+    if prediction:  # the outage model's accuracy for the runtime's phases, and without the re-plan
+        phases = ["before", "after"] + (["after_recovery"] if healed else [])
+        at = positions[3 : 3 + len(phases)]
+        left.scatter(
+            at,
+            [100 * prediction[k]["predicted_accuracy"] for k in phases],
+            marker="_",
+            s=500,
+            color="black",
+            zorder=3,
+            label="outage model",
+        )
+        unhealed = prediction["after"].get("unhealed_accuracy")
+        if unhealed is not None:
+            left.hlines(
+                100 * unhealed,
+                at[1] - 0.4,
+                at[-1] + 0.4,
+                color="black",
+                linestyle=":",
+                label=f"model without the re-plan ({100 * unhealed:.1f})",
+            )
+        left.legend(fontsize="small", loc="upper right")
+    left.set_xticks(positions, [b[0] for b in bars], fontsize="x-small")
     low = min(100 * b[1] for b in bars)
     left.set_ylim(max(0.0, low - 10), 100)
     left.set_ylabel("accuracy (%)")
