@@ -50,9 +50,7 @@ def main() -> None:
         groups = "; ".join(f"{g.student} ({len(g.filters)} ch., {catalog[g.student].params:,} params)" for g in plan.groups)
         points = teacher_map - result["map_50_pct"]
         verdict = "met" if points + margin <= TARGET_POINTS else ("not met" if points - margin > TARGET_POINTS else "not separated")
-        lines.append(
-            f"| {', '.join(archs)} | {groups} | {result['map_50_pct']:.2f} | {points:.2f} ± {margin:.2f} | {verdict} |"
-        )
+        lines.append(f"| {', '.join(archs)} | {groups} | {result['map_50_pct']:.2f} | {points:.2f} ± {margin:.2f} | {verdict} |")
     with report_to(args.out):
         print("# Table V's RoCoIn BC (2 devices): the students' width\n")
         print(f"Command: `.venv/bin/python bench/detection_width.py --cache {args.cache} --out {args.out}`\n")

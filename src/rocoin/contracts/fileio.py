@@ -237,25 +237,22 @@ def _agrees_with_pyyaml(data: Any) -> bool:
     while stack:
         node = stack.pop()
         if type(node) is dict:
-            for key, value in node.items():
-                if type(key) is not str or not plain_str(key):
-                    return False
-                kind = type(value)
-                if kind is str:
-                    if not plain_str(value):
-                        return False
-                elif kind is dict or kind is list:
-                    stack.append(value)
+            if any(type(key) is not str or not plain_str(key) for key in node):
+                return False
+            values = node.values()
         elif type(node) is list:
-            for value in node:
-                kind = type(value)
-                if kind is str:
-                    if not plain_str(value):
-                        return False
-                elif kind is dict or kind is list:
-                    stack.append(value)
-        elif type(node) is str and not plain_str(node):
-            return False
+            values = node
+        else:
+            if type(node) is str and not plain_str(node):
+                return False
+            continue
+        for value in values:
+            kind = type(value)
+            if kind is str:
+                if not plain_str(value):
+                    return False
+            elif kind is dict or kind is list:
+                stack.append(value)
     return True
 
 
