@@ -32,6 +32,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from test_cli import run  # noqa: E402
+from test_training_cli import interrupt_teacher_in_epoch_two  # noqa: E402
 
 JOB = Path(__file__).with_name("torchrun_job.py")
 TEACHER = ["--dataset", "digits", "--arch", "wrn-10-1", "--epochs", "3", "--batch-size", "32"]
@@ -83,22 +84,12 @@ def one(tmp_path_factory):
 
 
 def _interrupted_teacher(path: Path) -> None:
-    from rocoin.contracts.progress import log_progress
-    from rocoin.distillation.teacher import TeacherConfig, train_teacher
+    from rocoin.distillation.teacher import TeacherConfig
     from rocoin.distillation.training import DataConfig
 
     path.parent.mkdir(parents=True)
     config = TeacherConfig(arch="wrn-10-1", data=DataConfig(dataset="digits"), epochs=3, batch_size=32)  # what TEACHER gives
-
-    @contextmanager
-    def crash_in_epoch_two(label, total):
-        if label.startswith("teacher epoch 2/"):
-            raise KeyboardInterrupt
-        with log_progress(label, total) as advance:
-            yield advance
-
-    with pytest.raises(KeyboardInterrupt):
-        train_teacher(config, path, progress=crash_in_epoch_two)
+    interrupt_teacher_in_epoch_two(config, path)
     assert path.with_name("teacher.pt.resume").exists()
 
 

@@ -135,15 +135,12 @@ def test_a_checkpoint_of_another_architecture_is_refused(pipeline, tmp_path):
     bad(run("evaluate", "--students", tmp_path / "lying.pt"), "the weights do not fit the students of its plan (wrn-16-1")
 
 
-def test_an_interrupted_teacher_run_resumes(tmp_path, monkeypatch):
+def interrupt_teacher_in_epoch_two(config, path) -> None:
+    """Train the teacher of ``config`` to ``path`` and stop it (Ctrl-C) as epoch 2 starts."""
     from contextlib import contextmanager
 
     from rocoin.contracts.progress import log_progress
-    from rocoin.distillation.teacher import TeacherConfig, load_teacher, train_teacher
-    from rocoin.distillation.training import DataConfig
-
-    write_fashion_mnist(tmp_path, n_train=200, n_test=50)
-    config = TeacherConfig(arch="wrn-10-1", data=DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path)), epochs=3, batch_size=50)
+    from rocoin.distillation.teacher import train_teacher
 
     @contextmanager
     def crash_in_epoch_two(label, total):
@@ -153,7 +150,16 @@ def test_an_interrupted_teacher_run_resumes(tmp_path, monkeypatch):
             yield advance
 
     with pytest.raises(KeyboardInterrupt):
-        train_teacher(config, tmp_path / "teacher.pt", progress=crash_in_epoch_two)
+        train_teacher(config, path, progress=crash_in_epoch_two)
+
+
+def test_an_interrupted_teacher_run_resumes(tmp_path, monkeypatch):
+    from rocoin.distillation.teacher import TeacherConfig, load_teacher, train_teacher
+    from rocoin.distillation.training import DataConfig
+
+    write_fashion_mnist(tmp_path, n_train=200, n_test=50)
+    config = TeacherConfig(arch="wrn-10-1", data=DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path)), epochs=3, batch_size=50)
+    interrupt_teacher_in_epoch_two(config, tmp_path / "teacher.pt")
     assert (tmp_path / "teacher.pt.resume").exists() and load_teacher(tmp_path / "teacher.pt").metadata["epoch"] == 1
     summary = train_teacher(config, tmp_path / "teacher.pt")
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]  # epoch 1 was not trained again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import numpy as np
@@ -25,24 +26,30 @@ def bundle(tmp_path_factory):
     return make_bundle(tmp_path_factory.mktemp("bundle"))
 
 
+@contextlib.asynccontextmanager
+async def kserve_service(bundle):
+    """Three device workers, the source and its KServe gRPC API on loopback: ``(source, port)``."""
+    devices = [await start_device(bundle, name, insecure=True) for name in ("a", "b", "c")]
+    fleet = Fleet(devices=[profile(d.worker.device_id, 20, 4, 300, 0.1, address=d.address) for d in devices])
+    source = Source(bundle, fleet, deadline_s=2.0, insecure=True)
+    await source.start()
+    server = grpc.aio.server()
+    kserve_grpc.add_to_server(source, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield source, port
+    finally:
+        await server.stop(0)
+        await source.close()
+        for d in devices:
+            await d.stop(0)
+
+
 def with_service(bundle, scenario):
     async def main():
-        devices = [await start_device(bundle, name, insecure=True) for name in ("a", "b", "c")]
-        fleet = Fleet(devices=[profile(d.worker.device_id, 20, 4, 300, 0.1, address=d.address) for d in devices])
-        source = Source(bundle, fleet, deadline_s=2.0, insecure=True)
-        await source.start()
-        server = grpc.aio.server()
-        kserve_grpc.add_to_server(source, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                return await scenario(inference_pb2_grpc.GRPCInferenceServiceStub(channel))
-        finally:
-            await server.stop(0)
-            await source.close()
-            for d in devices:
-                await d.stop(0)
+        async with kserve_service(bundle) as (_, port), grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            return await scenario(inference_pb2_grpc.GRPCInferenceServiceStub(channel))
 
     return asyncio.run(main())
 

@@ -16,21 +16,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
 pytest.importorskip("aiohttp")
 pytest.importorskip("onnxruntime")
 
-from conftest import device as profile  # noqa: E402
-from test_device import make_bundle, start_device  # noqa: E402
+from test_device import make_bundle  # noqa: E402
 from test_http_api import infer_body  # noqa: E402
+from test_kserve_grpc import kserve_service  # noqa: E402
 
-from rocoin.contracts.fleet import Fleet  # noqa: E402
-from rocoin.runtime.api import kserve_grpc  # noqa: E402
 from rocoin.runtime.api.http import start_http  # noqa: E402
-from rocoin.runtime.source.source import Source  # noqa: E402
 
 #: What ``make test`` installs there too (the Makefile's TRITONCLIENT_GRPC).
 REQUIREMENT = "tritonclient[grpc]>=2.40"
@@ -121,38 +117,27 @@ def test_tritonclient_grpc_default_calls_get_the_json_paths_prediction(bundle, t
     pixels = np.random.default_rng(21).integers(0, 256, size=(3, 1, 8, 8), dtype=np.uint8)
 
     async def main():
-        devices = [await start_device(bundle, name, insecure=True) for name in ("a", "b", "c")]
-        fleet = Fleet(devices=[profile(d.worker.device_id, 20, 4, 300, 0.1, address=d.address) for d in devices])
-        source = Source(bundle, fleet, deadline_s=2.0, insecure=True)
-        await source.start()
-        server = grpc.aio.server()
-        kserve_grpc.add_to_server(source, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        http = await start_http(source, "127.0.0.1:0")
-        try:
-            client = await asyncio.create_subprocess_exec(
-                str(triton_grpc_python),
-                "-c",
-                CLIENT,
-                f"127.0.0.1:{port}",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            spec = json.dumps({"pixels": pixels.ravel().tolist(), "shape": list(pixels.shape)}).encode()
-            out, err = await asyncio.wait_for(client.communicate(spec), 60)
-            assert client.returncode == 0, err.decode()[-2000:]
-            async with aiohttp.ClientSession() as session:
-                async with session.post(f"http://{http.address}/v2/models/rocoin/infer", json=infer_body(pixels)) as response:
-                    ours = await response.json()
-            return json.loads(out), ours
-        finally:
-            await http.close()
-            await server.stop(0)
-            await source.close()
-            for d in devices:
-                await d.stop(0)
+        async with kserve_service(bundle) as (source, port):
+            http = await start_http(source, "127.0.0.1:0")
+            try:
+                client = await asyncio.create_subprocess_exec(
+                    str(triton_grpc_python),
+                    "-c",
+                    CLIENT,
+                    f"127.0.0.1:{port}",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                spec = json.dumps({"pixels": pixels.ravel().tolist(), "shape": list(pixels.shape)}).encode()
+                out, err = await asyncio.wait_for(client.communicate(spec), 60)
+                assert client.returncode == 0, err.decode()[-2000:]
+                async with aiohttp.ClientSession() as session:
+                    async with session.post(f"http://{http.address}/v2/models/rocoin/infer", json=infer_body(pixels)) as response:
+                        ours = await response.json()
+                return json.loads(out), ours
+            finally:
+                await http.close()
 
     via_triton, ours = asyncio.run(main())
     assert via_triton["live"] and via_triton["ready"] and via_triton["model_ready"]

@@ -108,18 +108,22 @@ def correct_by_missing(students_path: str | Path, data: ArrayDataset, info: Data
     features = collect(network.features, data, info, device=on)
     network.cpu()
     labels = torch.as_tensor(data.labels)
-    patterns = torch.arange(2**groups)[:, None] >> torch.arange(groups)[None, :] & 1 == 1  # (2**K, K)
+    patterns = torch.from_numpy(missing_patterns(groups))
     with torch.inference_mode():
         rows = [(network.fc(network.mask_filters(features, m.expand(len(labels), -1))).argmax(1) == labels) for m in patterns]
     return torch.stack(rows).numpy()
+
+
+def missing_patterns(groups: int) -> np.ndarray:
+    """(2**K, K) booleans: row m says which groups pattern m misses (bit k of m: group k)."""
+    return (np.arange(2**groups)[:, None] >> np.arange(groups)[None, :]) & 1 == 1
 
 
 def pattern_probabilities(missing_prob: np.ndarray) -> np.ndarray:
     """(..., 2**K): P(exactly the groups of each pattern are missing) when group k is missing
     independently with ``missing_prob[..., k]`` (the outage model of SPEC.md §1)."""
     q = np.asarray(missing_prob, dtype=float)
-    groups = q.shape[-1]
-    bits = (np.arange(2**groups)[:, None] >> np.arange(groups)[None, :]) & 1 == 1  # (2**K, K)
+    bits = missing_patterns(q.shape[-1])
     return np.prod(np.where(bits, q[..., None, :], 1.0 - q[..., None, :]), axis=-1)
 
 

@@ -55,8 +55,11 @@ def choose_victims(plan, kill: int) -> Victims:
 
 def expected_missing(plan, fleet, victims: Victims) -> dict[str, list[float]]:
     """Per group, P(missing) in the system model: every replica's answer lost (SPEC.md §1)."""
-    import numpy as np
+    from rocoin.experiments.demo.prediction import missing_probabilities
 
     outage = {d.id: d.outage for d in fleet.devices}
-    after = [float(np.prod([outage[d] for d in g.devices if d not in victims.devices])) for g in plan.groups]
-    return {"before": [float(np.prod([outage[d] for d in g.devices])) for g in plan.groups], "after": after}
+    groups = [list(g.devices) for g in plan.groups]
+    return {
+        "before": missing_probabilities(groups, outage, set()).tolist(),
+        "after": missing_probabilities(groups, outage, set(victims.devices)).tolist(),
+    }
