@@ -174,6 +174,7 @@ MALFORMED = [
     ("INT64 refused", _binary(_request(datatype="INT64", size=512), bytes(512)), "datatype = 'INT64'"),
     ("NaN in FP32 bytes", _binary(_request(datatype="FP32", size=256), np.full(64, np.nan, "<f4").tobytes()), "NaN or Inf"),
     ("wrong image shape", _binary(_request(shape=(1, 2, 4, 8)), bytes(64)), "expected (B, 1, 8, 8)"),
+    ("one-dimensional input", _binary(_request(shape=(1,), size=1), bytes(1)), "input shape (1,): expected (B, 1, 8, 8)"),
     ("parameters not an object", _binary({"inputs": [{"name": "input", "parameters": [1]}]}, b""), "inputs[0].parameters = [1]"),
     (
         "binary_data_output not a bool",
