@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -228,6 +229,7 @@ def model_runs_in(request, monkeypatch):
 
     if request.param == "thread pool":
         monkeypatch.setattr(device_module, "INLINE_RUN_S", 0.0)
+        monkeypatch.setattr(device_module, "INLINE_SERIAL_RUN_S", 0.0)
     return request.param
 
 
@@ -683,6 +685,46 @@ def test_the_concurrency_limit_is_honoured(bundle, concurrency, low, high, model
     results, elapsed = run(main())
     assert all(not isinstance(r, grpc.aio.AioRpcError) for r, _ in results)
     assert low * 0.1 <= elapsed < high * 0.1
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_a_serial_worker_runs_on_its_event_loop_and_a_concurrent_one_in_parallel(bundle, monkeypatch, concurrency):
+    """With one request at a time (the local cluster's workers) no hop to a thread: the model runs
+    on the event loop; with more, concurrent requests run side by side in the pool (a model blocking
+    0.2 s per run here)."""
+    import rocoin.runtime.device.servicer as device_module
+
+    monkeypatch.setattr(device_module, "INLINE_RUN_S", 0.0)  # the model is fast: only being serial keeps it on the loop
+    monkeypatch.setattr(device_module, "INLINE_SERIAL_RUN_S", 1.0)
+    runs: list[tuple[str, float, float]] = []
+
+    async def main():
+        device = await start_device(bundle, "a", max_concurrency=concurrency, insecure=True)
+        runner = device.worker._serving.runner
+        model_run = runner.run
+
+        def slow_run(batch):
+            started = time.perf_counter()
+            time.sleep(0.2)
+            runs.append((threading.current_thread().name, started, time.perf_counter()))
+            return model_run(batch)
+
+        monkeypatch.setattr(runner, "run", slow_run)
+        try:
+            async with Client(device.address) as stub:
+                return await _timed_calls(stub, 3)
+        finally:
+            await device.stop(0)
+
+    results, elapsed = run(main())
+    assert all(not isinstance(r, grpc.aio.AioRpcError) for r, _ in results)
+    threads = {name for name, *_ in runs}
+    if concurrency == 1:
+        assert threads == {threading.main_thread().name}
+        assert elapsed >= 0.6  # one after the other
+    else:
+        assert all(name.startswith("rocoin-a") for name in threads), threads
+        assert elapsed < 0.5, runs  # side by side
 
 
 def test_a_call_whose_deadline_passes_while_waiting_does_not_hold_a_slot(bundle):

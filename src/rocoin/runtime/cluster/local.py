@@ -236,9 +236,16 @@ class LocalCluster:
         write_text_atomic(entry, yaml.safe_dump(profile.model_dump(mode="json", exclude_none=True, exclude={"address"}), sort_keys=False))
         options = JoinOptions(
             source=self.state.source.address, device_id=device_id, profile=entry, cache_dir=self.state_dir / "devices" / device_id,
-            token_file=self.token_file, emulate=self.emulate,
+            token_file=self.token_file, emulate=self.emulate, **self._device_concurrency,
         )  # fmt: skip
         self._spawn(device_id, JOIN_ENTRY_POINT, options)
+
+    @property
+    def _device_concurrency(self) -> dict[str, int]:
+        """The workers share this machine's cores, as many workers as devices: each runs one request at
+        a time (on its event loop: no hop to a thread), except emulating ones, whose emulated delay
+        holds a slot while other requests run."""
+        return {} if self.emulate else {"max_concurrency": 1}
 
     def _ready_file(self, name: str) -> Path:
         return self.state_dir / f"{name}.ready.json"
@@ -262,7 +269,7 @@ class LocalCluster:
     def _spawn_device(self, device_id: str, listen: str, profiles: Path) -> None:
         options = DeviceOptions(
             bundle=self.bundle, device_id=device_id, listen=listen, token_file=self.token_file, ready_file=self._ready_file(device_id),
-            fleet=profiles if self.emulate else None, emulate=self.emulate,
+            fleet=profiles if self.emulate else None, emulate=self.emulate, **self._device_concurrency,
         )  # fmt: skip
         self._spawn(device_id, DEVICE_ENTRY_POINT, options)
 
