@@ -218,7 +218,8 @@ def batching_benchmark(bundle: Path, fleet: Fleet, state: Path, images, labels, 
     print("# Dynamic batching: throughput against the compute limit\n")
     print(f"Made by `{shlex.join(['.venv/bin/python', *sys.argv])}` (bench/runtime.py).\n")
     print(
-        f"{len(manifest.plan.device_ids)} device workers, {len(manifest.groups)} groups, {n_cores} CPU cores, deadline {args.deadline_s} s;"
+        f"{len(manifest.plan.device_ids)} device workers (one request at a time each, as the local cluster starts them),"
+        f" {len(manifest.groups)} groups, {n_cores} CPU cores, deadline {args.deadline_s} s;"
         f" batching: --max-queue-delay-ms {delay:g} (default {DEFAULT_MAX_QUEUE_DELAY_MS:g}), --max-batch-images 64;"
         f" not batching: --max-queue-delay-ms 0. 1-minute load average at the start: {os.getloadavg()[0]:.2f}.\n"
     )
