@@ -306,7 +306,18 @@ def test_the_detection_demo_serves_boxes_through_the_cluster_and_heals(tmp_path)
         assert 0 <= rt["map_50_pct"][phase] <= 100
         assert rt[phase]["latency_ms"]["p99"] < 1e3 * rt["deadline_s"] + 1000  # answered by the deadline (+ loaded-machine slack)
     assert r["plan"]["kib_sent_per_device"] > 0 and r["plan"]["cells"] == [8, 8]
-    assert "mAP@0.5" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "mAP@0.5" in report
+    # per device: the latency of its answers and the bytes both ways; a survivor's answers are
+    # feature maps of its group's channels at 8 x 8 cells, float32
+    channels = {k: len(g["filters"]) for k, g in enumerate(r["plan"]["groups"])}
+    survivors = [d for d in rt["devices"] if d["traffic"] is not None and d["answers"]]
+    assert survivors and "| device | group | answers | p50 ms |" in report
+    for d in survivors:
+        t = d["traffic"]
+        assert t["kib_received"] == pytest.approx(d["answers"] * channels[d["group"]] * 8 * 8 * 4 / 1024), d
+        assert t["kib_sent"] > 0 and 0 < t["answer_ms_p50"] <= t["answer_ms_p99"], d
+        assert f" | {d['group']} | {d['answers']} |" in report and f"| {d['device']}" in report
     checkpoints = sorted(p.name for p in out.glob("detection-*.pt"))
     again = run("demo", "--task", "detection", "--output", out, *options)  # a rerun reuses them and replaces the bundle
     assert again.exit_code == 0, again.output

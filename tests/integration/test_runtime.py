@@ -259,6 +259,32 @@ def test_the_source_takes_the_first_replica_and_cancels_the_slower_one(tmp_path)
     assert counts == {"OK": None, "CANCELLED": 2}
 
 
+def test_the_fleet_status_reports_each_devices_latency_and_bytes_on_the_wire(tmp_path):
+    bundle = make_bundle(tmp_path / "bundle")
+    slow_s, queries, batch = 0.2, 6, 2
+
+    async def scenario():
+        async with in_process_devices(bundle, {"a2"}, slow_s, max_concurrency=1) as (_, fleet):
+            async with Source(bundle, fleet, deadline_s=2.0, insecure=True) as source:
+                for i in range(queries):
+                    await source.infer(images_batch(i, batch))
+                return {m["device"]: m for m in source.fleet_status()["members"]}
+
+    members = asyncio.run(scenario())
+    image_kib = batch * np.prod(INPUT_CHW) * 4 / 1024  # float32 images, as the source sends them
+    for name, (devices, filters) in ((d, g) for g in GROUPS for d in g[0]):
+        traffic = members[name]["traffic"]
+        assert traffic["kib_sent"] == pytest.approx(queries * image_kib), name  # every device gets every query
+        if name == "a2":  # always cancelled before its answer was due: nothing came back
+            assert traffic["kib_received"] == 0 and traffic["answer_ms_p50"] is None
+        else:  # every valid answer counted (b1 and b2 race: the later one may be cancelled)
+            answers = members[name]["answers"]
+            assert answers == queries or name in ("b1", "b2"), name
+            assert traffic["kib_received"] == pytest.approx(answers * batch * len(filters) * 4 / 1024), name
+            if answers:
+                assert 0 < traffic["answer_ms_p50"] <= traffic["answer_ms_p99"] < 1e3 * slow_s, name
+
+
 def test_queries_the_caller_gives_up_on_are_cancelled_on_the_devices_and_fail_nobody(tmp_path):
     bundle = make_bundle(tmp_path / "bundle")
     slow_s = 0.3

@@ -116,4 +116,10 @@ def run_cluster(
     say(f"cluster stopped; worker logs in {state_dir}")
     info = {"startup_s": startup_s, "runtime_s": time.perf_counter() - started, "cluster_logs": str(state_dir), "pids": pids}
     info["membership"] = {"replans": membership["replans"], "history": membership["history"], "groups": membership["groups"]}
+    # what each device exchanged with the source in the group it serves at the end (a device moved
+    # by a re-plan: since its move; a killed one: gone with its stream)
+    info["devices"] = [
+        {"device": m["device_id"], "group": m["group"], "answers": m.get("answers"), "traffic": m.get("traffic")}
+        for m in membership["members"]
+    ]
     return log, info

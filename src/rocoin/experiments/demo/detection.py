@@ -97,11 +97,44 @@ class DetectionDemoReport:
         r = self.results
         lines = [f"# rocoin demo --task detection ({r['dataset']})", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
-        lines += ["", _caption(r), "", "![latency](latency.png)", "", "![detections](detections.png)", ""]
+        lines += ["", _caption(r), "", *_device_lines(r), "![latency](latency.png)", "", "![detections](detections.png)", ""]
         return "\n".join(lines)
 
 
 COLUMNS = ("", "mAP@0.5 %", "p50 ms", "p99 ms", "queries", "missing per query")
+
+
+def _device_lines(r: dict[str, Any]) -> list[str]:
+    """Per device: its answers' latency at the source and the tensor bytes both ways (the source's
+    ``/v2/fleet`` at the end of the run)."""
+    devices = r["runtime"].get("devices") or []
+    if not devices:
+        return []
+    lines = [
+        "Per device (the source's `/v2/fleet` at the end, for the group each serves then, since it joined that group;"
+        " latency: from a query's arrival at the source to the device's answer; bytes: tensor bytes, float32 images to the"
+        " device and feature maps back):",
+        "",
+        "| device | group | answers | p50 ms | p99 ms | KiB sent to it | KiB received | KiB per answer (one image) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    killed = set(r["runtime"].get("victims") or [])
+    for d in devices:
+        t, answers = d.get("traffic"), d.get("answers")
+        name = f"{d['device']} (killed)" if d["device"] in killed else d["device"]
+        if t is None:
+            lines.append(f"| {name} | {d['group']} | – (not serving at the end) | | | | | |")
+            continue
+        per_image = t["kib_received"] / answers if answers else None
+        lines.append(
+            f"| {name} | {d['group']} | {answers} | {_ms(t['answer_ms_p50'])} | {_ms(t['answer_ms_p99'])} |"
+            f" {t['kib_sent']:.0f} | {t['kib_received']:.0f} | {'' if per_image is None else f'{per_image:.1f}'} |"
+        )
+    return [*lines, ""]
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
 
 
 def _pct(value: float | None) -> str:

@@ -25,6 +25,7 @@ it). A device answer with the wrong shape or dtype, or non-finite values, is tha
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,8 @@ from rocoin.runtime.source.messages import OK, Answer
 FAILURES_TO_MARK_DOWN = 3
 #: At most one WARNING per device this often about devices refusing queries as invalid.
 REFUSAL_LOG_INTERVAL_S = 10.0
+#: How many of a device's last valid answers its latency percentiles are taken over.
+LATENCY_WINDOW = 1000
 
 #: gRPC's status codes by number, as answers carry them (``grpc.StatusCode`` without grpc).
 STATUS_NAMES = (
@@ -170,6 +173,8 @@ class Verdict:
     refused: str | None = None
     #: the device is down and answered: use it again
     revive: bool = False
+    #: the answer was valid features for its query (whether or not its group's slot was still empty)
+    answered: bool = False
 
 
 #: The verdict on an answer nobody is waiting for, from a device that is up.
@@ -194,6 +199,11 @@ class DeviceState:
     #: queries sent to the device and not answered yet, by wire id, and whether they wait for it
     #: (False while the device is down: it still gets queries, on trial, and nobody waits)
     waiting: dict[str, tuple[Query, bool]] = field(default_factory=dict)
+    #: seconds from a query's arrival at the source to the device's valid answer, its last :data:`LATENCY_WINDOW`
+    latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    #: tensor bytes sent to the device (images) and received in its valid answers (features)
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
     def sent(self, query: Query) -> None:
         """The query went out to the device: counted when the device is up."""
@@ -223,7 +233,25 @@ class DeviceState:
         self.consecutive_failures = 0
         self.answers += 1
         revive = not self.up
-        return Verdict(query, filled=query.answered(self.group, features, self.device_id, counted), revive=revive)
+        return Verdict(query, filled=query.answered(self.group, features, self.device_id, counted), revive=revive, answered=True)
+
+    def answered_in(self, latency_s: float, nbytes: int) -> None:
+        """Record a valid answer: its latency and its tensor bytes."""
+        self.latencies_s.append(latency_s)
+        self.bytes_received += nbytes
+
+    def traffic(self) -> dict[str, float | int | None]:
+        """What the device exchanged with the source: its answers' latency (median and 99th
+        percentile over its last :data:`LATENCY_WINDOW` valid answers, ms) and the tensor bytes
+        both ways (KiB, since the source started using it)."""
+        latencies = np.asarray(self.latencies_s, dtype=float)
+        p50, p99 = (None, None) if latencies.size == 0 else (1e3 * float(np.percentile(latencies, q)) for q in (50, 99))
+        return {
+            "answer_ms_p50": p50,
+            "answer_ms_p99": p99,
+            "kib_sent": self.bytes_sent / 1024,
+            "kib_received": self.bytes_received / 1024,
+        }
 
     def settle(self, query: Query) -> tuple[bool, bool]:
         """The query ended: ``(owed, failed)`` — whether the device still owed it an answer (tell

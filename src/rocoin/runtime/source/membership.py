@@ -459,6 +459,8 @@ class Membership:
             entry["connected"] = member.device_id in self.joined or (member.dialed and replica is not None and replica.up)
             entry["serving_group"] = replica.group if replica is not None and replica.up else None
             entry["spare"] = member.device_id in self.spares and member.device_id in self.joined
+            entry["answers"] = replica.answers if replica is not None else None
+            entry["traffic"] = replica.traffic() if replica is not None else None
             members.append(entry)
         return {
             "groups": self.groups(),

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -544,6 +545,7 @@ class Source:
                 except LinkFull as full:
                     self._failed(replica, str(full), queries[0].query_id)
                     continue
+                replica.state.bytes_sent += request.inputs.nbytes
                 for query in queries:
                     replica.state.sent(query)
         for query in queries:
@@ -636,7 +638,10 @@ class Source:
         if any(v.revive for v in verdicts):
             self._revive(replica, "answers again")
         now = time.perf_counter()
+        image_bytes = math.prod(shape if isinstance(shape, tuple) else (shape,)) * np.dtype(dtype).itemsize
         for verdict in verdicts:
+            if verdict.answered:
+                device.answered_in(now - verdict.query.started, verdict.query.batch * image_bytes)
             if verdict.filled:
                 self.metrics.group_latency.labels(str(device.group)).observe(now - verdict.query.started)
 
@@ -721,6 +726,7 @@ class Source:
                 "answers": d.answers,
                 "failures": d.failures,
                 "refusals": d.refusals,
+                "traffic": d.traffic(),
             }
             for d in self.devices
         ]
