@@ -272,7 +272,7 @@ def test_the_fleet_status_reports_each_devices_latency_and_bytes_on_the_wire(tmp
 
     members = asyncio.run(scenario())
     image_kib = batch * np.prod(INPUT_CHW) * 4 / 1024  # float32 images, as the source sends them
-    for name, (devices, filters) in ((d, g) for g in GROUPS for d in g[0]):
+    for name, filters in ((d, g[1]) for g in GROUPS for d in g[0]):
         traffic = members[name]["traffic"]
         assert traffic["kib_sent"] == pytest.approx(queries * image_kib), name  # every device gets every query
         if name == "a2":  # always cancelled before its answer was due: nothing came back
