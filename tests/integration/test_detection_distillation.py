@@ -29,7 +29,9 @@ from rocoin.distillation.detection import (
     load_detection_students,
     load_detection_teacher,
     predict,
+    predict_from_features,
     split_activations,
+    student_features,
     train_detection_teacher,
 )
 from rocoin.models.detector import build_detector, build_detector_student
@@ -261,6 +263,13 @@ def test_distilled_students_detect_and_lose_accuracy_as_groups_go_missing(traine
     assert abs(half - present) < 2, (half, present)
     with pytest.raises(RocoinError, match="wire_dtype = 'int8'"):
         evaluate_detection(teacher, students, test, wire_dtype="int8")
+    # the students run once for several evaluations (Table V): the same numbers and detections
+    features = student_features(teacher, students, test.images)
+    assert evaluate_detection(teacher, students, test, fail_devices=[0, 1, 2], trials=6, seed=0, features=features) == rows
+    assert evaluate_detection(teacher, students, test, wire_dtype="float16", features=features)[0]["map_50_pct"] == half
+    assert close_predictions(predict_from_features(teacher, students, features), predict(teacher, students, test.images))
+    with pytest.raises(RocoinError, match="features: shape"):
+        evaluate_detection(teacher, students, test, features=features[1:])
 
 
 def test_the_students_checkpoint_round_trips_and_the_teacher_stays_as_it_was(trained, distilled, splits):

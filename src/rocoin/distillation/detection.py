@@ -753,8 +753,14 @@ def _cells(x: torch.Tensor, module: DetectorStudent) -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def _student_features(teacher: DetectionTeacher, students: DetectionStudents, images: np.ndarray, batch_size: int) -> torch.Tensor:
-    """The assembled split-point maps of every image with all groups present, (N, F, h, w) on the teacher's device."""
+def student_features(
+    teacher: DetectionTeacher, students: DetectionStudents, images: np.ndarray, batch_size: int = PREDICT_BATCH_SIZE
+) -> torch.Tensor:
+    """The assembled split-point maps of every image with all groups present, (N, F, h, w) on the
+    teacher's device (``images`` uint8 (N, C, H, W)): what :func:`evaluate_detection` and
+    :func:`predict_from_features` take, so that several evaluations run the students once."""
+    images = _check_images(teacher, images)
+    _check_students(teacher, students)
     model = teacher.model.eval()
     on = _device_of(model)
     partitions = [list(g.filters) for g in students.plan.groups]
@@ -766,6 +772,22 @@ def _student_features(teacher: DetectionTeacher, students: DetectionStudents, im
         x = _to_tensor(images[start : start + batch_size], teacher.mean, teacher.std, on)
         out.append(assemble_features([m(x) for m in students.modules], partitions, channels))
     return torch.cat(out)
+
+
+def predict_from_features(
+    teacher: DetectionTeacher,
+    students: DetectionStudents,
+    features: torch.Tensor,
+    *,
+    score_threshold: float = 0.05,
+    iou_threshold: float | None = 0.5,
+    max_detections: int = 100,
+    batch_size: int = PREDICT_BATCH_SIZE,
+) -> list[Detections]:
+    """:func:`predict` with every group present, from :func:`student_features` (the same detections)."""
+    options = {"score_threshold": score_threshold, "iou_threshold": iou_threshold, "max_detections": max_detections}
+    keep = torch.ones(features.shape[1], device=features.device)
+    return _predict_from_features(teacher, students.point, features, keep, batch_size, options)
 
 
 @torch.inference_mode()
@@ -793,6 +815,7 @@ def evaluate_detection(
     max_detections: int = 100,
     batch_size: int = PREDICT_BATCH_SIZE,
     wire_dtype: str = "float32",
+    features: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """COCO mAP (percent) on ``dataset`` with ``J`` random devices failed, one row per ``J`` of ``fail_devices``.
 
@@ -805,7 +828,8 @@ def evaluate_detection(
     (:func:`rocoin.distillation.evaluate.random_failures`); a group is missing, zero-filled for every
     image, when all its devices failed (:func:`~rocoin.distillation.evaluate.missing_slots`). ``J = 0``
     is one trial. ``students`` ``None`` evaluates the teacher alone (``fail_devices`` must be ``[0]``).
-    The other options are :func:`predict`'s; the students run once per image, the rest once per
+    The other options are :func:`predict`'s; the students run once per image (or not at all when
+    ``features`` holds :func:`student_features` of ``dataset``'s images), the rest once per
     distinct set of missing groups.
     """
     images = _check_images(teacher, dataset.images)
@@ -826,7 +850,12 @@ def evaluate_detection(
             raise RocoinError(f"fail_devices: {j}: expected 0..{num_devices} (the plan's devices)")
     if wire_dtype not in ("float32", "float16"):
         raise RocoinError(f"wire_dtype = {wire_dtype!r}: expected float32 or float16")
-    features = _student_features(teacher, students, images, batch_size)
+    if features is None:
+        features = student_features(teacher, students, images, batch_size)
+    elif tuple(features.shape[:2]) != (len(images), plan.num_filters):
+        raise RocoinError(
+            f"features: shape {tuple(features.shape)}: expected ({len(images)}, {plan.num_filters}, h, w), the students' maps of the images"
+        )
     if wire_dtype == "float16":
         features = features.half().float()
     slot_of_channel = np.empty(plan.num_filters, dtype=np.int64)
