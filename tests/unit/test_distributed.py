@@ -97,3 +97,26 @@ def test_processes_of_one_machine_share_its_cores(monkeypatch):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_on_cuda_each_process_starts_nccl_on_its_own_gpu(monkeypatch):
+    """The CUDA wiring without GPUs (none here): torchrun's LOCAL_RANK picks the GPU the process
+    sets as its own and hands to NCCL; the CPU takes gloo (tests/e2e/test_distributed_training.py
+    runs that for real)."""
+    calls: list[tuple] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        torch.distributed, "init_process_group", lambda backend, device_id=None: calls.append(("init", backend, str(device_id)))
+    )
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append(("destroy",)))
+    environ = {"WORLD_SIZE": "8", "RANK": "6", "LOCAL_RANK": "2"}  # second machine, third GPU
+    with training_processes("cuda", environ=environ) as (ranks, device):
+        assert ranks == Ranks(6, 8, 2) and device == "cuda:2"
+    assert calls == [("set_device", "cuda:2"), ("init", "nccl", "cuda:2"), ("destroy",)]
+    calls.clear()
+    with training_processes("cpu", environ=environ) as (_, device):
+        assert device == "cpu"
+    assert calls == [("init", "gloo", "None"), ("destroy",)]
