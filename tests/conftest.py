@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from rocoin.contracts.catalog import Catalog, StudentSpec
 from rocoin.contracts.fleet import DeviceProfile, Fleet
+
+#: CI (``.ci/run`` sets ``CI``) draws the same examples on every run, seeded by each test: a red CI is
+#: then a change's doing, not the luck of the draw; elsewhere every run draws new ones and fuzzes on.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 MIB = 1024 * 1024
 
