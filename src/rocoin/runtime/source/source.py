@@ -153,6 +153,8 @@ class _Message:
     #: (query, first row, rows)
     parts: list[tuple[Query, int, int]]
     rows: int
+    #: queries of the message that have not ended yet
+    open_queries: int
 
 
 class _Rows:
@@ -239,6 +241,7 @@ class Source:
         #: what each group's answer holds per image: (|P_k|,) pooled values or (|P_k|, h, w) a map
         self._slot_shapes = [tuple(m.output.shape) for m in self.manifest.groups]
         self._slot_dtypes = [np.dtype(m.wire_dtype) for m in self.manifest.groups]
+        self._slot_bytes = [math.prod(shape) * dtype.itemsize for shape, dtype in zip(self._slot_shapes, self._slot_dtypes)]
         input_shape = tuple(self.manifest.input.shape)
         self.input_shape = input_shape
         self._mean = np.asarray(self.manifest.normalization.mean, dtype=np.float32).reshape(-1, 1, 1)
@@ -253,7 +256,6 @@ class Source:
         self._queued_images = 0
         self._queue_timer: asyncio.TimerHandle | None = None
         self._in_flight = 0  # messages sent whose queries have not all ended
-        self._unsettled: dict[str, list[int]] = {}  # queries sent that have not ended, by wire id: their message's count of them
         self._messages: dict[str, _Message] = {}  # batched messages in flight, by wire id
         self._dispatched: dict[str, _Message | None] = {}  # queries sent, by wire id: their batched message (None: alone)
 
@@ -528,15 +530,13 @@ class Source:
                 parts.append((item.query, rows, item.query.batch))
                 rows += item.query.batch
             # "#n" is never a query's wire id (those are "<client id>#n" with a non-empty client id)
-            batched = _Message(f"#{self._sent:x}", parts, rows)
+            batched = _Message(f"#{self._sent:x}", parts, rows, len(items))
             self._messages[batched.wire_id] = batched
             request = Request(batched.wire_id, np.concatenate([item.inputs for item in items]), timeout_s)
         self.metrics.batch_queries.observe(len(items))
         queries = [item.query for item in items]
-        unsettled = [len(queries)]  # shared by the message's queries
         for query in queries:
             self._dispatched[query.wire_id] = batched
-            self._unsettled[query.wire_id] = unsettled
         self._in_flight += 1
         for replica in self._replicas:
             if replica.link is not None and replica.link.is_open:  # up, or down with its stream open: on trial
@@ -569,11 +569,10 @@ class Source:
                 replica.link.cancel(batched.wire_id)
             if failed:
                 self._failed(replica, "no answer by the deadline", query.query_id)
-        unsettled = self._unsettled.pop(query.wire_id)
-        unsettled[0] -= 1
-        if unsettled[0]:
-            return
         if batched is not None:
+            batched.open_queries -= 1
+            if batched.open_queries:
+                return
             del self._messages[batched.wire_id]
         self._in_flight -= 1
         if self._queue and self._in_flight == 0:  # the message's queries have all ended: the queue goes out now
@@ -638,10 +637,9 @@ class Source:
         if any(v.revive for v in verdicts):
             self._revive(replica, "answers again")
         now = time.perf_counter()
-        image_bytes = math.prod(shape if isinstance(shape, tuple) else (shape,)) * np.dtype(dtype).itemsize
         for verdict in verdicts:
             if verdict.answered:
-                device.answered_in(now - verdict.query.started, verdict.query.batch * image_bytes)
+                device.answered_in(now - verdict.query.started, verdict.query.batch * self._slot_bytes[device.group])
             if verdict.filled:
                 self.metrics.group_latency.labels(str(device.group)).observe(now - verdict.query.started)
 
