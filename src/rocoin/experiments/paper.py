@@ -41,7 +41,7 @@ from rocoin.experiments.common import (  # noqa: F401 - Run, SCHEMES: part of th
     trained_runs,
 )
 from rocoin.experiments.detection import table5
-from rocoin.experiments.parallel import train_in_parallel, training_devices, visible_cuda_devices
+from rocoin.experiments.parallel import train_in_parallel, training_devices
 from rocoin.experiments.planner_figures import fig4, fig7, scale
 from rocoin.experiments.report import ExperimentResult
 from rocoin.experiments.setup import ExperimentSetup
@@ -594,18 +594,17 @@ def run_experiments(
             raise RocoinError(f"experiment = {name!r}: expected one of {', '.join(EXPERIMENTS)} or all")
     if device is not None and not re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
         raise RocoinError(f"device = {device!r}: expected cpu, cuda, cuda:N or auto")
-    if any(name in TRAINED for name in names):
+    trained = [name for name in names if name in TRAINED]
+    if trained:
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:
-            raise RocoinError(
-                f"experiments {', '.join(n for n in names if n in TRAINED)} train students and need torch: pip install -e '.[train]'"
-            )
+            raise RocoinError(f"experiments {', '.join(trained)} train students and need torch: pip install -e '.[train]'")
     ws = Workspace(setup, cache_dir or output / "cache", device=device, fresh=fresh, progress=progress)
     if devices is None:
-        devices = training_devices(device, visible_cuda_devices()) if any(name in TRAINED for name in names) else []
+        devices = training_devices(device) if trained else []
     if len(devices) > 1:
-        train_in_parallel(ws, [name for name in names if name in TRAINED], devices)
+        train_in_parallel(ws, trained, devices)
     written = {}
     for name in names:
         logger.info("experiment %s (%s size)", name, setup.size)

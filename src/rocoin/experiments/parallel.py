@@ -16,7 +16,7 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +34,14 @@ logger = logging.getLogger(__name__)
 THREADS_ENV = "ROCOIN_TORCH_THREADS"
 
 
-def training_devices(device: str | None, cuda_devices: int) -> list[str]:
-    """The devices to spread the trainings over: every visible GPU when the experiments train on
-    CUDA (``cuda`` or ``auto``) and there are several; else none (train as the experiments go).
-    ``cuda:N`` asks for one GPU: it is kept to."""
-    if device in ("cuda", "auto") and cuda_devices > 1:
-        return [f"cuda:{i}" for i in range(cuda_devices)]
-    return []
+def training_devices(device: str | None, cuda_devices: int | None = None) -> list[str]:
+    """The devices to spread the trainings over: every visible GPU (``cuda_devices``, else counted:
+    torch is asked only here) when the experiments train on CUDA (``cuda`` or ``auto``) and there
+    are several; else none (train as the experiments go). ``cuda:N`` asks for one GPU: it is kept to."""
+    if device not in ("cuda", "auto"):
+        return []
+    count = visible_cuda_devices() if cuda_devices is None else cuda_devices
+    return [f"cuda:{i}" for i in range(count)] if count > 1 else []
 
 
 def visible_cuda_devices() -> int:
@@ -126,14 +127,10 @@ def train_in_parallel(
     ws: Workspace,
     names: Sequence[str],
     devices: Sequence[str],
-    *,
-    environ: Mapping[str, str] | None = None,
-    on_done: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train the students of ``names`` on ``devices``, one worker process per device, each taking
     the next (largest first) training when free; returns one record per training (scheme, device,
     worker pid, seconds). The teacher is trained first, here. Trainings already cached are skipped."""
-    environ = os.environ if environ is None else environ
     ws.teacher_step()
     jobs = []
     for space, t in experiment_trainings(ws, names):
@@ -146,7 +143,7 @@ def train_in_parallel(
     if not jobs:
         return []
     context = multiprocessing.get_context("spawn")
-    pins = [pin(device, len(devices), environ, os.cpu_count() or 1) for device in devices]
+    pins = [pin(device, len(devices), os.environ, os.cpu_count() or 1) for device in devices]
     pools = [ProcessPoolExecutor(1, mp_context=context, initializer=_start_worker, initargs=(p.environment,)) for p in pins]
     records: list[dict[str, Any]] = []
     running: dict[Future, tuple[int, Workspace, Training]] = {}
@@ -169,14 +166,12 @@ def train_in_parallel(
                     slot, space, t = running.pop(future)
                     record = {**future.result(), "scheme": t.trained_as.scheme, "failure_aware": t.failure_aware, "device": devices[slot]}
                     # the experiments reuse it, also with fresh: it was made in this run
-                    space.pipeline.cache.mark_made(f"students {t.trained_as.scheme}", record["key"])
+                    space.mark_students_made(t.trained_as, record["key"])
                     logger.info(
                         "students %s%s trained on %s in %.0f s (worker %d)",
                         record["scheme"], " (failure-aware)" if t.failure_aware else "", record["device"], record["seconds"], record["pid"],
                     )  # fmt: skip
                     records.append(record)
-                    if on_done:
-                        on_done(record)
                     advance()
     finally:
         for pool in pools:

@@ -122,9 +122,14 @@ class Workspace:
             self.teacher_step(),
             plan,
             failure_aware=failure_aware,
-            name=f"students {plan.scheme}",
+            name=_students_step(plan),
             stem=f"students-{plan.scheme}",
         )
+
+    def mark_students_made(self, plan: Plan, key: str) -> None:
+        """The students of ``plan`` under ``key`` were made in this run (by a worker process): reuse
+        them, also with ``fresh``."""
+        self.pipeline.cache.mark_made(_students_step(plan), key)
 
     def students_summary(self, students: Done[StudentsFile]) -> dict[str, Any]:
         metadata = students.value.metadata
@@ -134,3 +139,9 @@ class Workspace:
         """Accuracy with all groups and with 1..N/2 devices failed (``trials`` draws each)."""
         fails = [j for j in self.setup.fail_counts if j > 0]
         return steps.evaluation(self.pipeline, students, fails).value
+
+
+def _students_step(plan: Plan) -> str:
+    """The cache step that makes ``plan``'s students (one name for :meth:`Workspace.students` and
+    :meth:`Workspace.mark_students_made`)."""
+    return f"students {plan.scheme}"
