@@ -48,7 +48,7 @@ import onnxruntime as ort
 from report import report_to
 
 from rocoin.contracts.fleet import Fleet, load_fleet
-from rocoin.contracts.manifest import load_manifest
+from rocoin.contracts.manifest import Manifest, load_manifest
 from rocoin.runtime.api.client import run_queries
 from rocoin.runtime.cluster.local import LocalCluster
 from rocoin.runtime.source.settings import DEFAULT_MAX_QUEUE_DELAY_MS
@@ -103,17 +103,8 @@ def cpu_s(pid: int) -> float:
 
 def measure(cluster: LocalCluster, images: np.ndarray, labels: np.ndarray, queries: int) -> list[dict]:
     """Each concurrency: the client's report, plus the CPU time per query of the client, the source and the devices."""
-    address = cluster.state.source.address
-    rows = []
-    for concurrency in CONCURRENCY:
-        asyncio.run(run_queries(address, images[:concurrency], labels[:concurrency], concurrency=concurrency))  # warm-up
-        devices = [m.pid for m in cluster.state.devices]
-        before = (sum(os.times()[:2]), cpu_s(cluster.state.source.pid), sum(cpu_s(pid) for pid in devices))
-        report = asyncio.run(run_queries(address, images[:queries], labels[:queries], concurrency=concurrency))
-        after = (sum(os.times()[:2]), cpu_s(cluster.state.source.pid), sum(cpu_s(pid) for pid in devices))
-        cpu_ms = [1e3 * (a - b) / queries for a, b in zip(after, before)]
-        rows.append({"concurrency": concurrency, **report, "cpu_ms_per_query": dict(zip(("client", "source", "devices"), cpu_ms))})
-    return rows
+    device_pids = [m.pid for m in cluster.state.devices]
+    return [measure_one(cluster, device_pids, images, labels, queries, concurrency) for concurrency in CONCURRENCY]
 
 
 def print_rows(title: str, rows: list[dict], slowest_model_s: float) -> None:
@@ -182,30 +173,29 @@ def batch_counts(cluster: LocalCluster) -> tuple[float, float]:
     return float(count.group(1)), float(total.group(1))
 
 
-def measure_one(cluster: LocalCluster, device_pids: list[int], images, labels, queries: int, concurrency: int) -> dict:
-    """One run of ``queries`` queries at ``concurrency``: the client's report, the CPU per query of
-    the client, the source and the devices, and the queries per message to the devices."""
+def measure_one(
+    cluster: LocalCluster, device_pids: list[int], images, labels, queries: int, concurrency: int, *, batches: bool = False
+) -> dict:
+    """One run of ``queries`` queries at ``concurrency`` (after a warm-up): the client's report and the
+    CPU per query of the client, the source and the devices; with ``batches`` (the source serves its
+    HTTP /metrics) also the queries per message to the devices."""
     address = cluster.state.source.address
     asyncio.run(run_queries(address, images[:concurrency], labels[:concurrency], concurrency=concurrency))  # warm-up
-    messages_before = batch_counts(cluster)
+    messages_before = batch_counts(cluster) if batches else None
     before = (sum(os.times()[:2]), cpu_s(cluster.state.source.pid), sum(cpu_s(pid) for pid in device_pids))
     report = asyncio.run(run_queries(address, images[:queries], labels[:queries], concurrency=concurrency))
     after = (sum(os.times()[:2]), cpu_s(cluster.state.source.pid), sum(cpu_s(pid) for pid in device_pids))
-    messages_after = batch_counts(cluster)
     cpu_ms = [1e3 * (a - b) / queries for a, b in zip(after, before)]
-    messages = messages_after[0] - messages_before[0]
-    per_message = (messages_after[1] - messages_before[1]) / messages if messages else float("nan")
-    return {
-        "concurrency": concurrency,
-        **report,
-        "cpu_ms_per_query": dict(zip(("client", "source", "devices"), cpu_ms)),
-        "queries_per_message": per_message,
-    }
+    row = {"concurrency": concurrency, **report, "cpu_ms_per_query": dict(zip(("client", "source", "devices"), cpu_ms))}
+    if batches:
+        messages_after = batch_counts(cluster)
+        messages = messages_after[0] - messages_before[0]
+        row["queries_per_message"] = (messages_after[1] - messages_before[1]) / messages if messages else float("nan")
+    return row
 
 
-def batching_benchmark(bundle: Path, fleet: Fleet, state: Path, images, labels, args) -> None:
-    manifest = load_manifest(bundle)
-    per_image_1 = group_model_p50_s(bundle, batch=1)
+def batching_benchmark(bundle: Path, fleet: Fleet, state: Path, images, labels, args, manifest: Manifest, per_image_1: list[float]) -> None:
+    """``manifest``: the bundle's; ``per_image_1``: its group models' batch-1 times (``group_model_p50_s``)."""
     per_image_32 = group_model_p50_s(bundle, repeats=50, batch=32)
     group_of = {d: k for k, g in enumerate(manifest.plan.groups) for d in g.devices}
     model_1_s = sum(per_image_1[group_of[d]] for d in manifest.plan.device_ids)  # CPU of the models per query (one image)
@@ -289,7 +279,7 @@ def batching_curve(clusters: dict, device_pids: list[int], images, labels, args,
         runs: dict[str, list[dict]] = {name: [] for name in clusters}
         for repeat in range(args.repeats):
             for name in list(clusters) if (concurrency + repeat) % 2 else list(clusters)[::-1]:  # alternate which goes first
-                runs[name].append(measure_one(clusters[name], device_pids, images, labels, queries, concurrency))
+                runs[name].append(measure_one(clusters[name], device_pids, images, labels, queries, concurrency, batches=True))
         for name, measured in runs.items():  # the run with the median queries/s stands for the row
             measured.sort(key=lambda r: r["queries_per_s"])
             rows[name].append(measured[len(measured) // 2])
@@ -411,7 +401,7 @@ def main() -> None:
                 emulation_benchmark(args.bundle, fleet, Path(state) / "emulated", test.images, test.labels, args)
             if not args.skip_batching:
                 with report_to(args.batching_out):
-                    batching_benchmark(args.bundle, fleet, Path(state), test.images, test.labels, args)
+                    batching_benchmark(args.bundle, fleet, Path(state), test.images, test.labels, args, manifest, model_times)
 
 
 if __name__ == "__main__":
