@@ -128,7 +128,7 @@ def _plan_rocoin(request: PlanRequest, *, greedy: bool = False, scheme: str = "r
         )
     dims = 3 if request.include_rate else 2
     thetas = [request.theta] if request.theta is not None else theta_grid(dims)
-    floor = latency_floor(arrays, request.students, request.rho_min)
+    floor = latency_floor(arrays, request.students, request.rho_min) if request.theta is None else math.inf  # one θ: no search to stop
     best: tuple[float, float, float, list[np.ndarray], list[np.ndarray], Assignment] | None = None
     seen: set[bytes] = set()
     for theta in thetas:
@@ -183,17 +183,13 @@ def _plan_rocoin(request: PlanRequest, *, greedy: bool = False, scheme: str = "r
 
 
 def latency_floor(arrays: FleetArrays, students: CatalogArrays, rho_min: float | None) -> float:
-    """A lower bound on ``T`` of any plan of these devices: each runs a student that fits its memory
-    (and meets ``ρ_min`` for one filter) and sends at least one filter, in the very floating-point
-    operations of :class:`GroupCosts`, so that no plan's ``T`` can come out below it by rounding."""
-    usable = np.ones(len(students), dtype=bool) if rho_min is None else students.params / 1.0 >= rho_min
-    if not usable.any():
-        return 0.0
-    compute = students.flops[usable, None] / arrays.flops[None, :] + arrays.input_s[None, :]  # (S, N)
-    transmit = students.bits_per_filter * np.ones(1)[:, None] / arrays.rate_bps[None, :]  # (1, N): one filter
-    fits = students.memory_bytes[usable, None] <= arrays.memory_bytes[None, :]
-    per_device = np.where(fits, compute + transmit, np.inf).min(axis=0)
-    return float(per_device.max())
+    """A lower bound on ``T`` of any plan of these devices (every one of them in some group): each
+    device alone runs its fastest student that fits its memory (and meets ``ρ_min`` for one filter)
+    and sends one filter. :class:`GroupCosts` itself prices it, with every device a group of its own,
+    so no plan's ``T`` can come out below it by rounding."""
+    alone = list(np.arange(len(arrays))[:, None])
+    fastest, _ = GroupCosts.build(arrays, alone, np.ones(1), students, rho_min).fastest()
+    return float(fastest.max())
 
 
 # --- NoNN and HetNoNN ------------------------------------------------------------------------
