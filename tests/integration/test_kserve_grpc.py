@@ -131,6 +131,17 @@ def test_health_metadata_and_raw_infer(bundle):
             grpc.StatusCode.INVALID_ARGUMENT,
             "outputs[0].name = 'probs': expected one of logits, missing_groups",
         ),
+        (
+            {
+                "outputs": [
+                    pb.ModelInferRequest.InferRequestedOutputTensor(
+                        name="logits", parameters={"shared_memory_region": pb.InferParameter(string_param="region")}
+                    )
+                ]
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "outputs[0].parameters.shared_memory_region: the shared memory extension is not supported",
+        ),
     ],
 )
 def test_bad_requests_get_a_clear_status_and_the_service_keeps_serving(bundle, overrides, code, message):

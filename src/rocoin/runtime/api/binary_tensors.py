@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Container
 from typing import Any
 
 import numpy as np
@@ -144,24 +145,32 @@ def requested_outputs(body: dict[str, Any], available: list[str]) -> list[tuple[
         where = f"outputs[{i}]"
         if not isinstance(output, dict):
             raise ProtocolError(400, f"{where} = {short_repr(output)}: expected an object {{name, parameters}}")
-        name = output.get("name")
-        if not isinstance(name, str) or name not in available:
-            raise ProtocolError(400, f"{where}.name = {short_repr(name)}: expected one of {', '.join(available)}")
-        if any(name == seen for seen, _ in chosen):
-            raise ProtocolError(400, f"{where}.name = {name!r}: asked for twice")
         options = output.get("parameters", {})
+        name = check_requested_output(
+            where, output.get("name"), options if isinstance(options, dict) else {}, available, [n for n, _ in chosen]
+        )
         if not isinstance(options, dict):
             raise ProtocolError(400, f"{where}.parameters = {short_repr(options)}: expected an object")
-        for unsupported, extension in (("classification", "classification"), ("shared_memory_region", "shared memory")):
-            if unsupported in options:
-                raise ProtocolError(
-                    400, f"{where}.parameters.{unsupported}: the {extension} extension is not supported; ask for the tensor itself"
-                )
         binary = options.get("binary_data", default)
         if not isinstance(binary, bool):
             raise ProtocolError(400, f"{where}.parameters.binary_data = {short_repr(binary)}: expected true or false")
         chosen.append((name, binary))
     return chosen
+
+
+def check_requested_output(where: str, name: Any, parameters: Container[str], available: list[str], chosen: list[str]) -> str:
+    """One entry of a request's ``outputs`` (REST or gRPC): a name of ``available`` not in ``chosen``
+    yet, without the Triton extensions we do not serve (classification, shared memory)."""
+    if not isinstance(name, str) or name not in available:
+        raise ProtocolError(400, f"{where}.name = {short_repr(name)}: expected one of {', '.join(available)}")
+    if name in chosen:
+        raise ProtocolError(400, f"{where}.name = {name!r}: asked for twice")
+    for unsupported, extension in (("classification", "classification"), ("shared_memory_region", "shared memory")):
+        if unsupported in parameters:
+            raise ProtocolError(
+                400, f"{where}.parameters.{unsupported}: the {extension} extension is not supported; ask for the tensor itself"
+            )
+    return name
 
 
 def encode_response(envelope: dict[str, Any], tensors: list[tuple[str, str, np.ndarray, bool]]) -> tuple[bytes, int | None]:

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from rocoin.contracts.errors import RocoinError, ServingError
-from rocoin.contracts.text import short_repr
+from rocoin.runtime.api.binary_tensors import check_requested_output
 from rocoin.runtime.api.oip import (
     MAX_INPUT_VALUES,
     MODEL_NAME,
@@ -43,6 +43,7 @@ _LITTLE_ENDIAN = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
 class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, source: Source) -> None:
         self.source = source
+        self.output_names = [output["name"] for output in source_metadata(source)["outputs"]]
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -103,18 +104,9 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _requested_outputs(self, request: pb.ModelInferRequest) -> list[str]:
         """The outputs the request names, in its order (none named: all of them)."""
-        available = [output["name"] for output in source_metadata(self.source)["outputs"]]
         wanted: list[str] = []
         for i, output in enumerate(request.outputs):
-            if output.name not in available:
-                raise ProtocolError(400, f"outputs[{i}].name = {short_repr(output.name)}: expected one of {', '.join(available)}")
-            if output.name in wanted:
-                raise ProtocolError(400, f"outputs[{i}].name = {output.name!r}: asked for twice")
-            if "classification" in output.parameters:
-                raise ProtocolError(
-                    400, f"outputs[{i}].parameters.classification: the classification extension is not supported; ask for the tensor itself"
-                )
-            wanted.append(output.name)
+            wanted.append(check_requested_output(f"outputs[{i}]", output.name, output.parameters, self.output_names, wanted))
         return wanted
 
     async def _check(self, context, name: str, version: str) -> None:
