@@ -181,10 +181,10 @@ def _plain_yaml(text: str) -> bool:
     """
     if not text.isascii():
         return False
-    shape = ("\n" + text).translate(_PLAIN_TABLE)  # a scalar starts after a space: the first one too
+    lines = "\n" + text  # a scalar starts after a space or a line's start: the first one too
+    shape = lines.translate(_PLAIN_TABLE)
     if "!" in shape or any(pattern in shape for pattern in _NUMBERS_READ_OTHERWISE):
         return False
-    lines = "\n" + text
     if "\n---" in lines or "\n..." in lines or "\n" + " " * (_MAX_PLAIN_INDENT + 1) in lines:
         return False
     return _COMPACT_NESTED_SEQUENCES.search(text) is None
