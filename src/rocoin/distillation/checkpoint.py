@@ -12,6 +12,7 @@ import torch
 
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fileio import atomic_path
+from rocoin.distillation.distributed import SINGLE, Ranks, broadcast_file
 
 FORMAT_VERSION = 1
 
@@ -35,17 +36,37 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], kind: str, *, data: bytes | None = None
+    path: str | os.PathLike[str], kind: str, *, ranks: Ranks = SINGLE, device: torch.device | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """``(metadata, state_dict, payload)``; never unpickles arbitrary objects.
 
-    ``data``: the file's bytes as read elsewhere (another training process); ``path`` then only names it.
+    With several training processes (``ranks``) only rank 0 reads the file and the others get its
+    bytes over the process group (:func:`~rocoin.distillation.distributed.broadcast_file`, tensors
+    on ``device``), so every process loads the same checkpoint, or all raise the same error.
     """
+    loaded = load_checkpoint_if_present(path, kind, ranks=ranks, device=device)
+    if loaded is None:
+        raise RocoinError(f"{Path(path)}: checkpoint not found")
+    return loaded
+
+
+def load_checkpoint_if_present(
+    path: str | os.PathLike[str], kind: str, *, ranks: Ranks = SINGLE, device: torch.device | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
+    """:func:`load_checkpoint`, or ``None`` where there is no such file (for several processes:
+    where rank 0 has none)."""
     path = Path(path)
-    if data is None and not path.is_file():
-        raise RocoinError(f"{path}: checkpoint not found")
+    if ranks.active:
+        data = broadcast_file(path, ranks, device)
+        if data is None:
+            return None
+        source = io.BytesIO(data)
+    elif path.is_file():
+        source = path
+    else:
+        return None
     try:
-        payload = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a checkpoint we can read safely"
         raise RocoinError(
             f"{path}: not a rocoin checkpoint that loads with weights_only=True ({' '.join(str(exc).split())[:200]})"

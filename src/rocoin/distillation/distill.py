@@ -23,7 +23,7 @@ from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.plan import Plan
 from rocoin.contracts.progress import Progress, log_progress, silent
 from rocoin.distillation.checkpoint import load_checkpoint, load_state, save_checkpoint
-from rocoin.distillation.distributed import SINGLE, Ranks, barrier, broadcast_file, current_ranks, gather_rows, shard_bounds, sum_across
+from rocoin.distillation.distributed import SINGLE, Ranks, barrier, current_ranks, gather_rows, shard_bounds, sum_across
 from rocoin.distillation.losses import DistillationLoss, attention_map
 from rocoin.distillation.students import StudentNetwork, sample_slot_mask
 from rocoin.distillation.teacher import Teacher, info_from_json, info_to_json, load_teacher
@@ -35,9 +35,9 @@ from rocoin.distillation.training import (
     inference_batches,
     load_data_in_turn,
     make_optimizer,
-    share_weight,
     shared_accuracy,
     train_batches,
+    training_step,
     use_all_cores,
 )
 
@@ -119,7 +119,7 @@ def distill(
     on = compute_device(device)
     if not ranks.main:
         progress = silent
-    teacher = load_teacher(teacher_path, data=_teacher_bytes(teacher_path, ranks, on))
+    teacher = load_teacher(teacher_path, ranks=ranks, device=on)
     teacher.model.to(on)
     check_plan_fits_teacher(plan, teacher, plan_source)
     update: dict[str, Any] = {"max_train_images": config.max_train_images or teacher.data_config.max_train_images}
@@ -156,8 +156,7 @@ def distill(
                 trained, teacher, cache, parts, data.train, info, config, loss_fn, optimizer, scheduler, drop, generator, on, advance, ranks
             )
         throughput = seen / (time.perf_counter() - started)
-        if ranks.active:
-            totals = dict(zip(totals, sum_across(list(totals.values()), ranks, on), strict=True))
+        totals = dict(zip(totals, sum_across(list(totals.values()), ranks, on), strict=True))
         network.eval()
         val_acc = shared_accuracy(network, data.val, info, device=on, ranks=ranks)
         record = {
@@ -189,16 +188,6 @@ def distill(
     barrier(ranks)  # the file is complete when any process returns
     summary = {"val_accuracy": best_val, "test_accuracy": test_acc, "history": history, "teacher_cached": cache is not None}
     return {**summary, "processes": ranks.world_size} if ranks.active else summary
-
-
-def _teacher_bytes(path: Path, ranks: Ranks, on: torch.device) -> bytes | None:
-    """With several processes, the teacher file as rank 0 reads it (one process reads it itself)."""
-    if not ranks.active:
-        return None
-    data = broadcast_file(Path(path), ranks, on)
-    if data is None:
-        raise RocoinError(f"{path}: checkpoint not found")
-    return data
 
 
 class _Students(torch.nn.Module):
@@ -236,13 +225,9 @@ def _train_epoch(trained, teacher, cache, parts, train, info, config, loss_fn, o
         if len(y):
             teacher_logits, size, teacher_att = _teacher_targets(teacher, cache, x, batch.index, parts)
             loss, terms = loss_fn(logits, y, teacher_logits, maps, teacher_att, size)
-            weighted = loss * share_weight(batch, ranks) if ranks.active else loss
-        else:  # a share of nothing (a last batch smaller than the processes) still joins DDP's all-reduce
-            weighted, terms = sum(m.sum() for m in maps) * 0.0 + logits.sum() * 0.0, dict.fromkeys(totals, 0.0)
-        optimizer.zero_grad(set_to_none=True)
-        weighted.backward()
-        optimizer.step()
-        scheduler.step()
+        else:  # a share of nothing (a last batch smaller than the processes): see training_step
+            loss, terms = None, dict.fromkeys(totals, 0.0)
+        training_step(loss, [*maps, logits], batch, ranks, optimizer, scheduler)
         seen += batch.size
         for key in totals:
             totals[key] += terms[key] * len(y)

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.progress import Progress, log_progress, silent
 from rocoin.data import DatasetInfo
-from rocoin.distillation.checkpoint import load_checkpoint, load_state, save_checkpoint
-from rocoin.distillation.distributed import barrier, broadcast_file, current_ranks, sum_across
+from rocoin.distillation.checkpoint import load_checkpoint, load_checkpoint_if_present, load_state, save_checkpoint
+from rocoin.distillation.distributed import SINGLE, Ranks, barrier, current_ranks, sum_across
 from rocoin.distillation.training import (
     DataConfig,
     check_batch_size,
@@ -25,9 +25,9 @@ from rocoin.distillation.training import (
     data_parallel,
     load_data_in_turn,
     make_optimizer,
-    share_weight,
     shared_accuracy,
     train_batches,
+    training_step,
     use_all_cores,
 )
 from rocoin.models.registry import create_model
@@ -130,9 +130,9 @@ def train_teacher(
     generator = torch.Generator().manual_seed(config.seed)
     state = {"epoch": 0, "best_val": -1.0, "history": []}
     resume_path = Path(str(output) + RESUME_SUFFIX)
-    stored = broadcast_file(resume_path, ranks, on) if resume else None
-    if stored is not None:
-        state = _restore(resume_path, config, model, optimizer, scheduler, generator, stored)
+    restored = _restore(resume_path, config, model, optimizer, scheduler, generator, ranks, on) if resume else None
+    if restored is not None:
+        state = restored
         logger.info("resuming %s from epoch %d", output, state["epoch"])
     trained = data_parallel(model, on, ranks)
     metadata = {"arch": config.arch, "config": config.model_dump(mode="json"), "dataset": info_to_json(info)}
@@ -142,21 +142,14 @@ def train_teacher(
         with progress(f"teacher epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
             for batch in train_batches(data.train, info, config.batch_size, augment=True, generator=generator, device=on, ranks=ranks):
                 logits = trained(batch.x)
-                if len(batch.y):
-                    loss = F.cross_entropy(logits, batch.y)
-                    weighted = loss * share_weight(batch, ranks) if ranks.active else loss
-                else:  # a share of nothing (a last batch smaller than the processes) still joins DDP's all-reduce
-                    loss = weighted = logits.sum() * 0.0
-                optimizer.zero_grad(set_to_none=True)
-                weighted.backward()
-                optimizer.step()
-                scheduler.step()
+                loss = F.cross_entropy(logits, batch.y) if len(batch.y) else None
+                training_step(loss, [logits], batch, ranks, optimizer, scheduler)
+                value = 0.0 if loss is None else loss.item()
                 seen += batch.size
-                loss_sum += loss.item() * len(batch.y)
-                advance(loss=loss.item())
+                loss_sum += value * len(batch.y)
+                advance(loss=value)
         throughput = seen / (time.perf_counter() - started)
-        if ranks.active:
-            (loss_sum,) = sum_across([loss_sum], ranks, on)
+        (loss_sum,) = sum_across([loss_sum], ranks, on)
         model.eval()
         val_acc = shared_accuracy(model, data.val, info, device=on, ranks=ranks)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "val_accuracy": val_acc, "images_per_s": throughput}
@@ -177,7 +170,7 @@ def train_teacher(
                 scheduler=scheduler.state_dict(),
                 generator=generator.get_state(),
             )
-    teacher = load_teacher(output, data=broadcast_file(output, ranks, on) if ranks.active else None)
+    teacher = load_teacher(output, ranks=ranks, device=on)
     test_acc = shared_accuracy(teacher.model.to(on), data.test, info, device=on, ranks=ranks)
     summary = {
         "arch": config.arch,
@@ -199,8 +192,15 @@ def train_teacher(
     return summary
 
 
-def _restore(path: Path, config: TeacherConfig, model, optimizer, scheduler, generator, stored: bytes) -> dict[str, Any]:
-    metadata, state_dict, payload = load_checkpoint(path, "teacher-resume", data=stored)
+def _restore(
+    path: Path, config: TeacherConfig, model, optimizer, scheduler, generator, ranks: Ranks, on: torch.device
+) -> dict[str, Any] | None:
+    """The training state of the resumable run at ``path``, loaded into the model, optimiser,
+    schedule and generator; ``None`` where there is none."""
+    loaded = load_checkpoint_if_present(path, "teacher-resume", ranks=ranks, device=on)
+    if loaded is None:
+        return None
+    metadata, state_dict, payload = loaded
     if metadata.get("config") != config.model_dump(mode="json"):
         raise RocoinError(f"{path}: a resumable run with other settings is here; delete it or rerun with the same options (or --fresh)")
     load_state(model, state_dict, path, f"teacher {config.arch}")
@@ -210,9 +210,9 @@ def _restore(path: Path, config: TeacherConfig, model, optimizer, scheduler, gen
     return {"epoch": metadata["epoch"], "best_val": metadata["best_val"], "history": metadata["history"]}
 
 
-def load_teacher(path: str | Path, *, data: bytes | None = None) -> Teacher:
-    """The teacher at ``path`` (``data``: its bytes as another process read them)."""
-    metadata, state_dict, _ = load_checkpoint(path, TEACHER_KIND, data=data)
+def load_teacher(path: str | Path, *, ranks: Ranks = SINGLE, device: torch.device | None = None) -> Teacher:
+    """The teacher at ``path``; with several processes (``ranks``) rank 0 reads it for all (see :func:`load_checkpoint`)."""
+    metadata, state_dict, _ = load_checkpoint(path, TEACHER_KIND, ranks=ranks, device=device)
     try:
         info = info_from_json(metadata["dataset"])
         arch = metadata["arch"]

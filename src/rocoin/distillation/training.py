@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -163,6 +163,25 @@ def share_weight(batch: Batch, ranks: Ranks) -> float:
     """What this process's mean loss is multiplied by so that DDP's average of the gradients is the
     gradient of the global batch's mean loss (shares of unequal size: the last batch)."""
     return ranks.world_size * len(batch.y) / batch.size
+
+
+def training_step(
+    loss: torch.Tensor | None,
+    outputs: Sequence[torch.Tensor],
+    batch: Batch,
+    ranks: Ranks,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """One optimiser and schedule step on this process's mean ``loss`` over its share of ``batch``,
+    weighted by :func:`share_weight` (exactly 1 for one process). A share of nothing (``loss`` is
+    ``None``: a last batch smaller than the processes) steps on a zero loss over the ``outputs``
+    of the forward pass, so that it still joins DDP's all-reduce."""
+    weighted = sum(output.sum() for output in outputs) * 0.0 if loss is None else loss * share_weight(batch, ranks)
+    optimizer.zero_grad(set_to_none=True)
+    weighted.backward()
+    optimizer.step()
+    scheduler.step()
 
 
 def inference_batches(
