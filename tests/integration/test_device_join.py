@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -237,6 +238,9 @@ def test_a_local_cluster_of_joining_processes_heals_a_group_killed_whole(tmp_pat
     with LocalCluster(bundle, fleet, tmp_path / "state", joins=True, spares=["spare"]) as cluster:
         http = cluster.state.source.http_address
         before = fetch_fleet_status(http)
+        # behind NAT: a joined device opens no port at all (the source, which does, shows the check sees ports)
+        assert listening_ports(cluster.processes["source"].pid)
+        assert {d: listening_ports(p.pid) for d, p in cluster.processes.items() if d != "source"} == {d: [] for d in fleet.ids}
         group = next(g for g in before["groups"] if len(g["live_replicas"]) == 2)
         for victim in group["live_replicas"]:
             cluster.kill_device(victim)  # SIGKILL: the whole group is gone
@@ -250,6 +254,25 @@ def test_a_local_cluster_of_joining_processes_heals_a_group_killed_whole(tmp_pat
         result = asyncio.run(_one_query(cluster.state.source.address))
         assert result.missing_groups == []
         assert not any((tmp_path / "state").glob("*.entry.yaml.tmp*"))
+
+
+def listening_ports(pid: int) -> list[int]:
+    """The TCP ports process ``pid`` listens on (from /proc: its socket descriptors matched
+    against the LISTEN entries of its network namespace's tcp tables)."""
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:[") : -1])
+    ports = []
+    for table in ("tcp", "tcp6"):
+        path = Path(f"/proc/{pid}/net/{table}")
+        for line in path.read_text().splitlines()[1:] if path.exists() else []:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in sockets:  # st 0A: LISTEN; field 9: the socket's inode
+                ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
 
 
 async def _one_query(address: str):
