@@ -33,7 +33,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -395,8 +395,13 @@ class Membership:
             return
         self._spawn(self._locked_replan(f"group {group} has no live replica (device {device_id} down)"))
 
-    async def _locked_replan(self, trigger: str) -> None:
+    async def _locked_replan(self, trigger: str, *, still: Callable[[], bool] | None = None) -> None:
+        """Re-plan once the lock is taken; with ``still``, only if it still holds then: checked
+        while an assignment was under way (a device between its old group and its new one looks
+        like a spare), the condition may be gone once that assignment is done."""
         async with self._lock:
+            if still is not None and not still():
+                return
             try:
                 await self._replan(trigger)
             except (RocoinError, ConnectionError) as exc:
@@ -413,8 +418,8 @@ class Membership:
                 gone = self.registry.expire()
                 if gone:
                     await self._locked_replan("gone: " + ", ".join(m.device_id for m in gone))
-                elif not self._unseen() and self._fleet_key() != self._replanned_for and self._above_epsilon():
-                    await self._locked_replan("a group is above its failure target")
+                elif self._needs_epsilon_replan():
+                    await self._locked_replan("a group is above its failure target", still=self._needs_epsilon_replan)
             except RocoinError as exc:
                 logger.error("membership check failed: %s", exc)
 
@@ -423,6 +428,10 @@ class Membership:
         fleet = self.live_fleet()
         ids = tuple(sorted(d.id for d in fleet.devices)) if fleet is not None else ()
         return ids, tuple(sorted((d.device_id, d.group, d.up) for d in self.source.devices))
+
+    def _needs_epsilon_replan(self) -> bool:
+        """The periodic check: the fleet changed since the last re-plan and a group is above ε."""
+        return not self._unseen() and self._fleet_key() != self._replanned_for and self._above_epsilon()
 
     def _above_epsilon(self) -> bool:
         """A group whose live replicas fail together more often than ε, while a spare is live
