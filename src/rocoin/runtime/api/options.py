@@ -26,6 +26,11 @@ from rocoin.runtime.transport.keepalive import DEFAULT_TIME_MS, DEFAULT_TIMEOUT_
 
 #: Where the source's gRPC API listens unless told otherwise.
 DEFAULT_SOURCE_LISTEN = "127.0.0.1:50051"
+#: With joins (:mod:`rocoin.runtime.source.join_service`, which needs grpc, so they are kept
+#: here): joins admitted per second, sustained and in a burst, and join streams open at once.
+DEFAULT_JOINS_PER_S = 20.0
+JOIN_BURST = 50
+DEFAULT_MAX_JOIN_STREAMS = 256
 
 
 class SourceOptions(BaseModel):
@@ -77,6 +82,17 @@ class SourceOptions(BaseModel):
     grace_s: float = Field(
         DEFAULT_GRACE_S, gt=0, description="With --joins: seconds a device may be away before it is gone and re-planned."
     )
+    max_join_streams: int = Field(
+        DEFAULT_MAX_JOIN_STREAMS,
+        ge=1,
+        description="With --joins: join streams open at once (joined devices and those still saying hello); one more is refused with RESOURCE_EXHAUSTED and dials again later.",
+    )
+    joins_per_s: float = Field(
+        DEFAULT_JOINS_PER_S,
+        gt=0,
+        allow_inf_nan=False,
+        description=f"With --joins: joins admitted per second (in bursts of up to {JOIN_BURST}); one more is refused with RESOURCE_EXHAUSTED and dials again later.",
+    )
     keepalive_time_ms: int = Field(
         DEFAULT_TIME_MS,
         ge=100,
@@ -119,5 +135,6 @@ def run_source(options: SourceOptions) -> None:
         serve_source(
             source, options.listen, http_listen=options.http_listen, api_token=api_token, tls=api_tls, ready_file=options.ready_file,
             http_limits=http_limits, device_token=device_token, state_dir=options.state_dir, grace_s=options.grace_s,
+            max_joins_per_s=options.joins_per_s, max_join_streams=options.max_join_streams,
         )
     )  # fmt: skip

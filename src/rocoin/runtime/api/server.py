@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rocoin.contracts.errors import RocoinError, ServingError
 from rocoin.contracts.fileio import write_json_atomic
 from rocoin.runtime.api import kserve_grpc
-from rocoin.runtime.source.join_service import DEFAULT_MAX_STREAMS, JoinService
+from rocoin.runtime.source.join_service import DEFAULT_JOINS_PER_S, DEFAULT_MAX_STREAMS, JOIN_BURST, JoinService, check_join_limits
 from rocoin.runtime.source.source import Source
 from rocoin.runtime.transport.auth import OPEN_METHOD_PREFIXES
 from rocoin.runtime.transport.grpc_server import create_server, refuse
@@ -99,6 +99,9 @@ async def serve_source(
     device_token: str | None = None,
     state_dir: str | Path | None = None,
     grace_s: float | None = None,
+    max_joins_per_s: float = DEFAULT_JOINS_PER_S,
+    join_burst: int = JOIN_BURST,
+    max_join_streams: int = DEFAULT_MAX_STREAMS,
 ) -> None:
     """Serve ``source`` over gRPC (and the KServe v2 REST API on ``http_listen``) until ``stop``
     is set or SIGTERM/SIGINT arrives. ``api_token`` guards both client APIs (health stays open);
@@ -106,21 +109,28 @@ async def serve_source(
 
     When ``source.joins``, devices may dial the source (``rocoin.v1.Fleet/Join`` on the same
     port), admitted with ``device_token`` (or mTLS); their membership is kept in ``state_dir``
-    (required) and a device is gone after ``grace_s`` without its stream."""
-    membership = None
+    (required) and a device is gone after ``grace_s`` without its stream. At most
+    ``max_joins_per_s`` joins a second (bursts of ``join_burst``) and ``max_join_streams`` join
+    streams at once are admitted; more are refused with ``RESOURCE_EXHAUSTED`` (devices dial again)."""
+    membership, joins = None, None
     if source.joins:
+        names = ("max_joins_per_s", "join_burst", "max_join_streams")
+        check_join_limits(max_joins_per_s, join_burst, max_join_streams, names)  # before the registry is opened
         membership = _membership(source, state_dir, grace_s)
+        joins = JoinService(
+            membership, token=device_token, tls_client_auth=tls is not None and tls.client_ca is not None,
+            max_joins_per_s=max_joins_per_s, join_burst=join_burst, max_streams=max_join_streams,
+        )  # fmt: skip
     server = create_server(
         max_receive_bytes=source.max_message_bytes,
         max_send_bytes=source.max_message_bytes,
-        max_concurrent_rpcs=MAX_CONCURRENT_QUERIES + (DEFAULT_MAX_STREAMS if membership is not None else 0),
+        max_concurrent_rpcs=MAX_CONCURRENT_QUERIES + (joins.max_streams if joins is not None else 0),
         token=api_token,
         token_what="this source requires its API token",
         open_methods=(*OPEN_API_METHODS, *((JOIN_PREFIX,) if membership is not None else ())),  # joins check the device token
         keepalive=source.keepalive,
     )
-    if membership is not None:
-        joins = JoinService(membership, token=device_token, tls_client_auth=tls is not None and tls.client_ca is not None)
+    if joins is not None:
         server.add_generic_rpc_handlers((joins.handler(),))
     rocoin_pb2_grpc.add_SourceServicer_to_server(SourceService(source), server)
     kserve_grpc.add_to_server(source, server)  # inference.GRPCInferenceService on the same port

@@ -8,8 +8,10 @@ Admission, in order, each refusal one gRPC status with one line:
 1. **Who is it?** The device token (``authorization: Bearer …``, the *device* token, not the
    client API's) — or, with mTLS, a client certificate whose common name is the device's id. The
    API's token does not admit a device, nor the device token a client.
-2. **How many?** At most ``max_joins_per_s`` joins per second (token bucket with a burst of
-   :data:`JOIN_BURST`) and ``max_streams`` streams at once: ``RESOURCE_EXHAUSTED``.
+2. **How many?** At most ``max_joins_per_s`` joins per second (a token bucket with a burst of
+   ``join_burst``) and ``max_streams`` streams at once: ``RESOURCE_EXHAUSTED`` (a device dials
+   again later). A stream holds its slot from here, through its hello, until it ends: streams
+   still waiting for their hello count against the bound too.
 3. **The hello**, within :data:`HELLO_TIMEOUT_S`: the protocol version (``FAILED_PRECONDITION``),
    the profile (a fleet entry without an address: ``INVALID_ARGUMENT`` naming the field), the
    device key (``INVALID_ARGUMENT`` when missing).
@@ -24,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
 
 import grpc
@@ -32,6 +35,8 @@ from pydantic import ValidationError
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fileio import format_validation_error
 from rocoin.contracts.fleet import DeviceProfile
+from rocoin.contracts.text import short_repr
+from rocoin.runtime.api.options import DEFAULT_JOINS_PER_S, DEFAULT_MAX_JOIN_STREAMS, JOIN_BURST
 from rocoin.runtime.source.joined import JoinedLink
 from rocoin.runtime.source.membership import Membership
 from rocoin.runtime.source.registry import DeviceLimitError, IdentityError
@@ -43,11 +48,9 @@ from rocoin.runtime.transport.protocol import rocoin_pb2
 logger = logging.getLogger(__name__)
 
 SERVICE = "rocoin.v1.Fleet"
-#: Joins admitted per second (sustained) and in a burst.
-DEFAULT_JOINS_PER_S = 20.0
-JOIN_BURST = 50
-#: Join streams open at once.
-DEFAULT_MAX_STREAMS = 256
+#: Join streams open at once (the defaults live with the source's options, which import no grpc;
+#: joins per second and their burst: :data:`DEFAULT_JOINS_PER_S`, :data:`JOIN_BURST`).
+DEFAULT_MAX_STREAMS = DEFAULT_MAX_JOIN_STREAMS
 #: Time a device has to send its hello after opening the stream.
 HELLO_TIMEOUT_S = 10.0
 #: Longest profile JSON in a hello.
@@ -89,15 +92,18 @@ class JoinService:
         token: str | None,
         tls_client_auth: bool = False,
         max_joins_per_s: float = DEFAULT_JOINS_PER_S,
+        join_burst: int = JOIN_BURST,
         max_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
+        check_join_limits(max_joins_per_s, join_burst, max_streams)
         if not token and not tls_client_auth:
             logger.warning("the Join service admits devices WITHOUT AUTHENTICATION (no device token, no mTLS): anyone may join")
         self.membership = membership
         self.token = token
         self.tls_client_auth = tls_client_auth
         self.max_streams = max_streams
-        self._bucket = _Bucket(max_joins_per_s, JOIN_BURST)
+        self._bucket = _Bucket(float(max_joins_per_s), join_burst)
+        #: streams holding a slot: past the limits, waiting for their hello or joined
         self.streams = 0
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -110,10 +116,26 @@ class JoinService:
     async def join(self, requests, context: grpc.aio.ServicerContext) -> None:
         try:
             peer_name = self._authenticate(context)
-            if self.streams >= self.max_streams:
-                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.streams} devices connected: at most {self.max_streams}")
-            if not self._bucket.take():
-                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many joins: try again later")
+            self._take_slot()
+        except _Refused as refused:
+            await _refuse(context, refused)
+            return
+        try:  # the slot is this stream's until it ends, however it ends
+            await self._joined(context, peer_name)
+        finally:
+            self.streams -= 1
+
+    def _take_slot(self) -> None:
+        """Count this stream against ``max_streams`` (and take a join from the bucket), or :class:`_Refused`."""
+        if self.streams >= self.max_streams:
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.streams} devices connected: at most {self.max_streams}")
+        if not self._bucket.take():
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many joins: try again later")
+        self.streams += 1  # now, before any await: streams still saying hello count too
+
+    async def _joined(self, context: grpc.aio.ServicerContext, peer_name: str | None) -> None:
+        """The hello, the admission, then the stream until it ends (the caller holds its slot)."""
+        try:
             try:
                 first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT_S)
             except asyncio.TimeoutError:
@@ -124,8 +146,7 @@ class JoinService:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, first.message("DeviceMessage"))
             profile, credential = _hello(first, peer_name, context)
         except _Refused as refused:
-            logger.warning("join refused (%s): %s", refused.code.name, refused.message)
-            await context.abort(refused.code, refused.message)
+            await _refuse(context, refused)
             return
         device_id = profile.id
         link = JoinedLink(device_id, max_message_bytes=self.membership.source.max_message_bytes)
@@ -140,7 +161,6 @@ class JoinService:
         except RocoinError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
-        self.streams += 1
         logger.info("device %s joined from %s", device_id, context.peer(), extra={"device": device_id})
         reader = asyncio.ensure_future(self._read(context, link))
         assigning = asyncio.ensure_future(admit)
@@ -158,7 +178,6 @@ class JoinService:
         except Exception as exc:  # the write failed: the stream is gone
             reason = f"write failed: {exc}"
         finally:
-            self.streams -= 1
             for task in (reader, assigning):
                 task.cancel()
             link.broken(reason)
@@ -196,6 +215,22 @@ class JoinService:
         elif self.tls_client_auth:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "no client certificate: joining this source requires mTLS")
         return None
+
+
+def check_join_limits(
+    joins_per_s: float, burst: int, streams: int, names: tuple[str, str, str] = ("max_joins_per_s", "join_burst", "max_streams")
+) -> None:
+    """:class:`RocoinError` naming (with the caller's ``names``) the first of :class:`JoinService`'s limits it cannot keep."""
+    if isinstance(joins_per_s, bool) or not isinstance(joins_per_s, (int, float)) or not (math.isfinite(joins_per_s) and joins_per_s > 0):
+        raise RocoinError(f"{names[0]} = {short_repr(joins_per_s)}: expected a finite number of joins per second > 0")
+    for name, value in zip(names[1:], (burst, streams), strict=True):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RocoinError(f"{name} = {short_repr(value)}: expected an integer >= 1")
+
+
+async def _refuse(context: grpc.aio.ServicerContext, refused: _Refused) -> None:
+    logger.warning("join refused (%s): %s", refused.code.name, refused.message)
+    await context.abort(refused.code, refused.message)
 
 
 def _hello(message: rocoin_pb2.DeviceMessage, peer_name: str | None, context: grpc.aio.ServicerContext) -> tuple[DeviceProfile, str]:
