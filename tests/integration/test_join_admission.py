@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime")
 import grpc  # noqa: E402
 from test_cli import bad, run  # noqa: E402
 from test_device_join import clients  # noqa: E402
-from test_joins import TOKEN, ScriptedDevice, joined_source, profile_json, wait_for  # noqa: E402
+from test_joins import TOKEN, joined_source, profile_json, wait_for  # noqa: E402
 
 from rocoin.contracts.errors import RocoinError  # noqa: E402
 from rocoin.runtime.source import join_service  # noqa: E402
@@ -26,35 +26,11 @@ from rocoin.runtime.transport.protocol import rocoin_pb2  # noqa: E402
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class Device(ScriptedDevice):
-    """A scripted device that also keeps a refusal that came while it was still writing its hello
-    (the source refuses before reading it: the write itself raises)."""
-
-    async def run(self) -> None:
-        try:
-            await super().run()
-        except grpc.aio.AioRpcError as exc:
-            self.ended = exc
-
-
 @contextlib.asynccontextmanager
 async def admission_source(tmp_path, **options):
-    """:func:`joined_source` with ``join(id)`` starting a :class:`Device`; they stop before the source."""
-    async with joined_source(tmp_path, **options) as (source, joined, _):
-        started: list[tuple[Device, asyncio.Future]] = []
-
-        def join(device_id: str, **kwargs) -> Device:
-            d = Device(joined.ready["address"], device_id, **kwargs)
-            started.append((d, asyncio.ensure_future(d.run())))
-            return d
-
-        join.ready = joined.ready
-        try:
-            yield source, join
-        finally:
-            for d, task in started:
-                await d.stop()
-                task.cancel()
+    """:func:`joined_source` without the bundle: ``(source, join)``."""
+    async with joined_source(tmp_path, **options) as (source, join, _):
+        yield source, join
 
 
 class RawStreams:

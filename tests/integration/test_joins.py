@@ -68,9 +68,10 @@ class ScriptedDevice:
             device_id=self.device_id, profile_json=profile_json(self.device_id), cached_models=list(self.cache), protocol=JOIN_PROTOCOL,
             device_key=self.key,
         )  # fmt: skip
-        await call.write(rocoin_pb2.DeviceMessage(hello=hello))
         pending: tuple[rocoin_pb2.Assignment, GroupModel, bytearray] | None = None
         try:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # refused while saying hello:
+                await call.write(rocoin_pb2.DeviceMessage(hello=hello))  # reading the stream gives the status
             async for message in call:
                 kind = message.WhichOneof("kind")
                 if kind == "assign":

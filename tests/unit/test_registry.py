@@ -154,6 +154,7 @@ def test_a_suspect_seen_within_grace_serves_again_without_a_membership_event(reg
     registry.join(profile("cam-1"), credential=key("cam-1"))
     registry.mark_serving("cam-1", 0, SHA_A)
     cursor = registry.events()[-1].seq
+    caplog.clear()  # only what follows (an earlier test may have let INFO through)
     with caplog.at_level(logging.DEBUG, logger=LOGGER):
         suspect = registry.mark_suspect("cam-1", "stream lost: UNAVAILABLE")
         assert suspect.state == "suspect" and suspect.group == 0
@@ -177,6 +178,7 @@ def test_a_suspect_past_grace_is_gone_with_its_reason(registry, clock, caplog):
     clock.advance(20)
     registry.mark_suspect("cam-2", "3 failed calls")
     clock.advance(GRACE_S - 20 + 0.5)
+    caplog.clear()  # only what expire logs (an earlier test may have let INFO through)
     with caplog.at_level(logging.INFO, logger=LOGGER):
         gone = registry.expire()
     assert [(m.device_id, m.state, m.state_since) for m in gone] == [("cam-1", "gone", clock.t)]

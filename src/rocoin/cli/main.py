@@ -160,6 +160,25 @@ def fleet_status(
         out.print(f"re-plan ({record['trigger']}): {len(record['moves'])} moves; {record['reason']}")
 
 
+@fleet_app.command("forget")
+@clean_errors
+def fleet_forget(
+    device_id: str = typer.Argument(..., metavar="DEVICE", help="The id of a gone device."),
+    source: str = typer.Option(
+        ..., "--source", help="The source's REST API: host:port or http[s]://host:port (source serve --http-listen)."
+    ),
+    reason: str | None = typer.Option(None, "--reason", help="Recorded in the membership's events (default: 'forgotten by an operator')."),
+    api_token_file: Path | None = typer.Option(None, "--api-token-file", help="The client API's token (default: $ROCOIN_API_TOKEN)."),
+) -> None:
+    """Forget a gone device and the binding of its id to its key or certificate, so another device may join under the id (a
+    replaced device, a lost key). Gone devices are forgotten on their own after source serve --forget-after-s."""
+    from rocoin.runtime.api.client import forget_member
+    from rocoin.runtime.transport.auth import API_TOKEN_ENV, load_token
+
+    member = forget_member(source, device_id, reason=reason, token=load_token(api_token_file, env=API_TOKEN_ENV))
+    err.print(f"forgot {member['device_id']} (was {member['state']}): the next device to join as {member['device_id']} is bound afresh")
+
+
 @fleet_app.command("show")
 @clean_errors
 def fleet_show(fleet_path: Path = typer.Argument(..., metavar="FLEET", help="Fleet file (YAML or JSON).")) -> None:

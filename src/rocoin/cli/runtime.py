@@ -182,6 +182,7 @@ def source_serve(
     joins: bool = flag(SourceOptions, "joins", "--joins"),
     state_dir: Path | None = flag(SourceOptions, "state_dir", "--state-dir"),
     grace_s: float = flag(SourceOptions, "grace_s", "--grace-s"),
+    forget_after_s: float = flag(SourceOptions, "forget_after_s", "--forget-after-s"),
     max_join_streams: int = flag(SourceOptions, "max_join_streams", "--max-join-streams"),
     joins_per_s: float = flag(SourceOptions, "joins_per_s", "--joins-per-s"),
     keepalive_time_ms: int = flag(SourceOptions, "keepalive_time_ms", "--keepalive-time-ms"),

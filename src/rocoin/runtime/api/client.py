@@ -11,6 +11,7 @@ did not answer in time is an :class:`UnavailableError`; one that failed a valid 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -237,24 +238,45 @@ MAX_STATUS_BYTES = 16 * 1024 * 1024
 def fetch_fleet_status(url: str, *, token: str | None = None, timeout_s: float = 10.0) -> dict:
     """``GET /v2/fleet`` of the source's REST API at ``url`` (``http[s]://host:port`` or
     ``host:port``): the membership and the device-to-group assignment."""
+    return _fleet_request(url, "/v2/fleet", "GET", token=token, timeout_s=timeout_s)
+
+
+def forget_member(url: str, device_id: str, *, reason: str | None = None, token: str | None = None, timeout_s: float = 10.0) -> dict:
+    """``DELETE /v2/fleet/members/{device_id}``: the source forgets a gone device and the binding
+    of its id to its credential (a device replaced, its key lost). Returns the member as it was;
+    a device still in the fleet, or one the source dials, is a :class:`RocoinError` (HTTP 409)."""
+    import urllib.parse
+
+    path = "/v2/fleet/members/" + urllib.parse.quote(device_id, safe="")
+    if reason:
+        path += "?" + urllib.parse.urlencode({"reason": reason})
+    return _fleet_request(url, path, "DELETE", token=token, timeout_s=timeout_s)["forgotten"]
+
+
+def _fleet_request(url: str, path: str, method: str, *, token: str | None, timeout_s: float) -> dict:
+    """One JSON request to the source's REST API; errors as one line naming the endpoint."""
     import json
     import urllib.error
     import urllib.request
 
     base = url if "://" in url else f"http://{url}"
-    request = urllib.request.Request(base.rstrip("/") + "/v2/fleet", headers={"Authorization": f"Bearer {token}"} if token else {})
+    endpoint = base.rstrip("/") + path
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(endpoint, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as reply:
             body = reply.read(MAX_STATUS_BYTES + 1)
     except urllib.error.HTTPError as exc:
         detail = exc.read(2000).decode("utf-8", "replace")
-        raise (RocoinError if exc.code < 500 else ServingError)(f"{base}/v2/fleet: HTTP {exc.code}: {detail[:300]}") from None
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            detail = str(json.loads(detail)["error"])
+        raise (RocoinError if exc.code < 500 else ServingError)(f"{endpoint}: HTTP {exc.code}: {one_line(detail, 300)}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise UnavailableError(f"{base}/v2/fleet: cannot reach the source's REST API ({reason})") from None
+        raise UnavailableError(f"{endpoint}: cannot reach the source's REST API ({reason})") from None
     if len(body) > MAX_STATUS_BYTES:
-        raise ServingError(f"{base}/v2/fleet: more than {MAX_STATUS_BYTES} bytes")
+        raise ServingError(f"{endpoint}: more than {MAX_STATUS_BYTES} bytes")
     try:
         return json.loads(body)
     except ValueError:
-        raise ServingError(f"{base}/v2/fleet: not JSON") from None
+        raise ServingError(f"{endpoint}: not JSON") from None

@@ -95,6 +95,7 @@ def create_app(source: Source, *, token: str | None = None) -> web.Application:
     app.router.add_post("/v2/models/{model}/versions/{version}/infer", api.infer)
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/v2/fleet", api.fleet)
+    app.router.add_delete("/v2/fleet/members/{device}", api.forget_member)
     return app
 
 
@@ -159,6 +160,24 @@ class _Api:
     async def fleet(self, request: web.Request) -> web.Response:
         """The membership and the device-to-group assignment (rocoin's extension of the API)."""
         return web.json_response(self.source.fleet_status(), dumps=_strict_dumps)
+
+    async def forget_member(self, request: web.Request) -> web.Response:
+        """``DELETE /v2/fleet/members/{device}[?reason=…]``: forget a gone device and the binding of
+        its id to its credential (404 unknown, 409 still in the fleet or dialed)."""
+        from rocoin.runtime.source.membership import MemberConflict
+
+        if self.source.forget_member is None:
+            raise RequestError(404, "this source keeps no membership (devices join with source serve --joins)")
+        reason = request.query.get("reason") or "forgotten by an operator"
+        try:
+            member = self.source.forget_member(request.match_info["device"], reason)
+        except LookupError as exc:
+            raise RequestError(404, str(exc)) from None
+        except MemberConflict as exc:
+            raise RequestError(409, str(exc)) from None
+        except RocoinError as exc:  # an id or reason the registry refuses
+            raise RequestError(400, str(exc)) from None
+        return web.json_response({"forgotten": member}, dumps=_strict_dumps)
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"live": True})

@@ -14,11 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rocoin.contracts.errors import RocoinError
 from rocoin.runtime.api import http_limits as limits
-from rocoin.runtime.source.registry import DEFAULT_GRACE_S
+from rocoin.runtime.source.registry import DEFAULT_FORGET_AFTER_S, DEFAULT_GRACE_S
 from rocoin.runtime.source.settings import (
     DEFAULT_DEADLINE_S,
+    DEFAULT_JOINS_PER_S,
     DEFAULT_MAX_BATCH_IMAGES,
+    DEFAULT_MAX_JOIN_STREAMS,
     DEFAULT_MAX_QUEUE_DELAY_MS,
+    JOIN_BURST,
     MAX_BATCH_IMAGES,
     MAX_QUEUE_DELAY_MS,
 )
@@ -26,11 +29,6 @@ from rocoin.runtime.transport.keepalive import DEFAULT_TIME_MS, DEFAULT_TIMEOUT_
 
 #: Where the source's gRPC API listens unless told otherwise.
 DEFAULT_SOURCE_LISTEN = "127.0.0.1:50051"
-#: With joins (:mod:`rocoin.runtime.source.join_service`, which needs grpc, so they are kept
-#: here): joins admitted per second, sustained and in a burst, and join streams open at once.
-DEFAULT_JOINS_PER_S = 20.0
-JOIN_BURST = 50
-DEFAULT_MAX_JOIN_STREAMS = 256
 
 
 class SourceOptions(BaseModel):
@@ -81,6 +79,12 @@ class SourceOptions(BaseModel):
     state_dir: Path | None = Field(None, description="With --joins: where the membership registry is kept (membership.sqlite3).")
     grace_s: float = Field(
         DEFAULT_GRACE_S, gt=0, description="With --joins: seconds a device may be away before it is gone and re-planned."
+    )
+    forget_after_s: float = Field(
+        DEFAULT_FORGET_AFTER_S,
+        gt=0,
+        allow_inf_nan=False,
+        description="With --joins: seconds a gone device stays in the membership, its id bound to its key or certificate, before it is forgotten (rocoin fleet forget: sooner).",
     )
     max_join_streams: int = Field(
         DEFAULT_MAX_JOIN_STREAMS,
@@ -135,6 +139,6 @@ def run_source(options: SourceOptions) -> None:
         serve_source(
             source, options.listen, http_listen=options.http_listen, api_token=api_token, tls=api_tls, ready_file=options.ready_file,
             http_limits=http_limits, device_token=device_token, state_dir=options.state_dir, grace_s=options.grace_s,
-            max_joins_per_s=options.joins_per_s, max_join_streams=options.max_join_streams,
+            forget_after_s=options.forget_after_s,            max_joins_per_s=options.joins_per_s, max_join_streams=options.max_join_streams,
         )
     )  # fmt: skip

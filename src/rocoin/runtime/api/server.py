@@ -21,6 +21,7 @@ from rocoin.contracts.errors import RocoinError, ServingError
 from rocoin.contracts.fileio import write_json_atomic
 from rocoin.runtime.api import kserve_grpc
 from rocoin.runtime.source.join_service import DEFAULT_JOINS_PER_S, DEFAULT_MAX_STREAMS, JOIN_BURST, JoinService, check_join_limits
+from rocoin.runtime.source.registry import DEFAULT_FORGET_AFTER_S
 from rocoin.runtime.source.source import Source
 from rocoin.runtime.transport.auth import OPEN_METHOD_PREFIXES
 from rocoin.runtime.transport.grpc_server import create_server, refuse
@@ -49,18 +50,20 @@ OPEN_API_METHODS = (*OPEN_METHOD_PREFIXES, *kserve_grpc.HEALTH_METHODS)
 JOIN_PREFIX = "/rocoin.v1.Fleet/"
 
 
-def _membership(source: Source, state_dir: str | Path | None, grace_s: float | None):
-    from rocoin.runtime.source.membership import Membership
+def _membership(source: Source, state_dir: str | Path | None, grace_s: float | None, forget_after_s: float):
+    from rocoin.runtime.source.membership import Membership, check_forget_after_s
     from rocoin.runtime.source.registry import MembershipRegistry
 
     if state_dir is None:
         raise RocoinError("state-dir: required when devices join (the membership registry is kept there)")
+    check_forget_after_s(forget_after_s)  # before the registry is opened
     registry = MembershipRegistry.open(state_dir, **({"grace_s": grace_s} if grace_s is not None else {}))
     restarted = registry.mark_all_suspect("the source restarted")  # they rejoin on their own, or are gone after the grace period
     if restarted:
         logger.info("membership: %d devices known from before; waiting for them to rejoin", len(restarted))
-    membership = Membership(source, registry)
+    membership = Membership(source, registry, forget_after_s=forget_after_s)
     source.membership_status = membership.status
+    source.forget_member = membership.forget
     return membership
 
 
@@ -99,6 +102,7 @@ async def serve_source(
     device_token: str | None = None,
     state_dir: str | Path | None = None,
     grace_s: float | None = None,
+    forget_after_s: float = DEFAULT_FORGET_AFTER_S,
     max_joins_per_s: float = DEFAULT_JOINS_PER_S,
     join_burst: int = JOIN_BURST,
     max_join_streams: int = DEFAULT_MAX_STREAMS,
@@ -109,14 +113,15 @@ async def serve_source(
 
     When ``source.joins``, devices may dial the source (``rocoin.v1.Fleet/Join`` on the same
     port), admitted with ``device_token`` (or mTLS); their membership is kept in ``state_dir``
-    (required) and a device is gone after ``grace_s`` without its stream. At most
+    (required) and a device is gone after ``grace_s`` without its stream, and forgotten (its id free
+    again) ``forget_after_s`` later. At most
     ``max_joins_per_s`` joins a second (bursts of ``join_burst``) and ``max_join_streams`` join
     streams at once are admitted; more are refused with ``RESOURCE_EXHAUSTED`` (devices dial again)."""
     membership, joins = None, None
     if source.joins:
         names = ("max_joins_per_s", "join_burst", "max_join_streams")
         check_join_limits(max_joins_per_s, join_burst, max_join_streams, names)  # before the registry is opened
-        membership = _membership(source, state_dir, grace_s)
+        membership = _membership(source, state_dir, grace_s, forget_after_s)
         joins = JoinService(
             membership, token=device_token, tls_client_auth=tls is not None and tls.client_ca is not None,
             max_joins_per_s=max_joins_per_s, join_burst=join_burst, max_streams=max_join_streams,

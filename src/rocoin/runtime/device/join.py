@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 KEY_FILE = "device-key"
 #: Message limit of the join channel: a model chunk or a full request, and any group's answer.
 JOIN_MESSAGE_BYTES = 64 * 1024 * 1024
+#: How long a failed write waits for the stream's final status (the source's reason for ending it).
+WRITE_END_WAIT_S = 5.0
 
 
 def backoff_s(attempt: int, rng: random.Random) -> float:
@@ -216,8 +218,15 @@ class JoinClient:
                 async with writing:
                     if call.done():  # the stream ended: reading it tells how (its status)
                         return
-                    with contextlib.suppress(asyncio.InvalidStateError):  # it ended during the write
+                    try:
                         await call.write(message)
+                    except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                        # it ended during the write (a refusal while the hello was on its way): the
+                        # write's own error may be a bare INTERNAL; reading the stream gives its status
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(call.code(), WRITE_END_WAIT_S)
+                        if not call.done():
+                            raise
 
             hello = rocoin_pb2.JoinHello(
                 device_id=self.device_id,

@@ -15,8 +15,10 @@ Admission, in order, each refusal one gRPC status with one line:
 3. **The hello**, within :data:`HELLO_TIMEOUT_S`: the protocol version (``FAILED_PRECONDITION``),
    the profile (a fleet entry without an address: ``INVALID_ARGUMENT`` naming the field), the
    device key (``INVALID_ARGUMENT`` when missing).
-4. **The id's owner**: the registry binds an id to the first device key (or certificate) that
-   joined with it; another is ``PERMISSION_DENIED``. A device the source dials cannot be taken over.
+4. **The id's owner**: the registry binds an id to the first device key that joined with it;
+   another is ``PERMISSION_DENIED``. Under mTLS the certificate's common name is the identity: the
+   CA vouches for it, so a renewed certificate naming the same id keeps the device's place. A
+   device the source dials cannot be taken over.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.fileio import format_validation_error
 from rocoin.contracts.fleet import DeviceProfile
 from rocoin.contracts.text import short_repr
-from rocoin.runtime.api.options import DEFAULT_JOINS_PER_S, DEFAULT_MAX_JOIN_STREAMS, JOIN_BURST
 from rocoin.runtime.source.joined import JoinedLink
 from rocoin.runtime.source.membership import Membership
 from rocoin.runtime.source.registry import DeviceLimitError, IdentityError
+from rocoin.runtime.source.settings import DEFAULT_JOINS_PER_S, DEFAULT_MAX_JOIN_STREAMS, JOIN_BURST
 from rocoin.runtime.transport.auth import METADATA_KEY, bearer_matches
 from rocoin.runtime.transport.grpc_server import Malformed
 from rocoin.runtime.transport.join import JOIN_PROTOCOL
@@ -48,7 +50,7 @@ from rocoin.runtime.transport.protocol import rocoin_pb2
 logger = logging.getLogger(__name__)
 
 SERVICE = "rocoin.v1.Fleet"
-#: Join streams open at once (the defaults live with the source's options, which import no grpc;
+#: Join streams open at once (the defaults live in :mod:`.settings`, which imports no grpc;
 #: joins per second and their burst: :data:`DEFAULT_JOINS_PER_S`, :data:`JOIN_BURST`).
 DEFAULT_MAX_STREAMS = DEFAULT_MAX_JOIN_STREAMS
 #: Time a device has to send its hello after opening the stream.
@@ -144,7 +146,7 @@ class JoinService:
                 return
             if isinstance(first, Malformed):
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, first.message("DeviceMessage"))
-            profile, credential = _hello(first, peer_name, context)
+            profile, credential = _hello(first, peer_name)
         except _Refused as refused:
             await _refuse(context, refused)
             return
@@ -233,7 +235,11 @@ async def _refuse(context: grpc.aio.ServicerContext, refused: _Refused) -> None:
     await context.abort(refused.code, refused.message)
 
 
-def _hello(message: rocoin_pb2.DeviceMessage, peer_name: str | None, context: grpc.aio.ServicerContext) -> tuple[DeviceProfile, str]:
+#: The credential of a device admitted by its certificate (the hash of the name it gives).
+_CERTIFICATE_CREDENTIAL = "x509-cn:"
+
+
+def _hello(message: rocoin_pb2.DeviceMessage, peer_name: str | None) -> tuple[DeviceProfile, str]:
     """The profile and credential of a device's first message, or :class:`_Refused`."""
     if message.WhichOneof("kind") != "hello":
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"first message: {message.WhichOneof('kind') or 'empty'}: expected a hello")
@@ -265,10 +271,12 @@ def _hello(message: rocoin_pb2.DeviceMessage, peer_name: str | None, context: gr
     if peer_name is not None:
         if peer_name != profile.id:
             raise _Refused(grpc.StatusCode.PERMISSION_DENIED, f"device_id {profile.id!r}: the client certificate names {peer_name!r}")
-        pem = b"".join((context.auth_context() or {}).get("x509_pem_cert", []))
-        return profile, "x509-sha256:" + hashlib.sha256(pem).hexdigest()
+        # the CA vouches for the id: any certificate of it naming the id is the device (a renewed one too)
+        return profile, _CERTIFICATE_CREDENTIAL + hashlib.sha256(peer_name.encode("utf-8", "surrogatepass")).hexdigest()
     if not hello.device_key:
         raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "device_key: missing: a joining device sends its own random key")
+    if hello.device_key.startswith(_CERTIFICATE_CREDENTIAL):  # only a verified certificate yields these
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"device_key: starts with {_CERTIFICATE_CREDENTIAL!r}: expected a random key")
     return profile, hello.device_key
 
 

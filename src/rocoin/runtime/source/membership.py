@@ -21,9 +21,13 @@ as spares, gone devices out) instead of the manifest's, and waits for its device
 A moved device is sent the new group's model (if it lacks it), verifies and loads it, and counts
 for the new group only after a health check on its stream names the new model's hash; queries
 gathered meanwhile stay with the replicas they were sent to (:meth:`Source.retire` ends the old
-replica's part in them, as a non-failure). Devices the source dials keep their plan group: the
-source cannot send them a model (their worker loads its bundle at start), so a re-plan leaves
-them where they are (:data:`PINNED`).
+replica's part in them, as a non-failure). Devices the source dials are moved the same way over
+``Device.Assign`` (their bundle holds every group's model; one they lack is sent in chunks), but
+never made spares.
+
+Gone devices stay in the registry, their ids bound to their credentials, for ``forget_after_s``
+(then pruned: a fleet whose phones come and go under new ids does not fill the registry); an
+operator forgets one sooner with :meth:`Membership.forget` (a replaced device, a lost key).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from rocoin.contracts.fleet import DeviceProfile, Fleet
 from rocoin.contracts.manifest import GroupModel
 from rocoin.planning.replan import DEFAULT_MARGIN, Replan, assign_devices, replan
 from rocoin.runtime.source.joined import JoinedLink
-from rocoin.runtime.source.registry import MembershipRegistry
+from rocoin.runtime.source.registry import DEFAULT_FORGET_AFTER_S, MembershipRegistry
 from rocoin.runtime.source.source import Source
 from rocoin.runtime.transport.join import SPARE
 
@@ -50,6 +54,12 @@ logger = logging.getLogger(__name__)
 
 #: How often the membership looks for expired devices and groups above ε.
 CHECK_INTERVAL_S = 1.0
+#: How often gone devices older than ``forget_after_s`` are pruned.
+PRUNE_INTERVAL_S = 60.0
+
+
+class MemberConflict(RocoinError):
+    """An operator's request that the member's state does not allow (HTTP 409)."""
 
 
 @dataclass
@@ -90,11 +100,15 @@ class Membership:
         *,
         margin: float = DEFAULT_MARGIN,
         check_interval_s: float = CHECK_INTERVAL_S,
+        forget_after_s: float = DEFAULT_FORGET_AFTER_S,
     ) -> None:
+        check_forget_after_s(forget_after_s)
         self.source = source
         self.registry = registry
         self.margin = margin
         self.check_interval_s = check_interval_s
+        self.forget_after_s = forget_after_s
+        self._pruned_at = -math.inf
         self.joined: dict[str, _Joined] = {}
         self.history: list[ReplanRecord] = []
         self.replans = 0
@@ -415,6 +429,9 @@ class Membership:
             await asyncio.sleep(self.check_interval_s)
             self.update_metrics()
             try:
+                if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL_S:
+                    self._pruned_at = time.monotonic()
+                    self.registry.prune(self.forget_after_s)
                 gone = self.registry.expire()
                 if gone:
                     await self._locked_replan("gone: " + ", ".join(m.device_id for m in gone))
@@ -422,6 +439,25 @@ class Membership:
                     await self._locked_replan("a group is above its failure target", still=self._needs_epsilon_replan)
             except RocoinError as exc:
                 logger.error("membership check failed: %s", exc)
+
+    def forget(self, device_id: str, reason: str) -> dict[str, Any]:
+        """An operator removes a gone device from the registry now, with the binding of its id to
+        its credential (a device replaced, its key lost: the next device joining under the id is
+        bound afresh). A device still in the fleet is refused: a connected or suspect one must be
+        gone first (after the grace period); one the source dials is removed from the fleet file.
+        Returns the member as it was."""
+        member = self.registry.get(device_id)
+        if member is None:
+            raise LookupError(f"device {device_id!r}: not in the membership")
+        if member.dialed:
+            raise MemberConflict(f"device {device_id!r}: the source dials it (fleet file): remove it from the fleet file instead")
+        if member.live or device_id in self.joined:
+            raise MemberConflict(
+                f"device {device_id!r}: {member.state}: only a gone device can be forgotten (a device is gone"
+                f" {self.registry.grace_s:g} s after its stream ends)"
+            )
+        self.spares.discard(device_id)
+        return self.registry.forget(device_id, reason).to_json()
 
     def _fleet_key(self) -> tuple:
         """What a re-plan depends on: the live devices and who serves which group."""
@@ -483,6 +519,13 @@ class Membership:
             "busy": self._lock.locked(),  # an assignment or a re-plan is under way
             "history": [r.to_json() for r in self.history[-20:]],
         }
+
+
+def check_forget_after_s(value: float) -> float:
+    """``value`` when it is a usable ``forget_after_s``, else one :class:`RocoinError` line."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise RocoinError(f"forget_after_s: {value!r}: expected a positive number of seconds")
+    return value
 
 
 def _trigger_kind(trigger: str) -> str:

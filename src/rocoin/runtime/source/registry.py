@@ -27,11 +27,12 @@ States (:data:`STATES`) and the operations that change them::
   period, or an operator removes it with :meth:`~MembershipRegistry.forget`.
 
 **Identity.** The first join binds a device id to the credential the device presents (a
-per-device random key the device keeps, or the SHA-256 fingerprint of its certificate); only a
-salted SHA-256 of it is stored, and a later join under the same id must present the same
-credential (:class:`IdentityError` otherwise; the refusal is logged and recorded). The credential
-must be a high-entropy secret: a fast salted hash protects it only as well as it is random (a
-slow KDF would cost 10,000 joins minutes). A device the source dials (an ``address`` from the
+per-device random key the device keeps; under mTLS, the name its CA-signed certificate gives, so
+a renewed certificate keeps the binding); only a salted SHA-256 of it is stored, and a later join
+under the same id must present the same credential (:class:`IdentityError` otherwise; the
+refusal is logged and recorded). A key must be a high-entropy secret: a fast salted hash protects
+it only as well as it is random (a slow KDF would cost 10,000 joins minutes). The certificate
+form is not secret, but only the TLS handshake yields it: the join service refuses keys in that form. A device the source dials (an ``address`` from the
 fleet file) joins with ``credential=None``: its id is bound to "dialed by the source", and neither
 a device joining over its own stream can take it nor the other way round.
 
@@ -96,7 +97,7 @@ from rocoin.contracts.fleet import DeviceProfile, check_device_id
 from rocoin.contracts.text import one_line, short_repr
 
 __all__ = [
-    "DEFAULT_GRACE_S", "DEFAULT_MAX_DEVICES", "DEFAULT_MAX_EVENTS", "LIVE_STATES", "MAX_CREDENTIAL_CHARS", "MAX_REASON_CHARS",
+    "DEFAULT_FORGET_AFTER_S", "DEFAULT_GRACE_S", "DEFAULT_MAX_DEVICES", "DEFAULT_MAX_EVENTS", "LIVE_STATES", "MAX_CREDENTIAL_CHARS", "MAX_REASON_CHARS",
     "MIN_CREDENTIAL_CHARS", "REGISTRY_FILE", "SCHEMA_VERSION", "STATES", "DeviceLimitError", "Event", "IdentityError", "Member",
     "MembershipRegistry", "State", "StateError", "UnknownDeviceError",
 ]  # fmt: skip
@@ -119,6 +120,8 @@ APPLICATION_ID = 0x526F4D52
 #: Defaults [decision]: a phone or camera loses its link for seconds to minutes; 30 s of grace
 #: keeps short outages from moving devices between groups, and re-plans within a minute.
 DEFAULT_GRACE_S = 30.0
+#: How long a gone device stays (its id bound to its credential) before the source prunes it.
+DEFAULT_FORGET_AFTER_S = 7 * 24 * 3600.0
 DEFAULT_MAX_DEVICES = 10_000
 #: Largest max_devices accepted: the registry is an index of a fleet, not a device database.
 MAX_MAX_DEVICES = 1_000_000
@@ -129,8 +132,8 @@ DEFAULT_MAX_EVENTS = 100_000
 _TRIM_EVERY = 1_000
 #: Most events one :meth:`MembershipRegistry.events` call returns.
 MAX_EVENTS_PAGE = 10_000
-#: Credential length: a random key (``secrets.token_urlsafe(32)`` has 43 characters) or a hex
-#: certificate fingerprint (64); shorter ones are too easy to guess.
+#: Credential length: a random key (``secrets.token_urlsafe(32)`` has 43 characters) or a
+#: certificate's name (72 characters); shorter keys are too easy to guess.
 MIN_CREDENTIAL_CHARS = 16
 MAX_CREDENTIAL_CHARS = 1024
 #: Reasons (often an exception's text) are cut to this many characters.

@@ -1,4 +1,4 @@
-"""The source's deadline and batching settings, in a module without grpc or onnxruntime so that
+"""The source's deadline, batching and join settings, in a module without grpc or onnxruntime so that
 the command line and the process options (:mod:`rocoin.runtime.api.options`) can show and check them."""
 
 from __future__ import annotations
@@ -41,3 +41,10 @@ def check_max_batch_images(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH_IMAGES:
         raise RocoinError(f"{name} = {short_repr(value)}: expected an integer in 1..{MAX_BATCH_IMAGES} (images per message to a device)")
     return value
+
+
+#: Joins (:mod:`rocoin.runtime.source.join_service`): joins admitted per second, sustained and in
+#: a burst, and join streams open at once (joined devices and those still saying hello).
+DEFAULT_JOINS_PER_S = 20.0
+JOIN_BURST = 50
+DEFAULT_MAX_JOIN_STREAMS = 256

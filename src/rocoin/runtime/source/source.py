@@ -223,6 +223,8 @@ class Source:
         self.on_device_down: Callable[[str, int], None] | None = None
         #: the membership and assignment (``/v2/fleet``) when devices join; None: :meth:`fleet_status`
         self.membership_status: Callable[[], dict] | None = None
+        #: an operator forgets a gone device (``DELETE /v2/fleet/members/{id}``): (id, reason) -> the member as it was
+        self.forget_member: Callable[[str, str], dict] | None = None
         by_id = {d.id: d for d in fleet.devices}
         self._replicas: list[_Replica] = []
         for k, group in enumerate(plan.groups):
