@@ -396,6 +396,12 @@ def test_a_move_under_way_is_not_taken_for_a_spare(tmp_path, monkeypatch):
     asyncio.run(main())
 
 
+def member(source, device_id: str) -> tuple[str, int | None]:
+    """A member's state and group, as ``/v2/fleet`` shows them."""
+    entry = next(m for m in source.fleet_status()["members"] if m["device_id"] == device_id)
+    return entry["state"], entry["group"]
+
+
 def test_a_fleet_mixing_dialed_and_joined_devices_heals_either_kind_of_group(tmp_path):
     """Group 0's devices are dialed by the source (fleet entries with an ``address``: device
     workers on loopback); the others dial the source (the real device client). Every group
@@ -430,6 +436,7 @@ def test_a_fleet_mixing_dialed_and_joined_devices_heals_either_kind_of_group(tmp
                 tasks["extra1"] = asyncio.ensure_future(clients["extra1"].run())  # beyond the plan: a re-plan places it
                 await wait_for(lambda: replans(source, "extra1") and settled(source), timeout_s=20)
                 assert [sorted(live(source, k)) for k in range(3)] == [["a1", "a2"], ["b1", "b2"], ["c1", "extra1"]]
+                await wait_for(lambda: member(source, "a1") == member(source, "a2") == ("serving", 0))  # dialed: as the source sees them
                 images = images_batch(1, batch=3)
                 first = await source.infer(images)
                 assert first.missing_groups == [] and first.answered_by[0] in ("a1", "a2")
@@ -451,9 +458,11 @@ def test_a_fleet_mixing_dialed_and_joined_devices_heals_either_kind_of_group(tmp
                     (heal2,) = replans(source, "no live replica")
                     assert heal2["trigger"].startswith("group 2") and heal2["moves"] == [{"device": "a1", "from": 0, "to": 2}]
                     assert servers["a1"].worker.group == 2  # a dialed device, moved with Device.Assign
+                    assert member(source, "a1") == ("serving", 2) and source.replica("a1").state.address == servers["a1"].address
                     await load.more(20)
                     await servers["a2"].stop(0)  # group 0 loses its last dialed device
                     await wait_for(lambda: len(replans(source, "no live replica")) == 2 and settled(source), timeout_s=20)
+                    await wait_for(lambda: member(source, "a2")[0] == "suspect")  # unreachable (gone after the 60 s grace)
                     heal0 = replans(source, "no live replica")[1]
                     (move,) = heal0["moves"]
                     assert heal0["trigger"].startswith("group 0") and move["from"] == 1 and move["to"] == 0
@@ -478,5 +487,46 @@ def test_a_fleet_mixing_dialed_and_joined_devices_heals_either_kind_of_group(tmp
             assert sum(s.ended < heal["at"] - heal["seconds"] for s in served) >= 10 and len(after) >= 10
             assert all(s.result.answered_by[group] == by for s in after)
         assert all(s.result.missing_groups == [] for s in served if s.started > heal0["at"])
+
+    asyncio.run(main())
+
+
+def test_a_dialed_device_the_source_cannot_reach_is_suspect_then_gone_and_serves_again_when_back(tmp_path):
+    """A device the source dials has no join stream to tell its state: the membership records
+    what the source sees — serving while up, suspect once unreachable, gone after the grace
+    period — and takes it back when its worker answers again on the same address."""
+    from rocoin.runtime.device.server import start_device
+
+    bundle = make_bundle(tmp_path / "bundle", EVEN_GROUPS)
+    reference = Reference(bundle)
+
+    async def main():
+        server = await start_device(bundle, "a1", token=TOKEN)
+        where = server.address
+        try:
+            fleet = Fleet(
+                devices=[
+                    device(d, 20, 4, 300, 0.1, **({"address": where} if d == "a1" else {})) for members, _ in EVEN_GROUPS for d in members
+                ]
+            )
+            async with source_on_loopback(tmp_path, bundle, fleet, grace_s=0.5) as (source, address):
+                joined = {d: ScriptedDevice(address, d) for d in ("a2", "b1", "b2", "c1")}
+                tasks = [asyncio.ensure_future(d.run()) for d in joined.values()]
+                await wait_for(lambda: member(source, "a1") == ("serving", 0), timeout_s=20)
+                await server.stop(0)  # the worker dies; its address stays in the fleet file
+                await wait_for(lambda: member(source, "a1")[0] == "suspect", timeout_s=10)
+                await wait_for(lambda: member(source, "a1")[0] == "gone", timeout_s=10)
+                server = await start_device(bundle, "a1", where, token=TOKEN)  # back on the same address
+                await wait_for(lambda: member(source, "a1")[0] == "serving" and source.replica("a1").state.up, timeout_s=20)
+                images = images_batch(4, batch=2)
+                result = await source.infer(images)
+                assert result.missing_groups == []
+                np.testing.assert_allclose(result.logits, reference.logits(images), **TOL)
+                for d in joined.values():
+                    await d.stop()
+                for t in tasks:
+                    t.cancel()
+        finally:
+            await server.stop(0)
 
     asyncio.run(main())

@@ -429,6 +429,7 @@ class Membership:
             await asyncio.sleep(self.check_interval_s)
             self.update_metrics()
             try:
+                self._sync_dialed()
                 if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL_S:
                     self._pruned_at = time.monotonic()
                     self.registry.prune(self.forget_after_s)
@@ -439,6 +440,25 @@ class Membership:
                     await self._locked_replan("a group is above its failure target", still=self._needs_epsilon_replan)
             except RocoinError as exc:
                 logger.error("membership check failed: %s", exc)
+
+    def _sync_dialed(self) -> None:
+        """Record what the source sees of the devices it dials (they have no join stream to tell):
+        ``serving`` in its group while up, ``suspect`` when the source cannot reach it (its link is
+        closed; missed answers alone are its outage, not a change), ``gone`` after the grace period
+        (by :meth:`MembershipRegistry.expire`), and back again once it answers."""
+        for device in self.source.fleet.devices:
+            replica = self.source.replica(device.id) if device.address else None
+            member = self.registry.get(device.id) if replica is not None else None
+            if member is None or not member.dialed:
+                continue
+            group = replica.state.group
+            if replica.state.up:
+                if member.state == "gone":
+                    self.registry.join(device, credential=None)
+                if member.state != "serving" or member.group != group:
+                    self.registry.mark_serving(device.id, group, self._models[group].sha256)
+            elif (replica.link is None or not replica.link.is_open) and member.state in ("joining", "serving"):
+                self.registry.mark_suspect(device.id, "the source cannot reach it")
 
     def forget(self, device_id: str, reason: str) -> dict[str, Any]:
         """An operator removes a gone device from the registry now, with the binding of its id to

@@ -306,11 +306,12 @@ class Source:
         """``device_id`` serves ``group`` over ``link`` from now on (it answered a health check
         with the group's model): a new replica, or the device's replica with a fresh link."""
         replica = self.replica(device_id)
+        address = next((d.address or "" for d in self.fleet.devices if d.id == device_id), "")  # a dialed device keeps its address
         if replica is not None and replica.state.group != group:
             await self.retire(device_id)
             replica = None
         if replica is None:
-            replica = _Replica(DeviceState(device_id, "", group))
+            replica = _Replica(DeviceState(device_id, address, group))
             self._replicas.append(replica)
         elif replica.link is not None and replica.link is not link:
             replica.state.disconnected()  # what the old stream owed will not come
