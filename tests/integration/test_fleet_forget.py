@@ -36,7 +36,7 @@ def test_an_operator_forgets_a_gone_device_so_its_replacement_can_take_the_id(tm
         async with joined_source(tmp_path, http_listen="127.0.0.1:0", grace_s=GRACE_S) as (source, join, _):
             http = join.ready["http_address"]
             devices = {d: join(d, **({"key": OLD_KEY} if d == "c1" else {})) for members, _ in GROUPS for d in members}
-            await wait_for(lambda: all(d.assigned.is_set() for d in devices.values()))
+            await wait_for(lambda: all(d.assigned.is_set() for d in devices.values()) and states(source)["c1"] == "serving")
             with pytest.raises(RocoinError, match="HTTP 409: device 'c1': serving: only a gone device can be forgotten"):
                 await asyncio.to_thread(forget_member, http, "c1")
             with pytest.raises(RocoinError, match="HTTP 404: device 'nobody': not in the membership"):
@@ -66,7 +66,7 @@ def test_rocoin_fleet_forget_says_what_it_did_and_refuses_a_device_still_in_the_
         async with joined_source(tmp_path, http_listen="127.0.0.1:0", grace_s=GRACE_S) as (source, join, _):
             http = join.ready["http_address"]
             d = join("c1")
-            await wait_for(lambda: d.assigned.is_set())
+            await wait_for(lambda: d.assigned.is_set() and states(source)["c1"] == "serving")
             runner = CliRunner()
             refused = await asyncio.to_thread(runner.invoke, app, ["fleet", "forget", "c1", "--source", http])
             assert refused.exit_code != 0 and "only a gone device can be forgotten" in refused.output

@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 CHECK_INTERVAL_S = 1.0
 #: How often gone devices older than ``forget_after_s`` are pruned.
 PRUNE_INTERVAL_S = 60.0
+#: Moves of one re-plan carried out at once (each sends at most one model and waits for a health check).
+MAX_PARALLEL_MOVES = 8
 
 
 class MemberConflict(RocoinError):
@@ -334,25 +336,21 @@ class Membership:
             logger.warning("replan (%s): %s", trigger, exc)
             return None
         target = {d: k for k, g in enumerate(result.plan.groups) for d in g.devices}
-        moved, failed = [], {}
+        moves: list[tuple[str, int, int]] = []  # (device, from, to); SPARE: no group
         for device_id, joined in list(self.joined.items()):
             if not joined.link.connected:
                 continue  # its stream just ended: it is leaving
-            want = target.get(device_id, SPARE)
-            have = self._serving_group(device_id)
+            want, have = target.get(device_id, SPARE), self._serving_group(device_id)
             if want != have:
-                if not await self._assign(device_id, want):
-                    failed[device_id] = None
-                moved.append({"device": device_id, "from": None if have == SPARE else have, "to": None if want == SPARE else want})
+                moves.append((device_id, have, want))
         for device in fleet.devices:  # the devices the source dials: moved over Device.Assign, never made spares
             if device.id in self.joined or device.id not in target:
                 continue
             replica = self.source.replica(device.id)
             if replica is not None and replica.state.group != target[device.id]:
-                have = replica.state.group
-                if not await self._assign(device.id, target[device.id]):
-                    failed[device.id] = None
-                moved.append({"device": device.id, "from": have, "to": target[device.id]})
+                moves.append((device.id, replica.state.group, target[device.id]))
+        failed = await self._move(moves)
+        moved = [{"device": d, "from": None if have == SPARE else have, "to": None if want == SPARE else want} for d, have, want in moves]
         self.source.plan = self._as_served(result.plan, fleet, failed)
         self._replanned_for = self._fleet_key()
         self.replans += 1
@@ -381,6 +379,24 @@ class Membership:
             extra={"trigger": trigger, "moves": moved},
         )
         return result
+
+    async def _move(self, moves: list[tuple[str, int, int]]) -> dict[str, None]:
+        """Carry out a re-plan's moves side by side (at most :data:`MAX_PARALLEL_MOVES` at once), those
+        into a group with no live replica first: they end an outage. Returns the devices whose
+        move failed."""
+        empty = {k for k in range(self.source.num_groups) if not any(d.up for d in self.source.devices if d.group == k)}
+        order = sorted(moves, key=lambda m: (m[2] not in empty, m[2] == SPARE))
+        limit = asyncio.Semaphore(MAX_PARALLEL_MOVES)
+
+        async def one(device_id: str, group: int) -> bool:
+            async with limit:
+                return await self._assign(device_id, group)
+
+        done = await asyncio.gather(*(one(d, want) for d, _, want in order), return_exceptions=True)
+        for (device_id, _, want), outcome in zip(order, done, strict=True):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+                logger.error("device %s: move to group %s failed", device_id, want, exc_info=outcome)
+        return {d: None for (d, _, _), outcome in zip(order, done, strict=True) if outcome is not True}
 
     def _as_served(self, plan, fleet: Fleet, failed: dict[str, None]):
         """``plan`` without the devices whose move failed (they serve nothing now: on standby), so
