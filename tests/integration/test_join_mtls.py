@@ -133,3 +133,61 @@ def test_a_device_key_in_the_certificate_form_is_refused_so_a_token_cannot_pose_
             assert source.replica("c1") is None or not source.replica("c1").state.up
 
     asyncio.run(main())
+
+
+def test_source_serve_with_a_join_ca_admits_devices_by_certificate_over_the_command_line(tmp_path, certs):
+    """``rocoin source serve --joins --api-tls-cert … --join-tls-client-ca CA``: devices presenting
+    a certificate that names their id join (no device token needed); the gRPC port requires a
+    certificate of the CA from every client, the REST API from none."""
+    import ssl
+    import sys
+    import urllib.request
+
+    import grpc
+
+    from rocoin.contracts.fleet import save_fleet
+    from rocoin.runtime.cluster.local import stop_processes
+    from rocoin.runtime.transport.lifecycle import wait_ready_file
+    from rocoin.runtime.transport.protocol import rocoin_pb2, rocoin_pb2_grpc
+    from rocoin.runtime.transport.serde import tensor_to_proto
+
+    bundle = make_bundle(tmp_path / "bundle")
+    fleet = tmp_path / "fleet.yaml"
+    save_fleet(Fleet(devices=[device(d, 20, 4, 300, 0.1) for d in JOIN_IDS]), fleet)
+    ready = tmp_path / "ready.json"
+    args = [
+        sys.executable, "-m", "rocoin.cli.main", "source", "serve", "--bundle", str(bundle), "--fleet", str(fleet),
+        "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--joins", "--state-dir", str(tmp_path / "state"),
+        "--tls-ca", str(certs / "ca.pem"), "--tls-cert", str(certs / "source.pem"), "--tls-key", str(certs / "source.key"),
+        "--api-tls-cert", str(certs / "device.pem"), "--api-tls-key", str(certs / "device.key"),
+        "--join-tls-client-ca", str(certs / "ca.pem"), "--ready-file", str(ready),
+    ]  # fmt: skip
+    with open(tmp_path / "source.log", "wb") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        info = wait_ready_file(ready, timeout_s=30, process=process)
+
+        async def main():
+            devices = {d: client(info["address"], tmp_path / "devices", d, certs) for d in JOIN_IDS}
+            tasks = [asyncio.ensure_future(c.run()) for c in devices.values()]
+            await wait_for(lambda: all(c.model_sha256 for c in devices.values()) or any(t.done() for t in tasks), 30)
+            assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
+            api = ClientTLS(certs / "ca.pem", certs / "source.pem", certs / "source.key")  # a client with a certificate of the CA
+            async with grpc.aio.secure_channel(info["address"], api.credentials()) as channel:
+                images, stub = images_batch(5, batch=2), rocoin_pb2_grpc.SourceStub(channel)
+                for _ in range(50):  # the last devices may still be passing their health check
+                    reply = await stub.Infer(rocoin_pb2.SourceInferRequest(input=tensor_to_proto(images)), timeout=10)
+                    if not reply.missing_groups:
+                        break
+                    await asyncio.sleep(0.1)
+                assert list(reply.missing_groups) == []
+            for c in devices.values():
+                c.stop()
+            await asyncio.gather(*tasks)
+
+        asyncio.run(main())
+        context = ssl.create_default_context(cafile=str(certs / "ca.pem"))  # REST: no client certificate
+        with urllib.request.urlopen(f"https://{info['http_address']}/v2/health/live", context=context, timeout=10) as reply:
+            assert reply.status == 200
+    finally:
+        stop_processes([process.pid])

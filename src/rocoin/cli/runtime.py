@@ -166,6 +166,7 @@ def source_serve(
     api_token_file: Path | None = flag(SourceOptions, "api_token_file", "--api-token-file"),
     api_tls_cert: Path | None = flag(SourceOptions, "api_tls_cert", "--api-tls-cert"),
     api_tls_key: Path | None = flag(SourceOptions, "api_tls_key", "--api-tls-key"),
+    join_tls_client_ca: Path | None = flag(SourceOptions, "join_tls_client_ca", "--join-tls-client-ca"),
     deadline_s: float = flag(SourceOptions, "deadline_s", "--deadline-s"),
     max_queue_delay_ms: float = flag(SourceOptions, "max_queue_delay_ms", "--max-queue-delay-ms"),
     max_batch_images: int = flag(SourceOptions, "max_batch_images", "--max-batch-images"),

@@ -45,6 +45,10 @@ class SourceOptions(BaseModel):
     )
     api_tls_cert: Path | None = Field(None, description="Serve the client APIs (gRPC and REST) over TLS with this certificate.")
     api_tls_key: Path | None = Field(None, description="Private key of --api-tls-cert.")
+    join_tls_client_ca: Path | None = Field(
+        None,
+        description="With --joins and --api-tls-cert: the gRPC port requires client certificates of this CA (mTLS); a joining device's certificate names its id, and gRPC API clients present one too (the REST API asks for none).",
+    )
     deadline_s: float = Field(DEFAULT_DEADLINE_S, description="Per-query deadline; missing groups are zero-filled then.")
     max_queue_delay_ms: float = Field(
         DEFAULT_MAX_QUEUE_DELAY_MS,
@@ -134,7 +138,9 @@ def run_source(options: SourceOptions) -> None:
             max_connections=options.http_max_connections,
         )
     api_token = load_token(options.api_token_file, env=API_TOKEN_ENV)
-    api_tls = server_tls(options.api_tls_cert, options.api_tls_key, None)
+    api_tls = server_tls(options.api_tls_cert, options.api_tls_key, options.join_tls_client_ca)
+    if api_tls is not None and api_tls.client_ca is not None and not options.joins:
+        raise RocoinError("join-tls-client-ca: only with --joins (it admits joining devices by their certificates)")
     asyncio.run(
         serve_source(
             source, options.listen, http_listen=options.http_listen, api_token=api_token, tls=api_tls, ready_file=options.ready_file,

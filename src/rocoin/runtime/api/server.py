@@ -109,7 +109,8 @@ async def serve_source(
 ) -> None:
     """Serve ``source`` over gRPC (and the KServe v2 REST API on ``http_listen``) until ``stop``
     is set or SIGTERM/SIGINT arrives. ``api_token`` guards both client APIs (health stays open);
-    ``tls`` serves both over TLS; ``http_limits`` bounds the REST API's connections (default: ``HttpLimits`` defaults).
+    ``tls`` serves both over TLS (its ``client_ca``, for joining devices, makes every gRPC client
+    present a certificate of that CA; REST clients present none and use ``api_token``); ``http_limits`` bounds the REST API's connections (default: ``HttpLimits`` defaults).
 
     When ``source.joins``, devices may dial the source (``rocoin.v1.Fleet/Join`` on the same
     port), admitted with ``device_token`` (or mTLS); their membership is kept in ``state_dir``
