@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -31,15 +30,14 @@ pytest.importorskip("onnxruntime")
 import grpc  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from conftest import device  # noqa: E402
-from test_joins import TOKEN, ScriptedDevice, profile_json, wait_for  # noqa: E402
+from test_joins import TOKEN, ScriptedDevice, wait_for  # noqa: E402
 from test_runtime import NUM_FILTERS, images_batch, make_bundle  # noqa: E402
 
 from rocoin.contracts.fleet import Fleet  # noqa: E402
-from rocoin.contracts.manifest import GroupModel, load_manifest  # noqa: E402
+from rocoin.contracts.manifest import load_manifest  # noqa: E402
 from rocoin.runtime.api.server import serve_source  # noqa: E402
 from rocoin.runtime.source.membership import Membership  # noqa: E402
 from rocoin.runtime.source.source import InferResult, Source  # noqa: E402
-from rocoin.runtime.transport.join import JOIN_METHOD, JOIN_PROTOCOL, SPARE  # noqa: E402
 from rocoin.runtime.transport.protocol import rocoin_pb2  # noqa: E402
 from rocoin.runtime.transport.serde import tensor_from_proto, tensor_to_proto  # noqa: E402
 
@@ -104,6 +102,12 @@ class LaggyDevice(ScriptedDevice):
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
 
+    async def on_request(self, call, r: rocoin_pb2.DeviceInferRequest) -> None:
+        self._later(self._answer(call, r))
+
+    async def on_health(self, call, reply: rocoin_pb2.HealthReply) -> None:  # a little later, while queries go on
+        self._later(self._write_after(self.check_delay_s, call, rocoin_pb2.DeviceMessage(health=reply)))
+
     async def _answer(self, call, r: rocoin_pb2.DeviceInferRequest) -> None:
         self._requests += 1
         slow, current = self._requests % 3 == 0, self._requests % 6 == 0
@@ -120,55 +124,6 @@ class LaggyDevice(ScriptedDevice):
         )
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the stream ended meanwhile
             await self._write(call, rocoin_pb2.DeviceMessage(answer=reply))
-
-    async def run(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.address)
-        call = self._channel.stream_stream(
-            JOIN_METHOD,
-            request_serializer=rocoin_pb2.DeviceMessage.SerializeToString,
-            response_deserializer=rocoin_pb2.SourceMessage.FromString,
-        )(metadata=(("authorization", f"Bearer {self.token}"),))
-        self._call = call
-        hello = rocoin_pb2.JoinHello(
-            device_id=self.device_id, profile_json=profile_json(self.device_id), cached_models=list(self.cache), protocol=JOIN_PROTOCOL,
-            device_key=self.key,
-        )  # fmt: skip
-        await self._write(call, rocoin_pb2.DeviceMessage(hello=hello))
-        pending = None
-        try:
-            async for message in call:
-                kind = message.WhichOneof("kind")
-                if kind == "assign":
-                    a = message.assign
-                    if a.group == SPARE:
-                        self.group, self.sha, self.session = SPARE, "", None
-                        await self._write(call, rocoin_pb2.DeviceMessage(ready=rocoin_pb2.ModelReady(epoch=a.epoch)))
-                        continue
-                    model = GroupModel.model_validate_json(a.model_json)
-                    pending = (a, model, bytearray())
-                    if not a.send_model:
-                        await self._load(call, a, model, self.cache[model.sha256])
-                        pending = None
-                elif kind == "chunk":
-                    a, model, data = pending
-                    data += message.chunk.data
-                    if len(data) == model.size_bytes:
-                        await self._load(call, a, model, bytes(data))
-                        pending = None
-                elif kind == "request" and message.request.query_id:
-                    self._later(self._answer(call, message.request))
-                elif kind == "health":  # answered a little later, while queries go on being answered
-                    reply = rocoin_pb2.HealthReply(nonce=message.health.nonce, model_sha256=self.sha)
-                    self._later(self._write_after(self.check_delay_s, call, rocoin_pb2.DeviceMessage(health=reply)))
-        except grpc.aio.AioRpcError as exc:
-            self.ended = exc
-
-    async def _load(self, call, a, model: GroupModel, data: bytes) -> None:
-        assert hashlib.sha256(data).hexdigest() == model.sha256
-        self.cache[model.sha256] = data
-        self.session = ort.InferenceSession(data)
-        self.group, self.sha = a.group, model.sha256
-        await self._write(call, rocoin_pb2.DeviceMessage(ready=rocoin_pb2.ModelReady(sha256=model.sha256, epoch=a.epoch)))
 
     async def stop(self) -> None:
         for task in list(self._answering):

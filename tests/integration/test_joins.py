@@ -71,14 +71,14 @@ class ScriptedDevice:
         pending: tuple[rocoin_pb2.Assignment, GroupModel, bytearray] | None = None
         try:
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # refused while saying hello:
-                await call.write(rocoin_pb2.DeviceMessage(hello=hello))  # reading the stream gives the status
+                await self._write(call, rocoin_pb2.DeviceMessage(hello=hello))  # reading the stream gives the status
             async for message in call:
                 kind = message.WhichOneof("kind")
                 if kind == "assign":
                     a = message.assign
                     if a.group == SPARE:
                         self.group, self.sha, self.session = SPARE, "", None
-                        await call.write(rocoin_pb2.DeviceMessage(ready=rocoin_pb2.ModelReady(epoch=a.epoch)))
+                        await self._write(call, rocoin_pb2.DeviceMessage(ready=rocoin_pb2.ModelReady(epoch=a.epoch)))
                         self.assigned.set()
                         continue
                     model = GroupModel.model_validate_json(a.model_json)
@@ -95,18 +95,10 @@ class ScriptedDevice:
                         await self._load(call, a, model, bytes(data))
                         pending = None
                 elif kind == "request":
-                    r = message.request
-                    if not r.query_id:
-                        continue
-                    features = self.session.run(None, {"image": tensor_from_proto(r.input, max_bytes=1 << 20)})[0]
-                    reply = rocoin_pb2.DeviceInferResponse(
-                        query_id=r.query_id, device_id=self.device_id, group=self.group, features=tensor_to_proto(features)
-                    )
-                    await call.write(rocoin_pb2.DeviceMessage(answer=reply))
+                    if message.request.query_id:
+                        await self.on_request(call, message.request)
                 elif kind == "health":
-                    await call.write(
-                        rocoin_pb2.DeviceMessage(health=rocoin_pb2.HealthReply(nonce=message.health.nonce, model_sha256=self.sha))
-                    )
+                    await self.on_health(call, rocoin_pb2.HealthReply(nonce=message.health.nonce, model_sha256=self.sha))
         except grpc.aio.AioRpcError as exc:
             self.ended = exc
         except asyncio.CancelledError:
@@ -115,16 +107,31 @@ class ScriptedDevice:
             self.error = exc
             raise
 
+    async def on_request(self, call, r: rocoin_pb2.DeviceInferRequest) -> None:
+        """A query: answered at once with the model served now (subclasses answer otherwise)."""
+        features = self.session.run(None, {"image": tensor_from_proto(r.input, max_bytes=1 << 20)})[0]
+        reply = rocoin_pb2.DeviceInferResponse(
+            query_id=r.query_id, device_id=self.device_id, group=self.group, features=tensor_to_proto(features)
+        )
+        await self._write(call, rocoin_pb2.DeviceMessage(answer=reply))
+
+    async def on_health(self, call, reply: rocoin_pb2.HealthReply) -> None:
+        """A health check: answered at once with the hash of the model served now."""
+        await self._write(call, rocoin_pb2.DeviceMessage(health=reply))
+
+    async def _write(self, call, message: rocoin_pb2.DeviceMessage) -> None:
+        await call.write(message)
+
     async def _load(self, call, a, model: GroupModel, data: bytes) -> None:
         if self.tamper:
             data = data[:-1] + bytes([data[-1] ^ 1])
         if hashlib.sha256(data).hexdigest() != model.sha256:
-            await call.write(rocoin_pb2.DeviceMessage(ready=rocoin_pb2.ModelReady(epoch=a.epoch, error="SHA-256 does not match")))
+            await self._write(call, rocoin_pb2.DeviceMessage(ready=rocoin_pb2.ModelReady(epoch=a.epoch, error="SHA-256 does not match")))
             return
         self.cache[model.sha256] = data
         self.session = ort.InferenceSession(data)
         self.group, self.sha = a.group, model.sha256
-        await call.write(rocoin_pb2.DeviceMessage(ready=rocoin_pb2.ModelReady(sha256=model.sha256, epoch=a.epoch)))
+        await self._write(call, rocoin_pb2.DeviceMessage(ready=rocoin_pb2.ModelReady(sha256=model.sha256, epoch=a.epoch)))
         self.assigned.set()
 
     async def stop(self) -> None:
