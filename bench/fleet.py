@@ -3,7 +3,7 @@ and 10,000 devices; and, on loopback with real devices that dial the source, the
 takes to reach a device and the time from a whole group's death to the first query answered with
 every group present.
 
-Run: ``.venv/bin/python bench/fleet.py [--sizes 10,100,10000] [--repeats 3] [--out FILE]``
+Run: ``.venv/bin/python bench/fleet.py [--bundle results/demo/bundle] [--sizes 10,100,10000] [--repeats 3] [--out FILE]``
 (default ``docs/bench/fleet.txt``, the README's source). ``--skip-runtime`` runs the re-plan part only.
 """
 
@@ -54,7 +54,10 @@ def main() -> None:
     parser.add_argument("--skip-runtime", action="store_true", help="only the re-plan times")
     parser.add_argument("--trials", type=int, default=5, help="group deaths (and model transfers) measured")
     parser.add_argument(
-        "--bundle", type=Path, default=Path("results/bench-runtime/bundle"), help="bundle served (its fleet.yaml beside it)"
+        "--bundle",
+        type=Path,
+        default=Path("results/demo/bundle"),
+        help="bundle served (its fleet.yaml beside it; make demo makes this one)",
     )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/fleet.txt"), help="also write the report here")
     args = parser.parse_args()

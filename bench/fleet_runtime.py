@@ -1,7 +1,6 @@
 """The runtime half of ``bench/fleet.py``: a source with ``--joins`` and real device clients
-(:class:`~rocoin.runtime.device.join.JoinClient`) in this process, on loopback, serving Fig. 5's
-RoCoIn + FA students (``results/bench-runtime/bundle``, made by ``bench/runtime.py``) or any
-bundle with its fleet.
+(:class:`~rocoin.runtime.device.join.JoinClient`) in this process, on loopback, serving the demo's
+students (``results/demo/bundle``, made by ``make demo``) or any bundle with its fleet.
 
 - **Model transfer**: from a device's first dial to its model verified, loaded and counted for
   its group (health check passed) — and the same on a rejoin, when the model is cached.
@@ -38,10 +37,10 @@ async def _wait(condition, timeout_s: float = 60.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def recovery_and_transfer(trials: int, bundle: Path = Path("results/bench-runtime/bundle"), fleet_path: Path | None = None) -> None:
+async def recovery_and_transfer(trials: int, bundle: Path = Path("results/demo/bundle"), fleet_path: Path | None = None) -> None:
     fleet_path = fleet_path or bundle.parent / "fleet.yaml"
     if not (bundle / "manifest.json").exists():
-        print(f"\nruntime part skipped: no bundle at {bundle} (bench/runtime.py exports one)")
+        print(f"\nruntime part skipped: no bundle at {bundle} (make demo makes one)")
         return
     manifest = load_manifest(bundle)
     fleet = load_fleet(fleet_path)
