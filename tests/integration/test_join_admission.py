@@ -268,6 +268,8 @@ def test_the_real_device_client_keeps_dialing_with_backoff_when_the_source_is_fu
         (["--joins-per-s", "-1"], "joins_per_s = -1.0: Input should be greater than 0"),
         (["--joins-per-s", "0"], "joins_per_s = 0.0: Input should be greater than 0"),
         (["--joins-per-s", "nan"], "joins_per_s = nan: Input should be a finite number"),
+        (["--forget-after-s", "0"], "forget_after_s = 0.0: Input should be greater than 0"),
+        (["--forget-after-s", "inf"], "forget_after_s = inf: Input should be a finite number"),
     ],
 )
 def test_source_serve_refuses_join_bounds_it_cannot_keep(tmp_path, args, needle):

@@ -191,3 +191,19 @@ def test_source_serve_with_a_join_ca_admits_devices_by_certificate_over_the_comm
             assert reply.status == 200
     finally:
         stop_processes([process.pid])
+
+
+def test_a_join_ca_without_the_apis_certificate_is_one_error_line_and_opens_nothing(tmp_path, certs):
+    from test_cli import bad, run
+
+    from rocoin.contracts.fleet import save_fleet
+
+    bundle = make_bundle(tmp_path / "bundle")
+    save_fleet(Fleet(devices=[device(d, 20, 4, 300, 0.1) for d in JOIN_IDS]), tmp_path / "fleet.yaml")
+    state = tmp_path / "state"
+    result = run(
+        "source", "serve", "--bundle", bundle, "--fleet", tmp_path / "fleet.yaml", "--insecure", "--joins", "--state-dir", state,
+        "--join-tls-client-ca", certs / "ca.pem",
+    )  # fmt: skip
+    bad(result, "join-tls-client-ca: needs --joins and --api-tls-cert/--api-tls-key")
+    assert not state.exists()

@@ -123,6 +123,8 @@ def run_source(options: SourceOptions) -> None:
     device_token = load_token(options.token_file)
     if options.joins and options.state_dir is None:
         raise RocoinError("state-dir: required with --joins (the membership registry is kept there)")
+    if options.join_tls_client_ca is not None and not (options.joins and options.api_tls_cert):
+        raise RocoinError("join-tls-client-ca: needs --joins and --api-tls-cert/--api-tls-key (joining devices' mTLS runs over the API's TLS)")
     source = Source(
         options.bundle, load_fleet(options.fleet), deadline_s=options.deadline_s, token=device_token, tls=tls,
         insecure=options.insecure, joins=options.joins,
@@ -139,8 +141,6 @@ def run_source(options: SourceOptions) -> None:
         )
     api_token = load_token(options.api_token_file, env=API_TOKEN_ENV)
     api_tls = server_tls(options.api_tls_cert, options.api_tls_key, options.join_tls_client_ca)
-    if api_tls is not None and api_tls.client_ca is not None and not options.joins:
-        raise RocoinError("join-tls-client-ca: only with --joins (it admits joining devices by their certificates)")
     asyncio.run(
         serve_source(
             source, options.listen, http_listen=options.http_listen, api_token=api_token, tls=api_tls, ready_file=options.ready_file,
