@@ -124,7 +124,9 @@ def run_source(options: SourceOptions) -> None:
     if options.joins and options.state_dir is None:
         raise RocoinError("state-dir: required with --joins (the membership registry is kept there)")
     if options.join_tls_client_ca is not None and not (options.joins and options.api_tls_cert):
-        raise RocoinError("join-tls-client-ca: needs --joins and --api-tls-cert/--api-tls-key (joining devices' mTLS runs over the API's TLS)")
+        raise RocoinError(
+            "join-tls-client-ca: needs --joins and --api-tls-cert/--api-tls-key (joining devices' mTLS runs over the API's TLS)"
+        )
     source = Source(
         options.bundle, load_fleet(options.fleet), deadline_s=options.deadline_s, token=device_token, tls=tls,
         insecure=options.insecure, joins=options.joins,
