@@ -694,3 +694,38 @@ def test_the_join_modules_import_without_torch_or_training_code():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_measure_times_the_link_with_probes_the_source_reads_whole_even_when_its_client_api_is_locked(tmp_path, monkeypatch):
+    """``rocoin device join --measure`` times its uplink with ``Fleet.Probe`` (admitted with the
+    device token), so a source whose client API needs another token still gives a real rate; a
+    wrong device token is one clear error."""
+    from rocoin.runtime.device import profiling
+    from rocoin.runtime.source.join_service import JoinService
+
+    received: list[int] = []
+    original = JoinService.probe
+
+    async def counting(self, request, context):
+        reply = await original(self, request, context)
+        received.append(reply.received_bytes)
+        return reply
+
+    monkeypatch.setattr(JoinService, "probe", counting)
+    monkeypatch.setattr(profiling, "PROBES", 5)
+
+    async def main():
+        async with joined_source(tmp_path, api_token="the-client-api-token-0123456789") as (_, join, _):
+            address = join.ready["address"]
+            rate_bps, loss = await asyncio.to_thread(profiling.measure_link, address, token=TOKEN)
+            assert rate_bps > 0 and loss == 0
+            sizes = [profiling.SMALL_PAYLOAD_BYTES] * (1 + profiling.RATE_REPEATS) + [
+                profiling.LARGE_PAYLOAD_BYTES
+            ] * profiling.RATE_REPEATS
+            assert received == sizes  # every timed message was read whole by the source
+            with pytest.raises(RocoinError, match="refused the link probe \\(UNAUTHENTICATED"):
+                await asyncio.to_thread(profiling.measure_link, address, token="not-the-device-token-000")
+            entry = await asyncio.to_thread(profiling.measure_join_profile, "cam-9", address, token=TOKEN)
+            assert entry.id == "cam-9" and entry.rate_bps > 0 and entry.flops > 0 and entry.address is None
+
+    asyncio.run(main())

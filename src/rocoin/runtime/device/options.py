@@ -129,7 +129,7 @@ def run_join(options: JoinOptions) -> None:
         from rocoin.runtime.device.profiling import measure_join_profile
 
         profile = measure_join_profile(
-            options.device_id, options.source, threads=options.threads, credentials=tls.credentials() if tls else None
+            options.device_id, options.source, threads=options.threads, credentials=tls.credentials() if tls else None, token=token
         )
     client = JoinClient(
         options.source, profile.model_copy(update={"address": None}), options.cache_dir, token=token,

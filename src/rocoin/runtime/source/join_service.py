@@ -110,10 +110,25 @@ class JoinService:
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's handler for ``server.add_generic_rpc_handlers``."""
-        method = grpc.stream_stream_rpc_method_handler(
+        join = grpc.stream_stream_rpc_method_handler(
             self.join, request_deserializer=rocoin_pb2.DeviceMessage.FromString, response_serializer=_as_is
         )
-        return grpc.method_handlers_generic_handler(SERVICE, {"Join": method})
+        probe = grpc.unary_unary_rpc_method_handler(
+            self.probe,
+            request_deserializer=rocoin_pb2.LinkProbe.FromString,
+            response_serializer=rocoin_pb2.LinkProbeReply.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler(SERVICE, {"Join": join, "Probe": probe})
+
+    async def probe(self, request: rocoin_pb2.LinkProbe, context: grpc.aio.ServicerContext) -> rocoin_pb2.LinkProbeReply:
+        """A device times its uplink before it joins (``rocoin device join --measure``): the whole
+        padding has been read when this answers. Admitted as a join is; not rate-limited (a
+        device sends a handful), bounded by the message size limit and the server's concurrency."""
+        try:
+            self._authenticate(context)
+        except _Refused as refused:
+            await _refuse(context, refused)
+        return rocoin_pb2.LinkProbeReply(received_bytes=len(request.padding))
 
     async def join(self, requests, context: grpc.aio.ServicerContext) -> None:
         try:

@@ -37,5 +37,7 @@ PERMANENT_REFUSALS = (
 )
 #: The method's full name (a source serves it on its own port).
 JOIN_METHOD = "/rocoin.v1.Fleet/Join"
+#: A device times its uplink to the source with it before joining (``rocoin device join --measure``).
+PROBE_METHOD = "/rocoin.v1.Fleet/Probe"
 #: Group number of a device that has joined but serves no group (a spare).
 SPARE = -1

@@ -142,6 +142,18 @@ class AssignMessage(_message.Message):
     chunk: ModelChunk
     def __init__(self, assign: _Optional[_Union[Assignment, _Mapping]] = ..., chunk: _Optional[_Union[ModelChunk, _Mapping]] = ...) -> None: ...
 
+class LinkProbe(_message.Message):
+    __slots__ = ("padding",)
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    padding: bytes
+    def __init__(self, padding: _Optional[bytes] = ...) -> None: ...
+
+class LinkProbeReply(_message.Message):
+    __slots__ = ("received_bytes",)
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    received_bytes: int
+    def __init__(self, received_bytes: _Optional[int] = ...) -> None: ...
+
 class SourceInferRequest(_message.Message):
     __slots__ = ("query_id", "input", "deadline_s")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]

@@ -246,12 +246,23 @@ class FleetStub:
                 request_serializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.DeviceMessage.SerializeToString,
                 response_deserializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.SourceMessage.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/rocoin.v1.Fleet/Probe',
+                request_serializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.LinkProbe.SerializeToString,
+                response_deserializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.LinkProbeReply.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Join(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Probe(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -264,6 +275,11 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.Join,
                     request_deserializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.DeviceMessage.FromString,
                     response_serializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.SourceMessage.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.LinkProbe.FromString,
+                    response_serializer=rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.LinkProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -293,6 +309,33 @@ class Fleet:
             '/rocoin.v1.Fleet/Join',
             rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.DeviceMessage.SerializeToString,
             rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.SourceMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rocoin.v1.Fleet/Probe',
+            rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.LinkProbe.SerializeToString,
+            rocoin_dot_runtime_dot_transport_dot_protocol_dot_rocoin__pb2.LinkProbeReply.FromString,
             options,
             channel_credentials,
             insecure,
