@@ -278,3 +278,60 @@ def test_export_int8_reports_size_speed_and_accuracy(pipeline):
     loaded = load_manifest(pipeline / "bundle-int8")
     for model in loaded.groups:
         verify_file(pipeline / "bundle-int8", model)  # hashes of the quantised files
+
+
+def test_an_interrupted_distillation_resumes_after_its_last_epoch(pipeline, tmp_path):
+    """Ctrl-C in epoch 2: the next run trains epochs 2 and 3 only and ends where an uninterrupted
+    run ends; a resumable run of another plan or settings is refused (or, with --fresh, ignored)."""
+    from contextlib import contextmanager
+
+    import torch
+
+    from rocoin.contracts.errors import RocoinError
+    from rocoin.contracts.plan import load_plan
+    from rocoin.contracts.progress import log_progress
+    from rocoin.distillation.distill import DistillConfig, distill
+
+    plan = load_plan(pipeline / "plan.json")
+    config = DistillConfig(epochs=3, batch_size=50, max_train_images=300, failure_aware=True)
+    teacher, out = pipeline / "teacher.pt", tmp_path / "students.pt"
+    resume = tmp_path / "students.pt.resume"
+
+    @contextmanager
+    def crash_in_epoch_two(label, total):
+        if label.startswith("distill epoch 2/"):
+            raise KeyboardInterrupt
+        with log_progress(label, total) as advance:
+            yield advance
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, plan, config, out, progress=crash_in_epoch_two)
+    assert resume.exists() and not out.exists()
+    trained = []
+
+    @contextmanager
+    def watch(label, total):
+        trained.append(label)
+        with log_progress(label, total) as advance:
+            yield advance
+
+    resumed = distill(teacher, plan, config, out, progress=watch)
+    assert trained == ["distill epoch 2/3", "distill epoch 3/3"] and [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert not resume.exists()
+    whole = distill(teacher, plan, config, tmp_path / "whole.pt")  # the same run, never interrupted
+    assert resumed["val_accuracy"] == whole["val_accuracy"] and resumed["test_accuracy"] == whole["test_accuracy"]
+    a, b = torch.load(out, weights_only=True)["state_dict"], torch.load(tmp_path / "whole.pt", weights_only=True)["state_dict"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, plan, config, out, progress=crash_in_epoch_two)
+    other = config.model_copy(update={"epochs": 2})
+    with pytest.raises(RocoinError, match="a resumable run with another config is here"):
+        distill(teacher, plan, other, out)
+    assert resume.exists()  # nothing was overwritten
+    result = run(
+        "distill", "--teacher", teacher, "--plan", pipeline / "plan.json", "--epochs", 2, "--batch-size", 50,
+        "--max-train-images", 300, "--fresh", "-o", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not resume.exists()

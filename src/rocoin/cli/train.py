@@ -117,9 +117,10 @@ def distill_command(
     download: bool = typer.Option(False, "--download"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore an interrupted run's state and start over."),
     output: Path = typer.Option(..., "--output", "-o", help="students.pt to write."),
 ) -> None:
-    """Distill the network of students of a plan from a teacher (SPEC.md §6). Runs as is under torchrun (DDP)."""
+    """Distill the network of students of a plan from a teacher (SPEC.md §6); an interrupted run resumes. Runs as is under torchrun (DDP)."""
     _require_torch()
     from rocoin.contracts.plan import load_plan
     from rocoin.distillation.distill import DistillConfig, distill
@@ -144,7 +145,7 @@ def distill_command(
     with training_processes(device) as (ranks, mine):
         summary = distill(
             teacher, plan, config, output, plan_source=str(plan_path), data_dir=data_dir, download=download, device=mine,
-            progress=rich_progress,
+            progress=rich_progress, resume=not fresh,
         )  # fmt: skip
     if not ranks.main:
         return

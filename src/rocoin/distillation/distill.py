@@ -5,11 +5,15 @@ its partition's filters, one shared FC (initialised from the teacher's) over the
 placed in filter order. With ``failure_aware`` whole slots are dropped at random during training
 with the plan's group failure probabilities (or ``drop_prob``), so the FC learns to answer when
 groups are missing. Without augmentation the teacher runs once over the training set and its
-logits and per-partition attention maps are cached.
+logits and per-partition attention maps are cached. After each epoch the training state is saved
+beside the output (``output`` + ``.resume``): a rerun with the same teacher, plan, data and
+settings continues after the last finished epoch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -22,11 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from rocoin.contracts.errors import RocoinError
 from rocoin.contracts.plan import Plan
 from rocoin.contracts.progress import Progress, log_progress, silent
-from rocoin.distillation.checkpoint import load_checkpoint, load_state, save_checkpoint
+from rocoin.distillation.checkpoint import load_checkpoint, load_checkpoint_if_present, load_state, save_checkpoint
 from rocoin.distillation.distributed import SINGLE, Ranks, barrier, current_ranks, gather_rows, shard_bounds, sum_across
 from rocoin.distillation.losses import DistillationLoss, attention_map
 from rocoin.distillation.students import StudentNetwork, sample_slot_mask
-from rocoin.distillation.teacher import Teacher, info_from_json, info_to_json, load_teacher
+from rocoin.distillation.teacher import RESUME_SUFFIX, Teacher, info_from_json, info_to_json, load_teacher
 from rocoin.distillation.training import (
     check_batch_size,
     compute_device,
@@ -44,6 +48,8 @@ from rocoin.distillation.training import (
 logger = logging.getLogger(__name__)
 
 STUDENTS_KIND = "students"
+#: The training state saved after each epoch beside the output (``output`` + ``.resume``).
+RESUME_KIND = "students-resume"
 #: The attention-transfer authors' β for a 32×32 map; other map sizes scale it by H·W / 1024
 #: (SPEC.md §6, "≈10³ scaled by map size"): 7×7 gives β ≈ 48.
 AT_REFERENCE_BETA = 1000.0
@@ -101,8 +107,15 @@ def distill(
     download: bool = False,
     device: str | None = None,
     progress: Progress = log_progress,
+    resume: bool = True,
+    replace_other_run: bool = False,
 ) -> dict[str, Any]:
     """Train the students of ``plan`` from the teacher at ``teacher_path``; save them at ``output``.
+
+    After each epoch the training state is saved at ``output`` + ``.resume``; with ``resume`` a
+    rerun continues from it when it was made with the same teacher, plan, data and settings. One
+    made otherwise is a :class:`RocoinError` (delete it, or ``resume=False``), or is replaced
+    with ``replace_other_run`` (the pipeline's choice: its own caching names its files).
 
     ``device`` picks where to train (see :func:`compute_device`); ``progress`` is told of every
     training step (one task per epoch). The history has, per epoch, the
@@ -148,7 +161,14 @@ def distill(
     scheduler = cosine_schedule(optimizer, config.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(config.seed)
     history, best_val, best_state = [], -1.0, None
-    for epoch in range(config.epochs):
+    resume_path = Path(str(output) + RESUME_SUFFIX)
+    run = _run_identity(teacher, plan, config, data_config)
+    first = 0
+    restored = _restore(resume_path, run, replace_other_run, network, optimizer, scheduler, generator, ranks, on) if resume else None
+    if restored is not None:
+        first, history, best_val, best_state = restored
+        logger.info("resuming %s after epoch %d", output, first)
+    for epoch in range(first, config.epochs):
         network.train()
         started = time.perf_counter()
         with progress(f"distill epoch {epoch + 1}/{config.epochs}", steps_per_epoch) as advance:
@@ -169,6 +189,12 @@ def distill(
         logger.info("distill epoch %d: loss %.4f, val accuracy %.4f, %.0f images/s", epoch + 1, record["loss_total"], val_acc, throughput)
         if val_acc > best_val:
             best_val, best_state = val_acc, {k: v.detach().clone() for k, v in network.state_dict().items()}
+        if ranks.main:
+            save_checkpoint(
+                resume_path, RESUME_KIND, {**run, "epoch": epoch + 1, "best_val": best_val, "history": history}, network.state_dict(),
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), generator=generator.get_state(),
+                best_state={k: v.detach().cpu() for k, v in best_state.items()},
+            )  # fmt: skip
     network.load_state_dict(best_state)
     network.eval()
     test_acc = shared_accuracy(network, data.test, info, device=on, ranks=ranks)
@@ -185,9 +211,43 @@ def distill(
     }
     if ranks.main:
         save_checkpoint(output, STUDENTS_KIND, metadata, network.state_dict())
+        resume_path.unlink(missing_ok=True)
     barrier(ranks)  # the file is complete when any process returns
     summary = {"val_accuracy": best_val, "test_accuracy": test_acc, "history": history, "teacher_cached": cache is not None}
     return {**summary, "processes": ranks.world_size} if ranks.active else summary
+
+
+def _run_identity(teacher: Teacher, plan: Plan, config: DistillConfig, data_config) -> dict[str, Any]:
+    """What a resumable run must share with the one resuming it (JSON): the teacher (its
+    checkpoint's metadata, hashed), the plan, the data and the distillation settings."""
+    teacher_json = json.dumps(teacher.metadata, sort_keys=True, default=str).encode()
+    return {
+        "teacher_sha256": hashlib.sha256(teacher_json).hexdigest(),
+        "plan": plan.model_dump(mode="json"),
+        "data": data_config.model_dump(mode="json"),
+        "config": config.model_dump(mode="json"),
+    }
+
+
+def _restore(path: Path, run: dict[str, Any], replace_other_run: bool, network, optimizer, scheduler, generator, ranks: Ranks, on):
+    """``(epochs done, history, best validation accuracy, best state)`` of the resumable run at
+    ``path``, loaded into the network, optimiser, schedule and generator; ``None`` where there is
+    none (or, with ``replace_other_run``, where it was made otherwise)."""
+    loaded = load_checkpoint_if_present(path, RESUME_KIND, ranks=ranks, device=on)
+    if loaded is None:
+        return None
+    metadata, state_dict, payload = loaded
+    if any(metadata.get(k) != v for k, v in run.items()):
+        if replace_other_run:
+            logger.info("%s: a resumable run with other settings: starting over", path)
+            return None
+        differs = ", ".join(k for k, v in run.items() if metadata.get(k) != v)
+        raise RocoinError(f"{path}: a resumable run with another {differs} is here; delete it or rerun with the same options (or --fresh)")
+    load_state(network, state_dict, path, "students")
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    generator.set_state(payload["generator"])
+    return metadata["epoch"], metadata["history"], metadata["best_val"], dict(payload["best_state"])
 
 
 class _Students(torch.nn.Module):

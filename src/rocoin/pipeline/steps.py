@@ -352,6 +352,8 @@ def students(
             data_dir=p.config.data_dir,
             device=p.device,
             progress=p.progress,
+            resume=not p.cache.fresh,
+            replace_other_run=True,  # the cache names the file by its inputs: another run's state is stale
         )
         return StudentsFile(path, Students(path).metadata)
 
