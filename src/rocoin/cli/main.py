@@ -179,6 +179,26 @@ def fleet_forget(
     err.print(f"forgot {member['device_id']} (was {member['state']}): the next device to join as {member['device_id']} is bound afresh")
 
 
+@fleet_app.command("drain")
+@clean_errors
+def fleet_drain(
+    device_id: str = typer.Argument(..., metavar="DEVICE", help="The id of a joined device."),
+    source: str = typer.Option(
+        ..., "--source", help="The source's REST API: host:port or http[s]://host:port (source serve --http-listen)."
+    ),
+    api_token_file: Path | None = typer.Option(None, "--api-token-file", help="The client API's token (default: $ROCOIN_API_TOKEN)."),
+) -> None:
+    """Take a joined device out of service before its maintenance: the source re-plans without it (its group gets other
+    devices first) and keeps it as a spare until it joins again (after a reboot, say)."""
+    from rocoin.runtime.api.client import drain_member
+    from rocoin.runtime.transport.auth import API_TOKEN_ENV, load_token
+
+    record = drain_member(source, device_id, token=load_token(api_token_file, env=API_TOKEN_ENV))
+    where = lambda group: "spare" if group is None else f"group {group}"  # noqa: E731
+    moves = ", ".join(f"{m['device']} {where(m['from'])} -> {where(m['to'])}" for m in record["moves"]) or "none"
+    err.print(f"drained {device_id}: it serves no group now (moves: {moves}); P(every group answers) {record['p_complete_after']:.3f}")
+
+
 @fleet_app.command("show")
 @clean_errors
 def fleet_show(fleet_path: Path = typer.Argument(..., metavar="FLEET", help="Fleet file (YAML or JSON).")) -> None:

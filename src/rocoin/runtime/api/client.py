@@ -253,6 +253,16 @@ def forget_member(url: str, device_id: str, *, reason: str | None = None, token:
     return _fleet_request(url, path, "DELETE", token=token, timeout_s=timeout_s)["forgotten"]
 
 
+def drain_member(url: str, device_id: str, *, token: str | None = None, timeout_s: float = 60.0) -> dict:
+    """``POST /v2/fleet/members/{device_id}/drain``: the source re-plans without a joined device
+    (before its maintenance) and keeps it as a spare until it joins again. Returns the re-plan's
+    record; a device that cannot be drained is a :class:`RocoinError` (HTTP 409)."""
+    import urllib.parse
+
+    path = "/v2/fleet/members/" + urllib.parse.quote(device_id, safe="") + "/drain"
+    return _fleet_request(url, path, "POST", token=token, timeout_s=timeout_s)["replan"]
+
+
 def _fleet_request(url: str, path: str, method: str, *, token: str | None, timeout_s: float) -> dict:
     """One JSON request to the source's REST API; errors as one line naming the endpoint."""
     import json

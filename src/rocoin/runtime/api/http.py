@@ -96,6 +96,7 @@ def create_app(source: Source, *, token: str | None = None) -> web.Application:
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/v2/fleet", api.fleet)
     app.router.add_delete("/v2/fleet/members/{device}", api.forget_member)
+    app.router.add_post("/v2/fleet/members/{device}/drain", api.drain_member)
     return app
 
 
@@ -178,6 +179,23 @@ class _Api:
         except RocoinError as exc:  # an id or reason the registry refuses
             raise RequestError(400, str(exc)) from None
         return web.json_response({"forgotten": member}, dumps=_strict_dumps)
+
+    async def drain_member(self, request: web.Request) -> web.Response:
+        """``POST /v2/fleet/members/{device}/drain``: re-plan without a joined device before its
+        maintenance; it waits as a spare until it joins again (404 unknown, 409 when it cannot)."""
+        from rocoin.runtime.source.membership import MemberConflict
+
+        if self.source.drain_member is None:
+            raise RequestError(404, "this source keeps no membership (devices join with source serve --joins)")
+        try:
+            record = await self.source.drain_member(request.match_info["device"])
+        except LookupError as exc:
+            raise RequestError(404, str(exc)) from None
+        except MemberConflict as exc:
+            raise RequestError(409, str(exc)) from None
+        except RocoinError as exc:
+            raise RequestError(400, str(exc)) from None
+        return web.json_response({"drained": request.match_info["device"], "replan": record}, dumps=_strict_dumps)
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"live": True})

@@ -64,6 +64,7 @@ def _membership(source: Source, state_dir: str | Path | None, grace_s: float | N
     membership = Membership(source, registry, forget_after_s=forget_after_s)
     source.membership_status = membership.status
     source.forget_member = membership.forget
+    source.drain_member = membership.drain
     return membership
 
 

@@ -25,6 +25,9 @@ replica's part in them, as a non-failure). Devices the source dials are moved th
 ``Device.Assign`` (their bundle holds every group's model; one they lack is sent in chunks), but
 never made spares.
 
+An operator drains a joined device before maintenance (:meth:`Membership.drain`): a re-plan
+without it moves others into its group first, and it stays a spare until it joins again.
+
 Gone devices stay in the registry, their ids bound to their credentials, for ``forget_after_s``
 (then pruned: a fleet whose phones come and go under new ids does not fill the registry); an
 operator forgets one sooner with :meth:`Membership.forget` (a replaced device, a lost key).
@@ -122,6 +125,8 @@ class Membership:
         self._stopping = False
         #: joined devices told to serve no group for now
         self.spares: set[str] = set()
+        #: joined devices an operator drained: left out of re-plans until they join again
+        self.draining: set[str] = set()
         self._started = time.monotonic()
         #: devices that joined (or are dialed) since the source started
         self._seen: set[str] = {d.id for d in source.fleet.devices if d.address}
@@ -193,6 +198,7 @@ class Membership:
         old = self.joined.get(device_id)
         self.joined[device_id] = _Joined(link, profile, set(cached))
         self._seen.add(device_id)
+        self.draining.discard(device_id)  # back (after its maintenance): it may serve again
         if old is not None and old.link is not link:  # a new stream replaces the old one
             self._spawn(old.link.close())
         return self._place(device_id)
@@ -222,6 +228,7 @@ class Membership:
             return  # an older stream of a device that has rejoined
         del self.joined[device_id]
         self.spares.discard(device_id)
+        self.draining.discard(device_id)
         with contextlib.suppress(RocoinError):
             self.registry.mark_suspect(device_id, reason)
 
@@ -315,7 +322,7 @@ class Membership:
             replica = self.source.replica(device.id)
             if device.address and replica is not None and replica.state.up:
                 devices.append(device)
-        devices += [j.profile for j in self.joined.values() if j.link.connected]
+        devices += [j.profile for d, j in self.joined.items() if j.link.connected and d not in self.draining]
         if not devices:
             return None
         return Fleet(devices=devices, input_bits=self.source.fleet.input_bits)
@@ -495,6 +502,36 @@ class Membership:
         self.spares.discard(device_id)
         return self.registry.forget(device_id, reason).to_json()
 
+    async def drain(self, device_id: str) -> dict[str, Any]:
+        """An operator takes a joined device out of service before maintenance: a re-plan
+        without it (its group is given other devices first, so no query misses it), then it
+        waits as a spare, still connected, until it joins again (after a reboot) or is stopped.
+        Returns the re-plan's record; :class:`MemberConflict` when the device cannot be drained
+        (dialed, not connected) or no assignment of the other devices serves every group."""
+        member = self.registry.get(device_id)
+        if member is None:
+            raise LookupError(f"device {device_id!r}: not in the membership")
+        if member.dialed:
+            raise MemberConflict(f"device {device_id!r}: the source dials it (fleet file): stop its worker; the source notices")
+        joined = self.joined.get(device_id)
+        if joined is None or not joined.link.connected:
+            raise MemberConflict(f"device {device_id!r}: {member.state}, not connected: there is nothing to drain")
+        async with self._lock:
+            self.draining.add(device_id)
+            before = self.replans
+            try:
+                await self._replan(f"drain: {device_id}")
+            except (RocoinError, ConnectionError) as exc:
+                logger.error("replan (drain: %s) failed: %s", device_id, exc)
+            self.update_metrics()
+            if self._serving_group(device_id) != SPARE or self.replans == before:
+                self.draining.discard(device_id)
+                raise MemberConflict(
+                    f"device {device_id!r}: the other devices cannot serve every group without it: it keeps serving"
+                    f" group {self._serving_group(device_id)}"
+                )
+        return self.history[-1].to_json()
+
     def _fleet_key(self) -> tuple:
         """What a re-plan depends on: the live devices and who serves which group."""
         fleet = self.live_fleet()
@@ -509,7 +546,7 @@ class Membership:
         """A group whose live replicas fail together more often than ε, while a spare is live
         that could help it (without a spare a re-plan could only take from other groups, which
         the re-plan after the loss already weighed)."""
-        if not any(self.source.replica(d) is None and j.link.connected for d, j in self.joined.items()):
+        if not any(self.source.replica(d) is None and j.link.connected and d not in self.draining for d, j in self.joined.items()):
             return False
         return any(g["failure_prob"] > self.source.plan.epsilon for g in self.groups())
 
@@ -540,6 +577,7 @@ class Membership:
             entry["connected"] = member.device_id in self.joined or (member.dialed and replica is not None and replica.up)
             entry["serving_group"] = replica.group if replica is not None and replica.up else None
             entry["spare"] = member.device_id in self.spares and member.device_id in self.joined
+            entry["draining"] = member.device_id in self.draining
             entry["answers"] = replica.answers if replica is not None else None
             entry["traffic"] = replica.traffic() if replica is not None else None
             members.append(entry)

@@ -49,7 +49,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +225,8 @@ class Source:
         self.membership_status: Callable[[], dict] | None = None
         #: an operator forgets a gone device (``DELETE /v2/fleet/members/{id}``): (id, reason) -> the member as it was
         self.forget_member: Callable[[str, str], dict] | None = None
+        #: an operator drains a joined device (``POST /v2/fleet/members/{id}/drain``): id -> the re-plan's record
+        self.drain_member: Callable[[str], Awaitable[dict]] | None = None
         by_id = {d.id: d for d in fleet.devices}
         self._replicas: list[_Replica] = []
         for k, group in enumerate(plan.groups):
