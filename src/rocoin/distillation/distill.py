@@ -219,12 +219,13 @@ def distill(
 
 def _run_identity(teacher: Teacher, plan: Plan, config: DistillConfig, data_config) -> dict[str, Any]:
     """What a resumable run must share with the one resuming it (JSON): the teacher (its
-    checkpoint's metadata, hashed), the plan, the data and the distillation settings."""
+    checkpoint's metadata, hashed), the plan, the data (wherever its folder is now) and the
+    distillation settings."""
     teacher_json = json.dumps(teacher.metadata, sort_keys=True, default=str).encode()
     return {
         "teacher_sha256": hashlib.sha256(teacher_json).hexdigest(),
         "plan": plan.model_dump(mode="json"),
-        "data": data_config.model_dump(mode="json"),
+        "data": data_config.model_dump(mode="json", exclude={"data_dir"}),
         "config": config.model_dump(mode="json"),
     }
 
