@@ -135,22 +135,31 @@ def test_a_checkpoint_of_another_architecture_is_refused(pipeline, tmp_path):
     bad(run("evaluate", "--students", tmp_path / "lying.pt"), "the weights do not fit the students of its plan (wrn-16-1")
 
 
-def interrupt_teacher_in_epoch_two(config, path) -> None:
-    """Train the teacher of ``config`` to ``path`` and stop it (Ctrl-C) as epoch 2 starts."""
+def crash_as(prefix: str, seen: list[str] | None = None):
+    """A progress callback that stops the training (Ctrl-C) as the task named ``prefix…`` starts;
+    it lists every task it is told of in ``seen``."""
     from contextlib import contextmanager
 
     from rocoin.contracts.progress import log_progress
-    from rocoin.distillation.teacher import train_teacher
 
     @contextmanager
-    def crash_in_epoch_two(label, total):
-        if label.startswith("teacher epoch 2/"):
+    def progress(label, total):
+        if seen is not None:
+            seen.append(label)
+        if label.startswith(prefix):
             raise KeyboardInterrupt
         with log_progress(label, total) as advance:
             yield advance
 
+    return progress
+
+
+def interrupt_teacher_in_epoch_two(config, path) -> None:
+    """Train the teacher of ``config`` to ``path`` and stop it (Ctrl-C) as epoch 2 starts."""
+    from rocoin.distillation.teacher import train_teacher
+
     with pytest.raises(KeyboardInterrupt):
-        train_teacher(config, path, progress=crash_in_epoch_two)
+        train_teacher(config, path, progress=crash_as("teacher epoch 2/"))
 
 
 def test_an_interrupted_teacher_run_resumes(tmp_path, monkeypatch):
@@ -283,13 +292,11 @@ def test_export_int8_reports_size_speed_and_accuracy(pipeline):
 def test_an_interrupted_distillation_resumes_after_its_last_epoch(pipeline, tmp_path):
     """Ctrl-C in epoch 2: the next run trains epochs 2 and 3 only and ends where an uninterrupted
     run ends; a resumable run of another plan or settings is refused (or, with --fresh, ignored)."""
-    from contextlib import contextmanager
 
     import torch
 
     from rocoin.contracts.errors import RocoinError
     from rocoin.contracts.plan import load_plan
-    from rocoin.contracts.progress import log_progress
     from rocoin.distillation.distill import DistillConfig, distill
 
     plan = load_plan(pipeline / "plan.json")
@@ -297,25 +304,11 @@ def test_an_interrupted_distillation_resumes_after_its_last_epoch(pipeline, tmp_
     teacher, out = pipeline / "teacher.pt", tmp_path / "students.pt"
     resume = tmp_path / "students.pt.resume"
 
-    @contextmanager
-    def crash_in_epoch_two(label, total):
-        if label.startswith("distill epoch 2/"):
-            raise KeyboardInterrupt
-        with log_progress(label, total) as advance:
-            yield advance
-
     with pytest.raises(KeyboardInterrupt):
-        distill(teacher, plan, config, out, progress=crash_in_epoch_two)
+        distill(teacher, plan, config, out, progress=crash_as("distill epoch 2/"))
     assert resume.exists() and not out.exists()
-    trained = []
-
-    @contextmanager
-    def watch(label, total):
-        trained.append(label)
-        with log_progress(label, total) as advance:
-            yield advance
-
-    resumed = distill(teacher, plan, config, out, progress=watch)
+    trained: list[str] = []
+    resumed = distill(teacher, plan, config, out, progress=crash_as("no such task", trained))
     assert trained == ["distill epoch 2/3", "distill epoch 3/3"] and [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert not resume.exists()
     whole = distill(teacher, plan, config, tmp_path / "whole.pt")  # the same run, never interrupted
@@ -324,7 +317,7 @@ def test_an_interrupted_distillation_resumes_after_its_last_epoch(pipeline, tmp_
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
 
     with pytest.raises(KeyboardInterrupt):
-        distill(teacher, plan, config, out, progress=crash_in_epoch_two)
+        distill(teacher, plan, config, out, progress=crash_as("distill epoch 2/"))
     other = config.model_copy(update={"epochs": 2})
     with pytest.raises(RocoinError, match="a resumable run with another config is here"):
         distill(teacher, plan, other, out)

@@ -120,13 +120,16 @@ def fleet_collect(
     err.print(f"wrote {output}: {len(fleet.devices)} devices")
 
 
+#: The fleet commands that talk to a running source's REST API.
+SOURCE_REST_HELP = "The source's REST API: host:port or http[s]://host:port (source serve --http-listen)."
+API_TOKEN_FILE_HELP = "The client API's token (default: $ROCOIN_API_TOKEN)."
+
+
 @fleet_app.command("status")
 @clean_errors
 def fleet_status(
-    source: str = typer.Option(
-        ..., "--source", help="The source's REST API: host:port or http[s]://host:port (source serve --http-listen)."
-    ),
-    api_token_file: Path | None = typer.Option(None, "--api-token-file", help="The client API's token (default: $ROCOIN_API_TOKEN)."),
+    source: str = typer.Option(..., "--source", help=SOURCE_REST_HELP),
+    api_token_file: Path | None = typer.Option(None, "--api-token-file", help=API_TOKEN_FILE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document instead of tables."),
 ) -> None:
     """Show a running source's membership: each group's live replicas, each device's state, the last re-plans."""
@@ -164,11 +167,9 @@ def fleet_status(
 @clean_errors
 def fleet_forget(
     device_id: str = typer.Argument(..., metavar="DEVICE", help="The id of a gone device."),
-    source: str = typer.Option(
-        ..., "--source", help="The source's REST API: host:port or http[s]://host:port (source serve --http-listen)."
-    ),
+    source: str = typer.Option(..., "--source", help=SOURCE_REST_HELP),
     reason: str | None = typer.Option(None, "--reason", help="Recorded in the membership's events (default: 'forgotten by an operator')."),
-    api_token_file: Path | None = typer.Option(None, "--api-token-file", help="The client API's token (default: $ROCOIN_API_TOKEN)."),
+    api_token_file: Path | None = typer.Option(None, "--api-token-file", help=API_TOKEN_FILE_HELP),
 ) -> None:
     """Forget a gone device and the binding of its id to its key or certificate, so another device may join under the id (a
     replaced device, a lost key). Gone devices are forgotten on their own after source serve --forget-after-s."""
@@ -183,10 +184,8 @@ def fleet_forget(
 @clean_errors
 def fleet_drain(
     device_id: str = typer.Argument(..., metavar="DEVICE", help="The id of a joined device."),
-    source: str = typer.Option(
-        ..., "--source", help="The source's REST API: host:port or http[s]://host:port (source serve --http-listen)."
-    ),
-    api_token_file: Path | None = typer.Option(None, "--api-token-file", help="The client API's token (default: $ROCOIN_API_TOKEN)."),
+    source: str = typer.Option(..., "--source", help=SOURCE_REST_HELP),
+    api_token_file: Path | None = typer.Option(None, "--api-token-file", help=API_TOKEN_FILE_HELP),
 ) -> None:
     """Take a joined device out of service before its maintenance: the source re-plans without it (its group gets other
     devices first) and keeps it as a spare until it joins again (after a reboot, say)."""
