@@ -247,7 +247,7 @@ def forget_member(url: str, device_id: str, *, reason: str | None = None, token:
     a device still in the fleet, or one the source dials, is a :class:`RocoinError` (HTTP 409)."""
     import urllib.parse
 
-    path = "/v2/fleet/members/" + urllib.parse.quote(device_id, safe="")
+    path = _member_path(device_id)
     if reason:
         path += "?" + urllib.parse.urlencode({"reason": reason})
     return _fleet_request(url, path, "DELETE", token=token, timeout_s=timeout_s)["forgotten"]
@@ -257,10 +257,14 @@ def drain_member(url: str, device_id: str, *, token: str | None = None, timeout_
     """``POST /v2/fleet/members/{device_id}/drain``: the source re-plans without a joined device
     (before its maintenance) and keeps it as a spare until it joins again. Returns the re-plan's
     record; a device that cannot be drained is a :class:`RocoinError` (HTTP 409)."""
+    path = _member_path(device_id) + "/drain"
+    return _fleet_request(url, path, "POST", token=token, timeout_s=timeout_s)["replan"]
+
+
+def _member_path(device_id: str) -> str:
     import urllib.parse
 
-    path = "/v2/fleet/members/" + urllib.parse.quote(device_id, safe="") + "/drain"
-    return _fleet_request(url, path, "POST", token=token, timeout_s=timeout_s)["replan"]
+    return "/v2/fleet/members/" + urllib.parse.quote(device_id, safe="")
 
 
 def _fleet_request(url: str, path: str, method: str, *, token: str | None, timeout_s: float) -> dict:

@@ -46,7 +46,7 @@ from rocoin.runtime.api.oip import (
     server_metadata,
     source_metadata,
 )
-from rocoin.runtime.source.source import MAX_BATCH, Source
+from rocoin.runtime.source.source import MAX_BATCH, MembershipControl, Source
 from rocoin.runtime.transport.auth import bearer_matches
 
 logger = logging.getLogger(__name__)
@@ -162,16 +162,20 @@ class _Api:
         """The membership and the device-to-group assignment (rocoin's extension of the API)."""
         return web.json_response(self.source.fleet_status(), dumps=_strict_dumps)
 
+    def _membership(self) -> MembershipControl:
+        if self.source.membership is None:
+            raise RequestError(404, "this source keeps no membership (devices join with source serve --joins)")
+        return self.source.membership
+
     async def forget_member(self, request: web.Request) -> web.Response:
         """``DELETE /v2/fleet/members/{device}[?reason=…]``: forget a gone device and the binding of
         its id to its credential (404 unknown, 409 still in the fleet or dialed)."""
         from rocoin.runtime.source.membership import MemberConflict
 
-        if self.source.forget_member is None:
-            raise RequestError(404, "this source keeps no membership (devices join with source serve --joins)")
+        membership = self._membership()
         reason = request.query.get("reason") or "forgotten by an operator"
         try:
-            member = self.source.forget_member(request.match_info["device"], reason)
+            member = membership.forget(request.match_info["device"], reason)
         except LookupError as exc:
             raise RequestError(404, str(exc)) from None
         except MemberConflict as exc:
@@ -185,10 +189,9 @@ class _Api:
         maintenance; it waits as a spare until it joins again (404 unknown, 409 when it cannot)."""
         from rocoin.runtime.source.membership import MemberConflict
 
-        if self.source.drain_member is None:
-            raise RequestError(404, "this source keeps no membership (devices join with source serve --joins)")
+        membership = self._membership()
         try:
-            record = await self.source.drain_member(request.match_info["device"])
+            record = await membership.drain(request.match_info["device"])
         except LookupError as exc:
             raise RequestError(404, str(exc)) from None
         except MemberConflict as exc:

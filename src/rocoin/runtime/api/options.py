@@ -147,6 +147,6 @@ def run_source(options: SourceOptions) -> None:
         serve_source(
             source, options.listen, http_listen=options.http_listen, api_token=api_token, tls=api_tls, ready_file=options.ready_file,
             http_limits=http_limits, device_token=device_token, state_dir=options.state_dir, grace_s=options.grace_s,
-            forget_after_s=options.forget_after_s,            max_joins_per_s=options.joins_per_s, max_join_streams=options.max_join_streams,
+            forget_after_s=options.forget_after_s, max_joins_per_s=options.joins_per_s, max_join_streams=options.max_join_streams,
         )
     )  # fmt: skip

@@ -20,8 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rocoin.contracts.errors import RocoinError, ServingError
 from rocoin.contracts.fileio import write_json_atomic
 from rocoin.runtime.api import kserve_grpc
-from rocoin.runtime.source.join_service import DEFAULT_JOINS_PER_S, DEFAULT_MAX_STREAMS, JOIN_BURST, JoinService, check_join_limits
+from rocoin.runtime.source.join_service import JoinService, check_join_limits
 from rocoin.runtime.source.registry import DEFAULT_FORGET_AFTER_S
+from rocoin.runtime.source.settings import DEFAULT_JOINS_PER_S, DEFAULT_MAX_JOIN_STREAMS, JOIN_BURST
 from rocoin.runtime.source.source import Source
 from rocoin.runtime.transport.auth import OPEN_METHOD_PREFIXES
 from rocoin.runtime.transport.grpc_server import create_server, refuse
@@ -62,9 +63,7 @@ def _membership(source: Source, state_dir: str | Path | None, grace_s: float | N
     if restarted:
         logger.info("membership: %d devices known from before; waiting for them to rejoin", len(restarted))
     membership = Membership(source, registry, forget_after_s=forget_after_s)
-    source.membership_status = membership.status
-    source.forget_member = membership.forget
-    source.drain_member = membership.drain
+    source.membership = membership
     return membership
 
 
@@ -106,7 +105,7 @@ async def serve_source(
     forget_after_s: float = DEFAULT_FORGET_AFTER_S,
     max_joins_per_s: float = DEFAULT_JOINS_PER_S,
     join_burst: int = JOIN_BURST,
-    max_join_streams: int = DEFAULT_MAX_STREAMS,
+    max_join_streams: int = DEFAULT_MAX_JOIN_STREAMS,
 ) -> None:
     """Serve ``source`` over gRPC (and the KServe v2 REST API on ``http_listen``) until ``stop``
     is set or SIGTERM/SIGINT arrives. ``api_token`` guards both client APIs (health stays open);

@@ -50,9 +50,6 @@ from rocoin.runtime.transport.protocol import rocoin_pb2
 logger = logging.getLogger(__name__)
 
 SERVICE = "rocoin.v1.Fleet"
-#: Join streams open at once (the defaults live in :mod:`.settings`, which imports no grpc;
-#: joins per second and their burst: :data:`DEFAULT_JOINS_PER_S`, :data:`JOIN_BURST`).
-DEFAULT_MAX_STREAMS = DEFAULT_MAX_JOIN_STREAMS
 #: Time a device has to send its hello after opening the stream.
 HELLO_TIMEOUT_S = 10.0
 #: Longest profile JSON in a hello.
@@ -95,7 +92,7 @@ class JoinService:
         tls_client_auth: bool = False,
         max_joins_per_s: float = DEFAULT_JOINS_PER_S,
         join_burst: int = JOIN_BURST,
-        max_streams: int = DEFAULT_MAX_STREAMS,
+        max_streams: int = DEFAULT_MAX_JOIN_STREAMS,
     ) -> None:
         check_join_limits(max_joins_per_s, join_burst, max_streams)
         if not token and not tls_client_auth:

@@ -469,10 +469,11 @@ class Membership:
         ``serving`` in its group while up, ``suspect`` when the source cannot reach it (its link is
         closed; missed answers alone are its outage, not a change), ``gone`` after the grace period
         (by :meth:`MembershipRegistry.expire`), and back again once it answers."""
+        dialed = {m.device_id: m for m in self.registry.members() if m.dialed}  # one read a check, not one per device
         for device in self.source.fleet.devices:
-            replica = self.source.replica(device.id) if device.address else None
-            member = self.registry.get(device.id) if replica is not None else None
-            if member is None or not member.dialed:
+            member = dialed.get(device.id)
+            replica = self.source.replica(device.id) if member is not None else None
+            if replica is None:
                 continue
             group = replica.state.group
             if replica.state.up:

@@ -49,9 +49,10 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -109,6 +110,18 @@ FP32_INPUT_RANGE = (0.0, 1.0)
 #: Dynamic batching: the longest share of its budget a query waits in the queue, whatever the
 #: queue delay (a query with a short deadline still has most of it for its answers).
 QUEUE_HOLD_SHARE = 0.25
+
+
+class MembershipControl(Protocol):
+    """What the source and its REST API ask of the membership of a fleet that changes
+    (:class:`~rocoin.runtime.source.membership.Membership`; it imports this module, not the
+    other way round)."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def forget(self, device_id: str, reason: str) -> dict[str, Any]: ...
+
+    async def drain(self, device_id: str) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -221,12 +234,9 @@ class Source:
         self.joins = joins
         #: called with (device id, group) when a device is marked down (the membership re-plans)
         self.on_device_down: Callable[[str, int], None] | None = None
-        #: the membership and assignment (``/v2/fleet``) when devices join; None: :meth:`fleet_status`
-        self.membership_status: Callable[[], dict] | None = None
-        #: an operator forgets a gone device (``DELETE /v2/fleet/members/{id}``): (id, reason) -> the member as it was
-        self.forget_member: Callable[[str, str], dict] | None = None
-        #: an operator drains a joined device (``POST /v2/fleet/members/{id}/drain``): id -> the re-plan's record
-        self.drain_member: Callable[[str], Awaitable[dict]] | None = None
+        #: who serves which group while devices join (:class:`~.membership.Membership`, set by the
+        #: server with ``--joins``): ``/v2/fleet`` and the operator's forget and drain go to it
+        self.membership: MembershipControl | None = None
         by_id = {d.id: d for d in fleet.devices}
         self._replicas: list[_Replica] = []
         for k, group in enumerate(plan.groups):
@@ -712,8 +722,8 @@ class Source:
 
     def fleet_status(self) -> dict:
         """The membership and the current assignment (``/v2/fleet``, ``rocoin fleet status``)."""
-        if self.membership_status is not None:
-            return self.membership_status()
+        if self.membership is not None:
+            return self.membership.status()
         groups = [
             {"group": k, "live_replicas": [d.device_id for d in self.devices if d.group == k and d.up]} for k in range(self.num_groups)
         ]
